@@ -1,0 +1,413 @@
+//! Datasets in memory: raw bytes per split, verified on load, fingerprinted, normalised on demand.
+
+use crate::idx::{read_idx, IdxArray};
+use crate::{fashion_mnist, DataError, Result};
+use candle_core::{Device, Tensor};
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+
+/// Where the images come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DataSource {
+    /// A folder in MNIST format: `{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]`.
+    Dir(PathBuf),
+    /// The Hugging Face hub, through candle-datasets (needs the internet; not used by CI).
+    Hub,
+}
+
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// `fashion-mnist` verifies the files against the published checksums; other names do not.
+    pub name: String,
+    pub source: DataSource,
+    pub verify_checksums: bool,
+    /// Number of classes; labels must be below it.
+    pub classes: usize,
+    /// Keep only the first N training / test images (in file order): small, real pipelines.
+    pub train_limit: Option<usize>,
+    pub test_limit: Option<usize>,
+}
+
+impl LoadOptions {
+    pub fn fashion_mnist(dir: impl Into<PathBuf>) -> Self {
+        Self {
+            name: "fashion-mnist".into(),
+            source: DataSource::Dir(dir.into()),
+            verify_checksums: true,
+            classes: 10,
+            train_limit: None,
+            test_limit: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Split {
+    Train,
+    Test,
+}
+
+impl Split {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Split::Train => "train",
+            Split::Test => "test",
+        }
+    }
+}
+
+/// Images of one split as raw bytes, `[n, channels, height, width]`, with their labels.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageSet {
+    pub images: Vec<u8>,
+    pub labels: Vec<u32>,
+    pub channels: usize,
+    pub height: usize,
+    pub width: usize,
+}
+
+impl ImageSet {
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+
+    pub fn image_len(&self) -> usize {
+        self.channels * self.height * self.width
+    }
+
+    fn truncate(&mut self, n: usize) {
+        if n < self.len() {
+            self.labels.truncate(n);
+            self.images.truncate(n * self.image_len());
+        }
+    }
+
+    /// SHA-256 over the shape, the image bytes and the labels: what a knowledge file is checked
+    /// against, so a student can tell it reads the data the teacher saw, row for row.
+    pub fn fingerprint(&self) -> String {
+        let mut h = Sha256::new();
+        h.update(b"kd-imageset/1");
+        for d in [self.len(), self.channels, self.height, self.width] {
+            h.update((d as u64).to_le_bytes());
+        }
+        h.update(&self.images);
+        for l in &self.labels {
+            h.update(l.to_le_bytes());
+        }
+        crate::files::hex(&h.finalize())
+    }
+
+    /// All images as one normalised `f32` tensor `[n, c, h, w]`.
+    pub fn to_tensor(&self, norm: &Normalization, device: &Device) -> Result<Tensor> {
+        let plane = self.height * self.width;
+        let scale: Vec<f32> = norm.std.iter().map(|s| 1.0 / (255.0 * s)).collect();
+        let shift: Vec<f32> = norm.mean.iter().zip(&norm.std).map(|(m, s)| m / s).collect();
+        let data: Vec<f32> = self
+            .images
+            .iter()
+            .enumerate()
+            .map(|(i, &b)| {
+                let c = (i / plane) % self.channels;
+                b as f32 * scale[c] - shift[c]
+            })
+            .collect();
+        Ok(Tensor::from_vec(
+            data,
+            (self.len(), self.channels, self.height, self.width),
+            device,
+        )?)
+    }
+
+    pub fn labels_tensor(&self, device: &Device) -> Result<Tensor> {
+        Ok(Tensor::from_slice(&self.labels, self.len(), device)?)
+    }
+}
+
+/// Per-channel normalisation: `(x / 255 - mean) / std`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Normalization {
+    pub mean: Vec<f32>,
+    pub std: Vec<f32>,
+}
+
+impl Normalization {
+    /// The normalised value of a black pixel, per channel: what padding fills in.
+    pub fn zero_values(&self) -> Vec<f32> {
+        self.mean.iter().zip(&self.std).map(|(m, s)| -m / s).collect()
+    }
+
+    /// Mean and standard deviation of a set's pixels, per channel.
+    pub fn measure(set: &ImageSet) -> Self {
+        let plane = set.height * set.width;
+        let mut sum = vec![0f64; set.channels];
+        let mut sq = vec![0f64; set.channels];
+        for (i, &b) in set.images.iter().enumerate() {
+            let x = b as f64 / 255.0;
+            let c = (i / plane) % set.channels;
+            sum[c] += x;
+            sq[c] += x * x;
+        }
+        let n = (set.len() * plane).max(1) as f64;
+        let mean: Vec<f64> = sum.iter().map(|s| s / n).collect();
+        let std = sq.iter().zip(&mean).map(|(q, m)| ((q / n - m * m).max(1e-12)).sqrt() as f32).collect();
+        Self {
+            mean: mean.into_iter().map(|m| m as f32).collect(),
+            std,
+        }
+    }
+}
+
+/// A labelled dataset: training and test splits.
+#[derive(Debug, Clone)]
+pub struct Dataset {
+    pub name: String,
+    pub classes: usize,
+    pub class_names: Vec<String>,
+    pub train: ImageSet,
+    pub test: ImageSet,
+    pub normalization: Normalization,
+}
+
+impl Dataset {
+    pub fn load(opts: &LoadOptions) -> Result<Self> {
+        let (mut train, mut test) = match &opts.source {
+            DataSource::Dir(dir) => (
+                load_idx_split(dir, "train", opts)?,
+                load_idx_split(dir, "t10k", opts)?,
+            ),
+            DataSource::Hub => load_hub(&opts.name)?,
+        };
+        if let Some(n) = opts.train_limit {
+            train.truncate(n);
+        }
+        if let Some(n) = opts.test_limit {
+            test.truncate(n);
+        }
+        let fashion = opts.name == "fashion-mnist";
+        let normalization = if fashion {
+            Normalization {
+                mean: vec![fashion_mnist::MEAN],
+                std: vec![fashion_mnist::STD],
+            }
+        } else {
+            Normalization::measure(&train)
+        };
+        let class_names = if fashion && opts.classes == fashion_mnist::CLASS_NAMES.len() {
+            fashion_mnist::CLASS_NAMES.iter().map(|s| s.to_string()).collect()
+        } else {
+            (0..opts.classes).map(|c| c.to_string()).collect()
+        };
+        Ok(Self {
+            name: opts.name.clone(),
+            classes: opts.classes,
+            class_names,
+            train,
+            test,
+            normalization,
+        })
+    }
+
+    pub fn split(&self, split: Split) -> &ImageSet {
+        match split {
+            Split::Train => &self.train,
+            Split::Test => &self.test,
+        }
+    }
+
+    /// Holds `val_size` training images out for checkpoint selection: a seeded permutation, with
+    /// both parts returned in dataset order.
+    pub fn validation_split(&self, val_size: usize, seed: u64) -> Result<(Vec<u32>, Vec<u32>)> {
+        let n = self.train.len();
+        if val_size >= n {
+            return Err(DataError::Config(format!(
+                "the validation split ({val_size} images) must be smaller than the training set ({n} images)"
+            )));
+        }
+        let mut order: Vec<u32> = (0..n as u32).collect();
+        shuffle(&mut order, &mut crate::batch::rng(seed, crate::batch::Stream::Validation, 0));
+        let mut val = order[..val_size].to_vec();
+        let mut train = order[val_size..].to_vec();
+        val.sort_unstable();
+        train.sort_unstable();
+        Ok((train, val))
+    }
+}
+
+/// Fisher-Yates with our own draw, so the order depends on the seed alone, not on a library's
+/// sampling algorithm.
+pub(crate) fn shuffle(xs: &mut [u32], rng: &mut impl RngCore) {
+    for i in (1..xs.len()).rev() {
+        let j = (rng.next_u64() % (i as u64 + 1)) as usize;
+        xs.swap(i, j);
+    }
+}
+
+fn find_file(dir: &Path, stem: &str) -> Result<PathBuf> {
+    for name in [format!("{stem}.gz"), stem.to_string()] {
+        let p = dir.join(&name);
+        if p.is_file() {
+            return Ok(p);
+        }
+    }
+    let hint = if dir == Path::new(fashion_mnist::DEBIAN_DIR) {
+        " (run `just data`, which installs Debian's package dataset-fashion-mnist)"
+    } else {
+        ""
+    };
+    Err(DataError::Missing {
+        dir: dir.to_path_buf(),
+        message: format!("neither {stem}.gz nor {stem} is there{hint}"),
+    })
+}
+
+fn read_checked(dir: &Path, stem: &str, rank: usize, opts: &LoadOptions) -> Result<(PathBuf, IdxArray)> {
+    let path = find_file(dir, stem)?;
+    let array = read_idx(&path, rank)?;
+    if opts.verify_checksums && opts.name == "fashion-mnist" {
+        fashion_mnist::verify(&path, stem, &array)?;
+    }
+    Ok((path, array))
+}
+
+fn load_idx_split(dir: &Path, prefix: &str, opts: &LoadOptions) -> Result<ImageSet> {
+    let (image_path, images) = read_checked(dir, &format!("{prefix}-images-idx3-ubyte"), 3, opts)?;
+    let (label_path, labels) = read_checked(dir, &format!("{prefix}-labels-idx1-ubyte"), 1, opts)?;
+    if images.dims[0] != labels.dims[0] {
+        return Err(DataError::invalid(
+            &label_path,
+            format!(
+                "has {} labels but {} has {} images",
+                labels.dims[0],
+                image_path.display(),
+                images.dims[0]
+            ),
+        ));
+    }
+    if let Some((i, &l)) = labels.data.iter().enumerate().find(|(_, &l)| l as usize >= opts.classes) {
+        return Err(DataError::invalid(
+            &label_path,
+            format!("label {l} at row {i} is not below the number of classes ({})", opts.classes),
+        ));
+    }
+    Ok(ImageSet {
+        images: images.data,
+        labels: labels.data.into_iter().map(u32::from).collect(),
+        channels: 1,
+        height: images.dims[1],
+        width: images.dims[2],
+    })
+}
+
+fn load_hub(name: &str) -> Result<(ImageSet, ImageSet)> {
+    let ds = match name {
+        "fashion-mnist" => candle_datasets::vision::fashion_mnist::load()?,
+        "mnist" => candle_datasets::vision::mnist::load()?,
+        other => return Err(DataError::Config(format!("no hub source for dataset {other:?}"))),
+    };
+    let set = |images: &Tensor, labels: &Tensor| -> Result<ImageSet> {
+        // candle-datasets hands out x/255 as f32; back to the bytes they came from.
+        let images = (images.affine(255.0, 0.5)?.floor()?).to_dtype(candle_core::DType::U8)?;
+        Ok(ImageSet {
+            images: images.flatten_all()?.to_vec1::<u8>()?,
+            labels: labels.to_dtype(candle_core::DType::U32)?.to_vec1::<u32>()?,
+            channels: 1,
+            height: 28,
+            width: 28,
+        })
+    };
+    Ok((
+        set(&ds.train_images, &ds.train_labels)?,
+        set(&ds.test_images, &ds.test_labels)?,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::idx::encode_idx;
+
+    fn write_set(dir: &Path, prefix: &str, n: usize, labels: &[u8]) {
+        let images: Vec<u8> = (0..n * 4 * 4).map(|i| (i * 7 % 256) as u8).collect();
+        std::fs::write(dir.join(format!("{prefix}-images-idx3-ubyte")), encode_idx(&[n, 4, 4], &images)).unwrap();
+        std::fs::write(dir.join(format!("{prefix}-labels-idx1-ubyte")), encode_idx(&[labels.len()], labels)).unwrap();
+    }
+
+    fn opts(dir: &Path) -> LoadOptions {
+        LoadOptions {
+            name: "tiny".into(),
+            source: DataSource::Dir(dir.to_path_buf()),
+            verify_checksums: true,
+            classes: 3,
+            train_limit: None,
+            test_limit: None,
+        }
+    }
+
+    #[test]
+    fn loads_a_folder_in_mnist_format() {
+        let dir = tempfile::tempdir().unwrap();
+        write_set(dir.path(), "train", 6, &[0, 1, 2, 0, 1, 2]);
+        write_set(dir.path(), "t10k", 2, &[2, 1]);
+        let ds = Dataset::load(&opts(dir.path())).unwrap();
+        assert_eq!((ds.train.len(), ds.test.len(), ds.train.height), (6, 2, 4));
+        assert_eq!(ds.test.labels, vec![2, 1]);
+        let t = ds.train.to_tensor(&ds.normalization, &Device::Cpu).unwrap();
+        assert_eq!(t.dims(), &[6, 1, 4, 4]);
+        // Measured normalisation makes the training pixels zero-mean, unit-variance.
+        let mean = t.mean_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(mean.abs() < 1e-4, "{mean}");
+    }
+
+    #[test]
+    fn refuses_mismatched_counts_and_bad_labels() {
+        let dir = tempfile::tempdir().unwrap();
+        write_set(dir.path(), "train", 6, &[0, 1, 2, 0, 1]);
+        write_set(dir.path(), "t10k", 2, &[2, 1]);
+        let e = Dataset::load(&opts(dir.path())).unwrap_err().to_string();
+        assert!(e.contains("train-labels-idx1-ubyte") && e.contains("5 labels"), "{e}");
+        write_set(dir.path(), "train", 6, &[0, 1, 2, 0, 1, 3]);
+        let e = Dataset::load(&opts(dir.path())).unwrap_err().to_string();
+        assert!(e.contains("label 3 at row 5"), "{e}");
+        write_set(dir.path(), "train", 6, &[0, 1, 2, 0, 1, 2]);
+        std::fs::remove_file(dir.path().join("t10k-images-idx3-ubyte")).unwrap();
+        let e = Dataset::load(&opts(dir.path())).unwrap_err().to_string();
+        assert!(e.contains("t10k-images-idx3-ubyte"), "{e}");
+    }
+
+    #[test]
+    fn validation_split_is_seeded_disjoint_and_complete() {
+        let dir = tempfile::tempdir().unwrap();
+        write_set(dir.path(), "train", 20, &[0; 20]);
+        write_set(dir.path(), "t10k", 2, &[0, 0]);
+        let ds = Dataset::load(&opts(dir.path())).unwrap();
+        let (t1, v1) = ds.validation_split(5, 7).unwrap();
+        let (t2, v2) = ds.validation_split(5, 7).unwrap();
+        let (_, v3) = ds.validation_split(5, 8).unwrap();
+        assert_eq!((&t1, &v1), (&t2, &v2));
+        assert_ne!(v1, v3);
+        let mut all = [t1, v1].concat();
+        all.sort_unstable();
+        assert_eq!(all, (0..20).collect::<Vec<u32>>());
+        assert!(ds.validation_split(20, 0).is_err());
+    }
+
+    #[test]
+    fn fingerprint_sees_one_changed_label() {
+        let set = ImageSet {
+            images: vec![1, 2, 3, 4],
+            labels: vec![0, 1],
+            channels: 1,
+            height: 1,
+            width: 2,
+        };
+        let mut other = set.clone();
+        other.labels[1] = 0;
+        assert_ne!(set.fingerprint(), other.fingerprint());
+        assert_eq!(set.fingerprint(), set.clone().fingerprint());
+    }
+}

@@ -1,0 +1,230 @@
+//! GoogLeNet (Szegedy et al., 2015, "Going deeper with convolutions") with its two auxiliary
+//! classifiers, as the seed article builds it (conv + ReLU blocks, no BatchNorm).
+//!
+//! Two configurations: `googlenet`, the seed's network with channels / 4 and a small-input stem
+//! for 28×28 images, and `googlenet-224`, the seed's network unchanged for 224×224 photos.
+//! Tensor names follow the PyTorch state dict (`inception3a.branch2.1.conv.weight`, ...).
+
+use crate::init::{Dropout, DropoutRng};
+use crate::layers::{linear, BasicConv, InitScheme};
+use crate::pool::Pool2d;
+use crate::{Classifier, InputSpec};
+use candle_core::{Result, Tensor};
+use candle_nn::{Linear, VarBuilder};
+
+/// Channels of one inception block: `(c1, c3_reduce, c3, c5_reduce, c5, pool_proj)`.
+type InceptionChannels = (usize, usize, usize, usize, usize, usize);
+
+/// The shape of a GoogLeNet.
+#[derive(Debug, Clone)]
+pub struct GoogLeNetConfig {
+    /// The 224-px ImageNet stem (7×7/s2 conv, pool, 1×1, 3×3, pool) or the small-input stem
+    /// (3×3, 1×1, 3×3, pool).
+    pub imagenet_stem: bool,
+    pub stem: (usize, usize, usize),
+    /// Blocks 3a, 3b, 4a..4e, 5a, 5b.
+    pub blocks: [InceptionChannels; 9],
+    /// Auxiliary heads: average pool (kernel, stride), 1×1 conv channels, hidden width.
+    pub aux_pool: (usize, usize),
+    pub aux_conv: usize,
+    pub aux_hidden: usize,
+    /// Spatial size after the aux pool (its flattened length is `aux_conv * aux_spatial²`).
+    pub aux_spatial: usize,
+}
+
+impl GoogLeNetConfig {
+    /// `googlenet`: the seed's network with channels / 4, for 28×28 inputs (MODELS.md).
+    pub fn small() -> Self {
+        Self {
+            imagenet_stem: false,
+            stem: (16, 16, 48),
+            blocks: [
+                (16, 24, 32, 4, 8, 8),
+                (32, 32, 48, 8, 24, 16),
+                (48, 24, 52, 4, 12, 16),
+                (40, 28, 56, 6, 16, 16),
+                (32, 32, 64, 6, 16, 16),
+                (28, 36, 72, 8, 16, 16),
+                (64, 40, 80, 8, 32, 32),
+                (64, 40, 80, 8, 32, 32),
+                (96, 48, 96, 12, 32, 32),
+            ],
+            aux_pool: (3, 2),
+            aux_conv: 32,
+            aux_hidden: 256,
+            aux_spatial: 3,
+        }
+    }
+
+    /// `googlenet-224`: the seed's `GoogLeNet(aux_logits=True)` at 224×224.
+    pub fn imagenet() -> Self {
+        Self {
+            imagenet_stem: true,
+            stem: (64, 64, 192),
+            blocks: [
+                (64, 96, 128, 16, 32, 32),
+                (128, 128, 192, 32, 96, 64),
+                (192, 96, 208, 16, 48, 64),
+                (160, 112, 224, 24, 64, 64),
+                (128, 128, 256, 24, 64, 64),
+                (112, 144, 288, 32, 64, 64),
+                (256, 160, 320, 32, 128, 128),
+                (256, 160, 320, 32, 128, 128),
+                (384, 192, 384, 48, 128, 128),
+            ],
+            aux_pool: (5, 3),
+            aux_conv: 128,
+            aux_hidden: 1024,
+            aux_spatial: 4,
+        }
+    }
+}
+
+fn out_channels(c: &InceptionChannels) -> usize {
+    c.0 + c.2 + c.4 + c.5
+}
+
+/// Four parallel branches concatenated on channels: 1×1 | 1×1→3×3 | 1×1→5×5 | pool→1×1.
+#[derive(Debug, Clone)]
+struct Inception {
+    branch1: BasicConv,
+    branch2: [BasicConv; 2],
+    branch3: [BasicConv; 2],
+    branch4: BasicConv,
+}
+
+impl Inception {
+    fn new(cin: usize, c: InceptionChannels, vb: VarBuilder) -> Result<Self> {
+        let (c1, c3r, c3, c5r, c5, pp) = c;
+        Ok(Self {
+            branch1: BasicConv::new(cin, c1, 1, 1, 0, vb.pp("branch1"))?,
+            branch2: [
+                BasicConv::new(cin, c3r, 1, 1, 0, vb.pp("branch2.0"))?,
+                BasicConv::new(c3r, c3, 3, 1, 1, vb.pp("branch2.1"))?,
+            ],
+            branch3: [
+                BasicConv::new(cin, c5r, 1, 1, 0, vb.pp("branch3.0"))?,
+                BasicConv::new(c5r, c5, 5, 1, 2, vb.pp("branch3.1"))?,
+            ],
+            branch4: BasicConv::new(cin, pp, 1, 1, 0, vb.pp("branch4.1"))?,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let b1 = xs.apply(&self.branch1)?;
+        let b2 = xs.apply(&self.branch2[0])?.apply(&self.branch2[1])?;
+        let b3 = xs.apply(&self.branch3[0])?.apply(&self.branch3[1])?;
+        let b4 = Pool2d::max(3, 1).padding(1).forward(xs)?.apply(&self.branch4)?;
+        Tensor::cat(&[b1, b2, b3, b4], 1)
+    }
+}
+
+/// Auxiliary classifier: avg-pool → 1×1 conv → flatten → dropout → fc+ReLU → dropout → fc.
+#[derive(Debug, Clone)]
+struct AuxHead {
+    pool: Pool2d,
+    conv: BasicConv,
+    fc1: Linear,
+    fc2: Linear,
+    dropout: Dropout,
+}
+
+impl AuxHead {
+    fn new(cin: usize, cfg: &GoogLeNetConfig, classes: usize, rng: &DropoutRng, vb: VarBuilder) -> Result<Self> {
+        let flat = cfg.aux_conv * cfg.aux_spatial * cfg.aux_spatial;
+        Ok(Self {
+            pool: Pool2d::avg(cfg.aux_pool.0, cfg.aux_pool.1),
+            conv: BasicConv::new(cin, cfg.aux_conv, 1, 1, 0, vb.pp("conv"))?,
+            fc1: linear(flat, cfg.aux_hidden, InitScheme::Seed, vb.pp("fc1"))?,
+            fc2: linear(cfg.aux_hidden, classes, InitScheme::Seed, vb.pp("fc2"))?,
+            dropout: Dropout::new(0.5, rng),
+        })
+    }
+
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        let xs = self.pool.forward(xs)?.apply(&self.conv)?.flatten_from(1)?;
+        let xs = self.dropout.forward_t(&xs, train)?.apply(&self.fc1)?.relu()?;
+        self.dropout.forward_t(&xs, train)?.apply(&self.fc2)
+    }
+}
+
+/// GoogLeNet returning `[main, aux1, aux2]` logits, in training and in eval mode.
+#[derive(Debug, Clone)]
+pub struct GoogLeNet {
+    stem: Vec<BasicConv>,
+    imagenet_stem: bool,
+    blocks: Vec<Inception>,
+    aux1: AuxHead,
+    aux2: AuxHead,
+    dropout: Dropout,
+    fc: Linear,
+}
+
+const BLOCK_NAMES: [&str; 9] = [
+    "inception3a", "inception3b", "inception4a", "inception4b", "inception4c",
+    "inception4d", "inception4e", "inception5a", "inception5b",
+];
+
+impl GoogLeNet {
+    pub fn new(cfg: &GoogLeNetConfig, spec: &InputSpec, rng: &DropoutRng, vb: VarBuilder) -> Result<Self> {
+        let (s1, s2, s3) = cfg.stem;
+        let stem = if cfg.imagenet_stem {
+            vec![
+                BasicConv::new(spec.channels, s1, 7, 2, 3, vb.pp("conv1"))?,
+                BasicConv::new(s1, s2, 1, 1, 0, vb.pp("conv2"))?,
+                BasicConv::new(s2, s3, 3, 1, 1, vb.pp("conv3"))?,
+            ]
+        } else {
+            vec![
+                BasicConv::new(spec.channels, s1, 3, 1, 1, vb.pp("conv1"))?,
+                BasicConv::new(s1, s2, 1, 1, 0, vb.pp("conv2"))?,
+                BasicConv::new(s2, s3, 3, 1, 1, vb.pp("conv3"))?,
+            ]
+        };
+        let mut blocks = Vec::with_capacity(9);
+        let mut cin = s3;
+        for (c, name) in cfg.blocks.iter().zip(BLOCK_NAMES) {
+            blocks.push(Inception::new(cin, *c, vb.pp(name))?);
+            cin = out_channels(c);
+        }
+        let aux1_in = out_channels(&cfg.blocks[2]);
+        let aux2_in = out_channels(&cfg.blocks[5]);
+        Ok(Self {
+            stem,
+            imagenet_stem: cfg.imagenet_stem,
+            blocks,
+            aux1: AuxHead::new(aux1_in, cfg, spec.classes, rng, vb.pp("aux1"))?,
+            aux2: AuxHead::new(aux2_in, cfg, spec.classes, rng, vb.pp("aux2"))?,
+            dropout: Dropout::new(0.4, rng),
+            fc: linear(cin, spec.classes, InitScheme::Seed, vb.pp("fc"))?,
+        })
+    }
+}
+
+impl Classifier for GoogLeNet {
+    fn heads(&self) -> &'static [&'static str] {
+        &["main", "aux1", "aux2"]
+    }
+
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Vec<Tensor>> {
+        let pool = Pool2d::max(3, 2).ceil();
+        let mut xs = xs.apply(&self.stem[0])?;
+        if self.imagenet_stem {
+            xs = pool.forward(&xs)?;
+        }
+        xs = pool.forward(&xs.apply(&self.stem[1])?.apply(&self.stem[2])?)?;
+        let mut aux = Vec::with_capacity(2);
+        for (i, block) in self.blocks.iter().enumerate() {
+            xs = block.forward(&xs)?;
+            match i {
+                1 | 6 => xs = pool.forward(&xs)?,
+                2 => aux.push(self.aux1.forward_t(&xs, train)?),
+                5 => aux.push(self.aux2.forward_t(&xs, train)?),
+                _ => {}
+            }
+        }
+        let xs = xs.mean_keepdim(3)?.mean_keepdim(2)?.flatten_from(1)?;
+        let main = self.dropout.forward_t(&xs, train)?.apply(&self.fc)?;
+        Ok([vec![main], aux].concat())
+    }
+}

@@ -1,0 +1,68 @@
+//! Building blocks: convolutions and linear layers with an explicit initialisation scheme.
+
+use candle_core::{Result, Tensor};
+use candle_nn::init::{FanInOut, NonLinearity, NormalOrUniform};
+use candle_nn::{Conv2d, Conv2dConfig, Init, Linear, Module, VarBuilder};
+
+/// How a model's weights start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InitScheme {
+    /// The seed's GoogLeNet: convolutions Kaiming-normal (fan-out, ReLU), linear layers
+    /// N(0, 0.01), biases zero.
+    Seed,
+    /// PyTorch's defaults: weights and biases U(±1/√fan_in).
+    Torch,
+}
+
+fn inits(scheme: InitScheme, fan_in: usize, conv: bool) -> (Init, Init) {
+    let bound = 1.0 / (fan_in as f64).sqrt();
+    match (scheme, conv) {
+        (InitScheme::Seed, true) => (
+            Init::Kaiming { dist: NormalOrUniform::Normal, fan: FanInOut::FanOut, non_linearity: NonLinearity::ReLU },
+            Init::Const(0.0),
+        ),
+        (InitScheme::Seed, false) => (Init::Randn { mean: 0.0, stdev: 0.01 }, Init::Const(0.0)),
+        (InitScheme::Torch, _) => (Init::Uniform { lo: -bound, up: bound }, Init::Uniform { lo: -bound, up: bound }),
+    }
+}
+
+/// A square convolution with bias.
+pub fn conv2d(
+    cin: usize,
+    cout: usize,
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+    scheme: InitScheme,
+    vb: VarBuilder,
+) -> Result<Conv2d> {
+    let (wi, bi) = inits(scheme, cin * kernel * kernel, true);
+    let w = vb.get_with_hints((cout, cin, kernel, kernel), "weight", wi)?;
+    let b = vb.get_with_hints(cout, "bias", bi)?;
+    Ok(Conv2d::new(w, Some(b), Conv2dConfig { padding, stride, ..Default::default() }))
+}
+
+pub fn linear(cin: usize, cout: usize, scheme: InitScheme, vb: VarBuilder) -> Result<Linear> {
+    let (wi, bi) = inits(scheme, cin, false);
+    let w = vb.get_with_hints((cout, cin), "weight", wi)?;
+    let b = vb.get_with_hints(cout, "bias", bi)?;
+    Ok(Linear::new(w, Some(b)))
+}
+
+/// Conv2d followed by ReLU: the seed's `BasicConv2d` (no BatchNorm).
+#[derive(Debug, Clone)]
+pub struct BasicConv {
+    conv: Conv2d,
+}
+
+impl BasicConv {
+    pub fn new(cin: usize, cout: usize, kernel: usize, stride: usize, padding: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self { conv: conv2d(cin, cout, kernel, stride, padding, InitScheme::Seed, vb.pp("conv"))? })
+    }
+}
+
+impl Module for BasicConv {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        xs.apply(&self.conv)?.relu()
+    }
+}

@@ -1,0 +1,189 @@
+//! Teacher and student networks, selected by name, and the layers candle lacks.
+//!
+//! | name | what | parameters |
+//! |---|---|---|
+//! | `googlenet` | the seed's GoogLeNet, channels / 4, 28×28 input, aux heads | 538,330 (10 classes) |
+//! | `googlenet-224` | the seed's GoogLeNet at 224×224, aux heads | 10,318,655 (5 classes) |
+//! | `student-cnn` | the seed's student adapted to 28×28 | 20,490 (10 classes) |
+//! | `student-seed` | the seed's `Studentmodel` at 224×224 | 41,029 (5 classes) |
+
+pub mod googlenet;
+pub mod init;
+pub mod layers;
+pub mod pool;
+pub mod student;
+
+pub use init::{Dropout, DropoutRng, SeededVarMap};
+pub use pool::Pool2d;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// A classifier with one or more heads; head 0 is the one evaluated.
+pub trait Classifier: Send + Sync {
+    /// Names of the heads `forward_t` returns, in order (`main` first).
+    fn heads(&self) -> &'static [&'static str];
+    /// Logits `[batch, classes]` of every head. Dropout is active only when `train` is true.
+    fn forward_t(&self, xs: &Tensor, train: bool) -> candle_core::Result<Vec<Tensor>>;
+}
+
+/// The input a model is built for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct InputSpec {
+    pub channels: usize,
+    pub height: usize,
+    pub width: usize,
+    pub classes: usize,
+}
+
+/// The architectures this crate builds, by name.
+pub const ARCHITECTURES: [&str; 4] = ["googlenet", "googlenet-224", "student-cnn", "student-seed"];
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("unknown architecture {0:?} (known: {list})", list = ARCHITECTURES.join(", "))]
+    UnknownArchitecture(String),
+    #[error("checkpoint {path}: {message}")]
+    Checkpoint { path: PathBuf, message: String },
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+pub type Result<T> = std::result::Result<T, ModelError>;
+
+/// Builds `arch` with the variables of `vb`.
+pub fn build(arch: &str, spec: &InputSpec, rng: &DropoutRng, vb: VarBuilder) -> Result<Box<dyn Classifier>> {
+    use googlenet::{GoogLeNet, GoogLeNetConfig};
+    use student::{StudentCnn, StudentConfig};
+    Ok(match arch {
+        "googlenet" => Box::new(GoogLeNet::new(&GoogLeNetConfig::small(), spec, rng, vb)?),
+        "googlenet-224" => Box::new(GoogLeNet::new(&GoogLeNetConfig::imagenet(), spec, rng, vb)?),
+        "student-cnn" => Box::new(StudentCnn::new(&StudentConfig::small(), spec, rng, vb)?),
+        "student-seed" => Box::new(StudentCnn::new(&StudentConfig::seed(), spec, rng, vb)?),
+        other => return Err(ModelError::UnknownArchitecture(other.to_string())),
+    })
+}
+
+/// A model being trained: the network and its variables.
+pub struct Trainable {
+    pub model: Box<dyn Classifier>,
+    pub vars: SeededVarMap,
+}
+
+impl Trainable {
+    /// A freshly initialised `arch`; weights and dropout masks follow `seed`.
+    pub fn new(arch: &str, spec: &InputSpec, seed: u64, device: &Device) -> Result<Self> {
+        let vars = SeededVarMap::new(seed);
+        let model = build(arch, spec, &DropoutRng::new(seed), vars.var_builder(device))?;
+        Ok(Self { model, vars })
+    }
+
+    pub fn num_parameters(&self) -> usize {
+        self.named_tensors().values().map(|t| t.elem_count()).sum()
+    }
+
+    /// The current weights by name (what a checkpoint stores).
+    pub fn named_tensors(&self) -> HashMap<String, Tensor> {
+        let data = match self.vars.varmap.data().lock() {
+            Ok(d) => d,
+            Err(p) => p.into_inner(),
+        };
+        data.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect()
+    }
+}
+
+/// Parameter count of `arch` for `spec`, without training anything.
+pub fn num_parameters(arch: &str, spec: &InputSpec) -> Result<usize> {
+    Ok(Trainable::new(arch, spec, 0, &Device::Cpu)?.num_parameters())
+}
+
+/// Loads a checkpoint as a frozen model built from plain tensors (no variables, so inference
+/// records no graph). Every tensor the architecture needs must be there with its shape, and no
+/// other; the error names the file and the first tensor that differs.
+pub fn load_frozen(arch: &str, spec: &InputSpec, path: &Path, device: &Device) -> Result<Box<dyn Classifier>> {
+    let err = |message: String| ModelError::Checkpoint { path: path.to_path_buf(), message };
+    let tensors = candle_core::safetensors::load(path, device).map_err(|e| err(format!("cannot read: {e}")))?;
+    let expected = Trainable::new(arch, spec, 0, &Device::Cpu)?.named_tensors();
+    let mut names: Vec<&String> = expected.keys().collect();
+    names.sort();
+    for name in names {
+        match tensors.get(name) {
+            None => return Err(err(format!("tensor {name} is missing (is this a {arch} checkpoint?)"))),
+            Some(t) if t.dims() != expected[name].dims() => {
+                return Err(err(format!(
+                    "tensor {name} has shape {:?}, {arch} wants {:?}",
+                    t.dims(),
+                    expected[name].dims()
+                )))
+            }
+            Some(t) if t.dtype() != DType::F32 => {
+                return Err(err(format!("tensor {name} is {:?}, expected F32", t.dtype())))
+            }
+            Some(_) => {}
+        }
+    }
+    if let Some(extra) = tensors.keys().filter(|k| !expected.contains_key(*k)).min() {
+        return Err(err(format!("unexpected tensor {extra} (is this a {arch} checkpoint?)")));
+    }
+    let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
+    build(arch, spec, &DropoutRng::new(0), vb)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FASHION: InputSpec = InputSpec { channels: 1, height: 28, width: 28, classes: 10 };
+    const FLOWERS: InputSpec = InputSpec { channels: 3, height: 224, width: 224, classes: 5 };
+
+    #[test]
+    fn parameter_counts_match_the_reference() {
+        // ../shared/reference/MODELS.md (counted in PyTorch).
+        assert_eq!(num_parameters("googlenet", &FASHION).unwrap(), 538_330);
+        assert_eq!(num_parameters("student-cnn", &FASHION).unwrap(), 20_490);
+        assert_eq!(num_parameters("googlenet-224", &FLOWERS).unwrap(), 10_318_655);
+        assert_eq!(num_parameters("student-seed", &FLOWERS).unwrap(), 41_029);
+        assert!(matches!(num_parameters("resnet", &FASHION), Err(ModelError::UnknownArchitecture(_))));
+    }
+
+    #[test]
+    fn teacher_returns_three_heads_in_train_and_eval() {
+        let m = Trainable::new("googlenet", &FASHION, 0, &Device::Cpu).unwrap();
+        let xs = Tensor::zeros((2, 1, 28, 28), DType::F32, &Device::Cpu).unwrap();
+        for train in [true, false] {
+            let heads = m.model.forward_t(&xs, train).unwrap();
+            assert_eq!(heads.len(), 3);
+            assert!(heads.iter().all(|h| h.dims() == [2, 10]));
+        }
+        assert_eq!(m.model.heads(), ["main", "aux1", "aux2"]);
+        // Eval mode is deterministic (no dropout), train mode is not.
+        let xs = Tensor::ones((2, 1, 28, 28), DType::F32, &Device::Cpu).unwrap();
+        let v = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let e1 = m.model.forward_t(&xs, false).unwrap();
+        let e2 = m.model.forward_t(&xs, false).unwrap();
+        assert_eq!(v(&e1[1]), v(&e2[1]));
+        let t1 = m.model.forward_t(&xs, true).unwrap();
+        assert_ne!(v(&t1[1]), v(&e1[1]));
+    }
+
+    #[test]
+    fn checkpoint_for_another_architecture_is_refused() {
+        let dir = std::env::temp_dir().join(format!("kd-models-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("student.safetensors");
+        let student = Trainable::new("student-cnn", &FASHION, 0, &Device::Cpu).unwrap();
+        candle_core::safetensors::save(&student.named_tensors(), &path).unwrap();
+        assert!(load_frozen("student-cnn", &FASHION, &path, &Device::Cpu).is_ok());
+        let e = load_frozen("googlenet", &FASHION, &path, &Device::Cpu).err().unwrap().to_string();
+        assert!(e.contains("student.safetensors") && e.contains("missing"), "{e}");
+        let e = load_frozen("student-cnn", &InputSpec { classes: 5, ..FASHION }, &path, &Device::Cpu)
+            .err().unwrap().to_string();
+        assert!(e.contains("tensor fc.") && e.contains("shape"), "{e}");
+        std::fs::write(&path, b"garbage").unwrap();
+        let e = load_frozen("student-cnn", &FASHION, &path, &Device::Cpu).err().unwrap().to_string();
+        assert!(e.contains("cannot read"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,340 @@
+//! Trainable 2-D max and average pooling with padding and ceil mode, as in PyTorch.
+//!
+//! candle 0.11 back-propagates a pool only when kernel == stride and has no ceil mode; GoogLeNet
+//! needs 3×3/s2 (ceil) and 3×3/s1 (pad 1) max-pools and 3×3/s2 average pools. These are custom
+//! ops: the forward pools each (sample, channel) plane in parallel, and the backward is a second
+//! op that routes each output gradient to its window's arg-max (first maximum, as PyTorch) or
+//! spreads it evenly over the window.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, WithDType};
+use rayon::prelude::*;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoolKind {
+    Max,
+    /// Average over the window, padding included in the divisor (PyTorch's default).
+    Avg,
+}
+
+/// A 2-D pooling layer over `[b, c, h, w]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pool2d {
+    pub kind: PoolKind,
+    pub kernel: usize,
+    pub stride: usize,
+    pub padding: usize,
+    pub ceil_mode: bool,
+}
+
+impl Pool2d {
+    pub fn max(kernel: usize, stride: usize) -> Self {
+        Self { kind: PoolKind::Max, kernel, stride, padding: 0, ceil_mode: false }
+    }
+    pub fn avg(kernel: usize, stride: usize) -> Self {
+        Self { kind: PoolKind::Avg, ..Self::max(kernel, stride) }
+    }
+    pub fn padding(self, padding: usize) -> Self {
+        Self { padding, ..self }
+    }
+    pub fn ceil(self) -> Self {
+        Self { ceil_mode: true, ..self }
+    }
+
+    /// Output length along one axis (PyTorch's rule: in ceil mode the last window must start
+    /// inside the input or its left padding).
+    pub fn out_len(&self, len: usize) -> Result<usize> {
+        let padded = len + 2 * self.padding;
+        if padded < self.kernel || self.padding * 2 > self.kernel {
+            candle_core::bail!(
+                "pool {}x{}/s{} pad {} does not fit an axis of {len}",
+                self.kernel, self.kernel, self.stride, self.padding
+            );
+        }
+        let span = padded - self.kernel;
+        let mut out = if self.ceil_mode { span.div_ceil(self.stride) } else { span / self.stride } + 1;
+        if self.ceil_mode && (out - 1) * self.stride >= len + self.padding {
+            out -= 1;
+        }
+        Ok(out)
+    }
+
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        xs.contiguous()?.apply_op1(*self)
+    }
+
+    /// Window bounds along one axis, clipped to the input, and its length with padding counted.
+    fn window(&self, o: usize, len: usize) -> (usize, usize, usize) {
+        let start = (o * self.stride) as isize - self.padding as isize;
+        let end = (start + self.kernel as isize).min((len + self.padding) as isize);
+        let with_pad = (end - start) as usize;
+        (start.max(0) as usize, (end.min(len as isize)) as usize, with_pad)
+    }
+
+    fn fwd_plane<T: WithDType>(&self, x: &[T], out: &mut [T], h: usize, w: usize, ow: usize) {
+        for (oy, row) in out.chunks_mut(ow).enumerate() {
+            let (y0, y1, ph) = self.window(oy, h);
+            for (ox, o) in row.iter_mut().enumerate() {
+                let (x0, x1, pw) = self.window(ox, w);
+                *o = match self.kind {
+                    PoolKind::Max => {
+                        let mut m = x[y0 * w + x0];
+                        for y in y0..y1 {
+                            for v in &x[y * w + x0..y * w + x1] {
+                                if *v > m || v.to_f64().is_nan() {
+                                    m = *v;
+                                }
+                            }
+                        }
+                        m
+                    }
+                    PoolKind::Avg => {
+                        let mut s = T::from_f64(0.0);
+                        for y in y0..y1 {
+                            for v in &x[y * w + x0..y * w + x1] {
+                                s += *v;
+                            }
+                        }
+                        s / T::from_f64((ph * pw) as f64)
+                    }
+                };
+            }
+        }
+    }
+
+    fn bwd_plane<T: WithDType>(&self, x: &[T], g: &[T], gx: &mut [T], h: usize, w: usize, ow: usize) {
+        for (oy, grow) in g.chunks(ow).enumerate() {
+            let (y0, y1, ph) = self.window(oy, h);
+            for (ox, &go) in grow.iter().enumerate() {
+                let (x0, x1, pw) = self.window(ox, w);
+                match self.kind {
+                    PoolKind::Max => {
+                        let mut best = y0 * w + x0;
+                        for y in y0..y1 {
+                            for i in y * w + x0..y * w + x1 {
+                                if x[i] > x[best] || x[i].to_f64().is_nan() {
+                                    best = i;
+                                }
+                            }
+                        }
+                        gx[best] += go;
+                    }
+                    PoolKind::Avg => {
+                        let share = go / T::from_f64((ph * pw) as f64);
+                        for y in y0..y1 {
+                            for v in &mut gx[y * w + x0..y * w + x1] {
+                                *v += share;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn dims(&self, layout: &Layout) -> Result<(usize, usize, usize, usize, usize, usize)> {
+        let (b, c, h, w) = layout.shape().dims4()?;
+        Ok((b * c, h, w, self.out_len(h)?, self.out_len(w)?, c))
+    }
+}
+
+fn contiguous<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((start, end)) => Ok(&s.as_slice::<T>()?[start..end]),
+        None => candle_core::bail!("pool2d expects a contiguous input"),
+    }
+}
+
+impl CustomOp1 for Pool2d {
+    fn name(&self) -> &'static str {
+        "kd-pool2d"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (planes, h, w, oh, ow, c) = self.dims(layout)?;
+        let shape = Shape::from((planes / c, c, oh, ow));
+        fn run<T: WithDType>(p: &Pool2d, s: &CpuStorage, l: &Layout, n: usize, h: usize, w: usize, oh: usize, ow: usize) -> Result<CpuStorage> {
+            let x = contiguous::<T>(s, l)?;
+            let mut out = vec![T::from_f64(0.0); n * oh * ow];
+            out.par_chunks_mut(oh * ow)
+                .zip(x.par_chunks(h * w))
+                .for_each(|(o, xp)| p.fwd_plane(xp, o, h, w, ow));
+            Ok(T::to_cpu_storage_owned(out))
+        }
+        let out = match storage {
+            CpuStorage::F32(_) => run::<f32>(self, storage, layout, planes, h, w, oh, ow)?,
+            CpuStorage::F64(_) => run::<f64>(self, storage, layout, planes, h, w, oh, ow)?,
+            _ => candle_core::bail!("pool2d supports f32 and f64, not {:?}", storage.dtype()),
+        };
+        Ok((out, shape))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        let grad = arg.apply_op2_no_bwd(&grad_res.contiguous()?, &PoolBackward(*self))?;
+        Ok(Some(grad))
+    }
+}
+
+/// The gradient of a [`Pool2d`] with respect to its input: `(input, grad_output) -> grad_input`.
+struct PoolBackward(Pool2d);
+
+impl CustomOp2 for PoolBackward {
+    fn name(&self) -> &'static str {
+        "kd-pool2d-backward"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let p = &self.0;
+        let (_, h, w, oh, ow, _) = p.dims(l1)?;
+        if l2.shape().dims4()?.2 != oh || l2.shape().dims4()?.3 != ow {
+            candle_core::bail!("pool2d backward: gradient shape {:?} does not match", l2.shape());
+        }
+        fn run<T: WithDType>(p: &Pool2d, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, h: usize, w: usize, oh: usize, ow: usize) -> Result<CpuStorage> {
+            let x = contiguous::<T>(s1, l1)?;
+            let g = contiguous::<T>(s2, l2)?;
+            let mut gx = vec![T::from_f64(0.0); x.len()];
+            gx.par_chunks_mut(h * w)
+                .zip(x.par_chunks(h * w))
+                .zip(g.par_chunks(oh * ow))
+                .for_each(|((gxp, xp), gp)| p.bwd_plane(xp, gp, gxp, h, w, ow));
+            Ok(T::to_cpu_storage_owned(gx))
+        }
+        let out = match s1 {
+            CpuStorage::F32(_) => run::<f32>(p, s1, l1, s2, l2, h, w, oh, ow)?,
+            CpuStorage::F64(_) => run::<f64>(p, s1, l1, s2, l2, h, w, oh, ow)?,
+            _ => candle_core::bail!("pool2d supports f32 and f64, not {:?}", s1.dtype()),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device, Var};
+
+    /// Direct pooling of one plane, straight from the definition (padding as -inf for max, as
+    /// zeros counted in the divisor for avg; windows clipped at `len + padding`).
+    fn reference(p: &Pool2d, x: &[f64], h: usize, w: usize) -> Vec<f64> {
+        let (oh, ow) = (p.out_len(h).unwrap(), p.out_len(w).unwrap());
+        let mut out = vec![];
+        for oy in 0..oh {
+            for ox in 0..ow {
+                let mut vals = vec![];
+                let mut count = 0;
+                for ky in 0..p.kernel {
+                    for kx in 0..p.kernel {
+                        let y = (oy * p.stride + ky) as isize - p.padding as isize;
+                        let xx = (ox * p.stride + kx) as isize - p.padding as isize;
+                        if y < (h + p.padding) as isize && xx < (w + p.padding) as isize {
+                            count += 1;
+                        }
+                        if y >= 0 && xx >= 0 && (y as usize) < h && (xx as usize) < w {
+                            vals.push(x[y as usize * w + xx as usize]);
+                        }
+                    }
+                }
+                out.push(match p.kind {
+                    PoolKind::Max => vals.iter().cloned().fold(f64::NEG_INFINITY, f64::max),
+                    PoolKind::Avg => vals.iter().sum::<f64>() / count as f64,
+                });
+            }
+        }
+        out
+    }
+
+    fn cases() -> Vec<(Pool2d, usize, usize)> {
+        vec![
+            (Pool2d::max(3, 2).ceil(), 14, 14),
+            (Pool2d::max(3, 2).ceil(), 7, 7),
+            (Pool2d::max(3, 1).padding(1), 5, 6),
+            (Pool2d::max(2, 2), 6, 6),
+            (Pool2d::max(3, 2).ceil(), 112, 112),
+            (Pool2d::avg(3, 2), 7, 7),
+            (Pool2d::avg(5, 3), 14, 14),
+            (Pool2d::avg(3, 2).ceil().padding(1), 6, 5),
+        ]
+    }
+
+    fn distinct_input(n: usize, seed: u64) -> Vec<f64> {
+        // Distinct values (a shuffled ramp), so the arg-max is unique and finite differences
+        // never cross a tie.
+        let mut v: Vec<f64> = (0..n).map(|i| i as f64 * 0.37 - n as f64 * 0.1).collect();
+        let mut s = seed;
+        for i in (1..n).rev() {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            v.swap(i, (s >> 33) as usize % (i + 1));
+        }
+        v
+    }
+
+    #[test]
+    fn output_sizes_follow_pytorch() {
+        assert_eq!(Pool2d::max(3, 2).ceil().out_len(14).unwrap(), 7);
+        assert_eq!(Pool2d::max(3, 2).ceil().out_len(7).unwrap(), 3);
+        assert_eq!(Pool2d::max(3, 2).ceil().out_len(112).unwrap(), 56);
+        assert_eq!(Pool2d::max(3, 2).ceil().out_len(56).unwrap(), 28);
+        assert_eq!(Pool2d::max(3, 2).out_len(14).unwrap(), 6);
+        assert_eq!(Pool2d::max(3, 1).padding(1).out_len(7).unwrap(), 7);
+        assert_eq!(Pool2d::avg(5, 3).out_len(14).unwrap(), 4);
+        // The last ceil-mode window may not start in the right padding.
+        assert_eq!(Pool2d::max(2, 2).padding(1).ceil().out_len(5).unwrap(), 3);
+        assert!(Pool2d::max(3, 1).out_len(2).is_err());
+    }
+
+    #[test]
+    fn forward_matches_the_definition() {
+        for (p, h, w) in cases() {
+            let (b, c) = (2, 3);
+            let x = distinct_input(b * c * h * w, 1);
+            let t = Tensor::from_vec(x.clone(), (b, c, h, w), &Device::Cpu).unwrap();
+            let got = p.forward(&t).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+            let want: Vec<f64> = x.chunks(h * w).flat_map(|pl| reference(&p, pl, h, w)).collect();
+            assert_eq!(got.len(), want.len(), "{p:?}");
+            for (g, w) in got.iter().zip(&want) {
+                assert!((g - w).abs() < 1e-12, "{p:?}: {g} vs {w}");
+            }
+            // f32 gives the same result.
+            let got32 = p.forward(&t.to_dtype(DType::F32).unwrap()).unwrap().to_dtype(DType::F64).unwrap();
+            let diff = (got32.flatten_all().unwrap() - Tensor::new(want.as_slice(), &Device::Cpu).unwrap())
+                .unwrap().abs().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap();
+            assert!(diff < 1e-3, "{p:?}: f32 differs by {diff}");
+        }
+    }
+
+    #[test]
+    fn gradient_matches_finite_differences() {
+        for (p, h, w) in cases().into_iter().filter(|(_, h, _)| *h < 20) {
+            let (b, c) = (2, 2);
+            let n = b * c * h * w;
+            let x = distinct_input(n, 2);
+            let (oh, ow) = (p.out_len(h).unwrap(), p.out_len(w).unwrap());
+            // A weighted sum makes every output's gradient different.
+            let weights: Vec<f64> = (0..b * c * oh * ow).map(|i| ((i * 7919) % 13) as f64 / 13.0 - 0.4).collect();
+            let wt = Tensor::from_vec(weights.clone(), (b, c, oh, ow), &Device::Cpu).unwrap();
+            let loss = |xs: &[f64]| -> f64 {
+                let mut s = 0.0;
+                for (i, plane) in xs.chunks(h * w).enumerate() {
+                    for (j, v) in reference(&p, plane, h, w).iter().enumerate() {
+                        s += v * weights[i * oh * ow + j];
+                    }
+                }
+                s
+            };
+            let var = Var::from_vec(x.clone(), (b, c, h, w), &Device::Cpu).unwrap();
+            let out = p.forward(var.as_tensor()).unwrap();
+            let l = (out * &wt).unwrap().sum_all().unwrap();
+            let grads = l.backward().unwrap();
+            let g = grads.get(var.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+            let eps = 1e-4;
+            for i in 0..n {
+                let mut xp = x.clone();
+                xp[i] += eps;
+                let mut xm = x.clone();
+                xm[i] -= eps;
+                let fd = (loss(&xp) - loss(&xm)) / (2.0 * eps);
+                assert!((fd - g[i]).abs() < 1e-6, "{p:?} input {i}: analytic {} vs finite difference {fd}", g[i]);
+            }
+        }
+    }
+}

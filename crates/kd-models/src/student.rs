@@ -1,0 +1,77 @@
+//! The seed article's student: two conv + ReLU + max-pool stages and one linear classifier.
+//!
+//! `student-cnn` is its 28×28 adaptation (MODELS.md, 20,490 parameters for 10 classes);
+//! `student-seed` is the seed's `Studentmodel` at 224×224 (41,029 parameters for 5 classes).
+
+use crate::init::{Dropout, DropoutRng};
+use crate::layers::{conv2d, linear, InitScheme};
+use crate::pool::Pool2d;
+use crate::{Classifier, InputSpec};
+use candle_core::{Result, Tensor};
+use candle_nn::{Conv2d, Linear, VarBuilder};
+
+/// One conv stage: `(out_channels, kernel, stride, padding)`, then ReLU and `pool`.
+#[derive(Debug, Clone)]
+pub struct StudentConfig {
+    pub convs: [(usize, usize, usize, usize); 2],
+    pub pool: Pool2d,
+}
+
+impl StudentConfig {
+    pub fn small() -> Self {
+        Self { convs: [(16, 3, 1, 1), (32, 3, 1, 1)], pool: Pool2d::max(2, 2) }
+    }
+
+    pub fn seed() -> Self {
+        Self { convs: [(32, 7, 2, 3), (32, 3, 2, 1)], pool: Pool2d::max(3, 2) }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct StudentCnn {
+    convs: Vec<Conv2d>,
+    pool: Pool2d,
+    dropout: Dropout,
+    fc: Linear,
+}
+
+fn conv_out(len: usize, k: usize, s: usize, p: usize) -> Result<usize> {
+    if len + 2 * p < k {
+        candle_core::bail!("a {k}x{k} convolution does not fit an input of {len} pixels");
+    }
+    Ok((len + 2 * p - k) / s + 1)
+}
+
+impl StudentCnn {
+    pub fn new(cfg: &StudentConfig, spec: &InputSpec, rng: &DropoutRng, vb: VarBuilder) -> Result<Self> {
+        let (mut cin, mut h, mut w) = (spec.channels, spec.height, spec.width);
+        let mut convs = Vec::new();
+        for (i, &(cout, k, s, p)) in cfg.convs.iter().enumerate() {
+            convs.push(conv2d(cin, cout, k, s, p, InitScheme::Torch, vb.pp(format!("conv{}", i + 1)))?);
+            h = cfg.pool.out_len(conv_out(h, k, s, p)?)?;
+            w = cfg.pool.out_len(conv_out(w, k, s, p)?)?;
+            cin = cout;
+        }
+        Ok(Self {
+            convs,
+            pool: cfg.pool,
+            dropout: Dropout::new(0.4, rng),
+            fc: linear(cin * h * w, spec.classes, InitScheme::Torch, vb.pp("fc"))?,
+        })
+    }
+}
+
+impl Classifier for StudentCnn {
+    fn heads(&self) -> &'static [&'static str] {
+        &["main"]
+    }
+
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Vec<Tensor>> {
+        let mut xs = xs.clone();
+        for conv in &self.convs {
+            xs = self.pool.forward(&xs.apply(conv)?.relu()?)?;
+        }
+        let xs = self.dropout.forward_t(&xs.flatten_from(1)?, train)?;
+        Ok(vec![xs.apply(&self.fc)?])
+    }
+}
