@@ -87,23 +87,7 @@ pub struct Metadata {
     pub transform: Transform,
 }
 
-/// JSON with object keys sorted and no whitespace: the same metadata always gives the same bytes.
-pub fn canonical_json(value: &serde_json::Value) -> String {
-    use serde_json::Value;
-    match value {
-        Value::Object(map) => {
-            let mut keys: Vec<&String> = map.keys().collect();
-            keys.sort();
-            let fields: Vec<String> = keys
-                .iter()
-                .map(|k| format!("{}:{}", Value::String((*k).clone()), canonical_json(&map[*k])))
-                .collect();
-            format!("{{{}}}", fields.join(","))
-        }
-        Value::Array(xs) => format!("[{}]", xs.iter().map(canonical_json).collect::<Vec<_>>().join(",")),
-        other => other.to_string(),
-    }
-}
+pub use kd_data::files::canonical_json;
 
 /// Writes a knowledge file atomically. `logits` holds one `[rows, classes]` row-major buffer per
 /// head, in the order of `meta.heads`.

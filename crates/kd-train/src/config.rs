@@ -1,0 +1,378 @@
+//! The pipeline file (`pipelines/<name>.toml`): `[data]`, `[teacher]`, `[knowledge]`, `[student]`.
+//!
+//! Unknown keys are refused with the key named; every value can be overridden from the command
+//! line with `--set section.key=value` (parsed as TOML, so `--set student.temperature=4`).
+
+use kd_data::{Augment, DataSource, LoadOptions};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("pipeline file {path}: {message}")]
+    File { path: PathBuf, message: String },
+    #[error("--set {arg}: {message}")]
+    Override { arg: String, message: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineConfig {
+    pub data: DataConfig,
+    pub teacher: TeacherConfig,
+    #[serde(default)]
+    pub knowledge: KnowledgeConfig,
+    pub student: StudentConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    /// `fashion-mnist` (checked against the published checksums) or any other name for data in
+    /// MNIST format.
+    #[serde(default = "default_dataset")]
+    pub name: String,
+    /// `dir` (a folder in MNIST format) or `hub` (download through candle-datasets).
+    #[serde(default = "default_source")]
+    pub source: String,
+    #[serde(default = "default_dir")]
+    pub dir: PathBuf,
+    #[serde(default = "default_classes")]
+    pub classes: usize,
+    #[serde(default = "yes")]
+    pub verify_checksums: bool,
+    /// Use only the first N training / test images (small pipelines).
+    pub train_limit: Option<usize>,
+    pub test_limit: Option<usize>,
+    /// Training images held out for checkpoint selection.
+    #[serde(default = "default_val_size")]
+    pub val_size: usize,
+    /// Seed of the validation split (the same for teacher and students).
+    #[serde(default)]
+    pub split_seed: u64,
+}
+
+/// Learning-rate schedule over all steps of a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Schedule {
+    /// Cosine decay from `lr` to 0, per step.
+    Cosine,
+    Constant,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TeacherConfig {
+    pub arch: String,
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub lr: f64,
+    #[serde(default = "cosine")]
+    pub schedule: Schedule,
+    #[serde(default)]
+    pub weight_decay: f64,
+    #[serde(default)]
+    pub seed: u64,
+    /// Random crop (padding `crop_padding`) + horizontal flip while training.
+    #[serde(default)]
+    pub augment: bool,
+    #[serde(default = "default_crop_padding")]
+    pub crop_padding: usize,
+    /// Loss = CE(main) + aux_weight · (CE(aux1) + CE(aux2)), as the seed trains GoogLeNet.
+    #[serde(default = "default_aux_weight")]
+    pub aux_weight: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KnowledgeConfig {
+    /// Batch size of the teacher's inference over the training set.
+    #[serde(default = "default_knowledge_batch")]
+    pub batch_size: usize,
+}
+
+impl Default for KnowledgeConfig {
+    fn default() -> Self {
+        Self { batch_size: default_knowledge_batch() }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StudentConfig {
+    pub arch: String,
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub lr: f64,
+    #[serde(default = "cosine")]
+    pub schedule: Schedule,
+    #[serde(default)]
+    pub weight_decay: f64,
+    #[serde(default)]
+    pub seed: u64,
+    #[serde(default)]
+    pub augment: bool,
+    #[serde(default = "default_crop_padding")]
+    pub crop_padding: usize,
+    /// Hinton KD: loss = hard_weight · CE + soft_weight · Σ_h w_h · T² · KL(teacher_h ‖ student).
+    pub temperature: f64,
+    pub hard_weight: f64,
+    pub soft_weight: f64,
+    /// Weight of each teacher head's soft targets, by head name (`main`, `aux1`, `aux2`).
+    pub head_weights: BTreeMap<String, f64>,
+}
+
+/// What the training loop needs, whichever model it trains.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TrainSettings {
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub lr: f64,
+    pub schedule: Schedule,
+    pub weight_decay: f64,
+    pub seed: u64,
+    pub augment: Option<Augment>,
+}
+
+fn augment(on: bool, crop_padding: usize) -> Option<Augment> {
+    on.then_some(Augment { crop_padding, horizontal_flip: true })
+}
+
+impl TeacherConfig {
+    pub fn train(&self) -> TrainSettings {
+        TrainSettings {
+            epochs: self.epochs,
+            batch_size: self.batch_size,
+            lr: self.lr,
+            schedule: self.schedule,
+            weight_decay: self.weight_decay,
+            seed: self.seed,
+            augment: augment(self.augment, self.crop_padding),
+        }
+    }
+}
+
+impl StudentConfig {
+    pub fn train(&self) -> TrainSettings {
+        TrainSettings {
+            epochs: self.epochs,
+            batch_size: self.batch_size,
+            lr: self.lr,
+            schedule: self.schedule,
+            weight_decay: self.weight_decay,
+            seed: self.seed,
+            augment: augment(self.augment, self.crop_padding),
+        }
+    }
+}
+
+impl DataConfig {
+    pub fn load_options(&self) -> Result<LoadOptions, String> {
+        let source = match self.source.as_str() {
+            "dir" => DataSource::Dir(self.dir.clone()),
+            "hub" => DataSource::Hub,
+            other => return Err(format!("data.source {other:?} is neither \"dir\" nor \"hub\"")),
+        };
+        Ok(LoadOptions {
+            name: self.name.clone(),
+            source,
+            verify_checksums: self.verify_checksums,
+            classes: self.classes,
+            train_limit: self.train_limit,
+            test_limit: self.test_limit,
+        })
+    }
+}
+
+fn default_dataset() -> String {
+    "fashion-mnist".into()
+}
+fn default_source() -> String {
+    "dir".into()
+}
+fn default_dir() -> PathBuf {
+    PathBuf::from(kd_data::fashion_mnist::DEBIAN_DIR)
+}
+fn default_classes() -> usize {
+    10
+}
+fn yes() -> bool {
+    true
+}
+fn default_val_size() -> usize {
+    5000
+}
+fn cosine() -> Schedule {
+    Schedule::Cosine
+}
+fn default_crop_padding() -> usize {
+    2
+}
+fn default_aux_weight() -> f64 {
+    0.3
+}
+fn default_knowledge_batch() -> usize {
+    256
+}
+
+impl PipelineConfig {
+    /// Reads a pipeline file and applies `--set key=value` overrides, then checks the values.
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Self, ConfigError> {
+        let file_err = |message: String| ConfigError::File { path: path.to_path_buf(), message };
+        let text = std::fs::read_to_string(path).map_err(|e| file_err(format!("cannot read: {e}")))?;
+        let mut value: toml::Table = text.parse().map_err(|e: toml::de::Error| file_err(e.message().to_string()))?;
+        for arg in overrides {
+            apply_override(&mut value, arg)?;
+        }
+        let config: Self = toml::Value::Table(value)
+            .try_into()
+            .map_err(|e: toml::de::Error| file_err(e.message().to_string()))?;
+        config.validate().map_err(file_err)?;
+        Ok(config)
+    }
+
+    /// Refuses values no run can use, naming the key.
+    pub fn validate(&self) -> Result<(), String> {
+        let positive = [
+            ("teacher.epochs", self.teacher.epochs),
+            ("teacher.batch_size", self.teacher.batch_size),
+            ("student.epochs", self.student.epochs),
+            ("student.batch_size", self.student.batch_size),
+            ("knowledge.batch_size", self.knowledge.batch_size),
+            ("data.classes", self.data.classes),
+        ];
+        for (key, v) in positive {
+            if v == 0 {
+                return Err(format!("{key} must be at least 1"));
+            }
+        }
+        let s = &self.student;
+        let rates = [("teacher.lr", self.teacher.lr), ("student.lr", s.lr), ("student.temperature", s.temperature)];
+        for (key, v) in rates {
+            if !(v > 0.0 && v.is_finite()) {
+                return Err(format!("{key} must be a positive number, not {v}"));
+            }
+        }
+        let mut weights = vec![
+            ("student.hard_weight".to_string(), s.hard_weight),
+            ("student.soft_weight".to_string(), s.soft_weight),
+            ("teacher.aux_weight".to_string(), self.teacher.aux_weight),
+            ("teacher.weight_decay".to_string(), self.teacher.weight_decay),
+            ("student.weight_decay".to_string(), s.weight_decay),
+        ];
+        weights.extend(s.head_weights.iter().map(|(h, w)| (format!("student.head_weights.{h}"), *w)));
+        for (key, v) in weights {
+            if !(v >= 0.0 && v.is_finite()) {
+                return Err(format!("{key} must be zero or more, not {v}"));
+            }
+        }
+        if s.head_weights.values().all(|w| *w == 0.0) && s.soft_weight > 0.0 {
+            return Err("student.head_weights must give some head a positive weight".into());
+        }
+        self.data.load_options()?;
+        Ok(())
+    }
+}
+
+/// `section.key=value`: the value is TOML (`4`, `"cosine"`, `true`, `[1, 2]`), or a bare string.
+fn apply_override(root: &mut toml::Table, arg: &str) -> Result<(), ConfigError> {
+    let err = |message: &str| ConfigError::Override { arg: arg.to_string(), message: message.to_string() };
+    let (key, raw) = arg.split_once('=').ok_or_else(|| err("expected KEY=VALUE"))?;
+    let value = match format!("v = {raw}").parse::<toml::Table>() {
+        Ok(mut t) => t.remove("v").ok_or_else(|| err("no value"))?,
+        Err(_) => toml::Value::String(raw.to_string()),
+    };
+    let parts: Vec<&str> = key.trim().split('.').collect();
+    let (last, path) = parts.split_last().ok_or_else(|| err("empty key"))?;
+    let mut table = root;
+    for p in path {
+        table = table
+            .entry(p.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+            .as_table_mut()
+            .ok_or_else(|| err(&format!("{p} is not a section")))?;
+    }
+    table.insert(last.to_string(), value);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[data]
+[teacher]
+arch = "googlenet"
+epochs = 1
+batch_size = 128
+lr = 1e-3
+[student]
+arch = "student-cnn"
+epochs = 2
+batch_size = 128
+lr = 2e-3
+temperature = 5.0
+hard_weight = 0.55
+soft_weight = 0.45
+head_weights = { main = 1.0, aux1 = 0.3, aux2 = 0.3 }
+"#;
+
+    fn load(text: &str, overrides: &[&str]) -> Result<PipelineConfig, String> {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("p.toml");
+        std::fs::write(&p, text).unwrap();
+        let o: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
+        PipelineConfig::load(&p, &o).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn defaults_and_overrides() {
+        let c = load(MINIMAL, &[]).unwrap();
+        assert_eq!(c.data.val_size, 5000);
+        assert_eq!(c.teacher.aux_weight, 0.3);
+        assert_eq!(c.knowledge.batch_size, 256);
+        let c = load(MINIMAL, &["student.temperature=4", "student.schedule=\"constant\"", "data.train_limit=100"]).unwrap();
+        assert_eq!(c.student.temperature, 4.0);
+        assert_eq!(c.student.schedule, Schedule::Constant);
+        assert_eq!(c.data.train_limit, Some(100));
+        let c = load(MINIMAL, &["data.dir=/somewhere/else"]).unwrap();
+        assert_eq!(c.data.dir, PathBuf::from("/somewhere/else"));
+    }
+
+    #[test]
+    fn bad_values_are_refused_by_name() {
+        let cases: [(&[&str], &str); 7] = [
+            (&["teacher.epoch=3"], "epoch"),
+            (&["student.temperature=0"], "student.temperature"),
+            (&["student.hard_weight=-1"], "student.hard_weight"),
+            (&["teacher.epochs=0"], "teacher.epochs"),
+            (&["student.lr=\"fast\""], "invalid type"),
+            (&["student.head_weights.aux1=-0.3"], "student.head_weights.aux1"),
+            (&["data.source=\"ftp\""], "data.source"),
+        ];
+        for (o, want) in cases {
+            let e = load(MINIMAL, o).unwrap_err();
+            assert!(e.contains(want) && e.contains("p.toml"), "{o:?}: {e}");
+        }
+        let e = load(&MINIMAL.replace("[data]", "[data]\ncolour = 1"), &[]).unwrap_err();
+        assert!(e.contains("colour"), "{e}");
+        assert!(load(MINIMAL, &["nonsense"]).unwrap_err().contains("KEY=VALUE"));
+    }
+
+    #[test]
+    fn shipped_pipelines_parse() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../pipelines");
+        let mut n = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let p = entry.unwrap().path();
+            if p.extension().is_some_and(|e| e == "toml") {
+                PipelineConfig::load(&p, &[]).unwrap_or_else(|e| panic!("{e}"));
+                n += 1;
+            }
+        }
+        assert!(n >= 2);
+    }
+}

@@ -1,0 +1,101 @@
+//! Run manifests (`manifest.json` next to a stage's outputs): what was run, on what, with which
+//! result. A manifest whose key matches and whose outputs are intact makes a stage skippable.
+
+use crate::TrainError;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+pub const MANIFEST: &str = "manifest.json";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub stage: String,
+    pub pipeline: String,
+    /// SHA-256 over the stage, its resolved settings and its inputs' hashes.
+    pub key: String,
+    pub settings: serde_json::Value,
+    /// Input name → content hash (dataset fingerprints, checkpoint and knowledge SHA-256).
+    pub inputs: BTreeMap<String, String>,
+    /// Output file (relative to the manifest) → SHA-256.
+    pub outputs: BTreeMap<String, String>,
+    pub seed: Option<u64>,
+    pub threads: usize,
+    pub version: String,
+    pub wall_seconds: f64,
+    /// Stage-specific numbers: per-epoch metrics, accuracies, throughput.
+    pub metrics: serde_json::Value,
+}
+
+/// The freshness key of a stage run.
+pub fn stage_key(stage: &str, settings: &serde_json::Value, inputs: &BTreeMap<String, String>) -> String {
+    let doc = serde_json::json!({ "stage": stage, "settings": settings, "inputs": inputs });
+    let mut h = Sha256::new();
+    h.update(kd_data::files::canonical_json(&doc).as_bytes());
+    kd_data::files::hex(&h.finalize())
+}
+
+impl Manifest {
+    pub fn path(dir: &Path) -> PathBuf {
+        dir.join(MANIFEST)
+    }
+
+    pub fn read(dir: &Path) -> Result<Self, TrainError> {
+        let path = Self::path(dir);
+        let text = std::fs::read_to_string(&path).map_err(|e| TrainError::file(&path, format!("cannot read: {e}")))?;
+        serde_json::from_str(&text).map_err(|e| TrainError::file(&path, format!("not a manifest: {e}")))
+    }
+
+    /// Writes `manifest.json` atomically, after hashing the listed outputs.
+    pub fn write(mut self, dir: &Path, outputs: &[&str]) -> Result<Self, TrainError> {
+        self.outputs = outputs
+            .iter()
+            .map(|f| Ok((f.to_string(), kd_data::sha256_file(&dir.join(f))?)))
+            .collect::<Result<_, TrainError>>()?;
+        let text = serde_json::to_string_pretty(&self).map_err(|e| TrainError::Other(e.to_string()))?;
+        kd_data::write_atomic_bytes(&Self::path(dir), (text + "\n").as_bytes())?;
+        Ok(self)
+    }
+
+    /// The manifest in `dir` if it was made with `key` and its outputs are still as written.
+    pub fn fresh(dir: &Path, key: &str) -> Option<Self> {
+        let m = Self::read(dir).ok()?;
+        let intact = m.outputs.iter().all(|(f, h)| kd_data::sha256_file(&dir.join(f)).ok().as_deref() == Some(h));
+        (m.key == key && intact && !m.outputs.is_empty()).then_some(m)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fresh_only_with_same_key_and_intact_outputs() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("model.bin"), b"weights").unwrap();
+        let settings = serde_json::json!({"epochs": 1});
+        let inputs = BTreeMap::from([("data".to_string(), "abc".to_string())]);
+        let key = stage_key("teacher", &settings, &inputs);
+        let m = Manifest {
+            stage: "teacher".into(),
+            pipeline: "p".into(),
+            key: key.clone(),
+            settings,
+            inputs,
+            outputs: BTreeMap::new(),
+            seed: Some(0),
+            threads: 2,
+            version: "0".into(),
+            wall_seconds: 1.0,
+            metrics: serde_json::Value::Null,
+        };
+        m.write(dir.path(), &["model.bin"]).unwrap();
+        assert!(Manifest::fresh(dir.path(), &key).is_some());
+        assert!(Manifest::fresh(dir.path(), "other").is_none());
+        std::fs::write(dir.path().join("model.bin"), b"changed").unwrap();
+        assert!(Manifest::fresh(dir.path(), &key).is_none());
+        let other = stage_key("teacher", &serde_json::json!({"epochs": 2}), &BTreeMap::new());
+        assert_ne!(key, other);
+    }
+}

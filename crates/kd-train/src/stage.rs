@@ -1,0 +1,195 @@
+//! What a stage binary needs before it trains: its pipeline, its folder, its data.
+
+use crate::config::PipelineConfig;
+use crate::manifest::Manifest;
+use crate::train::Subset;
+use crate::TrainError;
+use candle_core::{Device, Tensor};
+use kd_data::Dataset;
+use kd_models::InputSpec;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+/// Flags every stage takes.
+#[derive(clap::Args, Debug, Clone)]
+pub struct PipelineArgs {
+    /// Pipeline file (dataset, models, hyper-parameters).
+    #[arg(long, default_value = "pipelines/fashion-mnist.toml")]
+    pub pipeline: PathBuf,
+    /// Root of all outputs; a stage writes to <ARTIFACTS>/<pipeline name>/<stage>/.
+    #[arg(long, default_value = "artifacts")]
+    pub artifacts: PathBuf,
+    /// Override a value of the pipeline file, e.g. --set student.temperature=4 (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub overrides: Vec<String>,
+    /// Dataset folder in MNIST format (overrides data.dir).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Run even if the outputs are up to date with the inputs and settings.
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// The usual training flags, shorthands for `--set <section>.<key>=...`.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct TrainArgs {
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    #[arg(long)]
+    pub lr: Option<f64>,
+    #[arg(long)]
+    pub seed: Option<u64>,
+}
+
+impl TrainArgs {
+    pub fn sets(&self, section: &str) -> Vec<String> {
+        let mut v = Vec::new();
+        if let Some(x) = self.epochs {
+            v.push(format!("{section}.epochs={x}"));
+        }
+        if let Some(x) = self.batch_size {
+            v.push(format!("{section}.batch_size={x}"));
+        }
+        if let Some(x) = self.lr {
+            v.push(format!("{section}.lr={x:e}"));
+        }
+        if let Some(x) = self.seed {
+            v.push(format!("{section}.seed={x}"));
+        }
+        v
+    }
+}
+
+/// A resolved pipeline: its name (the file's stem), settings and output root.
+#[derive(Debug, Clone)]
+pub struct Pipeline {
+    pub name: String,
+    pub config: PipelineConfig,
+    pub root: PathBuf,
+    pub force: bool,
+}
+
+impl PipelineArgs {
+    /// Reads the pipeline file with `--set`, `--data-dir` and the stage's own shorthands
+    /// (`extra`, applied last).
+    pub fn open(&self, extra: &[String]) -> Result<Pipeline, TrainError> {
+        let mut sets = self.overrides.clone();
+        if let Some(dir) = &self.data_dir {
+            sets.push(format!("data.dir={}", toml::Value::String(dir.display().to_string())));
+        }
+        sets.extend_from_slice(extra);
+        let config = PipelineConfig::load(&self.pipeline, &sets)?;
+        let name = self
+            .pipeline
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .ok_or_else(|| TrainError::file(&self.pipeline, "not a file name"))?;
+        Ok(Pipeline { root: self.artifacts.join(&name), name, config, force: self.force })
+    }
+}
+
+impl Pipeline {
+    /// `<artifacts>/<pipeline>/<stage>`.
+    pub fn dir(&self, stage: &str) -> PathBuf {
+        self.root.join(stage)
+    }
+
+    /// The manifest in `dir` if the stage need not run again (and `--force` was not given).
+    pub fn up_to_date(&self, stage: &str, dir: &std::path::Path, key: &str) -> Option<Manifest> {
+        if self.force {
+            return None;
+        }
+        let m = Manifest::fresh(dir, key)?;
+        tracing::info!("{stage}: up to date ({} unchanged since its last run); --force reruns it", dir.display());
+        Some(m)
+    }
+
+    pub fn load_data(&self) -> Result<LoadedData, TrainError> {
+        let d = &self.config.data;
+        let opts = d.load_options().map_err(TrainError::Other)?;
+        let t0 = std::time::Instant::now();
+        let dataset = Dataset::load(&opts)?;
+        let (train_rows, val_rows) = dataset.validation_split(d.val_size, d.split_seed)?;
+        let device = Device::Cpu;
+        let loaded = LoadedData {
+            spec: InputSpec {
+                channels: dataset.train.channels,
+                height: dataset.train.height,
+                width: dataset.train.width,
+                classes: dataset.classes,
+            },
+            train_images: dataset.train.to_tensor(&dataset.normalization, &device)?,
+            train_labels: dataset.train.labels_tensor(&device)?,
+            test_images: dataset.test.to_tensor(&dataset.normalization, &device)?,
+            test_labels: dataset.test.labels_tensor(&device)?,
+            all_rows: (0..dataset.train.len() as u32).collect(),
+            test_rows: (0..dataset.test.len() as u32).collect(),
+            fill: dataset.normalization.zero_values(),
+            train_fingerprint: dataset.train.fingerprint(),
+            test_fingerprint: dataset.test.fingerprint(),
+            train_rows,
+            val_rows,
+            dataset,
+        };
+        tracing::info!(
+            "data: {} — {} training images ({} train / {} validation), {} test, {} classes, {:.1}s",
+            loaded.dataset.name,
+            loaded.dataset.train.len(),
+            loaded.train_rows.len(),
+            loaded.val_rows.len(),
+            loaded.dataset.test.len(),
+            loaded.dataset.classes,
+            t0.elapsed().as_secs_f64()
+        );
+        Ok(loaded)
+    }
+}
+
+/// A dataset in memory as tensors, with its splits.
+pub struct LoadedData {
+    pub dataset: Dataset,
+    pub spec: InputSpec,
+    pub train_images: Tensor,
+    pub train_labels: Tensor,
+    pub test_images: Tensor,
+    pub test_labels: Tensor,
+    /// Rows of the training file used for training / held out for validation.
+    pub train_rows: Vec<u32>,
+    pub val_rows: Vec<u32>,
+    /// Every row of the training file (what the knowledge file covers) and of the test file.
+    pub all_rows: Vec<u32>,
+    pub test_rows: Vec<u32>,
+    pub fill: Vec<f32>,
+    pub train_fingerprint: String,
+    pub test_fingerprint: String,
+}
+
+impl LoadedData {
+    pub fn train(&self) -> Subset<'_> {
+        Subset { images: &self.train_images, labels: &self.train_labels, rows: &self.train_rows }
+    }
+    pub fn val(&self) -> Subset<'_> {
+        Subset { images: &self.train_images, labels: &self.train_labels, rows: &self.val_rows }
+    }
+    pub fn all_train(&self) -> Subset<'_> {
+        Subset { images: &self.train_images, labels: &self.train_labels, rows: &self.all_rows }
+    }
+    pub fn test(&self) -> Subset<'_> {
+        Subset { images: &self.test_images, labels: &self.test_labels, rows: &self.test_rows }
+    }
+
+    /// The data's part of a stage's inputs.
+    pub fn inputs(&self) -> BTreeMap<String, String> {
+        BTreeMap::from([
+            ("dataset.train".to_string(), self.train_fingerprint.clone()),
+            ("dataset.test".to_string(), self.test_fingerprint.clone()),
+        ])
+    }
+}
+
+/// Threads candle's matmul and convolutions use (RAYON_NUM_THREADS, else all cores).
+pub fn threads() -> usize {
+    candle_core::utils::get_num_threads()
+}

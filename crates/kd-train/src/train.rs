@@ -1,0 +1,218 @@
+//! The training loop every trainer shares, evaluation, and checkpoints.
+
+use crate::config::TrainSettings;
+use crate::optim::{learning_rate, Adam, AdamParams};
+use crate::TrainError;
+use candle_core::{DType, Tensor, D};
+use indicatif::{ProgressBar, ProgressStyle};
+use kd_data::{Batch, Batches};
+use kd_models::{Classifier, Trainable};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Instant;
+
+/// Rows of one image tensor: a training, validation or test subset.
+#[derive(Clone, Copy)]
+pub struct Subset<'a> {
+    pub images: &'a Tensor,
+    pub labels: &'a Tensor,
+    pub rows: &'a [u32],
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EpochMetrics {
+    pub epoch: usize,
+    /// Learning rate at the end of the epoch.
+    pub lr: f64,
+    pub train_loss: f64,
+    /// Accuracy of the main head on the (augmented) training batches, dropout on.
+    pub train_accuracy: f64,
+    pub val_loss: f64,
+    pub val_accuracy: f64,
+    pub seconds: f64,
+    /// Training images per second (forward, backward and update; validation not counted).
+    pub images_per_sec: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FitReport {
+    pub epochs: Vec<EpochMetrics>,
+    /// The epoch whose weights were kept (best validation accuracy; the earliest on ties).
+    pub best_epoch: usize,
+    pub best_val_accuracy: f64,
+    pub wall_seconds: f64,
+    pub train_images_per_sec: f64,
+}
+
+/// Accuracy and mean loss of the main head, in eval mode.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Eval {
+    pub accuracy: f64,
+    pub loss: f64,
+    pub images: usize,
+    pub seconds: f64,
+    pub images_per_sec: f64,
+}
+
+fn progress(len: usize, prefix: String) -> ProgressBar {
+    let bar = ProgressBar::new(len as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} ({eta})")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar.set_prefix(prefix);
+    bar
+}
+
+/// Number of correct main-head predictions in a batch.
+fn correct(logits: &Tensor, labels: &Tensor) -> candle_core::Result<f64> {
+    logits.argmax(D::Minus1)?.eq(labels)?.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()
+}
+
+/// What to train on and where the best weights go.
+pub struct FitSpec<'a> {
+    /// Shown in logs and progress bars.
+    pub name: &'a str,
+    pub settings: &'a TrainSettings,
+    pub train: Subset<'a>,
+    pub val: Subset<'a>,
+    /// Normalised value of a black pixel per channel (what augmentation pads with).
+    pub fill: &'a [f32],
+    pub checkpoint: &'a Path,
+}
+
+/// Trains `model` with `loss_fn(batch, heads) -> scalar loss`, evaluates on `val` after every
+/// epoch and writes the best weights to `checkpoint` (atomically) whenever they improve.
+/// A non-finite loss stops the run; the last good checkpoint stays.
+pub fn fit(
+    model: &Trainable,
+    spec: &FitSpec,
+    mut loss_fn: impl FnMut(&Batch, &[Tensor]) -> candle_core::Result<Tensor>,
+) -> Result<FitReport, TrainError> {
+    let FitSpec { name, settings, train, val, fill, checkpoint } = *spec;
+    let vars: Vec<_> = model.vars.varmap.data().lock().map_err(|_| TrainError::Other("poisoned".into()))?
+        .iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    let mut opt = Adam::new(vars, AdamParams::new(settings.lr, settings.weight_decay));
+    let steps_per_epoch = train.rows.len().div_ceil(settings.batch_size);
+    let total_steps = steps_per_epoch * settings.epochs;
+    let start = Instant::now();
+    let mut report = FitReport { epochs: vec![], best_epoch: 0, best_val_accuracy: -1.0, wall_seconds: 0.0, train_images_per_sec: 0.0 };
+    let mut train_seconds = 0.0;
+    let mut step = 0;
+    for epoch in 1..=settings.epochs {
+        let t0 = Instant::now();
+        let mut batches = Batches::new(train.images, train.labels, train.rows, settings.batch_size).shuffled(settings.seed, epoch);
+        if let Some(aug) = settings.augment {
+            batches = batches.augmented(aug, settings.seed, epoch, fill.to_vec());
+        }
+        let bar = progress(batches.num_batches(), format!("{name} epoch {epoch}/{}", settings.epochs));
+        let (mut loss_sum, mut hits, mut seen) = (0.0, 0.0, 0usize);
+        for batch in batches {
+            let batch = batch?;
+            let lr = learning_rate(settings.schedule, settings.lr, step, total_steps);
+            opt.set_lr(lr);
+            let heads = model.model.forward_t(&batch.images, true)?;
+            let loss = loss_fn(&batch, &heads)?;
+            let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            if !value.is_finite() {
+                bar.abandon();
+                let kept = if report.best_epoch > 0 {
+                    format!("the checkpoint of epoch {} is kept at {}", report.best_epoch, checkpoint.display())
+                } else {
+                    "no checkpoint was written yet".to_string()
+                };
+                return Err(TrainError::Diverged(format!(
+                    "{name}: the loss became {value} at epoch {epoch}, step {step} (lr {lr:.3e}); {kept}; try a lower learning rate"
+                )));
+            }
+            opt.step(&loss.backward()?)?;
+            loss_sum += value * batch.len as f64;
+            hits += correct(&heads[0], &batch.labels)?;
+            seen += batch.len;
+            step += 1;
+            bar.inc(1);
+            let secs = t0.elapsed().as_secs_f64();
+            bar.set_message(format!("loss {:.4} {:.0} img/s", loss_sum / seen as f64, seen as f64 / secs));
+        }
+        bar.finish_and_clear();
+        let train_secs = t0.elapsed().as_secs_f64();
+        train_seconds += train_secs;
+        let v = evaluate(model.model.as_ref(), val, settings.batch_size.max(256))?;
+        let m = EpochMetrics {
+            epoch,
+            lr: learning_rate(settings.schedule, settings.lr, step, total_steps),
+            train_loss: loss_sum / seen.max(1) as f64,
+            train_accuracy: hits / seen.max(1) as f64,
+            val_loss: v.loss,
+            val_accuracy: v.accuracy,
+            seconds: t0.elapsed().as_secs_f64(),
+            images_per_sec: seen as f64 / train_secs,
+        };
+        let improved = m.val_accuracy > report.best_val_accuracy;
+        tracing::info!(
+            "{name} epoch {epoch}/{}: loss {:.4}, train acc {:.2}%, val acc {:.2}%, val loss {:.4}, {:.0} img/s{}",
+            settings.epochs,
+            m.train_loss,
+            100.0 * m.train_accuracy,
+            100.0 * m.val_accuracy,
+            m.val_loss,
+            m.images_per_sec,
+            if improved { " (best so far, saved)" } else { "" }
+        );
+        if improved {
+            report.best_epoch = epoch;
+            report.best_val_accuracy = m.val_accuracy;
+            save_checkpoint(checkpoint, &model.named_tensors())?;
+        }
+        report.epochs.push(m);
+    }
+    report.wall_seconds = start.elapsed().as_secs_f64();
+    let images = (train.rows.len() * settings.epochs) as f64;
+    report.train_images_per_sec = images / train_seconds.max(1e-9);
+    Ok(report)
+}
+
+/// Accuracy and loss of the main head on `set`, in eval mode, with its throughput.
+pub fn evaluate(model: &dyn Classifier, set: Subset, batch_size: usize) -> Result<Eval, TrainError> {
+    let t0 = Instant::now();
+    let (mut hits, mut loss, mut n) = (0.0, 0.0, 0usize);
+    for batch in Batches::new(set.images, set.labels, set.rows, batch_size) {
+        let batch = batch?;
+        let heads = model.forward_t(&batch.images, false)?;
+        hits += correct(&heads[0], &batch.labels)?;
+        loss += crate::loss::cross_entropy(&heads[0], &batch.labels)?.to_dtype(DType::F64)?.to_scalar::<f64>()? * batch.len as f64;
+        n += batch.len;
+    }
+    let seconds = t0.elapsed().as_secs_f64();
+    let n_f = n.max(1) as f64;
+    Ok(Eval { accuracy: hits / n_f, loss: loss / n_f, images: n, seconds, images_per_sec: n as f64 / seconds.max(1e-9) })
+}
+
+/// Logits of every head for `rows`, in that order: one `[rows, classes]` row-major buffer per head.
+pub fn predict(model: &dyn Classifier, set: Subset, batch_size: usize, label: &str) -> Result<Vec<Vec<f32>>, TrainError> {
+    let batches = Batches::new(set.images, set.labels, set.rows, batch_size);
+    let bar = progress(batches.num_batches(), label.to_string());
+    let mut out: Vec<Vec<f32>> = Vec::new();
+    for batch in batches {
+        let heads = model.forward_t(&batch?.images, false)?;
+        if out.is_empty() {
+            out = vec![Vec::new(); heads.len()];
+        }
+        for (buf, h) in out.iter_mut().zip(&heads) {
+            buf.extend(h.flatten_all()?.to_vec1::<f32>()?);
+        }
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    Ok(out)
+}
+
+/// Writes weights as safetensors, atomically. The same weights always give the same bytes.
+pub fn save_checkpoint(path: &Path, tensors: &HashMap<String, Tensor>) -> Result<(), TrainError> {
+    let bytes = safetensors::serialize(tensors.iter().map(|(k, v)| (k.as_str(), v)), None)
+        .map_err(|e| TrainError::file(path, e.to_string()))?;
+    kd_data::write_atomic_bytes(path, &bytes)?;
+    Ok(())
+}
