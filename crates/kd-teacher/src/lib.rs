@@ -1,1 +1,47 @@
-//! kd-teacher
+//! Stage 1, teacher: trains the teacher (GoogLeNet with two auxiliary heads) on the labels,
+//! keeps the best checkpoint on the validation split and reports its test accuracy.
+//!
+//! Loss, as the seed trains GoogLeNet: CE(main) + aux_weight · (CE(aux1) + CE(aux2)).
+
+use candle_core::Tensor;
+use kd_train::loss::cross_entropy;
+use kd_train::stage::TrainArgs;
+use kd_train::{Manifest, PipelineArgs, TrainingStage};
+use std::collections::BTreeMap;
+
+pub use kd_train::stage::layout::TEACHER as STAGE;
+
+/// Train the teacher.
+#[derive(clap::Parser, Debug, Clone)]
+#[command(name = "kd-teacher", version)]
+pub struct Args {
+    #[command(flatten)]
+    pub pipeline: PipelineArgs,
+    #[command(flatten)]
+    pub train: TrainArgs,
+}
+
+/// CE of the main head plus `aux_weight` times the CE of every other head.
+pub fn teacher_loss(heads: &[Tensor], labels: &Tensor, aux_weight: f64) -> candle_core::Result<Tensor> {
+    let mut loss = cross_entropy(&heads[0], labels)?;
+    for aux in &heads[1..] {
+        loss = (loss + (cross_entropy(aux, labels)? * aux_weight)?)?;
+    }
+    Ok(loss)
+}
+
+pub fn run(args: &Args) -> anyhow::Result<Manifest> {
+    let pipeline = args.pipeline.open(&args.train.sets(STAGE))?;
+    let cfg = &pipeline.config.teacher;
+    let data = pipeline.load_data()?;
+    let stage = TrainingStage {
+        pipeline: &pipeline,
+        stage: STAGE,
+        arch: &cfg.arch,
+        train: cfg.train(),
+        settings: serde_json::json!({ "data": pipeline.data_settings(), "teacher": cfg }),
+        inputs: BTreeMap::new(),
+    };
+    let aux_weight = cfg.aux_weight;
+    Ok(stage.run(&data, |batch, heads| teacher_loss(heads, &batch.labels, aux_weight))?)
+}

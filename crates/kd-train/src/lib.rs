@@ -9,10 +9,12 @@ pub mod optim;
 pub mod stage;
 pub mod table;
 pub mod train;
+pub mod trainer;
 
 pub use config::{PipelineConfig, TrainSettings};
 pub use manifest::Manifest;
 pub use stage::{LoadedData, Pipeline, PipelineArgs};
+pub use trainer::{TrainingStage, CHECKPOINT};
 pub use train::{evaluate, fit, predict, save_checkpoint, Eval, FitReport, FitSpec, Subset};
 
 use std::path::{Path, PathBuf};

@@ -10,6 +10,18 @@ use kd_models::InputSpec;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+/// Where each stage writes, under `<artifacts>/<pipeline>/`: the layout every stage agrees on.
+pub mod layout {
+    pub const TEACHER: &str = "teacher";
+    pub const KNOWLEDGE: &str = "knowledge";
+    pub const STUDENT_KD: &str = "student-kd";
+    pub const STUDENT_BASELINE: &str = "student-baseline";
+    pub const REPORT: &str = "report";
+    /// The checkpoint file of every training stage.
+    pub const CHECKPOINT: &str = "model.safetensors";
+    pub const KNOWLEDGE_FILE: &str = "soft-targets.safetensors";
+}
+
 /// Flags every stage takes.
 #[derive(clap::Args, Debug, Clone)]
 pub struct PipelineArgs {
@@ -104,6 +116,13 @@ impl Pipeline {
         let m = Manifest::fresh(dir, key)?;
         tracing::info!("{stage}: up to date ({} unchanged since its last run); --force reruns it", dir.display());
         Some(m)
+    }
+
+    /// The data settings that change a result (where the files live does not: their
+    /// fingerprints are inputs).
+    pub fn data_settings(&self) -> serde_json::Value {
+        let d = &self.config.data;
+        serde_json::json!({ "name": d.name, "classes": d.classes, "val_size": d.val_size, "split_seed": d.split_seed })
     }
 
     pub fn load_data(&self) -> Result<LoadedData, TrainError> {

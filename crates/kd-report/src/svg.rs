@@ -1,0 +1,109 @@
+//! A line chart as standalone SVG: validation accuracy per epoch, one line per model.
+
+/// One line: a name, a colour and `(x, y)` points.
+pub struct Series {
+    pub name: String,
+    pub colour: &'static str,
+    pub points: Vec<(f64, f64)>,
+}
+
+pub const COLOURS: [&str; 4] = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"];
+
+/// Renders `series` with axes, ticks and a legend. `y` values are fractions, shown as percent.
+pub fn line_chart(title: &str, x_label: &str, y_label: &str, series: &[Series]) -> String {
+    let (w, h) = (720.0, 420.0);
+    let (left, right, top, bottom) = (70.0, 180.0, 40.0, 50.0);
+    let all: Vec<(f64, f64)> = series.iter().flat_map(|s| s.points.iter().copied()).collect();
+    let x_max = all.iter().map(|p| p.0).fold(1.0, f64::max);
+    let (mut y_min, mut y_max) = all.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), p| (lo.min(p.1), hi.max(p.1)));
+    if !y_min.is_finite() {
+        (y_min, y_max) = (0.0, 1.0);
+    }
+    // Whole percentage points around the data, at least 2 points tall.
+    y_min = ((y_min * 100.0).floor() - 1.0).max(0.0) / 100.0;
+    y_max = ((y_max * 100.0).ceil() + 1.0).min(100.0) / 100.0;
+    if y_max - y_min < 0.02 {
+        y_max = (y_min + 0.02).min(1.0);
+    }
+    let px = |x: f64| left + (x - 1.0) / (x_max - 1.0).max(1.0) * (w - left - right);
+    let py = |y: f64| top + (y_max - y) / (y_max - y_min) * (h - top - bottom);
+    let mut svg = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" viewBox=\"0 0 {w} {h}\" font-family=\"sans-serif\" font-size=\"12\">\n\
+         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+         <text x=\"{}\" y=\"22\" font-size=\"15\" text-anchor=\"middle\">{}</text>\n",
+        (left + w - right) / 2.0,
+        escape(title)
+    );
+    let ticks = 5;
+    for i in 0..=ticks {
+        let y = y_min + (y_max - y_min) * i as f64 / ticks as f64;
+        svg += &format!(
+            "<line x1=\"{left}\" x2=\"{}\" y1=\"{py:.1}\" y2=\"{py:.1}\" stroke=\"#ddd\"/><text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{:.1}%</text>\n",
+            w - right,
+            left - 6.0,
+            py(y) + 4.0,
+            100.0 * y,
+            py = py(y)
+        );
+    }
+    let x_step = (x_max / 10.0).ceil().max(1.0) as usize;
+    for x in (1..=x_max as usize).step_by(x_step) {
+        svg += &format!(
+            "<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">{x}</text>\n",
+            px(x as f64),
+            h - bottom + 18.0
+        );
+    }
+    svg += &format!(
+        "<line x1=\"{left}\" x2=\"{left}\" y1=\"{top}\" y2=\"{}\" stroke=\"black\"/><line x1=\"{left}\" x2=\"{}\" y1=\"{}\" y2=\"{}\" stroke=\"black\"/>\n\
+         <text x=\"{}\" y=\"{}\" text-anchor=\"middle\">{}</text>\n\
+         <text transform=\"translate(18 {}) rotate(-90)\" text-anchor=\"middle\">{}</text>\n",
+        h - bottom,
+        w - right,
+        h - bottom,
+        h - bottom,
+        (left + w - right) / 2.0,
+        h - 12.0,
+        escape(x_label),
+        (top + h - bottom) / 2.0,
+        escape(y_label)
+    );
+    for (i, s) in series.iter().enumerate() {
+        let pts: Vec<String> = s.points.iter().map(|&(x, y)| format!("{:.1},{:.1}", px(x), py(y))).collect();
+        svg += &format!("<polyline fill=\"none\" stroke=\"{}\" stroke-width=\"2\" points=\"{}\"/>\n", s.colour, pts.join(" "));
+        for &(x, y) in &s.points {
+            svg += &format!("<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"3\" fill=\"{}\"/>\n", px(x), py(y), s.colour);
+        }
+        let ly = top + 20.0 * i as f64 + 10.0;
+        svg += &format!(
+            "<line x1=\"{}\" x2=\"{}\" y1=\"{ly}\" y2=\"{ly}\" stroke=\"{}\" stroke-width=\"3\"/><text x=\"{}\" y=\"{}\">{}</text>\n",
+            w - right + 15.0,
+            w - right + 40.0,
+            s.colour,
+            w - right + 46.0,
+            ly + 4.0,
+            escape(&s.name)
+        );
+    }
+    svg + "</svg>\n"
+}
+
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chart_has_one_line_per_series_and_escapes_names() {
+        let s = |name: &str, c| Series { name: name.into(), colour: c, points: vec![(1.0, 0.8), (2.0, 0.85), (3.0, 0.9)] };
+        let svg = line_chart("t", "epoch", "acc", &[s("a<b", COLOURS[0]), s("c", COLOURS[1])]);
+        assert_eq!(svg.matches("<polyline").count(), 2);
+        assert!(svg.contains("a&lt;b") && svg.starts_with("<svg") && svg.ends_with("</svg>\n"));
+        // A single-epoch series still renders (no division by zero).
+        let one = line_chart("t", "x", "y", &[Series { name: "x".into(), colour: COLOURS[2], points: vec![(1.0, 0.5)] }]);
+        assert!(!one.contains("NaN") && !one.contains("inf"));
+    }
+}

@@ -1,0 +1,108 @@
+//! A training stage from start to finish: skip if fresh, train, test the kept checkpoint, record.
+//! The teacher and both students are this with a different loss.
+
+use crate::config::TrainSettings;
+use crate::manifest::{stage_key, Manifest};
+use crate::stage::{threads, LoadedData, Pipeline};
+use crate::table::Table;
+use crate::train::{evaluate, fit, FitSpec};
+use crate::TrainError;
+use candle_core::{Device, Tensor};
+use kd_data::Batch;
+use kd_models::{load_frozen, Trainable};
+use std::collections::BTreeMap;
+
+pub use crate::stage::layout::CHECKPOINT;
+
+/// One training stage's identity and settings.
+pub struct TrainingStage<'a> {
+    pub pipeline: &'a Pipeline,
+    /// Folder name under the pipeline's artifacts: `teacher`, `student-kd`, `student-baseline`.
+    pub stage: &'a str,
+    pub arch: &'a str,
+    pub train: TrainSettings,
+    /// Everything that decides the result, as recorded in the manifest and hashed into its key.
+    pub settings: serde_json::Value,
+    /// Content hashes of the inputs beyond the dataset (e.g. the knowledge file).
+    pub inputs: BTreeMap<String, String>,
+}
+
+impl TrainingStage<'_> {
+    /// The freshness key, and the manifest if the stage is up to date.
+    pub fn check(&self, data: &LoadedData) -> (String, BTreeMap<String, String>, Option<Manifest>) {
+        let mut inputs = data.inputs();
+        inputs.extend(self.inputs.clone());
+        let key = stage_key(self.stage, &self.settings, &inputs);
+        let fresh = self.pipeline.up_to_date(self.stage, &self.pipeline.dir(self.stage), &key);
+        (key, inputs, fresh)
+    }
+
+    /// Trains with `loss_fn(batch, heads)`, keeps the best-on-validation weights, measures them
+    /// once on the test set, and writes the checkpoint and `manifest.json`.
+    pub fn run(
+        &self,
+        data: &LoadedData,
+        loss_fn: impl FnMut(&Batch, &[Tensor]) -> candle_core::Result<Tensor>,
+    ) -> Result<Manifest, TrainError> {
+        let started = std::time::Instant::now();
+        let (key, inputs, fresh) = self.check(data);
+        if let Some(m) = fresh {
+            return Ok(m);
+        }
+        let dir = self.pipeline.dir(self.stage);
+        let checkpoint = dir.join(CHECKPOINT);
+        let model = Trainable::new(self.arch, &data.spec, self.train.seed, &Device::Cpu)?;
+        let parameters = model.num_parameters();
+        tracing::info!(
+            "{}: {} ({parameters} parameters), {} epochs, batch {}, lr {:e}, {} threads",
+            self.stage, self.arch, self.train.epochs, self.train.batch_size, self.train.lr, threads()
+        );
+        let spec = FitSpec {
+            name: self.stage,
+            settings: &self.train,
+            train: data.train(),
+            val: data.val(),
+            fill: &data.fill,
+            checkpoint: &checkpoint,
+        };
+        let fit = fit(&model, &spec, loss_fn)?;
+        // The test set is read once, by the checkpoint that validation chose.
+        let best = load_frozen(self.arch, &data.spec, &checkpoint, &Device::Cpu)?;
+        let test = evaluate(best.as_ref(), data.test(), 256)?;
+        let metrics = serde_json::json!({
+            "architecture": self.arch,
+            "parameters": parameters,
+            "fit": fit,
+            "test_accuracy": test.accuracy,
+            "test_loss": test.loss,
+            "test_images": test.images,
+        });
+        let manifest = Manifest {
+            stage: self.stage.to_string(),
+            pipeline: self.pipeline.name.clone(),
+            key,
+            settings: self.settings.clone(),
+            inputs,
+            outputs: BTreeMap::new(),
+            seed: Some(self.train.seed),
+            threads: threads(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            wall_seconds: started.elapsed().as_secs_f64(),
+            metrics,
+        }
+        .write(&dir, &[CHECKPOINT])?;
+        let mut t = Table::new(&["stage", "model", "parameters", "best epoch", "val acc", "test acc", "train img/s", "wall time"]);
+        t.row(&[
+            self.stage.to_string(),
+            self.arch.to_string(),
+            parameters.to_string(),
+            format!("{}/{}", fit.best_epoch, self.train.epochs),
+            format!("{:.2}%", 100.0 * fit.best_val_accuracy),
+            format!("{:.2}%", 100.0 * test.accuracy),
+            format!("{:.0}", fit.train_images_per_sec),
+            format!("{:.1}s", fit.wall_seconds),
+        ]);
+        println!("\n{}\nwrote {} and {}", t.to_markdown(), checkpoint.display(), Manifest::path(&dir).display());
+        Ok(manifest)
+    }
+}

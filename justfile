@@ -1,0 +1,83 @@
+# The front door. `just --list` shows every recipe; `just pipeline` runs everything.
+
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+# Threads for candle's matmul/conv (set once, here).
+export RAYON_NUM_THREADS := env("RAYON_NUM_THREADS", num_cpus())
+# One target folder that outlives a clone: dependencies compile once per machine.
+export CARGO_TARGET_DIR := env("CARGO_TARGET_DIR", home_directory() / ".cache/kd-distill/target")
+
+bin := CARGO_TARGET_DIR / "release"
+fashion_dir := "/usr/share/datasets/fashion-mnist"
+
+default:
+    @just --list
+
+# Run every stage in order (a stage whose inputs and settings are unchanged is skipped)
+[group('pipeline')]
+pipeline name='fashion-mnist' *flags='': data build
+    #!/usr/bin/env bash
+    set -euo pipefail
+    start=$(date +%s)
+    for stage in teacher precompute "student" "student --baseline" report; do
+        set -- $stage
+        {{bin}}/kd-$1 "${@:2}" --pipeline pipelines/{{name}}.toml {{flags}}
+    done
+    echo "pipeline {{name}}: done in $(( $(date +%s) - start )) s; read artifacts/{{name}}/report/report.md"
+
+# Stage 1: train the teacher
+[group('stages')]
+teacher name='fashion-mnist' *flags='': build
+    {{bin}}/kd-teacher --pipeline pipelines/{{name}}.toml {{flags}}
+
+# Stage 2: the teacher's soft targets for the whole training set -> knowledge file
+[group('stages')]
+precompute name='fashion-mnist' *flags='': build
+    {{bin}}/kd-precompute --pipeline pipelines/{{name}}.toml {{flags}}
+
+# Stage 3: train the student from the knowledge file (KD)
+[group('stages')]
+student name='fashion-mnist' *flags='': build
+    {{bin}}/kd-student --pipeline pipelines/{{name}}.toml {{flags}}
+
+# Stage 3': train the same student on labels alone (the control)
+[group('stages')]
+baseline name='fashion-mnist' *flags='': build
+    {{bin}}/kd-student --baseline --pipeline pipelines/{{name}}.toml {{flags}}
+
+# Stage 4: compare teacher and students -> artifacts/<name>/report/report.md
+[group('stages')]
+report name='fashion-mnist' *flags='': build
+    {{bin}}/kd-report --pipeline pipelines/{{name}}.toml {{flags}}
+
+# Install Fashion-MNIST (Debian's dataset-fashion-mnist) if it is not there
+[group('setup')]
+data:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    if [ -f {{fashion_dir}}/train-images-idx3-ubyte.gz ]; then exit 0; fi
+    echo "installing Debian's dataset-fashion-mnist into {{fashion_dir}}"
+    sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq dataset-fashion-mnist
+
+# Build the stage binaries (release: the tests use the same profile)
+[group('setup')]
+build:
+    cargo build --release --workspace --bins
+
+# Run the test suite (unit tests and the end-to-end tests on the smoke pipeline)
+[group('checks')]
+test *args='': data
+    cargo test --release --workspace {{args}}
+
+# Tests, clippy and formatting, as CI would want them
+[group('checks')]
+ci: test
+    cargo clippy --release --workspace --all-targets -- -D warnings
+    cargo fmt --all -- --check
+
+# Remove a pipeline's outputs
+[group('setup')]
+clean name='fashion-mnist':
+    rm -rf artifacts/{{name}}
