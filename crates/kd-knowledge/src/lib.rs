@@ -258,3 +258,6 @@ fn f32s(bytes: &[u8]) -> impl Iterator<Item = f32> + '_ {
 fn u32s(bytes: &[u8]) -> impl Iterator<Item = u32> + '_ {
     bytes.chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
 }
+
+#[cfg(test)]
+mod tests;
