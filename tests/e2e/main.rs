@@ -1,1 +1,7 @@
+//! End-to-end: the real stages, in process, on the smoke pipeline (600 real Fashion-MNIST
+//! training images, 200 test images). Needs the dataset (`just data`).
 
+mod fixture;
+mod pipeline;
+mod refusals;
+mod reproducible;

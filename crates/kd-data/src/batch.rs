@@ -65,7 +65,8 @@ impl View {
                 for x in 0..w {
                     let xo = if self.flip { w - 1 - x } else { x };
                     let sx = xo as i32 + self.dx;
-                    dst[plane + y * w + x] = if sy >= 0 && sy < h as i32 && sx >= 0 && sx < w as i32 {
+                    dst[plane + y * w + x] = if sy >= 0 && sy < h as i32 && sx >= 0 && sx < w as i32
+                    {
                         src[plane + sy as usize * w + sx as usize]
                     } else {
                         fill[ch]
@@ -111,7 +112,10 @@ impl<'a> Batches<'a> {
 
     /// Shuffles the rows with the stream of `(seed, epoch)`.
     pub fn shuffled(mut self, seed: u64, epoch: usize) -> Self {
-        crate::dataset::shuffle(&mut self.order, &mut rng(seed, Stream::Shuffle, epoch as u64));
+        crate::dataset::shuffle(
+            &mut self.order,
+            &mut rng(seed, Stream::Shuffle, epoch as u64),
+        );
         self
     }
 
@@ -136,9 +140,14 @@ impl<'a> Batches<'a> {
             let mut dst = vec![0f32; src.len()];
             let n = c * h * w;
             for (i, &row) in rows.iter().enumerate() {
-                augment
-                    .view(*seed, *epoch, row)
-                    .apply(&src[i * n..(i + 1) * n], &mut dst[i * n..(i + 1) * n], c, h, w, fill);
+                augment.view(*seed, *epoch, row).apply(
+                    &src[i * n..(i + 1) * n],
+                    &mut dst[i * n..(i + 1) * n],
+                    c,
+                    h,
+                    w,
+                    fill,
+                );
             }
             images = Tensor::from_vec(dst, (b, c, h, w), &Device::Cpu)?.to_device(device)?;
         }
@@ -179,7 +188,8 @@ mod tests {
     }
 
     fn labels_of(b: Batches) -> Vec<u32> {
-        b.flat_map(|b| b.unwrap().labels.to_vec1::<u32>().unwrap()).collect()
+        b.flat_map(|b| b.unwrap().labels.to_vec1::<u32>().unwrap())
+            .collect()
     }
 
     #[test]
@@ -204,17 +214,33 @@ mod tests {
         // 1 channel, 2x3: [[1,2,3],[4,5,6]]
         let src = [1., 2., 3., 4., 5., 6.];
         let mut dst = [0.; 6];
-        View { dx: 1, dy: 0, flip: false }.apply(&src, &mut dst, 1, 2, 3, &[-1.]);
+        View {
+            dx: 1,
+            dy: 0,
+            flip: false,
+        }
+        .apply(&src, &mut dst, 1, 2, 3, &[-1.]);
         assert_eq!(dst, [2., 3., -1., 5., 6., -1.]);
-        View { dx: 0, dy: -1, flip: true }.apply(&src, &mut dst, 1, 2, 3, &[-1.]);
+        View {
+            dx: 0,
+            dy: -1,
+            flip: true,
+        }
+        .apply(&src, &mut dst, 1, 2, 3, &[-1.]);
         assert_eq!(dst, [-1., -1., -1., 3., 2., 1.]);
     }
 
     #[test]
     fn views_are_seeded_bounded_and_varied() {
-        let aug = Augment { crop_padding: 2, horizontal_flip: true };
+        let aug = Augment {
+            crop_padding: 2,
+            horizontal_flip: true,
+        };
         let views: Vec<View> = (0..200).map(|r| aug.view(5, 0, r)).collect();
-        assert_eq!(views, (0..200).map(|r| aug.view(5, 0, r)).collect::<Vec<_>>());
+        assert_eq!(
+            views,
+            (0..200).map(|r| aug.view(5, 0, r)).collect::<Vec<_>>()
+        );
         assert!(views.iter().all(|v| v.dx.abs() <= 2 && v.dy.abs() <= 2));
         let flips = views.iter().filter(|v| v.flip).count();
         assert!((60..140).contains(&flips), "{flips} flips of 200");

@@ -106,7 +106,12 @@ impl ImageSet {
     pub fn to_tensor(&self, norm: &Normalization, device: &Device) -> Result<Tensor> {
         let plane = self.height * self.width;
         let scale: Vec<f32> = norm.std.iter().map(|s| 1.0 / (255.0 * s)).collect();
-        let shift: Vec<f32> = norm.mean.iter().zip(&norm.std).map(|(m, s)| m / s).collect();
+        let shift: Vec<f32> = norm
+            .mean
+            .iter()
+            .zip(&norm.std)
+            .map(|(m, s)| m / s)
+            .collect();
         let data: Vec<f32> = self
             .images
             .iter()
@@ -138,7 +143,11 @@ pub struct Normalization {
 impl Normalization {
     /// The normalised value of a black pixel, per channel: what padding fills in.
     pub fn zero_values(&self) -> Vec<f32> {
-        self.mean.iter().zip(&self.std).map(|(m, s)| -m / s).collect()
+        self.mean
+            .iter()
+            .zip(&self.std)
+            .map(|(m, s)| -m / s)
+            .collect()
     }
 
     /// Mean and standard deviation of a set's pixels, per channel.
@@ -154,7 +163,11 @@ impl Normalization {
         }
         let n = (set.len() * plane).max(1) as f64;
         let mean: Vec<f64> = sum.iter().map(|s| s / n).collect();
-        let std = sq.iter().zip(&mean).map(|(q, m)| ((q / n - m * m).max(1e-12)).sqrt() as f32).collect();
+        let std = sq
+            .iter()
+            .zip(&mean)
+            .map(|(q, m)| ((q / n - m * m).max(1e-12)).sqrt() as f32)
+            .collect();
         Self {
             mean: mean.into_iter().map(|m| m as f32).collect(),
             std,
@@ -198,7 +211,10 @@ impl Dataset {
             Normalization::measure(&train)
         };
         let class_names = if fashion && opts.classes == fashion_mnist::CLASS_NAMES.len() {
-            fashion_mnist::CLASS_NAMES.iter().map(|s| s.to_string()).collect()
+            fashion_mnist::CLASS_NAMES
+                .iter()
+                .map(|s| s.to_string())
+                .collect()
         } else {
             (0..opts.classes).map(|c| c.to_string()).collect()
         };
@@ -229,7 +245,10 @@ impl Dataset {
             )));
         }
         let mut order: Vec<u32> = (0..n as u32).collect();
-        shuffle(&mut order, &mut crate::batch::rng(seed, crate::batch::Stream::Validation, 0));
+        shuffle(
+            &mut order,
+            &mut crate::batch::rng(seed, crate::batch::Stream::Validation, 0),
+        );
         let mut val = order[..val_size].to_vec();
         let mut train = order[val_size..].to_vec();
         val.sort_unstable();
@@ -265,7 +284,12 @@ fn find_file(dir: &Path, stem: &str) -> Result<PathBuf> {
     })
 }
 
-fn read_checked(dir: &Path, stem: &str, rank: usize, opts: &LoadOptions) -> Result<(PathBuf, IdxArray)> {
+fn read_checked(
+    dir: &Path,
+    stem: &str,
+    rank: usize,
+    opts: &LoadOptions,
+) -> Result<(PathBuf, IdxArray)> {
     let path = find_file(dir, stem)?;
     let array = read_idx(&path, rank)?;
     if opts.verify_checksums && opts.name == "fashion-mnist" {
@@ -288,10 +312,18 @@ fn load_idx_split(dir: &Path, prefix: &str, opts: &LoadOptions) -> Result<ImageS
             ),
         ));
     }
-    if let Some((i, &l)) = labels.data.iter().enumerate().find(|(_, &l)| l as usize >= opts.classes) {
+    if let Some((i, &l)) = labels
+        .data
+        .iter()
+        .enumerate()
+        .find(|(_, &l)| l as usize >= opts.classes)
+    {
         return Err(DataError::invalid(
             &label_path,
-            format!("label {l} at row {i} is not below the number of classes ({})", opts.classes),
+            format!(
+                "label {l} at row {i} is not below the number of classes ({})",
+                opts.classes
+            ),
         ));
     }
     Ok(ImageSet {
@@ -307,7 +339,11 @@ fn load_hub(name: &str) -> Result<(ImageSet, ImageSet)> {
     let ds = match name {
         "fashion-mnist" => candle_datasets::vision::fashion_mnist::load()?,
         "mnist" => candle_datasets::vision::mnist::load()?,
-        other => return Err(DataError::Config(format!("no hub source for dataset {other:?}"))),
+        other => {
+            return Err(DataError::Config(format!(
+                "no hub source for dataset {other:?}"
+            )))
+        }
     };
     let set = |images: &Tensor, labels: &Tensor| -> Result<ImageSet> {
         // candle-datasets hands out x/255 as f32; back to the bytes they came from.
@@ -333,8 +369,16 @@ mod tests {
 
     fn write_set(dir: &Path, prefix: &str, n: usize, labels: &[u8]) {
         let images: Vec<u8> = (0..n * 4 * 4).map(|i| (i * 7 % 256) as u8).collect();
-        std::fs::write(dir.join(format!("{prefix}-images-idx3-ubyte")), encode_idx(&[n, 4, 4], &images)).unwrap();
-        std::fs::write(dir.join(format!("{prefix}-labels-idx1-ubyte")), encode_idx(&[labels.len()], labels)).unwrap();
+        std::fs::write(
+            dir.join(format!("{prefix}-images-idx3-ubyte")),
+            encode_idx(&[n, 4, 4], &images),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join(format!("{prefix}-labels-idx1-ubyte")),
+            encode_idx(&[labels.len()], labels),
+        )
+        .unwrap();
     }
 
     fn opts(dir: &Path) -> LoadOptions {
@@ -369,7 +413,10 @@ mod tests {
         write_set(dir.path(), "train", 6, &[0, 1, 2, 0, 1]);
         write_set(dir.path(), "t10k", 2, &[2, 1]);
         let e = Dataset::load(&opts(dir.path())).unwrap_err().to_string();
-        assert!(e.contains("train-labels-idx1-ubyte") && e.contains("5 labels"), "{e}");
+        assert!(
+            e.contains("train-labels-idx1-ubyte") && e.contains("5 labels"),
+            "{e}"
+        );
         write_set(dir.path(), "train", 6, &[0, 1, 2, 0, 1, 3]);
         let e = Dataset::load(&opts(dir.path())).unwrap_err().to_string();
         assert!(e.contains("label 3 at row 5"), "{e}");

@@ -66,10 +66,9 @@ fn md5_hex(bytes: &[u8]) -> String {
 /// Checks a Fashion-MNIST file against the published checksums: the `.gz` as published, or its
 /// content as published (a recompressed copy such as Debian's).
 pub fn verify(path: &Path, stem: &str, array: &IdxArray) -> Result<()> {
-    let known = FILES
-        .iter()
-        .find(|f| f.stem == stem)
-        .ok_or_else(|| DataError::invalid(path, format!("{stem} is not a Fashion-MNIST file name")))?;
+    let known = FILES.iter().find(|f| f.stem == stem).ok_or_else(|| {
+        DataError::invalid(path, format!("{stem} is not a Fashion-MNIST file name"))
+    })?;
     if path.extension().is_some_and(|e| e == "gz") {
         let gz = std::fs::read(path).map_err(|e| DataError::io(path, e))?;
         if md5_hex(&gz) == known.published_gz_md5 {
@@ -102,9 +101,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("t10k-labels-idx1-ubyte");
         std::fs::write(&p, b"not it").unwrap();
-        let array = IdxArray { dims: vec![2], data: vec![1, 2] };
-        let e = verify(&p, "t10k-labels-idx1-ubyte", &array).unwrap_err().to_string();
-        assert!(e.contains("t10k-labels-idx1-ubyte") && e.contains("checksum"), "{e}");
+        let array = IdxArray {
+            dims: vec![2],
+            data: vec![1, 2],
+        };
+        let e = verify(&p, "t10k-labels-idx1-ubyte", &array)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("t10k-labels-idx1-ubyte") && e.contains("checksum"),
+            "{e}"
+        );
     }
 
     #[test]

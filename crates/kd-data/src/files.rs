@@ -8,7 +8,10 @@ use std::path::Path;
 /// Writes `path` through a temporary file in the same folder, synced and then renamed into
 /// place, so a killed write never leaves a truncated file under the final name and an existing
 /// file is only replaced by a complete one.
-pub fn write_atomic(path: &Path, write: impl FnOnce(&mut std::fs::File) -> std::io::Result<()>) -> Result<()> {
+pub fn write_atomic(
+    path: &Path,
+    write: impl FnOnce(&mut std::fs::File) -> std::io::Result<()>,
+) -> Result<()> {
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
@@ -71,11 +74,20 @@ pub fn canonical_json(value: &serde_json::Value) -> String {
             keys.sort();
             let fields: Vec<String> = keys
                 .iter()
-                .map(|k| format!("{}:{}", Value::String((*k).clone()), canonical_json(&map[*k])))
+                .map(|k| {
+                    format!(
+                        "{}:{}",
+                        Value::String((*k).clone()),
+                        canonical_json(&map[*k])
+                    )
+                })
                 .collect();
             format!("{{{}}}", fields.join(","))
         }
-        Value::Array(xs) => format!("[{}]", xs.iter().map(canonical_json).collect::<Vec<_>>().join(",")),
+        Value::Array(xs) => format!(
+            "[{}]",
+            xs.iter().map(canonical_json).collect::<Vec<_>>().join(",")
+        ),
         other => other.to_string(),
     }
 }
@@ -91,7 +103,10 @@ mod tests {
         write_atomic_bytes(&path, b"first").unwrap();
         write_atomic_bytes(&path, b"second").unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), b"second");
-        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         assert_eq!(names.len(), 1, "temporary files left behind: {names:?}");
     }
 
@@ -126,6 +141,9 @@ mod json_tests {
     #[test]
     fn canonical_json_sorts_keys_at_every_level() {
         let v = serde_json::json!({"b": 1, "a": {"z": [1, {"y": 2, "x": 3}], "c": "s"}});
-        assert_eq!(super::canonical_json(&v), r#"{"a":{"c":"s","z":[1,{"x":3,"y":2}]},"b":1}"#);
+        assert_eq!(
+            super::canonical_json(&v),
+            r#"{"a":{"c":"s","z":[1,{"x":3,"y":2}]},"b":1}"#
+        );
     }
 }

@@ -33,7 +33,10 @@ pub fn read_idx(path: &Path, rank: usize) -> Result<IdxArray> {
     let gzipped = head.len() >= 2 && head[..2] == GZIP_MAGIC;
     let named_gz = path.extension().is_some_and(|e| e == "gz");
     if named_gz && !gzipped {
-        return Err(DataError::invalid(path, "named .gz but is not gzip-compressed"));
+        return Err(DataError::invalid(
+            path,
+            "named .gz but is not gzip-compressed",
+        ));
     }
     let mut reader: Box<dyn Read> = if gzipped {
         Box::new(flate2::read::MultiGzDecoder::new(buffered))
@@ -57,7 +60,10 @@ pub fn read_idx(path: &Path, rank: usize) -> Result<IdxArray> {
     if magic[2] != UBYTE {
         return Err(DataError::invalid(
             path,
-            format!("IDX element type 0x{:02x} is not supported (only unsigned bytes, 0x08)", magic[2]),
+            format!(
+                "IDX element type 0x{:02x} is not supported (only unsigned bytes, 0x08)",
+                magic[2]
+            ),
         ));
     }
     if magic[3] as usize != rank {
@@ -82,7 +88,12 @@ pub fn read_idx(path: &Path, rank: usize) -> Result<IdxArray> {
         .ok_or_else(|| DataError::invalid(path, format!("declared size {dims:?} overflows")))?;
     let header_len = 4 + 4 * rank as u64;
     if !gzipped && file_len - header_len < expected as u64 {
-        return Err(truncated(path, &dims, expected, (file_len - header_len) as usize));
+        return Err(truncated(
+            path,
+            &dims,
+            expected,
+            (file_len - header_len) as usize,
+        ));
     }
     // Grows with what is actually read: a huge declared count on a short file costs nothing.
     let mut data = Vec::with_capacity(expected.min(file_len.saturating_mul(8) as usize));
@@ -104,9 +115,10 @@ pub fn read_idx(path: &Path, rank: usize) -> Result<IdxArray> {
 
 fn read_header(reader: &mut dyn Read, buf: &mut [u8], path: &Path, what: &str) -> Result<()> {
     reader.read_exact(buf).map_err(|e| match e.kind() {
-        std::io::ErrorKind::UnexpectedEof => {
-            DataError::invalid(path, format!("truncated header: the file ends before its {what}"))
-        }
+        std::io::ErrorKind::UnexpectedEof => DataError::invalid(
+            path,
+            format!("truncated header: the file ends before its {what}"),
+        ),
         _ => DataError::invalid(path, format!("cannot read the header ({what}): {e}")),
     })
 }
@@ -154,7 +166,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let data: Vec<u8> = (0..2 * 3 * 4).map(|i| i as u8).collect();
         let raw = encode_idx(&[2, 3, 4], &data);
-        for p in [write(dir.path(), "a-idx3-ubyte", &raw), write(dir.path(), "a-idx3-ubyte.gz", &gz(&raw))] {
+        for p in [
+            write(dir.path(), "a-idx3-ubyte", &raw),
+            write(dir.path(), "a-idx3-ubyte.gz", &gz(&raw)),
+        ] {
             let a = read_idx(&p, 3).unwrap();
             assert_eq!(a.dims, vec![2, 3, 4]);
             assert_eq!(a.data, data);
@@ -170,9 +185,24 @@ mod tests {
             ("short-header", vec![0, 0, 8], 1, "truncated header"),
             ("no-dims", vec![0, 0, 8, 1, 0, 0], 1, "truncated header"),
             ("short-data", encode_idx(&[5], &[1, 2]), 1, "truncated data"),
-            ("trailing", [good.clone(), vec![9]].concat(), 1, "bytes after"),
-            ("magic", [vec![1, 2, 8, 1], good[4..].to_vec()].concat(), 1, "wrong magic number"),
-            ("dtype", [vec![0, 0, 0x0d, 1], good[4..].to_vec()].concat(), 1, "not supported"),
+            (
+                "trailing",
+                [good.clone(), vec![9]].concat(),
+                1,
+                "bytes after",
+            ),
+            (
+                "magic",
+                [vec![1, 2, 8, 1], good[4..].to_vec()].concat(),
+                1,
+                "wrong magic number",
+            ),
+            (
+                "dtype",
+                [vec![0, 0, 0x0d, 1], good[4..].to_vec()].concat(),
+                1,
+                "not supported",
+            ),
             ("rank", good.clone(), 3, "expected 3"),
             ("zero", encode_idx(&[0], &[]), 1, "is zero"),
         ];
@@ -193,7 +223,10 @@ mod tests {
         let packed = gz(&encode_idx(&[1000], &[7; 1000]));
         let p = write(dir.path(), "cut.gz", &packed[..packed.len() / 2]);
         let e = err(&p, 1);
-        assert!(e.contains("cut.gz") && (e.contains("truncated") || e.contains("corrupt")), "{e}");
+        assert!(
+            e.contains("cut.gz") && (e.contains("truncated") || e.contains("corrupt")),
+            "{e}"
+        );
     }
 
     #[test]

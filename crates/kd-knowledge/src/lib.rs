@@ -92,9 +92,15 @@ pub use kd_data::files::canonical_json;
 /// Writes a knowledge file atomically. `logits` holds one `[rows, classes]` row-major buffer per
 /// head, in the order of `meta.heads`.
 pub fn write(path: &Path, meta: &Metadata, logits: &[Vec<f32>], labels: &[u32]) -> Result<()> {
-    let invalid = |message: String| KnowledgeError::Invalid { path: path.to_path_buf(), message };
+    let invalid = |message: String| KnowledgeError::Invalid {
+        path: path.to_path_buf(),
+        message,
+    };
     let (n, c) = (meta.dataset.rows, meta.dataset.classes);
-    if logits.len() != meta.heads.len() || labels.len() != n || logits.iter().any(|l| l.len() != n * c) {
+    if logits.len() != meta.heads.len()
+        || labels.len() != n
+        || logits.iter().any(|l| l.len() != n * c)
+    {
         return Err(invalid(format!(
             "{} heads of {n}x{c} logits and {n} labels expected, got {} heads and {} labels",
             meta.heads.len(),
@@ -109,10 +115,17 @@ pub fn write(path: &Path, meta: &Metadata, logits: &[Vec<f32>], labels: &[u32]) 
         .zip(logits)
         .map(|(h, l)| (logits_name(h), vec![n, c], Dtype::F32, to_bytes(l)))
         .collect();
-    buffers.push((LABELS.into(), vec![n], Dtype::U32, labels.iter().flat_map(|l| l.to_le_bytes()).collect()));
+    buffers.push((
+        LABELS.into(),
+        vec![n],
+        Dtype::U32,
+        labels.iter().flat_map(|l| l.to_le_bytes()).collect(),
+    ));
     let views = buffers
         .iter()
-        .map(|(name, shape, dtype, bytes)| Ok((name.clone(), TensorView::new(*dtype, shape.clone(), bytes)?)))
+        .map(|(name, shape, dtype, bytes)| {
+            Ok((name.clone(), TensorView::new(*dtype, shape.clone(), bytes)?))
+        })
         .collect::<std::result::Result<Vec<_>, safetensors::SafeTensorError>>()
         .map_err(|e| invalid(e.to_string()))?;
     let json = serde_json::to_value(meta).map_err(|e| invalid(e.to_string()))?;
@@ -132,25 +145,37 @@ pub struct KnowledgeFile {
 
 impl std::fmt::Debug for KnowledgeFile {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("KnowledgeFile").field("path", &self.path).field("meta", &self.meta).finish()
+        f.debug_struct("KnowledgeFile")
+            .field("path", &self.path)
+            .field("meta", &self.meta)
+            .finish()
     }
 }
 
 impl KnowledgeFile {
     pub fn open(path: &Path) -> Result<Self> {
-        let invalid = |message: String| KnowledgeError::Invalid { path: path.to_path_buf(), message };
+        let invalid = |message: String| KnowledgeError::Invalid {
+            path: path.to_path_buf(),
+            message,
+        };
         let file = std::fs::File::open(path).map_err(|e| invalid(format!("cannot open: {e}")))?;
         // SAFETY: the map is read-only; the pipeline replaces files by rename, never in place, so
         // the mapped file does not change under us.
         #[allow(unsafe_code)]
-        let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| invalid(format!("cannot map: {e}")))?;
-        let st = SafeTensors::deserialize(&mmap).map_err(|e| invalid(format!("not a valid safetensors file: {e}")))?;
+        let mmap = unsafe { memmap2::Mmap::map(&file) }
+            .map_err(|e| invalid(format!("cannot map: {e}")))?;
+        let st = SafeTensors::deserialize(&mmap)
+            .map_err(|e| invalid(format!("not a valid safetensors file: {e}")))?;
         let (_, header) = SafeTensors::read_metadata(&mmap).map_err(|e| invalid(e.to_string()))?;
         let json = header
             .metadata()
             .as_ref()
             .and_then(|m| m.get(METADATA_KEY))
-            .ok_or_else(|| invalid(format!("no `{METADATA_KEY}` metadata (not written by kd-precompute?)")))?;
+            .ok_or_else(|| {
+                invalid(format!(
+                    "no `{METADATA_KEY}` metadata (not written by kd-precompute?)"
+                ))
+            })?;
         let version = serde_json::from_str::<serde_json::Value>(json)
             .map_err(|e| invalid(format!("metadata is not JSON: {e}")))?
             .get("format_version")
@@ -161,11 +186,14 @@ impl KnowledgeFile {
                 version.map_or("missing".to_string(), |v| v.to_string())
             )));
         }
-        let meta: Metadata = serde_json::from_str(json).map_err(|e| invalid(format!("bad metadata: {e}")))?;
+        let meta: Metadata =
+            serde_json::from_str(json).map_err(|e| invalid(format!("bad metadata: {e}")))?;
         let (n, c) = (meta.dataset.rows, meta.dataset.classes);
         for head in &meta.heads {
             let name = logits_name(head);
-            let t = st.tensor(&name).map_err(|_| invalid(format!("head {head:?} has no tensor {name}")))?;
+            let t = st
+                .tensor(&name)
+                .map_err(|_| invalid(format!("head {head:?} has no tensor {name}")))?;
             if t.dtype() != Dtype::F32 || t.shape() != [n, c] {
                 return Err(invalid(format!(
                     "{name} is {:?} {:?}, expected F32 [{n}, {c}]",
@@ -174,10 +202,16 @@ impl KnowledgeFile {
                 )));
             }
             if let Some(i) = f32s(t.data()).position(|x| !x.is_finite()) {
-                return Err(invalid(format!("{name} has a non-finite logit at row {}, class {}", i / c, i % c)));
+                return Err(invalid(format!(
+                    "{name} has a non-finite logit at row {}, class {}",
+                    i / c,
+                    i % c
+                )));
             }
         }
-        let labels = st.tensor(LABELS).map_err(|_| invalid(format!("no `{LABELS}` tensor")))?;
+        let labels = st
+            .tensor(LABELS)
+            .map_err(|_| invalid(format!("no `{LABELS}` tensor")))?;
         if labels.dtype() != Dtype::U32 || labels.shape() != [n] {
             return Err(invalid(format!(
                 "{LABELS} is {:?} {:?}, expected U32 [{n}]",
@@ -186,17 +220,27 @@ impl KnowledgeFile {
             )));
         }
         if let Some(i) = u32s(labels.data()).position(|l| l as usize >= c) {
-            return Err(invalid(format!("label at row {i} is not below {c} classes")));
+            return Err(invalid(format!(
+                "label at row {i} is not below {c} classes"
+            )));
         }
         drop(st);
-        Ok(Self { path: path.to_path_buf(), meta, mmap })
+        Ok(Self {
+            path: path.to_path_buf(),
+            meta,
+            mmap,
+        })
     }
 
     fn view(&self, name: &str) -> Result<TensorView<'_>> {
-        let st = SafeTensors::deserialize(&self.mmap)
-            .map_err(|e| KnowledgeError::Invalid { path: self.path.clone(), message: e.to_string() })?;
-        st.tensor(name)
-            .map_err(|e| KnowledgeError::Invalid { path: self.path.clone(), message: format!("{name}: {e}") })
+        let st = SafeTensors::deserialize(&self.mmap).map_err(|e| KnowledgeError::Invalid {
+            path: self.path.clone(),
+            message: e.to_string(),
+        })?;
+        st.tensor(name).map_err(|e| KnowledgeError::Invalid {
+            path: self.path.clone(),
+            message: format!("{name}: {e}"),
+        })
     }
 
     /// The logits of one head, `[N, C]` f32.
@@ -204,12 +248,19 @@ impl KnowledgeFile {
         if !self.meta.heads.iter().any(|h| h == head) {
             return Err(KnowledgeError::Invalid {
                 path: self.path.clone(),
-                message: format!("has no head {head:?} (it has {})", self.meta.heads.join(", ")),
+                message: format!(
+                    "has no head {head:?} (it has {})",
+                    self.meta.heads.join(", ")
+                ),
             });
         }
         let v = self.view(&logits_name(head))?;
         let data: Vec<f32> = f32s(v.data()).collect();
-        Ok(Tensor::from_vec(data, (self.meta.dataset.rows, self.meta.dataset.classes), device)?)
+        Ok(Tensor::from_vec(
+            data,
+            (self.meta.dataset.rows, self.meta.dataset.classes),
+            device,
+        )?)
     }
 
     pub fn labels(&self) -> Result<Vec<u32>> {
@@ -222,9 +273,21 @@ impl KnowledgeFile {
         let fields: [(&'static str, String, String); 5] = [
             ("dataset.name", m.name.clone(), expected.name.clone()),
             ("dataset.split", m.split.clone(), expected.split.clone()),
-            ("dataset.rows", m.rows.to_string(), expected.rows.to_string()),
-            ("dataset.classes", m.classes.to_string(), expected.classes.to_string()),
-            ("dataset.fingerprint", m.fingerprint.clone(), expected.fingerprint.clone()),
+            (
+                "dataset.rows",
+                m.rows.to_string(),
+                expected.rows.to_string(),
+            ),
+            (
+                "dataset.classes",
+                m.classes.to_string(),
+                expected.classes.to_string(),
+            ),
+            (
+                "dataset.fingerprint",
+                m.fingerprint.clone(),
+                expected.fingerprint.clone(),
+            ),
         ];
         for (field, found, want) in fields {
             if found != want {
@@ -233,7 +296,12 @@ impl KnowledgeFile {
         }
         let stored = self.labels()?;
         if let Some(i) = stored.iter().zip(labels).position(|(a, b)| a != b) {
-            return Err(self.mismatch("the dataset", "labels", format!("{} at row {i}", stored[i]), labels[i].to_string()));
+            return Err(self.mismatch(
+                "the dataset",
+                "labels",
+                format!("{} at row {i}", stored[i]),
+                labels[i].to_string(),
+            ));
         }
         Ok(())
     }
@@ -241,22 +309,43 @@ impl KnowledgeFile {
     /// Refuses a file that lacks a head the student wants to learn from.
     pub fn check_heads(&self, wanted: &[String]) -> Result<()> {
         match wanted.iter().find(|h| !self.meta.heads.contains(h)) {
-            Some(h) => Err(self.mismatch("the student's settings", "heads", self.meta.heads.join(", "), format!("a head {h:?}"))),
+            Some(h) => Err(self.mismatch(
+                "the student's settings",
+                "heads",
+                self.meta.heads.join(", "),
+                format!("a head {h:?}"),
+            )),
             None => Ok(()),
         }
     }
 
-    fn mismatch(&self, what: &'static str, field: &'static str, found: String, expected: String) -> KnowledgeError {
-        KnowledgeError::Mismatch { path: self.path.clone(), what, field, found, expected }
+    fn mismatch(
+        &self,
+        what: &'static str,
+        field: &'static str,
+        found: String,
+        expected: String,
+    ) -> KnowledgeError {
+        KnowledgeError::Mismatch {
+            path: self.path.clone(),
+            what,
+            field,
+            found,
+            expected,
+        }
     }
 }
 
 fn f32s(bytes: &[u8]) -> impl Iterator<Item = f32> + '_ {
-    bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
 }
 
 fn u32s(bytes: &[u8]) -> impl Iterator<Item = u32> + '_ {
-    bytes.chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    bytes
+        .chunks_exact(4)
+        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
 }
 
 #[cfg(test)]

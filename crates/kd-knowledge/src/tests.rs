@@ -6,12 +6,24 @@ const C: usize = 3;
 fn meta() -> Metadata {
     Metadata {
         format_version: FORMAT_VERSION,
-        dataset: DatasetRef { name: "fashion-mnist".into(), split: "train".into(), rows: N, classes: C, fingerprint: "abc".into() },
-        teacher: TeacherRef { architecture: "googlenet".into(), checkpoint_sha256: "def".into() },
+        dataset: DatasetRef {
+            name: "fashion-mnist".into(),
+            split: "train".into(),
+            rows: N,
+            classes: C,
+            fingerprint: "abc".into(),
+        },
+        teacher: TeacherRef {
+            architecture: "googlenet".into(),
+            checkpoint_sha256: "def".into(),
+        },
         heads: vec!["main".into(), "aux1".into()],
         transform: Transform {
             input: [1, 28, 28],
-            normalization: Normalization { mean: vec![0.286], std: vec![0.353] },
+            normalization: Normalization {
+                mean: vec![0.286],
+                std: vec![0.353],
+            },
             augmentation: "none".into(),
         },
     }
@@ -60,10 +72,17 @@ fn round_trip() {
     assert_eq!(k.labels().unwrap(), LABELS_OK);
     let aux = k.logits("aux1", &Device::Cpu).unwrap();
     assert_eq!(aux.dims(), &[N, C]);
-    assert_eq!(aux.flatten_all().unwrap().to_vec1::<f32>().unwrap(), logits(1.0));
+    assert_eq!(
+        aux.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        logits(1.0)
+    );
     k.check_dataset(&meta().dataset, &LABELS_OK).unwrap();
     k.check_heads(&["main".into()]).unwrap();
-    assert!(k.logits("aux2", &Device::Cpu).unwrap_err().to_string().contains("aux2"));
+    assert!(k
+        .logits("aux2", &Device::Cpu)
+        .unwrap_err()
+        .to_string()
+        .contains("aux2"));
 }
 
 #[test]
@@ -80,19 +99,61 @@ fn mismatches_name_the_field() {
     let k = KnowledgeFile::open(&write_ok(dir.path())).unwrap();
     let base = meta().dataset;
     let cases: Vec<(DatasetRef, &str)> = vec![
-        (DatasetRef { name: "mnist".into(), ..base.clone() }, "dataset.name"),
-        (DatasetRef { split: "test".into(), ..base.clone() }, "dataset.split"),
-        (DatasetRef { rows: 5, ..base.clone() }, "dataset.rows"),
-        (DatasetRef { classes: 10, ..base.clone() }, "dataset.classes"),
-        (DatasetRef { fingerprint: "xyz".into(), ..base.clone() }, "dataset.fingerprint"),
+        (
+            DatasetRef {
+                name: "mnist".into(),
+                ..base.clone()
+            },
+            "dataset.name",
+        ),
+        (
+            DatasetRef {
+                split: "test".into(),
+                ..base.clone()
+            },
+            "dataset.split",
+        ),
+        (
+            DatasetRef {
+                rows: 5,
+                ..base.clone()
+            },
+            "dataset.rows",
+        ),
+        (
+            DatasetRef {
+                classes: 10,
+                ..base.clone()
+            },
+            "dataset.classes",
+        ),
+        (
+            DatasetRef {
+                fingerprint: "xyz".into(),
+                ..base.clone()
+            },
+            "dataset.fingerprint",
+        ),
     ];
     for (expected, field) in cases {
-        let e = k.check_dataset(&expected, &LABELS_OK).unwrap_err().to_string();
-        assert!(e.contains(field) && e.contains("k.safetensors"), "{field}: {e}");
+        let e = k
+            .check_dataset(&expected, &LABELS_OK)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(field) && e.contains("k.safetensors"),
+            "{field}: {e}"
+        );
     }
-    let e = k.check_dataset(&base, &[0, 2, 2, 2]).unwrap_err().to_string();
+    let e = k
+        .check_dataset(&base, &[0, 2, 2, 2])
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("labels") && e.contains("row 2"), "{e}");
-    let e = k.check_heads(&["main".into(), "aux2".into()]).unwrap_err().to_string();
+    let e = k
+        .check_heads(&["main".into(), "aux2".into()])
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("aux2"), "{e}");
 }
 
@@ -101,9 +162,22 @@ fn broken_files_are_refused_with_a_reason() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let good = std::fs::read(write_ok(d)).unwrap();
-    let labels = LABELS_OK.iter().flat_map(|l| l.to_le_bytes()).collect::<Vec<u8>>();
-    let main = ("logits.main", Dtype::F32, vec![N, C], f32_bytes(&logits(0.0)));
-    let aux = ("logits.aux1", Dtype::F32, vec![N, C], f32_bytes(&logits(1.0)));
+    let labels = LABELS_OK
+        .iter()
+        .flat_map(|l| l.to_le_bytes())
+        .collect::<Vec<u8>>();
+    let main = (
+        "logits.main",
+        Dtype::F32,
+        vec![N, C],
+        f32_bytes(&logits(0.0)),
+    );
+    let aux = (
+        "logits.aux1",
+        Dtype::F32,
+        vec![N, C],
+        f32_bytes(&logits(1.0)),
+    );
     let lab = ("labels", Dtype::U32, vec![N], labels.clone());
 
     let mut cases: Vec<(&str, &str)> = vec![];
@@ -117,21 +191,90 @@ fn broken_files_are_refused_with_a_reason() {
     huge[..8].copy_from_slice(&(1u64 << 40).to_le_bytes());
     std::fs::write(d.join("header-len"), &huge).unwrap();
     cases.push(("header-len", "not a valid safetensors"));
-    raw(&d.join("no-meta"), vec![main.clone(), aux.clone(), lab.clone()], None);
+    raw(
+        &d.join("no-meta"),
+        vec![main.clone(), aux.clone(), lab.clone()],
+        None,
+    );
     cases.push(("no-meta", "no `kd_knowledge` metadata"));
-    raw(&d.join("bad-json"), vec![main.clone(), aux.clone(), lab.clone()], Some("{nope".into()));
+    raw(
+        &d.join("bad-json"),
+        vec![main.clone(), aux.clone(), lab.clone()],
+        Some("{nope".into()),
+    );
     cases.push(("bad-json", "not JSON"));
-    raw(&d.join("version"), vec![main.clone(), aux.clone(), lab.clone()], Some(meta_json(&Metadata { format_version: 99, ..meta() })));
+    raw(
+        &d.join("version"),
+        vec![main.clone(), aux.clone(), lab.clone()],
+        Some(meta_json(&Metadata {
+            format_version: 99,
+            ..meta()
+        })),
+    );
     cases.push(("version", "format version 99"));
-    raw(&d.join("no-head"), vec![main.clone(), lab.clone()], Some(meta_json(&meta())));
+    raw(
+        &d.join("no-head"),
+        vec![main.clone(), lab.clone()],
+        Some(meta_json(&meta())),
+    );
     cases.push(("no-head", "logits.aux1"));
-    raw(&d.join("dtype"), vec![main.clone(), ("logits.aux1", Dtype::I32, vec![N, C], f32_bytes(&logits(1.0))), lab.clone()], Some(meta_json(&meta())));
+    raw(
+        &d.join("dtype"),
+        vec![
+            main.clone(),
+            (
+                "logits.aux1",
+                Dtype::I32,
+                vec![N, C],
+                f32_bytes(&logits(1.0)),
+            ),
+            lab.clone(),
+        ],
+        Some(meta_json(&meta())),
+    );
     cases.push(("dtype", "expected F32"));
-    raw(&d.join("rows"), vec![("logits.main", Dtype::F32, vec![N - 1, C], f32_bytes(&logits(0.0)[..(N - 1) * C])), aux.clone(), lab.clone()], Some(meta_json(&meta())));
+    raw(
+        &d.join("rows"),
+        vec![
+            (
+                "logits.main",
+                Dtype::F32,
+                vec![N - 1, C],
+                f32_bytes(&logits(0.0)[..(N - 1) * C]),
+            ),
+            aux.clone(),
+            lab.clone(),
+        ],
+        Some(meta_json(&meta())),
+    );
     cases.push(("rows", "expected F32 [4, 3]"));
-    raw(&d.join("labels-dtype"), vec![main.clone(), aux.clone(), ("labels", Dtype::F32, vec![N], labels.clone())], Some(meta_json(&meta())));
+    raw(
+        &d.join("labels-dtype"),
+        vec![
+            main.clone(),
+            aux.clone(),
+            ("labels", Dtype::F32, vec![N], labels.clone()),
+        ],
+        Some(meta_json(&meta())),
+    );
     cases.push(("labels-dtype", "labels is F32"));
-    raw(&d.join("label-range"), vec![main.clone(), aux.clone(), ("labels", Dtype::U32, vec![N], [0u32, 1, 7, 0].iter().flat_map(|l| l.to_le_bytes()).collect())], Some(meta_json(&meta())));
+    raw(
+        &d.join("label-range"),
+        vec![
+            main.clone(),
+            aux.clone(),
+            (
+                "labels",
+                Dtype::U32,
+                vec![N],
+                [0u32, 1, 7, 0]
+                    .iter()
+                    .flat_map(|l| l.to_le_bytes())
+                    .collect(),
+            ),
+        ],
+        Some(meta_json(&meta())),
+    );
     cases.push(("label-range", "row 2"));
     let mut nan = logits(0.0);
     nan[4] = f32::NAN;
@@ -144,7 +287,10 @@ fn broken_files_are_refused_with_a_reason() {
     for (name, want) in cases {
         let e = open_err(&d.join(name));
         assert!(e.contains(want), "{name}: {e}");
-        assert!(e.contains(&d.join(name).display().to_string()), "{name}: the error does not name the file: {e}");
+        assert!(
+            e.contains(&d.join(name).display().to_string()),
+            "{name}: the error does not name the file: {e}"
+        );
     }
     assert!(open_err(&d.join("missing")).contains("cannot open"));
 }

@@ -114,7 +114,10 @@ impl Inception {
         let b1 = xs.apply(&self.branch1)?;
         let b2 = xs.apply(&self.branch2[0])?.apply(&self.branch2[1])?;
         let b3 = xs.apply(&self.branch3[0])?.apply(&self.branch3[1])?;
-        let b4 = Pool2d::max(3, 1).padding(1).forward(xs)?.apply(&self.branch4)?;
+        let b4 = Pool2d::max(3, 1)
+            .padding(1)
+            .forward(xs)?
+            .apply(&self.branch4)?;
         Tensor::cat(&[b1, b2, b3, b4], 1)
     }
 }
@@ -130,7 +133,13 @@ struct AuxHead {
 }
 
 impl AuxHead {
-    fn new(cin: usize, cfg: &GoogLeNetConfig, classes: usize, rng: &DropoutRng, vb: VarBuilder) -> Result<Self> {
+    fn new(
+        cin: usize,
+        cfg: &GoogLeNetConfig,
+        classes: usize,
+        rng: &DropoutRng,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         let flat = cfg.aux_conv * cfg.aux_spatial * cfg.aux_spatial;
         Ok(Self {
             pool: Pool2d::avg(cfg.aux_pool.0, cfg.aux_pool.1),
@@ -143,7 +152,11 @@ impl AuxHead {
 
     fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
         let xs = self.pool.forward(xs)?.apply(&self.conv)?.flatten_from(1)?;
-        let xs = self.dropout.forward_t(&xs, train)?.apply(&self.fc1)?.relu()?;
+        let xs = self
+            .dropout
+            .forward_t(&xs, train)?
+            .apply(&self.fc1)?
+            .relu()?;
         self.dropout.forward_t(&xs, train)?.apply(&self.fc2)
     }
 }
@@ -161,12 +174,24 @@ pub struct GoogLeNet {
 }
 
 const BLOCK_NAMES: [&str; 9] = [
-    "inception3a", "inception3b", "inception4a", "inception4b", "inception4c",
-    "inception4d", "inception4e", "inception5a", "inception5b",
+    "inception3a",
+    "inception3b",
+    "inception4a",
+    "inception4b",
+    "inception4c",
+    "inception4d",
+    "inception4e",
+    "inception5a",
+    "inception5b",
 ];
 
 impl GoogLeNet {
-    pub fn new(cfg: &GoogLeNetConfig, spec: &InputSpec, rng: &DropoutRng, vb: VarBuilder) -> Result<Self> {
+    pub fn new(
+        cfg: &GoogLeNetConfig,
+        spec: &InputSpec,
+        rng: &DropoutRng,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         let (s1, s2, s3) = cfg.stem;
         let stem = if cfg.imagenet_stem {
             vec![

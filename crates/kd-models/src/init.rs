@@ -19,7 +19,10 @@ pub struct SeededVarMap {
 
 impl SeededVarMap {
     pub fn new(seed: u64) -> Self {
-        Self { varmap: VarMap::new(), seed }
+        Self {
+            varmap: VarMap::new(),
+            seed,
+        }
     }
 
     /// A `VarBuilder` that creates trainable variables in this map.
@@ -35,7 +38,11 @@ impl SeededVarMap {
             Init::Const(v) => return vec![v as f32; n],
             Init::Uniform { lo, up } => (NormalOrUniform::Uniform, lo, up),
             Init::Randn { mean, stdev } => (NormalOrUniform::Normal, mean, stdev),
-            Init::Kaiming { dist, fan, non_linearity } => {
+            Init::Kaiming {
+                dist,
+                fan,
+                non_linearity,
+            } => {
                 let std = non_linearity.gain() / (fan.for_shape(shape) as f64).sqrt();
                 match dist {
                     NormalOrUniform::Uniform => (dist, -(3f64.sqrt()) * std, 3f64.sqrt() * std),
@@ -66,12 +73,18 @@ fn normal(rng: &mut impl RngCore) -> f64 {
 
 /// FNV-1a: a stable 64-bit hash of a name (std's hasher may change between releases).
 pub fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf29ce484222325, |h, &b| (h ^ b as u64).wrapping_mul(0x100000001b3))
+    bytes.iter().fold(0xcbf29ce484222325, |h, &b| {
+        (h ^ b as u64).wrapping_mul(0x100000001b3)
+    })
 }
 
 impl SimpleBackend for SeededVarMap {
     fn get(&self, s: Shape, name: &str, h: Init, dtype: DType, dev: &Device) -> Result<Tensor> {
-        let mut data = self.varmap.data().lock().map_err(|_| candle_core::Error::Msg("poisoned varmap".into()))?;
+        let mut data = self
+            .varmap
+            .data()
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("poisoned varmap".into()))?;
         if let Some(var) = data.get(name) {
             if var.shape() != &s {
                 candle_core::bail!("shape mismatch on {name}: {s:?} <> {:?}", var.shape());
@@ -90,7 +103,11 @@ impl SimpleBackend for SeededVarMap {
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
-        self.varmap.data().lock().map(|d| d.contains_key(name)).unwrap_or(false)
+        self.varmap
+            .data()
+            .lock()
+            .map(|d| d.contains_key(name))
+            .unwrap_or(false)
     }
 }
 
@@ -115,7 +132,10 @@ pub struct Dropout {
 
 impl Dropout {
     pub fn new(p: f64, rng: &DropoutRng) -> Self {
-        Self { p, rng: rng.clone() }
+        Self {
+            p,
+            rng: rng.clone(),
+        }
     }
 
     pub fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
@@ -126,8 +146,14 @@ impl Dropout {
         let scale = (1.0 / keep) as f32;
         let n = xs.elem_count();
         let mask: Vec<f32> = {
-            let mut rng = self.rng.0.lock().map_err(|_| candle_core::Error::Msg("poisoned rng".into()))?;
-            (0..n).map(|_| if unit(&mut *rng) < keep { scale } else { 0.0 }).collect()
+            let mut rng = self
+                .rng
+                .0
+                .lock()
+                .map_err(|_| candle_core::Error::Msg("poisoned rng".into()))?;
+            (0..n)
+                .map(|_| if unit(&mut *rng) < keep { scale } else { 0.0 })
+                .collect()
         };
         let mask = Tensor::from_vec(mask, xs.shape(), xs.device())?.to_dtype(xs.dtype())?;
         xs * mask
@@ -145,10 +171,21 @@ mod tests {
         let c = SeededVarMap::new(4);
         let init = candle_nn::init::DEFAULT_KAIMING_NORMAL;
         let dev = Device::Cpu;
-        let wa = a.var_builder(&dev).get_with_hints((8, 4), "x.weight", init).unwrap();
-        b.var_builder(&dev).get_with_hints(3, "y.bias", init).unwrap();
-        let wb = b.var_builder(&dev).get_with_hints((8, 4), "x.weight", init).unwrap();
-        let wc = c.var_builder(&dev).get_with_hints((8, 4), "x.weight", init).unwrap();
+        let wa = a
+            .var_builder(&dev)
+            .get_with_hints((8, 4), "x.weight", init)
+            .unwrap();
+        b.var_builder(&dev)
+            .get_with_hints(3, "y.bias", init)
+            .unwrap();
+        let wb = b
+            .var_builder(&dev)
+            .get_with_hints((8, 4), "x.weight", init)
+            .unwrap();
+        let wc = c
+            .var_builder(&dev)
+            .get_with_hints((8, 4), "x.weight", init)
+            .unwrap();
         let v = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         assert_eq!(v(&wa), v(&wb));
         assert_ne!(v(&wa), v(&wc));
@@ -158,26 +195,51 @@ mod tests {
     fn init_has_the_requested_statistics() {
         let m = SeededVarMap::new(0);
         let vb = m.var_builder(&Device::Cpu);
-        let w = vb.get_with_hints((256, 100), "w", candle_nn::init::DEFAULT_KAIMING_NORMAL).unwrap();
-        let std = w.sqr().unwrap().mean_all().unwrap().to_scalar::<f32>().unwrap().sqrt();
+        let w = vb
+            .get_with_hints((256, 100), "w", candle_nn::init::DEFAULT_KAIMING_NORMAL)
+            .unwrap();
+        let std = w
+            .sqr()
+            .unwrap()
+            .mean_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            .sqrt();
         let want = (2.0f32 / 100.0).sqrt();
-        assert!((std - want).abs() < 0.02 * want * 5.0, "std {std}, want {want}");
-        let u = vb.get_with_hints(10000, "u", Init::Uniform { lo: -0.5, up: 0.5 }).unwrap();
-        let (lo, hi) = (u.min(0).unwrap().to_scalar::<f32>().unwrap(), u.max(0).unwrap().to_scalar::<f32>().unwrap());
+        assert!(
+            (std - want).abs() < 0.02 * want * 5.0,
+            "std {std}, want {want}"
+        );
+        let u = vb
+            .get_with_hints(10000, "u", Init::Uniform { lo: -0.5, up: 0.5 })
+            .unwrap();
+        let (lo, hi) = (
+            u.min(0).unwrap().to_scalar::<f32>().unwrap(),
+            u.max(0).unwrap().to_scalar::<f32>().unwrap(),
+        );
         assert!(lo >= -0.5 && hi < 0.5 && lo < -0.49 && hi > 0.49);
     }
 
     #[test]
     fn dropout_is_seeded_scaled_and_off_in_eval() {
         let xs = Tensor::ones((4, 1000), DType::F32, &Device::Cpu).unwrap();
-        let a = Dropout::new(0.4, &DropoutRng::new(1)).forward_t(&xs, true).unwrap();
-        let b = Dropout::new(0.4, &DropoutRng::new(1)).forward_t(&xs, true).unwrap();
+        let a = Dropout::new(0.4, &DropoutRng::new(1))
+            .forward_t(&xs, true)
+            .unwrap();
+        let b = Dropout::new(0.4, &DropoutRng::new(1))
+            .forward_t(&xs, true)
+            .unwrap();
         let v = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         assert_eq!(v(&a), v(&b));
         let kept = v(&a).iter().filter(|&&x| x > 0.0).count() as f64 / 4000.0;
         assert!((kept - 0.6).abs() < 0.03, "{kept}");
-        assert!(v(&a).iter().all(|&x| x == 0.0 || (x - 1.0 / 0.6).abs() < 1e-6));
-        let e = Dropout::new(0.4, &DropoutRng::new(1)).forward_t(&xs, false).unwrap();
+        assert!(v(&a)
+            .iter()
+            .all(|&x| x == 0.0 || (x - 1.0 / 0.6).abs() < 1e-6));
+        let e = Dropout::new(0.4, &DropoutRng::new(1))
+            .forward_t(&xs, false)
+            .unwrap();
         assert_eq!(v(&e), v(&xs));
     }
 }

@@ -18,11 +18,30 @@ fn inits(scheme: InitScheme, fan_in: usize, conv: bool) -> (Init, Init) {
     let bound = 1.0 / (fan_in as f64).sqrt();
     match (scheme, conv) {
         (InitScheme::Seed, true) => (
-            Init::Kaiming { dist: NormalOrUniform::Normal, fan: FanInOut::FanOut, non_linearity: NonLinearity::ReLU },
+            Init::Kaiming {
+                dist: NormalOrUniform::Normal,
+                fan: FanInOut::FanOut,
+                non_linearity: NonLinearity::ReLU,
+            },
             Init::Const(0.0),
         ),
-        (InitScheme::Seed, false) => (Init::Randn { mean: 0.0, stdev: 0.01 }, Init::Const(0.0)),
-        (InitScheme::Torch, _) => (Init::Uniform { lo: -bound, up: bound }, Init::Uniform { lo: -bound, up: bound }),
+        (InitScheme::Seed, false) => (
+            Init::Randn {
+                mean: 0.0,
+                stdev: 0.01,
+            },
+            Init::Const(0.0),
+        ),
+        (InitScheme::Torch, _) => (
+            Init::Uniform {
+                lo: -bound,
+                up: bound,
+            },
+            Init::Uniform {
+                lo: -bound,
+                up: bound,
+            },
+        ),
     }
 }
 
@@ -39,7 +58,15 @@ pub fn conv2d(
     let (wi, bi) = inits(scheme, cin * kernel * kernel, true);
     let w = vb.get_with_hints((cout, cin, kernel, kernel), "weight", wi)?;
     let b = vb.get_with_hints(cout, "bias", bi)?;
-    Ok(Conv2d::new(w, Some(b), Conv2dConfig { padding, stride, ..Default::default() }))
+    Ok(Conv2d::new(
+        w,
+        Some(b),
+        Conv2dConfig {
+            padding,
+            stride,
+            ..Default::default()
+        },
+    ))
 }
 
 pub fn linear(cin: usize, cout: usize, scheme: InitScheme, vb: VarBuilder) -> Result<Linear> {
@@ -56,8 +83,25 @@ pub struct BasicConv {
 }
 
 impl BasicConv {
-    pub fn new(cin: usize, cout: usize, kernel: usize, stride: usize, padding: usize, vb: VarBuilder) -> Result<Self> {
-        Ok(Self { conv: conv2d(cin, cout, kernel, stride, padding, InitScheme::Seed, vb.pp("conv"))? })
+    pub fn new(
+        cin: usize,
+        cout: usize,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        Ok(Self {
+            conv: conv2d(
+                cin,
+                cout,
+                kernel,
+                stride,
+                padding,
+                InitScheme::Seed,
+                vb.pp("conv"),
+            )?,
+        })
     }
 }
 

@@ -54,7 +54,12 @@ pub enum ModelError {
 pub type Result<T> = std::result::Result<T, ModelError>;
 
 /// Builds `arch` with the variables of `vb`.
-pub fn build(arch: &str, spec: &InputSpec, rng: &DropoutRng, vb: VarBuilder) -> Result<Box<dyn Classifier>> {
+pub fn build(
+    arch: &str,
+    spec: &InputSpec,
+    rng: &DropoutRng,
+    vb: VarBuilder,
+) -> Result<Box<dyn Classifier>> {
     use googlenet::{GoogLeNet, GoogLeNetConfig};
     use student::{StudentCnn, StudentConfig};
     Ok(match arch {
@@ -90,7 +95,9 @@ impl Trainable {
             Ok(d) => d,
             Err(p) => p.into_inner(),
         };
-        data.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect()
+        data.iter()
+            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+            .collect()
     }
 }
 
@@ -102,15 +109,28 @@ pub fn num_parameters(arch: &str, spec: &InputSpec) -> Result<usize> {
 /// Loads a checkpoint as a frozen model built from plain tensors (no variables, so inference
 /// records no graph). Every tensor the architecture needs must be there with its shape, and no
 /// other; the error names the file and the first tensor that differs.
-pub fn load_frozen(arch: &str, spec: &InputSpec, path: &Path, device: &Device) -> Result<Box<dyn Classifier>> {
-    let err = |message: String| ModelError::Checkpoint { path: path.to_path_buf(), message };
-    let tensors = candle_core::safetensors::load(path, device).map_err(|e| err(format!("cannot read: {e}")))?;
+pub fn load_frozen(
+    arch: &str,
+    spec: &InputSpec,
+    path: &Path,
+    device: &Device,
+) -> Result<Box<dyn Classifier>> {
+    let err = |message: String| ModelError::Checkpoint {
+        path: path.to_path_buf(),
+        message,
+    };
+    let tensors = candle_core::safetensors::load(path, device)
+        .map_err(|e| err(format!("cannot read: {e}")))?;
     let expected = Trainable::new(arch, spec, 0, &Device::Cpu)?.named_tensors();
     let mut names: Vec<&String> = expected.keys().collect();
     names.sort();
     for name in names {
         match tensors.get(name) {
-            None => return Err(err(format!("tensor {name} is missing (is this a {arch} checkpoint?)"))),
+            None => {
+                return Err(err(format!(
+                    "tensor {name} is missing (is this a {arch} checkpoint?)"
+                )))
+            }
             Some(t) if t.dims() != expected[name].dims() => {
                 return Err(err(format!(
                     "tensor {name} has shape {:?}, {arch} wants {:?}",
@@ -119,13 +139,18 @@ pub fn load_frozen(arch: &str, spec: &InputSpec, path: &Path, device: &Device) -
                 )))
             }
             Some(t) if t.dtype() != DType::F32 => {
-                return Err(err(format!("tensor {name} is {:?}, expected F32", t.dtype())))
+                return Err(err(format!(
+                    "tensor {name} is {:?}, expected F32",
+                    t.dtype()
+                )))
             }
             Some(_) => {}
         }
     }
     if let Some(extra) = tensors.keys().filter(|k| !expected.contains_key(*k)).min() {
-        return Err(err(format!("unexpected tensor {extra} (is this a {arch} checkpoint?)")));
+        return Err(err(format!(
+            "unexpected tensor {extra} (is this a {arch} checkpoint?)"
+        )));
     }
     let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
     build(arch, spec, &DropoutRng::new(0), vb)
@@ -135,17 +160,33 @@ pub fn load_frozen(arch: &str, spec: &InputSpec, path: &Path, device: &Device) -
 mod tests {
     use super::*;
 
-    const FASHION: InputSpec = InputSpec { channels: 1, height: 28, width: 28, classes: 10 };
-    const FLOWERS: InputSpec = InputSpec { channels: 3, height: 224, width: 224, classes: 5 };
+    const FASHION: InputSpec = InputSpec {
+        channels: 1,
+        height: 28,
+        width: 28,
+        classes: 10,
+    };
+    const FLOWERS: InputSpec = InputSpec {
+        channels: 3,
+        height: 224,
+        width: 224,
+        classes: 5,
+    };
 
     #[test]
     fn parameter_counts_match_the_reference() {
         // ../shared/reference/MODELS.md (counted in PyTorch).
         assert_eq!(num_parameters("googlenet", &FASHION).unwrap(), 538_330);
         assert_eq!(num_parameters("student-cnn", &FASHION).unwrap(), 20_490);
-        assert_eq!(num_parameters("googlenet-224", &FLOWERS).unwrap(), 10_318_655);
+        assert_eq!(
+            num_parameters("googlenet-224", &FLOWERS).unwrap(),
+            10_318_655
+        );
         assert_eq!(num_parameters("student-seed", &FLOWERS).unwrap(), 41_029);
-        assert!(matches!(num_parameters("resnet", &FASHION), Err(ModelError::UnknownArchitecture(_))));
+        assert!(matches!(
+            num_parameters("resnet", &FASHION),
+            Err(ModelError::UnknownArchitecture(_))
+        ));
     }
 
     #[test]
@@ -176,13 +217,32 @@ mod tests {
         let student = Trainable::new("student-cnn", &FASHION, 0, &Device::Cpu).unwrap();
         candle_core::safetensors::save(&student.named_tensors(), &path).unwrap();
         assert!(load_frozen("student-cnn", &FASHION, &path, &Device::Cpu).is_ok());
-        let e = load_frozen("googlenet", &FASHION, &path, &Device::Cpu).err().unwrap().to_string();
-        assert!(e.contains("student.safetensors") && e.contains("missing"), "{e}");
-        let e = load_frozen("student-cnn", &InputSpec { classes: 5, ..FASHION }, &path, &Device::Cpu)
-            .err().unwrap().to_string();
+        let e = load_frozen("googlenet", &FASHION, &path, &Device::Cpu)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("student.safetensors") && e.contains("missing"),
+            "{e}"
+        );
+        let e = load_frozen(
+            "student-cnn",
+            &InputSpec {
+                classes: 5,
+                ..FASHION
+            },
+            &path,
+            &Device::Cpu,
+        )
+        .err()
+        .unwrap()
+        .to_string();
         assert!(e.contains("tensor fc.") && e.contains("shape"), "{e}");
         std::fs::write(&path, b"garbage").unwrap();
-        let e = load_frozen("student-cnn", &FASHION, &path, &Device::Cpu).err().unwrap().to_string();
+        let e = load_frozen("student-cnn", &FASHION, &path, &Device::Cpu)
+            .err()
+            .unwrap()
+            .to_string();
         assert!(e.contains("cannot read"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
     }

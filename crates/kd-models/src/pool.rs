@@ -29,16 +29,28 @@ pub struct Pool2d {
 
 impl Pool2d {
     pub fn max(kernel: usize, stride: usize) -> Self {
-        Self { kind: PoolKind::Max, kernel, stride, padding: 0, ceil_mode: false }
+        Self {
+            kind: PoolKind::Max,
+            kernel,
+            stride,
+            padding: 0,
+            ceil_mode: false,
+        }
     }
     pub fn avg(kernel: usize, stride: usize) -> Self {
-        Self { kind: PoolKind::Avg, ..Self::max(kernel, stride) }
+        Self {
+            kind: PoolKind::Avg,
+            ..Self::max(kernel, stride)
+        }
     }
     pub fn padding(self, padding: usize) -> Self {
         Self { padding, ..self }
     }
     pub fn ceil(self) -> Self {
-        Self { ceil_mode: true, ..self }
+        Self {
+            ceil_mode: true,
+            ..self
+        }
     }
 
     /// Output length along one axis (PyTorch's rule: in ceil mode the last window must start
@@ -48,11 +60,18 @@ impl Pool2d {
         if padded < self.kernel || self.padding * 2 > self.kernel {
             candle_core::bail!(
                 "pool {}x{}/s{} pad {} does not fit an axis of {len}",
-                self.kernel, self.kernel, self.stride, self.padding
+                self.kernel,
+                self.kernel,
+                self.stride,
+                self.padding
             );
         }
         let span = padded - self.kernel;
-        let mut out = if self.ceil_mode { span.div_ceil(self.stride) } else { span / self.stride } + 1;
+        let mut out = if self.ceil_mode {
+            span.div_ceil(self.stride)
+        } else {
+            span / self.stride
+        } + 1;
         if self.ceil_mode && (out - 1) * self.stride >= len + self.padding {
             out -= 1;
         }
@@ -68,7 +87,11 @@ impl Pool2d {
         let start = (o * self.stride) as isize - self.padding as isize;
         let end = (start + self.kernel as isize).min((len + self.padding) as isize);
         let with_pad = (end - start) as usize;
-        (start.max(0) as usize, (end.min(len as isize)) as usize, with_pad)
+        (
+            start.max(0) as usize,
+            (end.min(len as isize)) as usize,
+            with_pad,
+        )
     }
 
     fn fwd_plane<T: WithDType>(&self, x: &[T], out: &mut [T], h: usize, w: usize, ow: usize) {
@@ -102,7 +125,15 @@ impl Pool2d {
         }
     }
 
-    fn bwd_plane<T: WithDType>(&self, x: &[T], g: &[T], gx: &mut [T], h: usize, w: usize, ow: usize) {
+    fn bwd_plane<T: WithDType>(
+        &self,
+        x: &[T],
+        g: &[T],
+        gx: &mut [T],
+        h: usize,
+        w: usize,
+        ow: usize,
+    ) {
         for (oy, grow) in g.chunks(ow).enumerate() {
             let (y0, y1, ph) = self.window(oy, h);
             for (ox, &go) in grow.iter().enumerate() {
@@ -153,7 +184,16 @@ impl CustomOp1 for Pool2d {
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let (planes, h, w, oh, ow, c) = self.dims(layout)?;
         let shape = Shape::from((planes / c, c, oh, ow));
-        fn run<T: WithDType>(p: &Pool2d, s: &CpuStorage, l: &Layout, n: usize, h: usize, w: usize, oh: usize, ow: usize) -> Result<CpuStorage> {
+        fn run<T: WithDType>(
+            p: &Pool2d,
+            s: &CpuStorage,
+            l: &Layout,
+            n: usize,
+            h: usize,
+            w: usize,
+            oh: usize,
+            ow: usize,
+        ) -> Result<CpuStorage> {
             let x = contiguous::<T>(s, l)?;
             let mut out = vec![T::from_f64(0.0); n * oh * ow];
             out.par_chunks_mut(oh * ow)
@@ -183,13 +223,32 @@ impl CustomOp2 for PoolBackward {
         "kd-pool2d-backward"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let p = &self.0;
         let (_, h, w, oh, ow, _) = p.dims(l1)?;
         if l2.shape().dims4()?.2 != oh || l2.shape().dims4()?.3 != ow {
-            candle_core::bail!("pool2d backward: gradient shape {:?} does not match", l2.shape());
+            candle_core::bail!(
+                "pool2d backward: gradient shape {:?} does not match",
+                l2.shape()
+            );
         }
-        fn run<T: WithDType>(p: &Pool2d, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, h: usize, w: usize, oh: usize, ow: usize) -> Result<CpuStorage> {
+        fn run<T: WithDType>(
+            p: &Pool2d,
+            s1: &CpuStorage,
+            l1: &Layout,
+            s2: &CpuStorage,
+            l2: &Layout,
+            h: usize,
+            w: usize,
+            oh: usize,
+            ow: usize,
+        ) -> Result<CpuStorage> {
             let x = contiguous::<T>(s1, l1)?;
             let g = contiguous::<T>(s2, l2)?;
             let mut gx = vec![T::from_f64(0.0); x.len()];
@@ -262,7 +321,9 @@ mod tests {
         let mut v: Vec<f64> = (0..n).map(|i| i as f64 * 0.37 - n as f64 * 0.1).collect();
         let mut s = seed;
         for i in (1..n).rev() {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             v.swap(i, (s >> 33) as usize % (i + 1));
         }
         v
@@ -288,16 +349,36 @@ mod tests {
             let (b, c) = (2, 3);
             let x = distinct_input(b * c * h * w, 1);
             let t = Tensor::from_vec(x.clone(), (b, c, h, w), &Device::Cpu).unwrap();
-            let got = p.forward(&t).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
-            let want: Vec<f64> = x.chunks(h * w).flat_map(|pl| reference(&p, pl, h, w)).collect();
+            let got = p
+                .forward(&t)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap();
+            let want: Vec<f64> = x
+                .chunks(h * w)
+                .flat_map(|pl| reference(&p, pl, h, w))
+                .collect();
             assert_eq!(got.len(), want.len(), "{p:?}");
             for (g, w) in got.iter().zip(&want) {
                 assert!((g - w).abs() < 1e-12, "{p:?}: {g} vs {w}");
             }
             // f32 gives the same result.
-            let got32 = p.forward(&t.to_dtype(DType::F32).unwrap()).unwrap().to_dtype(DType::F64).unwrap();
-            let diff = (got32.flatten_all().unwrap() - Tensor::new(want.as_slice(), &Device::Cpu).unwrap())
-                .unwrap().abs().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap();
+            let got32 = p
+                .forward(&t.to_dtype(DType::F32).unwrap())
+                .unwrap()
+                .to_dtype(DType::F64)
+                .unwrap();
+            let diff = (got32.flatten_all().unwrap()
+                - Tensor::new(want.as_slice(), &Device::Cpu).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
             assert!(diff < 1e-3, "{p:?}: f32 differs by {diff}");
         }
     }
@@ -310,7 +391,9 @@ mod tests {
             let x = distinct_input(n, 2);
             let (oh, ow) = (p.out_len(h).unwrap(), p.out_len(w).unwrap());
             // A weighted sum makes every output's gradient different.
-            let weights: Vec<f64> = (0..b * c * oh * ow).map(|i| ((i * 7919) % 13) as f64 / 13.0 - 0.4).collect();
+            let weights: Vec<f64> = (0..b * c * oh * ow)
+                .map(|i| ((i * 7919) % 13) as f64 / 13.0 - 0.4)
+                .collect();
             let wt = Tensor::from_vec(weights.clone(), (b, c, oh, ow), &Device::Cpu).unwrap();
             let loss = |xs: &[f64]| -> f64 {
                 let mut s = 0.0;
@@ -325,7 +408,13 @@ mod tests {
             let out = p.forward(var.as_tensor()).unwrap();
             let l = (out * &wt).unwrap().sum_all().unwrap();
             let grads = l.backward().unwrap();
-            let g = grads.get(var.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+            let g = grads
+                .get(var.as_tensor())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap();
             let eps = 1e-4;
             for i in 0..n {
                 let mut xp = x.clone();
@@ -333,7 +422,11 @@ mod tests {
                 let mut xm = x.clone();
                 xm[i] -= eps;
                 let fd = (loss(&xp) - loss(&xm)) / (2.0 * eps);
-                assert!((fd - g[i]).abs() < 1e-6, "{p:?} input {i}: analytic {} vs finite difference {fd}", g[i]);
+                assert!(
+                    (fd - g[i]).abs() < 1e-6,
+                    "{p:?} input {i}: analytic {} vs finite difference {fd}",
+                    g[i]
+                );
             }
         }
     }

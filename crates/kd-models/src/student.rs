@@ -19,11 +19,17 @@ pub struct StudentConfig {
 
 impl StudentConfig {
     pub fn small() -> Self {
-        Self { convs: [(16, 3, 1, 1), (32, 3, 1, 1)], pool: Pool2d::max(2, 2) }
+        Self {
+            convs: [(16, 3, 1, 1), (32, 3, 1, 1)],
+            pool: Pool2d::max(2, 2),
+        }
     }
 
     pub fn seed() -> Self {
-        Self { convs: [(32, 7, 2, 3), (32, 3, 2, 1)], pool: Pool2d::max(3, 2) }
+        Self {
+            convs: [(32, 7, 2, 3), (32, 3, 2, 1)],
+            pool: Pool2d::max(3, 2),
+        }
     }
 }
 
@@ -43,11 +49,24 @@ fn conv_out(len: usize, k: usize, s: usize, p: usize) -> Result<usize> {
 }
 
 impl StudentCnn {
-    pub fn new(cfg: &StudentConfig, spec: &InputSpec, rng: &DropoutRng, vb: VarBuilder) -> Result<Self> {
+    pub fn new(
+        cfg: &StudentConfig,
+        spec: &InputSpec,
+        rng: &DropoutRng,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         let (mut cin, mut h, mut w) = (spec.channels, spec.height, spec.width);
         let mut convs = Vec::new();
         for (i, &(cout, k, s, p)) in cfg.convs.iter().enumerate() {
-            convs.push(conv2d(cin, cout, k, s, p, InitScheme::Torch, vb.pp(format!("conv{}", i + 1)))?);
+            convs.push(conv2d(
+                cin,
+                cout,
+                k,
+                s,
+                p,
+                InitScheme::Torch,
+                vb.pp(format!("conv{}", i + 1)),
+            )?);
             h = cfg.pool.out_len(conv_out(h, k, s, p)?)?;
             w = cfg.pool.out_len(conv_out(w, k, s, p)?)?;
             cin = cout;

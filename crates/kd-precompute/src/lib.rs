@@ -13,8 +13,8 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Instant;
 
-pub use kd_train::stage::layout::{KNOWLEDGE as STAGE, KNOWLEDGE_FILE};
 use kd_train::stage::layout::TEACHER;
+pub use kd_train::stage::layout::{KNOWLEDGE as STAGE, KNOWLEDGE_FILE};
 
 /// Compute the teacher's soft targets for the whole training set.
 #[derive(clap::Parser, Debug, Clone)]
@@ -32,12 +32,22 @@ pub struct Args {
 
 pub fn run(args: &Args) -> anyhow::Result<Manifest> {
     let started = Instant::now();
-    let extra: Vec<String> = args.batch_size.iter().map(|b| format!("knowledge.batch_size={b}")).collect();
+    let extra: Vec<String> = args
+        .batch_size
+        .iter()
+        .map(|b| format!("knowledge.batch_size={b}"))
+        .collect();
     let pipeline = args.pipeline.open(&extra)?;
     let arch = pipeline.config.teacher.arch.clone();
-    let checkpoint = args.teacher.clone().unwrap_or_else(|| pipeline.dir(TEACHER).join(CHECKPOINT));
+    let checkpoint = args
+        .teacher
+        .clone()
+        .unwrap_or_else(|| pipeline.dir(TEACHER).join(CHECKPOINT));
     if !checkpoint.is_file() {
-        anyhow::bail!("no teacher checkpoint at {} (run `just teacher` first, or pass --teacher)", checkpoint.display());
+        anyhow::bail!(
+            "no teacher checkpoint at {} (run `just teacher` first, or pass --teacher)",
+            checkpoint.display()
+        );
     }
     let teacher_sha = kd_data::sha256_file(&checkpoint)?;
     let data = pipeline.load_data()?;
@@ -62,7 +72,11 @@ pub fn run(args: &Args) -> anyhow::Result<Manifest> {
 
     let teacher = kd_models::load_frozen(&arch, &data.spec, &checkpoint, &Device::Cpu)?;
     let rows = data.all_rows.len();
-    tracing::info!("precompute: {arch} from {}, {rows} images, batch {batch_size}, {} threads", checkpoint.display(), threads());
+    tracing::info!(
+        "precompute: {arch} from {}, {rows} images, batch {batch_size}, {} threads",
+        checkpoint.display(),
+        threads()
+    );
     let t0 = Instant::now();
     let logits = predict(teacher.as_ref(), data.all_train(), batch_size, "precompute")?;
     let seconds = t0.elapsed().as_secs_f64();
@@ -79,7 +93,10 @@ pub fn run(args: &Args) -> anyhow::Result<Manifest> {
     let meta = Metadata {
         format_version: FORMAT_VERSION,
         dataset: dataset.clone(),
-        teacher: TeacherRef { architecture: arch.clone(), checkpoint_sha256: teacher_sha },
+        teacher: TeacherRef {
+            architecture: arch.clone(),
+            checkpoint_sha256: teacher_sha,
+        },
         heads: heads.clone(),
         transform,
     };
@@ -87,7 +104,12 @@ pub fn run(args: &Args) -> anyhow::Result<Manifest> {
     // Read it back as a student will: a file that does not validate is never reported as done.
     KnowledgeFile::open(&path)?
         .check_dataset(&dataset, &data.dataset.train.labels)
-        .with_context(|| format!("the knowledge file just written, {}, does not read back", path.display()))?;
+        .with_context(|| {
+            format!(
+                "the knowledge file just written, {}, does not read back",
+                path.display()
+            )
+        })?;
 
     // How often each head agrees with the labels on the training set: a sanity check of the teacher.
     let c = data.spec.classes;
@@ -128,11 +150,21 @@ pub fn run(args: &Args) -> anyhow::Result<Manifest> {
     }
     .write(&dir, &[KNOWLEDGE_FILE])?;
 
-    let mut t = Table::new(&["rows", "heads", "train acc (main)", "img/s", "inference", "file size"]);
+    let mut t = Table::new(&[
+        "rows",
+        "heads",
+        "train acc (main)",
+        "img/s",
+        "inference",
+        "file size",
+    ]);
     t.row(&[
         rows.to_string(),
         heads.join(", "),
-        format!("{:.2}%", 100.0 * agreement.get("main").copied().unwrap_or(0.0)),
+        format!(
+            "{:.2}%",
+            100.0 * agreement.get("main").copied().unwrap_or(0.0)
+        ),
         format!("{images_per_sec:.0}"),
         format!("{seconds:.1}s"),
         format!("{:.1} MiB", bytes as f64 / (1 << 20) as f64),
@@ -142,5 +174,7 @@ pub fn run(args: &Args) -> anyhow::Result<Manifest> {
 }
 
 fn argmax(row: &[f32]) -> usize {
-    row.iter().enumerate().fold(0, |best, (i, &x)| if x > row[best] { i } else { best })
+    row.iter()
+        .enumerate()
+        .fold(0, |best, (i, &x)| if x > row[best] { i } else { best })
 }

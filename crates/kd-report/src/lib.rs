@@ -7,7 +7,9 @@ pub mod svg;
 use anyhow::Context;
 use candle_core::Device;
 use kd_train::manifest::stage_key;
-use kd_train::stage::layout::{CHECKPOINT, KNOWLEDGE, REPORT, STUDENT_BASELINE, STUDENT_KD, TEACHER};
+use kd_train::stage::layout::{
+    CHECKPOINT, KNOWLEDGE, REPORT, STUDENT_BASELINE, STUDENT_KD, TEACHER,
+};
 use kd_train::stage::threads;
 use kd_train::table::Table;
 use kd_train::{evaluate, FitReport, Manifest, PipelineArgs};
@@ -51,14 +53,27 @@ pub fn run(args: &Args) -> anyhow::Result<Manifest> {
     let cfg = &pipeline.config;
     let models = [
         (TEACHER, "teacher", cfg.teacher.arch.as_str()),
-        (STUDENT_KD, "student, distilled (KD)", cfg.student.arch.as_str()),
-        (STUDENT_BASELINE, "student, labels only", cfg.student.arch.as_str()),
+        (
+            STUDENT_KD,
+            "student, distilled (KD)",
+            cfg.student.arch.as_str(),
+        ),
+        (
+            STUDENT_BASELINE,
+            "student, labels only",
+            cfg.student.arch.as_str(),
+        ),
     ];
     let mut manifests = BTreeMap::new();
     let mut inputs = BTreeMap::from([("dataset.test".to_string(), data.test_fingerprint.clone())]);
     for (stage, _, _) in models.iter().chain([&(KNOWLEDGE, "", "")]) {
         let dir = pipeline.dir(stage);
-        let m = Manifest::read(&dir).with_context(|| format!("the {stage} stage has not run yet (run `just {}`)", just_recipe(stage)))?;
+        let m = Manifest::read(&dir).with_context(|| {
+            format!(
+                "the {stage} stage has not run yet (run `just {}`)",
+                just_recipe(stage)
+            )
+        })?;
         inputs.insert(format!("{stage}.key"), m.key.clone());
         for (file, sha) in &m.outputs {
             inputs.insert(format!("{stage}/{file}"), sha.clone());
@@ -78,10 +93,22 @@ pub fn run(args: &Args) -> anyhow::Result<Manifest> {
         let checkpoint = pipeline.dir(stage).join(CHECKPOINT);
         let model = kd_models::load_frozen(arch, &data.spec, &checkpoint, &Device::Cpu)?;
         // One warm-up batch, then the whole test set at the measured batch size.
-        evaluate(model.as_ref(), kd_train::Subset { rows: &data.test_rows[..data.test_rows.len().min(args.batch_size)], ..data.test() }, args.batch_size)?;
+        evaluate(
+            model.as_ref(),
+            kd_train::Subset {
+                rows: &data.test_rows[..data.test_rows.len().min(args.batch_size)],
+                ..data.test()
+            },
+            args.batch_size,
+        )?;
         let eval = evaluate(model.as_ref(), data.test(), args.batch_size)?;
-        let fit: FitReport = serde_json::from_value(m.metrics["fit"].clone())
-            .with_context(|| format!("{}: no training metrics", Manifest::path(&pipeline.dir(stage)).display()))?;
+        let fit: FitReport =
+            serde_json::from_value(m.metrics["fit"].clone()).with_context(|| {
+                format!(
+                    "{}: no training metrics",
+                    Manifest::path(&pipeline.dir(stage)).display()
+                )
+            })?;
         results.push(ModelResult {
             name: name.to_string(),
             stage: stage.to_string(),
@@ -94,7 +121,11 @@ pub fn run(args: &Args) -> anyhow::Result<Manifest> {
             training_images_per_sec: fit.train_images_per_sec,
             val_accuracy_per_epoch: fit.epochs.iter().map(|e| e.val_accuracy).collect(),
         });
-        tracing::info!("report: {name}: test accuracy {:.2}%, {:.0} img/s", 100.0 * eval.accuracy, eval.images_per_sec);
+        tracing::info!(
+            "report: {name}: test accuracy {:.2}%, {:.0} img/s",
+            100.0 * eval.accuracy,
+            eval.images_per_sec
+        );
     }
 
     let series: Vec<svg::Series> = results
@@ -103,10 +134,20 @@ pub fn run(args: &Args) -> anyhow::Result<Manifest> {
         .map(|(r, colour)| svg::Series {
             name: r.name.clone(),
             colour,
-            points: r.val_accuracy_per_epoch.iter().enumerate().map(|(i, a)| ((i + 1) as f64, *a)).collect(),
+            points: r
+                .val_accuracy_per_epoch
+                .iter()
+                .enumerate()
+                .map(|(i, a)| ((i + 1) as f64, *a))
+                .collect(),
         })
         .collect();
-    let chart = svg::line_chart(&format!("Validation accuracy — {}", pipeline.name), "epoch", "validation accuracy", &series);
+    let chart = svg::line_chart(
+        &format!("Validation accuracy — {}", pipeline.name),
+        "epoch",
+        "validation accuracy",
+        &series,
+    );
     let markdown = render(&pipeline, &data, &results, &manifests, args.batch_size)?;
     kd_data::write_atomic_bytes(&dir.join(CURVES_FILE), chart.as_bytes())?;
     kd_data::write_atomic_bytes(&dir.join(REPORT_FILE), markdown.as_bytes())?;
@@ -126,7 +167,12 @@ pub fn run(args: &Args) -> anyhow::Result<Manifest> {
         metrics: serde_json::json!({ "models": results, "kd_minus_baseline": kd_gain }),
     }
     .write(&dir, &[REPORT_FILE, CURVES_FILE])?;
-    println!("\n{}\nKD - baseline: {:+.2} points of test accuracy\nwrote {}", models_table(&results, args.batch_size).to_markdown(), 100.0 * kd_gain, dir.join(REPORT_FILE).display());
+    println!(
+        "\n{}\nKD - baseline: {:+.2} points of test accuracy\nwrote {}",
+        models_table(&results, args.batch_size).to_markdown(),
+        100.0 * kd_gain,
+        dir.join(REPORT_FILE).display()
+    );
     Ok(manifest)
 }
 
@@ -205,14 +251,24 @@ fn render(
         kd.inference_images_per_sec / teacher.inference_images_per_sec.max(1e-9),
         100.0 * (kd.test_accuracy - teacher.test_accuracy),
     );
-    md += &format!("## Validation accuracy per epoch\n\n![validation accuracy per epoch]({CURVES_FILE})\n\n");
-    let epochs = results.iter().map(|r| r.val_accuracy_per_epoch.len()).max().unwrap_or(0);
+    md += &format!(
+        "## Validation accuracy per epoch\n\n![validation accuracy per epoch]({CURVES_FILE})\n\n"
+    );
+    let epochs = results
+        .iter()
+        .map(|r| r.val_accuracy_per_epoch.len())
+        .max()
+        .unwrap_or(0);
     let mut header = vec!["epoch".to_string()];
     header.extend(results.iter().map(|r| r.name.clone()));
     let mut curve = Table::new(&header);
     for e in 0..epochs {
         let mut row = vec![(e + 1).to_string()];
-        row.extend(results.iter().map(|r| r.val_accuracy_per_epoch.get(e).map_or(String::new(), |a| format!("{:.2}%", 100.0 * a))));
+        row.extend(results.iter().map(|r| {
+            r.val_accuracy_per_epoch
+                .get(e)
+                .map_or(String::new(), |a| format!("{:.2}%", 100.0 * a))
+        }));
         curve.row(&row);
     }
     md += &curve.to_markdown();
@@ -222,8 +278,15 @@ fn render(
     for stage in [TEACHER, KNOWLEDGE, STUDENT_KD, STUDENT_BASELINE] {
         let m = &manifests[stage];
         total += m.wall_seconds;
-        let ips = m.metrics["fit"]["train_images_per_sec"].as_f64().or(m.metrics["images_per_sec"].as_f64()).unwrap_or(0.0);
-        times.row(&[stage.to_string(), duration(m.wall_seconds), format!("{ips:.0} img/s")]);
+        let ips = m.metrics["fit"]["train_images_per_sec"]
+            .as_f64()
+            .or(m.metrics["images_per_sec"].as_f64())
+            .unwrap_or(0.0);
+        times.row(&[
+            stage.to_string(),
+            duration(m.wall_seconds),
+            format!("{ips:.0} img/s"),
+        ]);
     }
     times.row(&["total".to_string(), duration(total), String::new()]);
     md += &times.to_markdown();
@@ -250,9 +313,17 @@ fn duration(seconds: f64) -> String {
     if seconds < 60.0 {
         format!("{seconds:.1} s")
     } else if seconds < 3600.0 {
-        format!("{:.0} min {:02.0} s", (seconds / 60.0).floor(), seconds % 60.0)
+        format!(
+            "{:.0} min {:02.0} s",
+            (seconds / 60.0).floor(),
+            seconds % 60.0
+        )
     } else {
-        format!("{:.0} h {:02.0} min", (seconds / 3600.0).floor(), (seconds % 3600.0) / 60.0)
+        format!(
+            "{:.0} h {:02.0} min",
+            (seconds / 3600.0).floor(),
+            (seconds % 3600.0) / 60.0
+        )
     }
 }
 

@@ -13,9 +13,16 @@ pub const COLOURS: [&str; 4] = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"];
 pub fn line_chart(title: &str, x_label: &str, y_label: &str, series: &[Series]) -> String {
     let (w, h) = (720.0, 420.0);
     let (left, right, top, bottom) = (70.0, 180.0, 40.0, 50.0);
-    let all: Vec<(f64, f64)> = series.iter().flat_map(|s| s.points.iter().copied()).collect();
+    let all: Vec<(f64, f64)> = series
+        .iter()
+        .flat_map(|s| s.points.iter().copied())
+        .collect();
     let x_max = all.iter().map(|p| p.0).fold(1.0, f64::max);
-    let (mut y_min, mut y_max) = all.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), p| (lo.min(p.1), hi.max(p.1)));
+    let (mut y_min, mut y_max) = all
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), p| {
+            (lo.min(p.1), hi.max(p.1))
+        });
     if !y_min.is_finite() {
         (y_min, y_max) = (0.0, 1.0);
     }
@@ -69,10 +76,23 @@ pub fn line_chart(title: &str, x_label: &str, y_label: &str, series: &[Series]) 
         escape(y_label)
     );
     for (i, s) in series.iter().enumerate() {
-        let pts: Vec<String> = s.points.iter().map(|&(x, y)| format!("{:.1},{:.1}", px(x), py(y))).collect();
-        svg += &format!("<polyline fill=\"none\" stroke=\"{}\" stroke-width=\"2\" points=\"{}\"/>\n", s.colour, pts.join(" "));
+        let pts: Vec<String> = s
+            .points
+            .iter()
+            .map(|&(x, y)| format!("{:.1},{:.1}", px(x), py(y)))
+            .collect();
+        svg += &format!(
+            "<polyline fill=\"none\" stroke=\"{}\" stroke-width=\"2\" points=\"{}\"/>\n",
+            s.colour,
+            pts.join(" ")
+        );
         for &(x, y) in &s.points {
-            svg += &format!("<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"3\" fill=\"{}\"/>\n", px(x), py(y), s.colour);
+            svg += &format!(
+                "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"3\" fill=\"{}\"/>\n",
+                px(x),
+                py(y),
+                s.colour
+            );
         }
         let ly = top + 20.0 * i as f64 + 10.0;
         svg += &format!(
@@ -89,7 +109,9 @@ pub fn line_chart(title: &str, x_label: &str, y_label: &str, series: &[Series]) 
 }
 
 fn escape(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }
 
 #[cfg(test)]
@@ -98,12 +120,30 @@ mod tests {
 
     #[test]
     fn chart_has_one_line_per_series_and_escapes_names() {
-        let s = |name: &str, c| Series { name: name.into(), colour: c, points: vec![(1.0, 0.8), (2.0, 0.85), (3.0, 0.9)] };
-        let svg = line_chart("t", "epoch", "acc", &[s("a<b", COLOURS[0]), s("c", COLOURS[1])]);
+        let s = |name: &str, c| Series {
+            name: name.into(),
+            colour: c,
+            points: vec![(1.0, 0.8), (2.0, 0.85), (3.0, 0.9)],
+        };
+        let svg = line_chart(
+            "t",
+            "epoch",
+            "acc",
+            &[s("a<b", COLOURS[0]), s("c", COLOURS[1])],
+        );
         assert_eq!(svg.matches("<polyline").count(), 2);
         assert!(svg.contains("a&lt;b") && svg.starts_with("<svg") && svg.ends_with("</svg>\n"));
         // A single-epoch series still renders (no division by zero).
-        let one = line_chart("t", "x", "y", &[Series { name: "x".into(), colour: COLOURS[2], points: vec![(1.0, 0.5)] }]);
+        let one = line_chart(
+            "t",
+            "x",
+            "y",
+            &[Series {
+                name: "x".into(),
+                colour: COLOURS[2],
+                points: vec![(1.0, 0.5)],
+            }],
+        );
         assert!(!one.contains("NaN") && !one.contains("inf"));
     }
 }

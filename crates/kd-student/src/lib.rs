@@ -11,8 +11,8 @@ use kd_train::{Manifest, PipelineArgs, TrainingStage};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-pub use kd_train::stage::layout::{STUDENT_BASELINE as STAGE_BASELINE, STUDENT_KD as STAGE_KD};
 use kd_train::stage::layout::{KNOWLEDGE, KNOWLEDGE_FILE};
+pub use kd_train::stage::layout::{STUDENT_BASELINE as STAGE_BASELINE, STUDENT_KD as STAGE_KD};
 
 /// Train the student by distillation from a knowledge file, or on labels alone (--baseline).
 #[derive(clap::Parser, Debug, Clone)]
@@ -52,9 +52,15 @@ pub fn run(args: &Args) -> anyhow::Result<Manifest> {
         let settings = serde_json::json!({ "data": pipeline.data_settings(), "arch": cfg.arch, "train": train });
         (STAGE_BASELINE, settings, None)
     } else {
-        let path = args.knowledge.clone().unwrap_or_else(|| pipeline.dir(KNOWLEDGE).join(KNOWLEDGE_FILE));
+        let path = args
+            .knowledge
+            .clone()
+            .unwrap_or_else(|| pipeline.dir(KNOWLEDGE).join(KNOWLEDGE_FILE));
         if !path.is_file() {
-            anyhow::bail!("no knowledge file at {} (run `just precompute` first, or pass --knowledge)", path.display());
+            anyhow::bail!(
+                "no knowledge file at {} (run `just precompute` first, or pass --knowledge)",
+                path.display()
+            );
         }
         let knowledge = KnowledgeFile::open(&path)?;
         let expected = DatasetRef {
@@ -65,7 +71,12 @@ pub fn run(args: &Args) -> anyhow::Result<Manifest> {
             fingerprint: data.train_fingerprint.clone(),
         };
         knowledge.check_dataset(&expected, &data.dataset.train.labels)?;
-        let used: Vec<(String, f64)> = cfg.head_weights.iter().filter(|(_, w)| **w > 0.0).map(|(h, w)| (h.clone(), *w)).collect();
+        let used: Vec<(String, f64)> = cfg
+            .head_weights
+            .iter()
+            .filter(|(_, w)| **w > 0.0)
+            .map(|(h, w)| (h.clone(), *w))
+            .collect();
         knowledge.check_heads(&used.iter().map(|(h, _)| h.clone()).collect::<Vec<_>>())?;
         let heads = used
             .iter()
@@ -77,7 +88,10 @@ pub fn run(args: &Args) -> anyhow::Result<Manifest> {
             "student: distilling from {} (teacher {}, heads {}), T = {}, hard/soft {}/{}",
             path.display(),
             knowledge.meta.teacher.architecture,
-            used.iter().map(|(h, w)| format!("{h}×{w}")).collect::<Vec<_>>().join(" + "),
+            used.iter()
+                .map(|(h, w)| format!("{h}×{w}"))
+                .collect::<Vec<_>>()
+                .join(" + "),
             cfg.temperature,
             cfg.hard_weight,
             cfg.soft_weight
@@ -91,11 +105,24 @@ pub fn run(args: &Args) -> anyhow::Result<Manifest> {
         let settings = serde_json::json!({ "data": pipeline.data_settings(), "student": cfg });
         (STAGE_KD, settings, Some(SoftTargets { heads, weights }))
     };
-    let stage = TrainingStage { pipeline: &pipeline, stage, arch: &cfg.arch, train, settings, inputs };
+    let stage = TrainingStage {
+        pipeline: &pipeline,
+        stage,
+        arch: &cfg.arch,
+        train,
+        settings,
+        inputs,
+    };
     let manifest = match targets {
-        None => stage.run(&data, |batch, heads| cross_entropy(&heads[0], &batch.labels))?,
+        None => stage.run(&data, |batch, heads| {
+            cross_entropy(&heads[0], &batch.labels)
+        })?,
         Some(t) => stage.run(&data, |batch, heads| {
-            let teacher: Vec<Tensor> = t.heads.iter().map(|h| h.index_select(&batch.rows, 0)).collect::<Result<_, _>>()?;
+            let teacher: Vec<Tensor> = t
+                .heads
+                .iter()
+                .map(|h| h.index_select(&batch.rows, 0))
+                .collect::<Result<_, _>>()?;
             Ok(kd_loss(&heads[0], &teacher, &batch.labels, &t.weights)?.total)
         })?,
     };

@@ -22,7 +22,11 @@ pub struct Args {
 }
 
 /// CE of the main head plus `aux_weight` times the CE of every other head.
-pub fn teacher_loss(heads: &[Tensor], labels: &Tensor, aux_weight: f64) -> candle_core::Result<Tensor> {
+pub fn teacher_loss(
+    heads: &[Tensor],
+    labels: &Tensor,
+    aux_weight: f64,
+) -> candle_core::Result<Tensor> {
     let mut loss = cross_entropy(&heads[0], labels)?;
     for aux in &heads[1..] {
         loss = (loss + (cross_entropy(aux, labels)? * aux_weight)?)?;
@@ -43,5 +47,7 @@ pub fn run(args: &Args) -> anyhow::Result<Manifest> {
         inputs: BTreeMap::new(),
     };
     let aux_weight = cfg.aux_weight;
-    Ok(stage.run(&data, |batch, heads| teacher_loss(heads, &batch.labels, aux_weight))?)
+    Ok(stage.run(&data, |batch, heads| {
+        teacher_loss(heads, &batch.labels, aux_weight)
+    })?)
 }

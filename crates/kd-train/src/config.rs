@@ -95,7 +95,9 @@ pub struct KnowledgeConfig {
 
 impl Default for KnowledgeConfig {
     fn default() -> Self {
-        Self { batch_size: default_knowledge_batch() }
+        Self {
+            batch_size: default_knowledge_batch(),
+        }
     }
 }
 
@@ -137,7 +139,10 @@ pub struct TrainSettings {
 }
 
 fn augment(on: bool, crop_padding: usize) -> Option<Augment> {
-    on.then_some(Augment { crop_padding, horizontal_flip: true })
+    on.then_some(Augment {
+        crop_padding,
+        horizontal_flip: true,
+    })
 }
 
 impl TeacherConfig {
@@ -173,7 +178,11 @@ impl DataConfig {
         let source = match self.source.as_str() {
             "dir" => DataSource::Dir(self.dir.clone()),
             "hub" => DataSource::Hub,
-            other => return Err(format!("data.source {other:?} is neither \"dir\" nor \"hub\"")),
+            other => {
+                return Err(format!(
+                    "data.source {other:?} is neither \"dir\" nor \"hub\""
+                ))
+            }
         };
         Ok(LoadOptions {
             name: self.name.clone(),
@@ -220,9 +229,15 @@ fn default_knowledge_batch() -> usize {
 impl PipelineConfig {
     /// Reads a pipeline file and applies `--set key=value` overrides, then checks the values.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self, ConfigError> {
-        let file_err = |message: String| ConfigError::File { path: path.to_path_buf(), message };
-        let text = std::fs::read_to_string(path).map_err(|e| file_err(format!("cannot read: {e}")))?;
-        let mut value: toml::Table = text.parse().map_err(|e: toml::de::Error| file_err(e.message().to_string()))?;
+        let file_err = |message: String| ConfigError::File {
+            path: path.to_path_buf(),
+            message,
+        };
+        let text =
+            std::fs::read_to_string(path).map_err(|e| file_err(format!("cannot read: {e}")))?;
+        let mut value: toml::Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| file_err(e.message().to_string()))?;
         for arg in overrides {
             apply_override(&mut value, arg)?;
         }
@@ -249,7 +264,11 @@ impl PipelineConfig {
             }
         }
         let s = &self.student;
-        let rates = [("teacher.lr", self.teacher.lr), ("student.lr", s.lr), ("student.temperature", s.temperature)];
+        let rates = [
+            ("teacher.lr", self.teacher.lr),
+            ("student.lr", s.lr),
+            ("student.temperature", s.temperature),
+        ];
         for (key, v) in rates {
             if !(v > 0.0 && v.is_finite()) {
                 return Err(format!("{key} must be a positive number, not {v}"));
@@ -259,10 +278,17 @@ impl PipelineConfig {
             ("student.hard_weight".to_string(), s.hard_weight),
             ("student.soft_weight".to_string(), s.soft_weight),
             ("teacher.aux_weight".to_string(), self.teacher.aux_weight),
-            ("teacher.weight_decay".to_string(), self.teacher.weight_decay),
+            (
+                "teacher.weight_decay".to_string(),
+                self.teacher.weight_decay,
+            ),
             ("student.weight_decay".to_string(), s.weight_decay),
         ];
-        weights.extend(s.head_weights.iter().map(|(h, w)| (format!("student.head_weights.{h}"), *w)));
+        weights.extend(
+            s.head_weights
+                .iter()
+                .map(|(h, w)| (format!("student.head_weights.{h}"), *w)),
+        );
         for (key, v) in weights {
             if !(v >= 0.0 && v.is_finite()) {
                 return Err(format!("{key} must be zero or more, not {v}"));
@@ -278,8 +304,13 @@ impl PipelineConfig {
 
 /// `section.key=value`: the value is TOML (`4`, `"cosine"`, `true`, `[1, 2]`), or a bare string.
 fn apply_override(root: &mut toml::Table, arg: &str) -> Result<(), ConfigError> {
-    let err = |message: &str| ConfigError::Override { arg: arg.to_string(), message: message.to_string() };
-    let (key, raw) = arg.split_once('=').ok_or_else(|| err("expected KEY=VALUE"))?;
+    let err = |message: &str| ConfigError::Override {
+        arg: arg.to_string(),
+        message: message.to_string(),
+    };
+    let (key, raw) = arg
+        .split_once('=')
+        .ok_or_else(|| err("expected KEY=VALUE"))?;
     let value = match format!("v = {raw}").parse::<toml::Table>() {
         Ok(mut t) => t.remove("v").ok_or_else(|| err("no value"))?,
         Err(_) => toml::Value::String(raw.to_string()),
@@ -334,7 +365,15 @@ head_weights = { main = 1.0, aux1 = 0.3, aux2 = 0.3 }
         assert_eq!(c.data.val_size, 5000);
         assert_eq!(c.teacher.aux_weight, 0.3);
         assert_eq!(c.knowledge.batch_size, 256);
-        let c = load(MINIMAL, &["student.temperature=4", "student.schedule=\"constant\"", "data.train_limit=100"]).unwrap();
+        let c = load(
+            MINIMAL,
+            &[
+                "student.temperature=4",
+                "student.schedule=\"constant\"",
+                "data.train_limit=100",
+            ],
+        )
+        .unwrap();
         assert_eq!(c.student.temperature, 4.0);
         assert_eq!(c.student.schedule, Schedule::Constant);
         assert_eq!(c.data.train_limit, Some(100));
@@ -350,7 +389,10 @@ head_weights = { main = 1.0, aux1 = 0.3, aux2 = 0.3 }
             (&["student.hard_weight=-1"], "student.hard_weight"),
             (&["teacher.epochs=0"], "teacher.epochs"),
             (&["student.lr=\"fast\""], "invalid type"),
-            (&["student.head_weights.aux1=-0.3"], "student.head_weights.aux1"),
+            (
+                &["student.head_weights.aux1=-0.3"],
+                "student.head_weights.aux1",
+            ),
             (&["data.source=\"ftp\""], "data.source"),
         ];
         for (o, want) in cases {
@@ -359,7 +401,9 @@ head_weights = { main = 1.0, aux1 = 0.3, aux2 = 0.3 }
         }
         let e = load(&MINIMAL.replace("[data]", "[data]\ncolour = 1"), &[]).unwrap_err();
         assert!(e.contains("colour"), "{e}");
-        assert!(load(MINIMAL, &["nonsense"]).unwrap_err().contains("KEY=VALUE"));
+        assert!(load(MINIMAL, &["nonsense"])
+            .unwrap_err()
+            .contains("KEY=VALUE"));
     }
 
     #[test]

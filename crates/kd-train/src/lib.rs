@@ -14,8 +14,8 @@ pub mod trainer;
 pub use config::{PipelineConfig, TrainSettings};
 pub use manifest::Manifest;
 pub use stage::{LoadedData, Pipeline, PipelineArgs};
-pub use trainer::{TrainingStage, CHECKPOINT};
 pub use train::{evaluate, fit, predict, save_checkpoint, Eval, FitReport, FitSpec, Subset};
+pub use trainer::{TrainingStage, CHECKPOINT};
 
 use std::path::{Path, PathBuf};
 
@@ -39,6 +39,9 @@ pub enum TrainError {
 
 impl TrainError {
     pub fn file(path: &Path, message: impl Into<String>) -> Self {
-        Self::File { path: path.to_path_buf(), message: message.into() }
+        Self::File {
+            path: path.to_path_buf(),
+            message: message.into(),
+        }
     }
 }

@@ -46,9 +46,18 @@ pub fn soft_target_loss(student: &Tensor, teacher: &Tensor, temperature: f64) ->
 }
 
 /// The KD loss of student logits `[b, c]` against one `[b, c]` logit tensor per teacher head.
-pub fn kd_loss(student: &Tensor, teacher_heads: &[Tensor], labels: &Tensor, w: &KdWeights) -> Result<KdLoss> {
+pub fn kd_loss(
+    student: &Tensor,
+    teacher_heads: &[Tensor],
+    labels: &Tensor,
+    w: &KdWeights,
+) -> Result<KdLoss> {
     if teacher_heads.len() != w.heads.len() {
-        candle_core::bail!("{} teacher heads but {} head weights", teacher_heads.len(), w.heads.len());
+        candle_core::bail!(
+            "{} teacher heads but {} head weights",
+            teacher_heads.len(),
+            w.heads.len()
+        );
     }
     let hard = cross_entropy(student, labels)?;
     let soft_per_head = teacher_heads
@@ -62,7 +71,11 @@ pub fn kd_loss(student: &Tensor, teacher_heads: &[Tensor], labels: &Tensor, w: &
         }
     }
     let total = ((&hard * w.hard)? + (soft * w.soft)?)?;
-    Ok(KdLoss { total, hard, soft_per_head })
+    Ok(KdLoss {
+        total,
+        hard,
+        soft_per_head,
+    })
 }
 
 #[cfg(test)]
@@ -74,7 +87,10 @@ mod tests {
     fn matrix(v: &Value) -> (Vec<f64>, usize, usize) {
         let rows = v.as_array().unwrap();
         let cols = rows[0].as_array().unwrap().len();
-        let data = rows.iter().flat_map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap())).collect();
+        let data = rows
+            .iter()
+            .flat_map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()))
+            .collect();
         (data, rows.len(), cols)
     }
 
@@ -90,7 +106,10 @@ mod tests {
     /// with the gradient from loss.backward() on the student logits.
     #[test]
     fn matches_pytorch_reference_cases() {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/reference/kd_loss_cases.json");
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../tests/reference/kd_loss_cases.json"
+        );
         let doc: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
         let dev = Device::Cpu;
         let cases = doc["cases"].as_array().unwrap();
@@ -108,28 +127,56 @@ mod tests {
                     Tensor::from_vec(t, (b, c), &dev).unwrap()
                 })
                 .collect();
-            let labels: Vec<u32> = case["labels"].as_array().unwrap().iter().map(|l| l.as_u64().unwrap() as u32).collect();
+            let labels: Vec<u32> = case["labels"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|l| l.as_u64().unwrap() as u32)
+                .collect();
             let labels = Tensor::from_vec(labels, b, &dev).unwrap();
             let f = |k: &str| case[k].as_f64().unwrap();
             let weights = KdWeights {
                 temperature: f("temperature"),
                 hard: f("hard_weight"),
                 soft: f("soft_weight"),
-                heads: case["head_weights"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect(),
+                heads: case["head_weights"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_f64().unwrap())
+                    .collect(),
             };
             let loss = kd_loss(student.as_tensor(), &teachers, &labels, &weights).unwrap();
             let scalar = |t: &Tensor| t.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap();
             close(scalar(&loss.total), f("loss"), &format!("{name} loss"));
             close(scalar(&loss.hard), f("hard"), &format!("{name} hard"));
-            for (i, (got, want)) in loss.soft_per_head.iter().zip(case["soft_per_head"].as_array().unwrap()).enumerate() {
-                close(scalar(got), want.as_f64().unwrap(), &format!("{name} soft head {i}"));
+            for (i, (got, want)) in loss
+                .soft_per_head
+                .iter()
+                .zip(case["soft_per_head"].as_array().unwrap())
+                .enumerate()
+            {
+                close(
+                    scalar(got),
+                    want.as_f64().unwrap(),
+                    &format!("{name} soft head {i}"),
+                );
             }
             let grads = loss.total.backward().unwrap();
-            let g = grads.get(student.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+            let g = grads
+                .get(student.as_tensor())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap();
             let (want, _, _) = matrix(&case["grad_student_logits"]);
             let scale = want.iter().fold(0f64, |m, x| m.max(x.abs()));
             for (i, (gv, wv)) in g.iter().zip(&want).enumerate() {
-                assert!((gv - wv).abs() <= 1e-5 * scale, "{name} grad[{i}]: got {gv}, want {wv}");
+                assert!(
+                    (gv - wv).abs() <= 1e-5 * scale,
+                    "{name} grad[{i}]: got {gv}, want {wv}"
+                );
             }
         }
     }
@@ -138,9 +185,18 @@ mod tests {
     fn soft_loss_is_zero_when_the_student_matches_the_teacher() {
         let dev = Device::Cpu;
         let t = Tensor::new(&[[1.0f32, -2.0, 0.5], [3.0, 0.0, -1.0]], &dev).unwrap();
-        let l = soft_target_loss(&t, &t, 5.0).unwrap().to_scalar::<f32>().unwrap();
+        let l = soft_target_loss(&t, &t, 5.0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert!(l.abs() < 1e-6, "{l}");
         let other = Tensor::new(&[[0.0f32, 0.0, 0.0], [0.0, 0.0, 0.0]], &dev).unwrap();
-        assert!(soft_target_loss(&other, &t, 5.0).unwrap().to_scalar::<f32>().unwrap() > 0.0);
+        assert!(
+            soft_target_loss(&other, &t, 5.0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                > 0.0
+        );
     }
 }

@@ -29,7 +29,11 @@ pub struct Manifest {
 }
 
 /// The freshness key of a stage run.
-pub fn stage_key(stage: &str, settings: &serde_json::Value, inputs: &BTreeMap<String, String>) -> String {
+pub fn stage_key(
+    stage: &str,
+    settings: &serde_json::Value,
+    inputs: &BTreeMap<String, String>,
+) -> String {
     let doc = serde_json::json!({ "stage": stage, "settings": settings, "inputs": inputs });
     let mut h = Sha256::new();
     h.update(kd_data::files::canonical_json(&doc).as_bytes());
@@ -43,8 +47,10 @@ impl Manifest {
 
     pub fn read(dir: &Path) -> Result<Self, TrainError> {
         let path = Self::path(dir);
-        let text = std::fs::read_to_string(&path).map_err(|e| TrainError::file(&path, format!("cannot read: {e}")))?;
-        serde_json::from_str(&text).map_err(|e| TrainError::file(&path, format!("not a manifest: {e}")))
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| TrainError::file(&path, format!("cannot read: {e}")))?;
+        serde_json::from_str(&text)
+            .map_err(|e| TrainError::file(&path, format!("not a manifest: {e}")))
     }
 
     /// Writes `manifest.json` atomically, after hashing the listed outputs.
@@ -53,7 +59,8 @@ impl Manifest {
             .iter()
             .map(|f| Ok((f.to_string(), kd_data::sha256_file(&dir.join(f))?)))
             .collect::<Result<_, TrainError>>()?;
-        let text = serde_json::to_string_pretty(&self).map_err(|e| TrainError::Other(e.to_string()))?;
+        let text =
+            serde_json::to_string_pretty(&self).map_err(|e| TrainError::Other(e.to_string()))?;
         kd_data::write_atomic_bytes(&Self::path(dir), (text + "\n").as_bytes())?;
         Ok(self)
     }
@@ -61,7 +68,10 @@ impl Manifest {
     /// The manifest in `dir` if it was made with `key` and its outputs are still as written.
     pub fn fresh(dir: &Path, key: &str) -> Option<Self> {
         let m = Self::read(dir).ok()?;
-        let intact = m.outputs.iter().all(|(f, h)| kd_data::sha256_file(&dir.join(f)).ok().as_deref() == Some(h));
+        let intact = m
+            .outputs
+            .iter()
+            .all(|(f, h)| kd_data::sha256_file(&dir.join(f)).ok().as_deref() == Some(h));
         (m.key == key && intact && !m.outputs.is_empty()).then_some(m)
     }
 }
@@ -95,7 +105,11 @@ mod tests {
         assert!(Manifest::fresh(dir.path(), "other").is_none());
         std::fs::write(dir.path().join("model.bin"), b"changed").unwrap();
         assert!(Manifest::fresh(dir.path(), &key).is_none());
-        let other = stage_key("teacher", &serde_json::json!({"epochs": 2}), &BTreeMap::new());
+        let other = stage_key(
+            "teacher",
+            &serde_json::json!({"epochs": 2}),
+            &BTreeMap::new(),
+        );
         assert_ne!(key, other);
     }
 }

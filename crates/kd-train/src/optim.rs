@@ -20,7 +20,13 @@ pub struct AdamParams {
 
 impl AdamParams {
     pub fn new(lr: f64, weight_decay: f64) -> Self {
-        Self { lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay }
+        Self {
+            lr,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay,
+        }
     }
 }
 
@@ -37,9 +43,21 @@ impl Adam {
     /// order a hash map hands them out.
     pub fn new(mut vars: Vec<(String, Var)>, params: AdamParams) -> Self {
         vars.sort_by(|a, b| a.0.cmp(&b.0));
-        let m = vars.iter().map(|(_, v)| vec![0.0; v.elem_count()]).collect();
-        let v = vars.iter().map(|(_, v)| vec![0.0; v.elem_count()]).collect();
-        Self { vars, m, v, step: 0, params }
+        let m = vars
+            .iter()
+            .map(|(_, v)| vec![0.0; v.elem_count()])
+            .collect();
+        let v = vars
+            .iter()
+            .map(|(_, v)| vec![0.0; v.elem_count()])
+            .collect();
+        Self {
+            vars,
+            m,
+            v,
+            step: 0,
+            params,
+        }
     }
 
     pub fn set_lr(&mut self, lr: f64) {
@@ -56,8 +74,14 @@ impl Adam {
         let step_size = (p.lr / bc1) as f32;
         let (b1, b2, eps) = (p.beta1 as f32, p.beta2 as f32, p.eps as f32);
         let decay = (1.0 - p.lr * p.weight_decay) as f32;
-        for ((_, var), (m, v)) in self.vars.iter().zip(self.m.iter_mut().zip(self.v.iter_mut())) {
-            let Some(g) = grads.get(var.as_tensor()) else { continue };
+        for ((_, var), (m, v)) in self
+            .vars
+            .iter()
+            .zip(self.m.iter_mut().zip(self.v.iter_mut()))
+        {
+            let Some(g) = grads.get(var.as_tensor()) else {
+                continue;
+            };
             let g = g.flatten_all()?.to_vec1::<f32>()?;
             let mut w = var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
             for i in 0..w.len() {
@@ -101,7 +125,10 @@ mod tests {
             opt.step(&loss.backward().unwrap()).unwrap();
         }
         let got = w.as_tensor().to_vec1::<f32>().unwrap();
-        assert!((got[0] - 0.701_586_3).abs() < 1e-5 && (got[1] + 1.700_623_4).abs() < 1e-5, "{got:?}");
+        assert!(
+            (got[0] - 0.701_586_3).abs() < 1e-5 && (got[1] + 1.700_623_4).abs() < 1e-5,
+            "{got:?}"
+        );
     }
 
     #[test]

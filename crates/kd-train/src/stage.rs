@@ -89,7 +89,10 @@ impl PipelineArgs {
     pub fn open(&self, extra: &[String]) -> Result<Pipeline, TrainError> {
         let mut sets = self.overrides.clone();
         if let Some(dir) = &self.data_dir {
-            sets.push(format!("data.dir={}", toml::Value::String(dir.display().to_string())));
+            sets.push(format!(
+                "data.dir={}",
+                toml::Value::String(dir.display().to_string())
+            ));
         }
         sets.extend_from_slice(extra);
         let config = PipelineConfig::load(&self.pipeline, &sets)?;
@@ -98,7 +101,12 @@ impl PipelineArgs {
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
             .ok_or_else(|| TrainError::file(&self.pipeline, "not a file name"))?;
-        Ok(Pipeline { root: self.artifacts.join(&name), name, config, force: self.force })
+        Ok(Pipeline {
+            root: self.artifacts.join(&name),
+            name,
+            config,
+            force: self.force,
+        })
     }
 }
 
@@ -114,7 +122,10 @@ impl Pipeline {
             return None;
         }
         let m = Manifest::fresh(dir, key)?;
-        tracing::info!("{stage}: up to date ({} unchanged since its last run); --force reruns it", dir.display());
+        tracing::info!(
+            "{stage}: up to date ({} unchanged since its last run); --force reruns it",
+            dir.display()
+        );
         Some(m)
     }
 
@@ -187,16 +198,32 @@ pub struct LoadedData {
 
 impl LoadedData {
     pub fn train(&self) -> Subset<'_> {
-        Subset { images: &self.train_images, labels: &self.train_labels, rows: &self.train_rows }
+        Subset {
+            images: &self.train_images,
+            labels: &self.train_labels,
+            rows: &self.train_rows,
+        }
     }
     pub fn val(&self) -> Subset<'_> {
-        Subset { images: &self.train_images, labels: &self.train_labels, rows: &self.val_rows }
+        Subset {
+            images: &self.train_images,
+            labels: &self.train_labels,
+            rows: &self.val_rows,
+        }
     }
     pub fn all_train(&self) -> Subset<'_> {
-        Subset { images: &self.train_images, labels: &self.train_labels, rows: &self.all_rows }
+        Subset {
+            images: &self.train_images,
+            labels: &self.train_labels,
+            rows: &self.all_rows,
+        }
     }
     pub fn test(&self) -> Subset<'_> {
-        Subset { images: &self.test_images, labels: &self.test_labels, rows: &self.test_rows }
+        Subset {
+            images: &self.test_images,
+            labels: &self.test_labels,
+            rows: &self.test_rows,
+        }
     }
 
     /// The data's part of a stage's inputs.

@@ -9,11 +9,15 @@ pub struct Table {
 
 impl Table {
     pub fn new<S: ToString>(header: &[S]) -> Self {
-        Self { header: header.iter().map(|s| s.to_string()).collect(), rows: vec![] }
+        Self {
+            header: header.iter().map(|s| s.to_string()).collect(),
+            rows: vec![],
+        }
     }
 
     pub fn row<S: ToString>(&mut self, cells: &[S]) -> &mut Self {
-        self.rows.push(cells.iter().map(|s| s.to_string()).collect());
+        self.rows
+            .push(cells.iter().map(|s| s.to_string()).collect());
         self
     }
 
@@ -21,7 +25,13 @@ impl Table {
         let cols = self.header.len();
         let width: Vec<usize> = (0..cols)
             .map(|c| {
-                self.rows.iter().chain([&self.header]).map(|r| r.get(c).map_or(0, |s| s.chars().count())).max().unwrap_or(0).max(3)
+                self.rows
+                    .iter()
+                    .chain([&self.header])
+                    .map(|r| r.get(c).map_or(0, |s| s.chars().count()))
+                    .max()
+                    .unwrap_or(0)
+                    .max(3)
             })
             .collect();
         let line = |cells: &[String]| {

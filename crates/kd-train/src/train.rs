@@ -68,7 +68,12 @@ fn progress(len: usize, prefix: String) -> ProgressBar {
 
 /// Number of correct main-head predictions in a batch.
 fn correct(logits: &Tensor, labels: &Tensor) -> candle_core::Result<f64> {
-    logits.argmax(D::Minus1)?.eq(labels)?.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()
+    logits
+        .argmax(D::Minus1)?
+        .eq(labels)?
+        .to_dtype(DType::F64)?
+        .sum_all()?
+        .to_scalar::<f64>()
 }
 
 /// What to train on and where the best weights go.
@@ -91,23 +96,47 @@ pub fn fit(
     spec: &FitSpec,
     mut loss_fn: impl FnMut(&Batch, &[Tensor]) -> candle_core::Result<Tensor>,
 ) -> Result<FitReport, TrainError> {
-    let FitSpec { name, settings, train, val, fill, checkpoint } = *spec;
-    let vars: Vec<_> = model.vars.varmap.data().lock().map_err(|_| TrainError::Other("poisoned".into()))?
-        .iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    let FitSpec {
+        name,
+        settings,
+        train,
+        val,
+        fill,
+        checkpoint,
+    } = *spec;
+    let vars: Vec<_> = model
+        .vars
+        .varmap
+        .data()
+        .lock()
+        .map_err(|_| TrainError::Other("poisoned".into()))?
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
     let mut opt = Adam::new(vars, AdamParams::new(settings.lr, settings.weight_decay));
     let steps_per_epoch = train.rows.len().div_ceil(settings.batch_size);
     let total_steps = steps_per_epoch * settings.epochs;
     let start = Instant::now();
-    let mut report = FitReport { epochs: vec![], best_epoch: 0, best_val_accuracy: -1.0, wall_seconds: 0.0, train_images_per_sec: 0.0 };
+    let mut report = FitReport {
+        epochs: vec![],
+        best_epoch: 0,
+        best_val_accuracy: -1.0,
+        wall_seconds: 0.0,
+        train_images_per_sec: 0.0,
+    };
     let mut train_seconds = 0.0;
     let mut step = 0;
     for epoch in 1..=settings.epochs {
         let t0 = Instant::now();
-        let mut batches = Batches::new(train.images, train.labels, train.rows, settings.batch_size).shuffled(settings.seed, epoch);
+        let mut batches = Batches::new(train.images, train.labels, train.rows, settings.batch_size)
+            .shuffled(settings.seed, epoch);
         if let Some(aug) = settings.augment {
             batches = batches.augmented(aug, settings.seed, epoch, fill.to_vec());
         }
-        let bar = progress(batches.num_batches(), format!("{name} epoch {epoch}/{}", settings.epochs));
+        let bar = progress(
+            batches.num_batches(),
+            format!("{name} epoch {epoch}/{}", settings.epochs),
+        );
         let (mut loss_sum, mut hits, mut seen) = (0.0, 0.0, 0usize);
         for batch in batches {
             let batch = batch?;
@@ -119,7 +148,11 @@ pub fn fit(
             if !value.is_finite() {
                 bar.abandon();
                 let kept = if report.best_epoch > 0 {
-                    format!("the checkpoint of epoch {} is kept at {}", report.best_epoch, checkpoint.display())
+                    format!(
+                        "the checkpoint of epoch {} is kept at {}",
+                        report.best_epoch,
+                        checkpoint.display()
+                    )
                 } else {
                     "no checkpoint was written yet".to_string()
                 };
@@ -134,7 +167,23 @@ pub fn fit(
             step += 1;
             bar.inc(1);
             let secs = t0.elapsed().as_secs_f64();
-            bar.set_message(format!("loss {:.4} {:.0} img/s", loss_sum / seen as f64, seen as f64 / secs));
+            let status = format!(
+                "loss {:.4} {:.0} img/s",
+                loss_sum / seen as f64,
+                seen as f64 / secs
+            );
+            // Without a terminal there is no bar: log progress every tenth of an epoch instead.
+            let done = bar.position() as usize;
+            if bar.is_hidden()
+                && done % steps_per_epoch.div_ceil(10).max(1) == 0
+                && done < steps_per_epoch
+            {
+                tracing::info!(
+                    "{name} epoch {epoch}/{}: {done}/{steps_per_epoch} batches, {status}",
+                    settings.epochs
+                );
+            }
+            bar.set_message(status);
         }
         bar.finish_and_clear();
         let train_secs = t0.elapsed().as_secs_f64();
@@ -175,23 +224,41 @@ pub fn fit(
 }
 
 /// Accuracy and loss of the main head on `set`, in eval mode, with its throughput.
-pub fn evaluate(model: &dyn Classifier, set: Subset, batch_size: usize) -> Result<Eval, TrainError> {
+pub fn evaluate(
+    model: &dyn Classifier,
+    set: Subset,
+    batch_size: usize,
+) -> Result<Eval, TrainError> {
     let t0 = Instant::now();
     let (mut hits, mut loss, mut n) = (0.0, 0.0, 0usize);
     for batch in Batches::new(set.images, set.labels, set.rows, batch_size) {
         let batch = batch?;
         let heads = model.forward_t(&batch.images, false)?;
         hits += correct(&heads[0], &batch.labels)?;
-        loss += crate::loss::cross_entropy(&heads[0], &batch.labels)?.to_dtype(DType::F64)?.to_scalar::<f64>()? * batch.len as f64;
+        loss += crate::loss::cross_entropy(&heads[0], &batch.labels)?
+            .to_dtype(DType::F64)?
+            .to_scalar::<f64>()?
+            * batch.len as f64;
         n += batch.len;
     }
     let seconds = t0.elapsed().as_secs_f64();
     let n_f = n.max(1) as f64;
-    Ok(Eval { accuracy: hits / n_f, loss: loss / n_f, images: n, seconds, images_per_sec: n as f64 / seconds.max(1e-9) })
+    Ok(Eval {
+        accuracy: hits / n_f,
+        loss: loss / n_f,
+        images: n,
+        seconds,
+        images_per_sec: n as f64 / seconds.max(1e-9),
+    })
 }
 
 /// Logits of every head for `rows`, in that order: one `[rows, classes]` row-major buffer per head.
-pub fn predict(model: &dyn Classifier, set: Subset, batch_size: usize, label: &str) -> Result<Vec<Vec<f32>>, TrainError> {
+pub fn predict(
+    model: &dyn Classifier,
+    set: Subset,
+    batch_size: usize,
+    label: &str,
+) -> Result<Vec<Vec<f32>>, TrainError> {
     let batches = Batches::new(set.images, set.labels, set.rows, batch_size);
     let bar = progress(batches.num_batches(), label.to_string());
     let mut out: Vec<Vec<f32>> = Vec::new();

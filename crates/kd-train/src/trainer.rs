@@ -33,7 +33,9 @@ impl TrainingStage<'_> {
         let mut inputs = data.inputs();
         inputs.extend(self.inputs.clone());
         let key = stage_key(self.stage, &self.settings, &inputs);
-        let fresh = self.pipeline.up_to_date(self.stage, &self.pipeline.dir(self.stage), &key);
+        let fresh = self
+            .pipeline
+            .up_to_date(self.stage, &self.pipeline.dir(self.stage), &key);
         (key, inputs, fresh)
     }
 
@@ -55,7 +57,12 @@ impl TrainingStage<'_> {
         let parameters = model.num_parameters();
         tracing::info!(
             "{}: {} ({parameters} parameters), {} epochs, batch {}, lr {:e}, {} threads",
-            self.stage, self.arch, self.train.epochs, self.train.batch_size, self.train.lr, threads()
+            self.stage,
+            self.arch,
+            self.train.epochs,
+            self.train.batch_size,
+            self.train.lr,
+            threads()
         );
         let spec = FitSpec {
             name: self.stage,
@@ -91,7 +98,16 @@ impl TrainingStage<'_> {
             metrics,
         }
         .write(&dir, &[CHECKPOINT])?;
-        let mut t = Table::new(&["stage", "model", "parameters", "best epoch", "val acc", "test acc", "train img/s", "wall time"]);
+        let mut t = Table::new(&[
+            "stage",
+            "model",
+            "parameters",
+            "best epoch",
+            "val acc",
+            "test acc",
+            "train img/s",
+            "wall time",
+        ]);
         t.row(&[
             self.stage.to_string(),
             self.arch.to_string(),
@@ -102,7 +118,12 @@ impl TrainingStage<'_> {
             format!("{:.0}", fit.train_images_per_sec),
             format!("{:.1}s", fit.wall_seconds),
         ]);
-        println!("\n{}\nwrote {} and {}", t.to_markdown(), checkpoint.display(), Manifest::path(&dir).display());
+        println!(
+            "\n{}\nwrote {} and {}",
+            t.to_markdown(),
+            checkpoint.display(),
+            Manifest::path(&dir).display()
+        );
         Ok(manifest)
     }
 }
