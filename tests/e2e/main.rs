@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used)]
 //! End-to-end: the real stages, in process, on the smoke pipeline (600 real Fashion-MNIST
 //! training images, 200 test images). Needs the dataset (`just data`).
 

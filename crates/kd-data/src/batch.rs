@@ -58,7 +58,7 @@ impl View {
     /// Writes the view of `src` (`[c, h, w]`) into `dst`; pixels shifted in from outside take
     /// `fill[c]`.
     pub fn apply(&self, src: &[f32], dst: &mut [f32], c: usize, h: usize, w: usize, fill: &[f32]) {
-        for ch in 0..c {
+        for (ch, &pad) in fill.iter().enumerate().take(c) {
             let plane = ch * h * w;
             for y in 0..h {
                 let sy = y as i32 + self.dy;
@@ -69,7 +69,7 @@ impl View {
                     {
                         src[plane + sy as usize * w + sx as usize]
                     } else {
-                        fill[ch]
+                        pad
                     };
                 }
             }

@@ -94,7 +94,8 @@ impl Pool2d {
         )
     }
 
-    fn fwd_plane<T: WithDType>(&self, x: &[T], out: &mut [T], h: usize, w: usize, ow: usize) {
+    fn fwd_plane<T: WithDType>(&self, x: &[T], out: &mut [T], g: Geometry) {
+        let (h, w, ow) = (g.h, g.w, g.ow);
         for (oy, row) in out.chunks_mut(ow).enumerate() {
             let (y0, y1, ph) = self.window(oy, h);
             for (ox, o) in row.iter_mut().enumerate() {
@@ -125,16 +126,9 @@ impl Pool2d {
         }
     }
 
-    fn bwd_plane<T: WithDType>(
-        &self,
-        x: &[T],
-        g: &[T],
-        gx: &mut [T],
-        h: usize,
-        w: usize,
-        ow: usize,
-    ) {
-        for (oy, grow) in g.chunks(ow).enumerate() {
+    fn bwd_plane<T: WithDType>(&self, x: &[T], grad: &[T], gx: &mut [T], g: Geometry) {
+        let (h, w, ow) = (g.h, g.w, g.ow);
+        for (oy, grow) in grad.chunks(ow).enumerate() {
             let (y0, y1, ph) = self.window(oy, h);
             for (ox, &go) in grow.iter().enumerate() {
                 let (x0, x1, pw) = self.window(ox, w);
@@ -163,10 +157,45 @@ impl Pool2d {
         }
     }
 
-    fn dims(&self, layout: &Layout) -> Result<(usize, usize, usize, usize, usize, usize)> {
+    /// Output shape and plane geometry for an input layout `[b, c, h, w]`.
+    fn geometry(&self, layout: &Layout) -> Result<(Shape, Geometry)> {
         let (b, c, h, w) = layout.shape().dims4()?;
-        Ok((b * c, h, w, self.out_len(h)?, self.out_len(w)?, c))
+        let g = Geometry {
+            h,
+            w,
+            oh: self.out_len(h)?,
+            ow: self.out_len(w)?,
+        };
+        Ok((Shape::from((b, c, g.oh, g.ow)), g))
     }
+
+    /// Pools every `h×w` plane of `x`, in parallel.
+    fn forward_planes<T: WithDType>(&self, x: &[T], g: Geometry) -> Vec<T> {
+        let mut out = vec![T::from_f64(0.0); x.len() / (g.h * g.w) * g.oh * g.ow];
+        out.par_chunks_mut(g.oh * g.ow)
+            .zip(x.par_chunks(g.h * g.w))
+            .for_each(|(o, xp)| self.fwd_plane(xp, o, g));
+        out
+    }
+
+    /// The input gradient of every plane, in parallel.
+    fn backward_planes<T: WithDType>(&self, x: &[T], grad: &[T], g: Geometry) -> Vec<T> {
+        let mut gx = vec![T::from_f64(0.0); x.len()];
+        gx.par_chunks_mut(g.h * g.w)
+            .zip(x.par_chunks(g.h * g.w))
+            .zip(grad.par_chunks(g.oh * g.ow))
+            .for_each(|((gxp, xp), gp)| self.bwd_plane(xp, gp, gxp, g));
+        gx
+    }
+}
+
+/// Input and output plane sizes.
+#[derive(Debug, Clone, Copy)]
+struct Geometry {
+    h: usize,
+    w: usize,
+    oh: usize,
+    ow: usize,
 }
 
 fn contiguous<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
@@ -182,28 +211,14 @@ impl CustomOp1 for Pool2d {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (planes, h, w, oh, ow, c) = self.dims(layout)?;
-        let shape = Shape::from((planes / c, c, oh, ow));
-        fn run<T: WithDType>(
-            p: &Pool2d,
-            s: &CpuStorage,
-            l: &Layout,
-            n: usize,
-            h: usize,
-            w: usize,
-            oh: usize,
-            ow: usize,
-        ) -> Result<CpuStorage> {
-            let x = contiguous::<T>(s, l)?;
-            let mut out = vec![T::from_f64(0.0); n * oh * ow];
-            out.par_chunks_mut(oh * ow)
-                .zip(x.par_chunks(h * w))
-                .for_each(|(o, xp)| p.fwd_plane(xp, o, h, w, ow));
-            Ok(T::to_cpu_storage_owned(out))
-        }
+        let (shape, g) = self.geometry(layout)?;
         let out = match storage {
-            CpuStorage::F32(_) => run::<f32>(self, storage, layout, planes, h, w, oh, ow)?,
-            CpuStorage::F64(_) => run::<f64>(self, storage, layout, planes, h, w, oh, ow)?,
+            CpuStorage::F32(_) => {
+                CpuStorage::F32(self.forward_planes(contiguous::<f32>(storage, layout)?, g))
+            }
+            CpuStorage::F64(_) => {
+                CpuStorage::F64(self.forward_planes(contiguous::<f64>(storage, layout)?, g))
+            }
             _ => candle_core::bail!("pool2d supports f32 and f64, not {:?}", storage.dtype()),
         };
         Ok((out, shape))
@@ -231,37 +246,26 @@ impl CustomOp2 for PoolBackward {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let p = &self.0;
-        let (_, h, w, oh, ow, _) = p.dims(l1)?;
-        if l2.shape().dims4()?.2 != oh || l2.shape().dims4()?.3 != ow {
+        let (out_shape, g) = p.geometry(l1)?;
+        if l2.shape() != &out_shape {
             candle_core::bail!(
-                "pool2d backward: gradient shape {:?} does not match",
-                l2.shape()
+                "pool2d backward: gradient shape {:?}, expected {:?}",
+                l2.shape(),
+                out_shape
             );
         }
-        fn run<T: WithDType>(
-            p: &Pool2d,
-            s1: &CpuStorage,
-            l1: &Layout,
-            s2: &CpuStorage,
-            l2: &Layout,
-            h: usize,
-            w: usize,
-            oh: usize,
-            ow: usize,
-        ) -> Result<CpuStorage> {
-            let x = contiguous::<T>(s1, l1)?;
-            let g = contiguous::<T>(s2, l2)?;
-            let mut gx = vec![T::from_f64(0.0); x.len()];
-            gx.par_chunks_mut(h * w)
-                .zip(x.par_chunks(h * w))
-                .zip(g.par_chunks(oh * ow))
-                .for_each(|((gxp, xp), gp)| p.bwd_plane(xp, gp, gxp, h, w, ow));
-            Ok(T::to_cpu_storage_owned(gx))
-        }
-        let out = match s1 {
-            CpuStorage::F32(_) => run::<f32>(p, s1, l1, s2, l2, h, w, oh, ow)?,
-            CpuStorage::F64(_) => run::<f64>(p, s1, l1, s2, l2, h, w, oh, ow)?,
-            _ => candle_core::bail!("pool2d supports f32 and f64, not {:?}", s1.dtype()),
+        let out = match (s1, s2) {
+            (CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32(p.backward_planes(
+                contiguous::<f32>(s1, l1)?,
+                contiguous::<f32>(s2, l2)?,
+                g,
+            )),
+            (CpuStorage::F64(_), CpuStorage::F64(_)) => CpuStorage::F64(p.backward_planes(
+                contiguous::<f64>(s1, l1)?,
+                contiguous::<f64>(s2, l2)?,
+                g,
+            )),
+            _ => candle_core::bail!("pool2d backward supports f32 and f64, not {:?}", s1.dtype()),
         };
         Ok((out, l1.shape().clone()))
     }

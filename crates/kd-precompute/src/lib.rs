@@ -127,15 +127,8 @@ pub fn run(args: &Args) -> anyhow::Result<Manifest> {
         .collect();
     let bytes = std::fs::metadata(&path)?.len();
     let manifest = Manifest {
-        stage: STAGE.into(),
-        pipeline: pipeline.name.clone(),
-        key,
         settings,
         inputs,
-        outputs: BTreeMap::new(),
-        seed: None,
-        threads: threads(),
-        version: env!("CARGO_PKG_VERSION").into(),
         wall_seconds: started.elapsed().as_secs_f64(),
         metrics: serde_json::json!({
             "rows": rows,
@@ -147,6 +140,7 @@ pub fn run(args: &Args) -> anyhow::Result<Manifest> {
             "bytes": bytes,
             "train_accuracy_per_head": agreement,
         }),
+        ..Manifest::start(STAGE, &pipeline.name, key)
     }
     .write(&dir, &[KNOWLEDGE_FILE])?;
 

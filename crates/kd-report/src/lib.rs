@@ -154,17 +154,11 @@ pub fn run(args: &Args) -> anyhow::Result<Manifest> {
 
     let kd_gain = results[1].test_accuracy - results[2].test_accuracy;
     let manifest = Manifest {
-        stage: STAGE.into(),
-        pipeline: pipeline.name.clone(),
-        key,
         settings,
         inputs,
-        outputs: BTreeMap::new(),
-        seed: None,
-        threads: threads(),
-        version: env!("CARGO_PKG_VERSION").into(),
         wall_seconds: started.elapsed().as_secs_f64(),
         metrics: serde_json::json!({ "models": results, "kd_minus_baseline": kd_gain }),
+        ..Manifest::start(STAGE, &pipeline.name, key)
     }
     .write(&dir, &[REPORT_FILE, CURVES_FILE])?;
     println!(
@@ -227,10 +221,10 @@ fn render(
          Speeds were measured in one process, one model after the other, on {} threads.\n\n",
         pipeline.name,
         data.dataset.name,
-        data.dataset.train.len(),
-        data.train_rows.len(),
-        data.val_rows.len(),
-        data.dataset.test.len(),
+        group(data.dataset.train.len()),
+        group(data.train_rows.len()),
+        group(data.val_rows.len()),
+        group(data.dataset.test.len()),
         data.spec.classes,
         threads()
     );
@@ -296,7 +290,7 @@ fn render(
          (the teacher's main head agrees with {:.2}% of the training labels).\n\n",
         KNOWLEDGE,
         kd_train::stage::layout::KNOWLEDGE_FILE,
-        k["rows"],
+        group(k["rows"].as_u64().unwrap_or(0) as usize),
         k["heads"].as_array().map(|h| h.iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join(", ")).unwrap_or_default(),
         k["bytes"].as_f64().unwrap_or(0.0) / (1 << 20) as f64,
         100.0 * k["train_accuracy_per_head"]["main"].as_f64().unwrap_or(0.0),
@@ -331,7 +325,7 @@ fn group(n: usize) -> String {
     let s = n.to_string();
     let mut out = String::new();
     for (i, ch) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(ch);

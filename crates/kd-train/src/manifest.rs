@@ -41,6 +41,24 @@ pub fn stage_key(
 }
 
 impl Manifest {
+    /// A manifest of `stage` run by this build on this machine; the caller fills in the rest
+    /// (`Manifest { settings, metrics, ..Manifest::start(...) }`) and `write` hashes the outputs.
+    pub fn start(stage: &str, pipeline: &str, key: String) -> Self {
+        Self {
+            stage: stage.to_string(),
+            pipeline: pipeline.to_string(),
+            key,
+            settings: serde_json::Value::Null,
+            inputs: BTreeMap::new(),
+            outputs: BTreeMap::new(),
+            seed: None,
+            threads: candle_core::utils::get_num_threads(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            wall_seconds: 0.0,
+            metrics: serde_json::Value::Null,
+        }
+    }
+
     pub fn path(dir: &Path) -> PathBuf {
         dir.join(MANIFEST)
     }
@@ -88,17 +106,9 @@ mod tests {
         let inputs = BTreeMap::from([("data".to_string(), "abc".to_string())]);
         let key = stage_key("teacher", &settings, &inputs);
         let m = Manifest {
-            stage: "teacher".into(),
-            pipeline: "p".into(),
-            key: key.clone(),
             settings,
             inputs,
-            outputs: BTreeMap::new(),
-            seed: Some(0),
-            threads: 2,
-            version: "0".into(),
-            wall_seconds: 1.0,
-            metrics: serde_json::Value::Null,
+            ..Manifest::start("teacher", "p", key.clone())
         };
         m.write(dir.path(), &["model.bin"]).unwrap();
         assert!(Manifest::fresh(dir.path(), &key).is_some());

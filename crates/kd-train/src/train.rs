@@ -175,7 +175,7 @@ pub fn fit(
             // Without a terminal there is no bar: log progress every tenth of an epoch instead.
             let done = bar.position() as usize;
             if bar.is_hidden()
-                && done % steps_per_epoch.div_ceil(10).max(1) == 0
+                && done.is_multiple_of(steps_per_epoch.div_ceil(10).max(1))
                 && done < steps_per_epoch
             {
                 tracing::info!(

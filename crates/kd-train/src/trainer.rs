@@ -85,17 +85,12 @@ impl TrainingStage<'_> {
             "test_images": test.images,
         });
         let manifest = Manifest {
-            stage: self.stage.to_string(),
-            pipeline: self.pipeline.name.clone(),
-            key,
             settings: self.settings.clone(),
             inputs,
-            outputs: BTreeMap::new(),
             seed: Some(self.train.seed),
-            threads: threads(),
-            version: env!("CARGO_PKG_VERSION").to_string(),
             wall_seconds: started.elapsed().as_secs_f64(),
             metrics,
+            ..Manifest::start(self.stage, &self.pipeline.name, key)
         }
         .write(&dir, &[CHECKPOINT])?;
         let mut t = Table::new(&[
