@@ -13,42 +13,49 @@ fashion_dir := "/usr/share/datasets/fashion-mnist"
 default:
     @just --list
 
-# Run every stage in order (a stage whose inputs and settings are unchanged is skipped)
+# Run every stage in order: `just pipeline [NAME] [FLAGS]` (a stage whose inputs and settings are unchanged is skipped)
 [group('pipeline')]
-pipeline name='fashion-mnist' *flags='': data build
+pipeline *args='': data build
     #!/usr/bin/env bash
     set -euo pipefail
+    set -- {{args}}
+    name=fashion-mnist
+    if [ $# -gt 0 ] && [[ $1 != -* ]]; then name=$1; shift; fi
     start=$(date +%s)
-    for stage in teacher precompute "student" "student --baseline" report; do
-        set -- $stage
-        {{bin}}/kd-$1 "${@:2}" --pipeline pipelines/{{name}}.toml {{flags}}
+    for stage in kd-teacher kd-precompute kd-student "kd-student --baseline" kd-report; do
+        {{bin}}/$stage --pipeline "pipelines/$name.toml" "$@"
     done
-    echo "pipeline {{name}}: done in $(( $(date +%s) - start )) s; read artifacts/{{name}}/report/report.md"
+    echo "pipeline $name: done in $(( $(date +%s) - start )) s; read artifacts/$name/report/report.md"
 
-# Stage 1: train the teacher
+# Stage 1: train the teacher (`just teacher [NAME] [FLAGS]`, e.g. `just teacher smoke --epochs 2`)
 [group('stages')]
-teacher name='fashion-mnist' *flags='': build
-    {{bin}}/kd-teacher --pipeline pipelines/{{name}}.toml {{flags}}
+teacher *args='': (_stage "kd-teacher" args)
 
 # Stage 2: the teacher's soft targets for the whole training set -> knowledge file
 [group('stages')]
-precompute name='fashion-mnist' *flags='': build
-    {{bin}}/kd-precompute --pipeline pipelines/{{name}}.toml {{flags}}
+precompute *args='': (_stage "kd-precompute" args)
 
 # Stage 3: train the student from the knowledge file (KD)
 [group('stages')]
-student name='fashion-mnist' *flags='': build
-    {{bin}}/kd-student --pipeline pipelines/{{name}}.toml {{flags}}
+student *args='': (_stage "kd-student" args)
 
 # Stage 3': train the same student on labels alone (the control)
 [group('stages')]
-baseline name='fashion-mnist' *flags='': build
-    {{bin}}/kd-student --baseline --pipeline pipelines/{{name}}.toml {{flags}}
+baseline *args='': (_stage "kd-student --baseline" args)
 
 # Stage 4: compare teacher and students -> artifacts/<name>/report/report.md
 [group('stages')]
-report name='fashion-mnist' *flags='': build
-    {{bin}}/kd-report --pipeline pipelines/{{name}}.toml {{flags}}
+report *args='': (_stage "kd-report" args)
+
+# Runs one stage binary: the first argument, if it is not a flag, names the pipeline.
+[private]
+_stage binary *args='': build
+    #!/usr/bin/env bash
+    set -euo pipefail
+    set -- {{args}}
+    name=fashion-mnist
+    if [ $# -gt 0 ] && [[ $1 != -* ]]; then name=$1; shift; fi
+    {{bin}}/{{binary}} --pipeline "pipelines/$name.toml" "$@"
 
 # Install Fashion-MNIST (Debian's dataset-fashion-mnist) if it is not there
 [group('setup')]
