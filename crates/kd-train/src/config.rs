@@ -257,6 +257,9 @@ impl PipelineConfig {
             ("student.batch_size", self.student.batch_size),
             ("knowledge.batch_size", self.knowledge.batch_size),
             ("data.classes", self.data.classes),
+            ("data.val_size", self.data.val_size),
+            ("data.train_limit", self.data.train_limit.unwrap_or(1)),
+            ("data.test_limit", self.data.test_limit.unwrap_or(1)),
         ];
         for (key, v) in positive {
             if v == 0 {
@@ -383,7 +386,8 @@ head_weights = { main = 1.0, aux1 = 0.3, aux2 = 0.3 }
 
     #[test]
     fn bad_values_are_refused_by_name() {
-        let cases: [(&[&str], &str); 7] = [
+        let cases: [(&[&str], &str); 8] = [
+            (&["data.val_size=0"], "data.val_size"),
             (&["teacher.epoch=3"], "epoch"),
             (&["student.temperature=0"], "student.temperature"),
             (&["student.hard_weight=-1"], "student.hard_weight"),
