@@ -78,6 +78,16 @@ build:
 test *args='': data
     cargo test --release --workspace {{args}}
 
+# Measure every stage's hot path on the real data -> artifacts/bench/bench.md (`just bench [NAME] [FLAGS]`)
+[group('checks')]
+bench *args='': data build
+    #!/usr/bin/env bash
+    set -euo pipefail
+    set -- {{args}}
+    name=fashion-mnist
+    if [ $# -gt 0 ] && [[ $1 != -* ]]; then name=$1; shift; fi
+    {{bin}}/kd-bench --pipeline "pipelines/$name.toml" "$@"
+
 # Tests, clippy and formatting, as CI would want them
 [group('checks')]
 ci: test

@@ -5,12 +5,13 @@
 //! for 28×28 images, and `googlenet-224`, the seed's network unchanged for 224×224 photos.
 //! Tensor names follow the PyTorch state dict (`inception3a.branch2.1.conv.weight`, ...).
 
+use crate::conv::swap_batch_and_channels;
 use crate::init::{Dropout, DropoutRng};
-use crate::layers::{linear, BasicConv, InitScheme};
+use crate::layers::{linear, BasicConv, Dense, InitScheme};
 use crate::pool::Pool2d;
 use crate::{Classifier, InputSpec};
 use candle_core::{Result, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
 /// Channels of one inception block: `(c1, c3_reduce, c3, c5_reduce, c5, pool_proj)`.
 type InceptionChannels = (usize, usize, usize, usize, usize, usize);
@@ -118,7 +119,7 @@ impl Inception {
             .padding(1)
             .forward(xs)?
             .apply(&self.branch4)?;
-        Tensor::cat(&[b1, b2, b3, b4], 1)
+        Tensor::cat(&[b1, b2, b3, b4], 0)
     }
 }
 
@@ -127,8 +128,8 @@ impl Inception {
 struct AuxHead {
     pool: Pool2d,
     conv: BasicConv,
-    fc1: Linear,
-    fc2: Linear,
+    fc1: Dense,
+    fc2: Dense,
     dropout: Dropout,
 }
 
@@ -150,8 +151,11 @@ impl AuxHead {
         })
     }
 
+    /// `[c, batch, h, w]` → logits `[batch, classes]`.
     fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
-        let xs = self.pool.forward(xs)?.apply(&self.conv)?.flatten_from(1)?;
+        let xs = self.pool.forward(xs)?.apply(&self.conv)?;
+        // Flatten in PyTorch's (channel, y, x) order.
+        let xs = swap_batch_and_channels(&xs)?.flatten_from(1)?;
         let xs = self
             .dropout
             .forward_t(&xs, train)?
@@ -170,7 +174,7 @@ pub struct GoogLeNet {
     aux1: AuxHead,
     aux2: AuxHead,
     dropout: Dropout,
-    fc: Linear,
+    fc: Dense,
 }
 
 const BLOCK_NAMES: [&str; 9] = [
@@ -233,7 +237,8 @@ impl Classifier for GoogLeNet {
 
     fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Vec<Tensor>> {
         let pool = Pool2d::max(3, 2).ceil();
-        let mut xs = xs.apply(&self.stem[0])?;
+        // Channels-first inside the network: see `conv`.
+        let mut xs = swap_batch_and_channels(xs)?.apply(&self.stem[0])?;
         if self.imagenet_stem {
             xs = pool.forward(&xs)?;
         }
@@ -248,7 +253,7 @@ impl Classifier for GoogLeNet {
                 _ => {}
             }
         }
-        let xs = xs.mean_keepdim(3)?.mean_keepdim(2)?.flatten_from(1)?;
+        let xs = xs.mean(3)?.mean(2)?.t()?;
         let main = self.dropout.forward_t(&xs, train)?.apply(&self.fc)?;
         Ok([vec![main], aux].concat())
     }

@@ -1,8 +1,9 @@
 //! Building blocks: convolutions and linear layers with an explicit initialisation scheme.
 
+use crate::conv::Conv;
 use candle_core::{Result, Tensor};
 use candle_nn::init::{FanInOut, NonLinearity, NormalOrUniform};
-use candle_nn::{Conv2d, Conv2dConfig, Init, Linear, Module, VarBuilder};
+use candle_nn::{Init, Linear, Module, VarBuilder};
 
 /// How a model's weights start.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -14,7 +15,7 @@ pub enum InitScheme {
     Torch,
 }
 
-fn inits(scheme: InitScheme, fan_in: usize, conv: bool) -> (Init, Init) {
+pub(crate) fn inits(scheme: InitScheme, fan_in: usize, conv: bool) -> (Init, Init) {
     let bound = 1.0 / (fan_in as f64).sqrt();
     match (scheme, conv) {
         (InitScheme::Seed, true) => (
@@ -45,41 +46,34 @@ fn inits(scheme: InitScheme, fan_in: usize, conv: bool) -> (Init, Init) {
     }
 }
 
-/// A square convolution with bias.
-pub fn conv2d(
-    cin: usize,
-    cout: usize,
-    kernel: usize,
-    stride: usize,
-    padding: usize,
-    scheme: InitScheme,
-    vb: VarBuilder,
-) -> Result<Conv2d> {
-    let (wi, bi) = inits(scheme, cin * kernel * kernel, true);
-    let w = vb.get_with_hints((cout, cin, kernel, kernel), "weight", wi)?;
-    let b = vb.get_with_hints(cout, "bias", bi)?;
-    Ok(Conv2d::new(
-        w,
-        Some(b),
-        Conv2dConfig {
-            padding,
-            stride,
-            ..Default::default()
-        },
-    ))
+/// A fully connected layer (candle's `Linear`) that counts its multiply-adds.
+#[derive(Debug, Clone)]
+pub struct Dense {
+    inner: Linear,
+    macs_per_row: usize,
 }
 
-pub fn linear(cin: usize, cout: usize, scheme: InitScheme, vb: VarBuilder) -> Result<Linear> {
+impl Module for Dense {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        crate::macs::add(self.macs_per_row * xs.dim(0)?);
+        self.inner.forward(xs)
+    }
+}
+
+pub fn linear(cin: usize, cout: usize, scheme: InitScheme, vb: VarBuilder) -> Result<Dense> {
     let (wi, bi) = inits(scheme, cin, false);
     let w = vb.get_with_hints((cout, cin), "weight", wi)?;
     let b = vb.get_with_hints(cout, "bias", bi)?;
-    Ok(Linear::new(w, Some(b)))
+    Ok(Dense {
+        inner: Linear::new(w, Some(b)),
+        macs_per_row: cin * cout,
+    })
 }
 
-/// Conv2d followed by ReLU: the seed's `BasicConv2d` (no BatchNorm).
+/// Conv2d followed by ReLU: the seed's `BasicConv2d` (no BatchNorm), on `[c, batch, h, w]`.
 #[derive(Debug, Clone)]
 pub struct BasicConv {
-    conv: Conv2d,
+    conv: Conv,
 }
 
 impl BasicConv {
@@ -92,7 +86,7 @@ impl BasicConv {
         vb: VarBuilder,
     ) -> Result<Self> {
         Ok(Self {
-            conv: conv2d(
+            conv: Conv::new(
                 cin,
                 cout,
                 kernel,
@@ -107,6 +101,6 @@ impl BasicConv {
 
 impl Module for BasicConv {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        xs.apply(&self.conv)?.relu()
+        self.conv.forward(xs)?.relu()
     }
 }

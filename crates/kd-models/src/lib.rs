@@ -7,9 +7,11 @@
 //! | `student-cnn` | the seed's student adapted to 28×28 | 20,490 (10 classes) |
 //! | `student-seed` | the seed's `Studentmodel` at 224×224 | 41,029 (5 classes) |
 
+pub mod conv;
 pub mod googlenet;
 pub mod init;
 pub mod layers;
+pub mod macs;
 pub mod pool;
 pub mod student;
 
@@ -152,6 +154,16 @@ pub fn load_frozen(
             "unexpected tensor {extra} (is this a {arch} checkpoint?)"
         )));
     }
+    frozen(arch, spec, tensors, device)
+}
+
+/// `arch` built from plain tensors (inference only: no variables, no graph).
+pub fn frozen(
+    arch: &str,
+    spec: &InputSpec,
+    tensors: HashMap<String, Tensor>,
+    device: &Device,
+) -> Result<Box<dyn Classifier>> {
     let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
     build(arch, spec, &DropoutRng::new(0), vb)
 }
@@ -187,6 +199,22 @@ mod tests {
             num_parameters("resnet", &FASHION),
             Err(ModelError::UnknownArchitecture(_))
         ));
+    }
+
+    #[test]
+    fn multiply_adds_match_the_reference() {
+        // MODELS.md: 3.16 GFLOP (googlenet-224 with aux heads; multiply-adds counted as 2) and
+        // 132.5 MFLOP (student-seed) per 224x224 image.
+        for (arch, gflop) in [("googlenet-224", 3.16), ("student-seed", 0.1325)] {
+            let m = Trainable::new(arch, &FLOWERS, 0, &Device::Cpu).unwrap();
+            let xs = Tensor::zeros((1, 3, 224, 224), DType::F32, &Device::Cpu).unwrap();
+            let (_, macs) = macs::count(|| m.model.forward_t(&xs, false).unwrap());
+            let got = 2.0 * macs as f64 / 1e9;
+            assert!(
+                (got - gflop).abs() / gflop < 0.01,
+                "{arch}: {got:.4} GFLOP, reference {gflop}"
+            );
+        }
     }
 
     #[test]

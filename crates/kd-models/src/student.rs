@@ -3,12 +3,13 @@
 //! `student-cnn` is its 28×28 adaptation (MODELS.md, 20,490 parameters for 10 classes);
 //! `student-seed` is the seed's `Studentmodel` at 224×224 (41,029 parameters for 5 classes).
 
+use crate::conv::{swap_batch_and_channels, Conv};
 use crate::init::{Dropout, DropoutRng};
-use crate::layers::{conv2d, linear, InitScheme};
+use crate::layers::{linear, Dense, InitScheme};
 use crate::pool::Pool2d;
 use crate::{Classifier, InputSpec};
 use candle_core::{Result, Tensor};
-use candle_nn::{Conv2d, Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
 /// One conv stage: `(out_channels, kernel, stride, padding)`, then ReLU and `pool`.
 #[derive(Debug, Clone)]
@@ -35,10 +36,10 @@ impl StudentConfig {
 
 #[derive(Debug, Clone)]
 pub struct StudentCnn {
-    convs: Vec<Conv2d>,
+    convs: Vec<Conv>,
     pool: Pool2d,
     dropout: Dropout,
-    fc: Linear,
+    fc: Dense,
 }
 
 fn conv_out(len: usize, k: usize, s: usize, p: usize) -> Result<usize> {
@@ -58,7 +59,7 @@ impl StudentCnn {
         let (mut cin, mut h, mut w) = (spec.channels, spec.height, spec.width);
         let mut convs = Vec::new();
         for (i, &(cout, k, s, p)) in cfg.convs.iter().enumerate() {
-            convs.push(conv2d(
+            convs.push(Conv::new(
                 cin,
                 cout,
                 k,
@@ -86,11 +87,13 @@ impl Classifier for StudentCnn {
     }
 
     fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Vec<Tensor>> {
-        let mut xs = xs.clone();
+        // Channels-first inside the network (see `conv`), PyTorch's flatten order at the end.
+        let mut xs = swap_batch_and_channels(xs)?;
         for conv in &self.convs {
-            xs = self.pool.forward(&xs.apply(conv)?.relu()?)?;
+            xs = self.pool.forward(&conv.forward(&xs)?.relu()?)?;
         }
-        let xs = self.dropout.forward_t(&xs.flatten_from(1)?, train)?;
+        let xs = swap_batch_and_channels(&xs)?.flatten_from(1)?;
+        let xs = self.dropout.forward_t(&xs, train)?;
         Ok(vec![xs.apply(&self.fc)?])
     }
 }

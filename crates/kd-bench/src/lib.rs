@@ -1,0 +1,494 @@
+//! `just bench`: the throughput of every stage's hot path on the real data and the pipeline's
+//! own models, measured in one run, each measurement in its own child process (so its peak
+//! resident memory is its own), with the median and spread of several repetitions.
+//!
+//! Writes `artifacts/bench/bench.md` and `bench.json`. No timing is asserted anywhere: these are
+//! numbers to read and compare, side by side, with the PyTorch figures measured on the same
+//! machine (`../shared/reference/PYTORCH-REFERENCE.md`).
+
+use anyhow::Context;
+use candle_core::{DType, Device, Tensor};
+use clap::Parser;
+use kd_data::Batches;
+use kd_models::{Classifier, Trainable};
+use kd_train::loss::{cross_entropy, kd_loss, KdWeights};
+use kd_train::optim::{Adam, AdamParams};
+use kd_train::stage::layout::{CHECKPOINT, KNOWLEDGE, KNOWLEDGE_FILE, TEACHER};
+use kd_train::stage::threads;
+use kd_train::table::Table;
+use kd_train::{LoadedData, Pipeline, PipelineArgs};
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+use std::time::Instant;
+
+/// Measure the pipeline's hot paths.
+#[derive(Parser, Debug, Clone)]
+#[command(name = "kd-bench", version)]
+pub struct Args {
+    #[command(flatten)]
+    pub pipeline: PipelineArgs,
+    /// Timed repetitions of each measurement (after one warm-up).
+    #[arg(long, default_value_t = 5)]
+    pub reps: usize,
+    /// Batches per repetition.
+    #[arg(long, default_value_t = 4)]
+    pub batches: usize,
+    /// Where bench.md and bench.json go.
+    #[arg(long, default_value = "artifacts/bench")]
+    pub out: PathBuf,
+    /// Run one measurement in this process and print it as JSON (used by the parent run).
+    #[arg(long, hide = true)]
+    pub only: Option<String>,
+}
+
+/// What each measurement is, and PyTorch 2.15's figure for the same work on this machine
+/// (2 threads, batch 128 unless said; `../shared/reference/PYTORCH-REFERENCE.md` and the
+/// performance issue), where one exists.
+pub const MEASUREMENTS: [(&str, &str, Option<f64>); 7] = [
+    (
+        "data",
+        "data pipeline: shuffle, crop+flip, batch (128)",
+        None,
+    ),
+    (
+        "teacher-step",
+        "teacher training step (googlenet, 3 heads, batch 128)",
+        Some(236.0),
+    ),
+    (
+        "precompute",
+        "precompute: teacher inference, 3 heads (batch 256)",
+        Some(481.0),
+    ),
+    (
+        "student-kd-step",
+        "student training step from the knowledge file (KD)",
+        Some(3850.0),
+    ),
+    (
+        "student-baseline-step",
+        "student training step, labels only",
+        Some(2950.0),
+    ),
+    (
+        "online-kd-step",
+        "online distillation: teacher forward + student KD step",
+        Some(436.0),
+    ),
+    (
+        "teacher-eval",
+        "teacher evaluation forward (batch 256, from variables)",
+        None,
+    ),
+];
+
+/// One measurement's samples.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Measurement {
+    pub name: String,
+    pub images_per_rep: usize,
+    /// Seconds per repetition.
+    pub seconds: Vec<f64>,
+    /// Seconds per repetition spent in forward / backward / optimiser, where split.
+    pub split: Split,
+    /// Multiply-adds of one image's forward pass through the trained model.
+    pub forward_macs_per_image: u64,
+    pub peak_rss_kib: u64,
+}
+
+impl Measurement {
+    fn images_per_sec(&self) -> Vec<f64> {
+        self.seconds
+            .iter()
+            .map(|s| self.images_per_rep as f64 / s)
+            .collect()
+    }
+}
+
+pub fn median(xs: &[f64]) -> f64 {
+    let mut v = xs.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => 0.5 * (v[n / 2 - 1] + v[n / 2]),
+    }
+}
+
+fn peak_rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        })
+        .unwrap_or(0)
+}
+
+/// Seconds per repetition of each named part of a step.
+type Split = Vec<(String, Vec<f64>)>;
+
+/// Times `reps` repetitions of `batches` calls of `step`, after one warm-up call. `step` returns
+/// the seconds of each part it splits its work into.
+fn time_reps(
+    args: &Args,
+    mut step: impl FnMut(usize) -> anyhow::Result<Vec<(&'static str, f64)>>,
+) -> anyhow::Result<(Vec<f64>, Split)> {
+    step(0)?;
+    let mut seconds = Vec::new();
+    let mut split: Split = Vec::new();
+    for rep in 0..args.reps {
+        let t0 = Instant::now();
+        let mut parts: Vec<(&'static str, f64)> = Vec::new();
+        for b in 0..args.batches {
+            for (i, (name, s)) in step(1 + rep * args.batches + b)?.into_iter().enumerate() {
+                match parts.get_mut(i) {
+                    Some(p) => p.1 += s,
+                    None => parts.push((name, s)),
+                }
+            }
+        }
+        seconds.push(t0.elapsed().as_secs_f64());
+        for (i, (name, s)) in parts.into_iter().enumerate() {
+            match split.get_mut(i) {
+                Some(p) => p.1.push(s),
+                None => split.push((name.to_string(), vec![s])),
+            }
+        }
+    }
+    Ok((seconds, split))
+}
+
+fn timed<T>(f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<(T, f64)> {
+    let t0 = Instant::now();
+    let out = f()?;
+    Ok((out, t0.elapsed().as_secs_f64()))
+}
+
+/// Rows `[start, start + n)` of the training rows, wrapping around.
+fn rows(data: &LoadedData, start: usize, n: usize) -> Vec<u32> {
+    (0..n)
+        .map(|i| data.train_rows[(start + i) % data.train_rows.len()])
+        .collect()
+}
+
+fn batch(
+    data: &LoadedData,
+    rows: &[u32],
+    augment: bool,
+    seed: u64,
+) -> anyhow::Result<kd_data::Batch> {
+    let mut b = Batches::new(&data.train_images, &data.train_labels, rows, rows.len());
+    if augment {
+        let aug = kd_data::Augment {
+            crop_padding: 2,
+            horizontal_flip: true,
+        };
+        b = b.augmented(aug, seed, 0, data.fill.clone());
+    }
+    b.next().context("no batch")?.map_err(Into::into)
+}
+
+fn optimiser(model: &Trainable, lr: f64) -> anyhow::Result<Adam> {
+    let vars = model
+        .vars
+        .varmap
+        .data()
+        .lock()
+        .map_err(|_| anyhow::anyhow!("poisoned"))?
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    Ok(Adam::new(vars, AdamParams::new(lr, 0.0)))
+}
+
+/// The teacher the other measurements distil from: the pipeline's checkpoint if it exists,
+/// else a freshly initialised one (the speed is the same).
+fn frozen_teacher(p: &Pipeline, data: &LoadedData) -> anyhow::Result<Box<dyn Classifier>> {
+    let arch = &p.config.teacher.arch;
+    let ckpt = p.dir(TEACHER).join(CHECKPOINT);
+    Ok(if ckpt.is_file() {
+        kd_models::load_frozen(arch, &data.spec, &ckpt, &Device::Cpu)?
+    } else {
+        let t = Trainable::new(arch, &data.spec, 0, &Device::Cpu)?;
+        kd_models::frozen(arch, &data.spec, t.named_tensors(), &Device::Cpu)?
+    })
+}
+
+/// The teacher's logits per head for every training row: the knowledge file if it matches, else
+/// random logits of the same shape (reading them costs the same).
+fn knowledge(p: &Pipeline, data: &LoadedData, heads: &[String]) -> anyhow::Result<Vec<Tensor>> {
+    let path = p.dir(KNOWLEDGE).join(KNOWLEDGE_FILE);
+    if let Ok(k) = kd_knowledge::KnowledgeFile::open(&path) {
+        if k.meta.dataset.rows == data.dataset.train.len() {
+            return heads
+                .iter()
+                .map(|h| k.logits(h, &Device::Cpu).map_err(Into::into))
+                .collect();
+        }
+    }
+    let n = data.dataset.train.len();
+    heads
+        .iter()
+        .map(|_| Tensor::randn(0f32, 3.0, (n, data.spec.classes), &Device::Cpu).map_err(Into::into))
+        .collect()
+}
+
+fn forward_macs(model: &dyn Classifier, data: &LoadedData) -> anyhow::Result<u64> {
+    let x = data.train_images.narrow(0, 0, 1)?;
+    let (out, macs) = kd_models::macs::count(|| model.forward_t(&x, false));
+    out?;
+    Ok(macs)
+}
+
+/// Runs one measurement in this process.
+pub fn measure(args: &Args, name: &str) -> anyhow::Result<Measurement> {
+    let p = args.pipeline.open(&[])?;
+    let data = p.load_data()?;
+    let (t, s) = (&p.config.teacher, &p.config.student);
+    let dev = Device::Cpu;
+    let (tb, sb, kb) = (t.batch_size, s.batch_size, p.config.knowledge.batch_size);
+    let mut macs = 0;
+    let (images, (seconds, split)) = match name {
+        "data" => (
+            tb * args.batches,
+            time_reps(args, |i| {
+                let r = rows(&data, i * tb, tb);
+                let (_, s) = timed(|| batch(&data, &r, true, i as u64))?;
+                Ok(vec![("batch", s)])
+            })?,
+        ),
+        "teacher-step" => {
+            let model = Trainable::new(&t.arch, &data.spec, t.seed, &dev)?;
+            macs = forward_macs(model.model.as_ref(), &data)?;
+            let mut opt = optimiser(&model, t.lr)?;
+            (
+                tb * args.batches,
+                time_reps(args, |i| {
+                    let b = batch(&data, &rows(&data, i * tb, tb), t.augment, i as u64)?;
+                    let (loss, f) = timed(|| {
+                        let heads = model.model.forward_t(&b.images, true)?;
+                        let loss = kd_teacher::teacher_loss(&heads, &b.labels, t.aux_weight)?;
+                        loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+                        Ok(loss)
+                    })?;
+                    let (grads, bw) = timed(|| Ok(loss.backward()?))?;
+                    let ((), o) = timed(|| Ok(opt.step(&grads)?))?;
+                    Ok(vec![("forward", f), ("backward", bw), ("optimiser", o)])
+                })?,
+            )
+        }
+        "precompute" | "teacher-eval" => {
+            let model: Box<dyn Classifier> = if name == "precompute" {
+                frozen_teacher(&p, &data)?
+            } else {
+                Trainable::new(&t.arch, &data.spec, 0, &dev)?.model
+            };
+            macs = forward_macs(model.as_ref(), &data)?;
+            (
+                kb * args.batches,
+                time_reps(args, |i| {
+                    let r = rows(&data, i * kb, kb);
+                    let subset = kd_train::Subset {
+                        rows: &r,
+                        ..data.train()
+                    };
+                    let (_, s) = timed(|| Ok(kd_train::predict(model.as_ref(), subset, kb, "")?))?;
+                    Ok(vec![("forward", s)])
+                })?,
+            )
+        }
+        "student-kd-step" | "student-baseline-step" | "online-kd-step" => {
+            let model = Trainable::new(&s.arch, &data.spec, s.seed, &dev)?;
+            macs = forward_macs(model.model.as_ref(), &data)?;
+            let mut opt = optimiser(&model, s.lr)?;
+            let used: Vec<(String, f64)> = s
+                .head_weights
+                .iter()
+                .filter(|(_, w)| **w > 0.0)
+                .map(|(h, w)| (h.clone(), *w))
+                .collect();
+            let heads: Vec<String> = used.iter().map(|(h, _)| h.clone()).collect();
+            let weights = KdWeights {
+                temperature: s.temperature,
+                hard: s.hard_weight,
+                soft: s.soft_weight,
+                heads: used.iter().map(|(_, w)| *w).collect(),
+            };
+            let cached = if name == "student-kd-step" {
+                knowledge(&p, &data, &heads)?
+            } else {
+                vec![]
+            };
+            let teacher = if name == "online-kd-step" {
+                Some(frozen_teacher(&p, &data)?)
+            } else {
+                None
+            };
+            let all_heads: Vec<&str> = teacher
+                .as_ref()
+                .map(|t| t.heads().to_vec())
+                .unwrap_or_default();
+            (
+                sb * args.batches,
+                time_reps(args, |i| {
+                    let b = batch(&data, &rows(&data, i * sb, sb), s.augment, i as u64)?;
+                    let mut parts = Vec::new();
+                    let targets: Vec<Tensor> = match &teacher {
+                        Some(t) => {
+                            let (out, tf) = timed(|| Ok(t.forward_t(&b.images, false)?))?;
+                            parts.push(("teacher", tf));
+                            heads
+                                .iter()
+                                .map(|h| {
+                                    all_heads
+                                        .iter()
+                                        .position(|x| x == h)
+                                        .map(|i| out[i].clone())
+                                })
+                                .collect::<Option<Vec<_>>>()
+                                .context("the teacher lacks a head the student's settings use")?
+                        }
+                        None => cached
+                            .iter()
+                            .map(|c| c.index_select(&b.rows, 0))
+                            .collect::<Result<_, _>>()?,
+                    };
+                    let (loss, f) = timed(|| {
+                        let out = model.model.forward_t(&b.images, true)?;
+                        let loss = if name == "student-baseline-step" {
+                            cross_entropy(&out[0], &b.labels)?
+                        } else {
+                            kd_loss(&out[0], &targets, &b.labels, &weights)?.total
+                        };
+                        loss.to_scalar::<f32>()?;
+                        Ok(loss)
+                    })?;
+                    let (grads, bw) = timed(|| Ok(loss.backward()?))?;
+                    let ((), o) = timed(|| Ok(opt.step(&grads)?))?;
+                    parts.extend([("forward", f), ("backward", bw), ("optimiser", o)]);
+                    Ok(parts)
+                })?,
+            )
+        }
+        other => anyhow::bail!("unknown measurement {other:?}"),
+    };
+    Ok(Measurement {
+        name: name.to_string(),
+        images_per_rep: images,
+        seconds,
+        split,
+        forward_macs_per_image: macs,
+        peak_rss_kib: peak_rss_kib(),
+    })
+}
+
+/// Runs every measurement in a child process and writes the tables.
+pub fn run(args: &Args) -> anyhow::Result<()> {
+    if let Some(name) = &args.only {
+        println!("{}", serde_json::to_string(&measure(args, name)?)?);
+        return Ok(());
+    }
+    let exe = std::env::current_exe()?;
+    let mut results = Vec::new();
+    for (name, what, _) in MEASUREMENTS {
+        tracing::info!("bench: {what}");
+        let mut cmd = std::process::Command::new(&exe);
+        cmd.args([
+            "--only",
+            name,
+            "--reps",
+            &args.reps.to_string(),
+            "--batches",
+            &args.batches.to_string(),
+        ])
+        .arg("--pipeline")
+        .arg(&args.pipeline.pipeline)
+        .arg("--artifacts")
+        .arg(&args.pipeline.artifacts);
+        for s in &args.pipeline.overrides {
+            cmd.args(["--set", s]);
+        }
+        let out = cmd.stderr(std::process::Stdio::inherit()).output()?;
+        if !out.status.success() {
+            anyhow::bail!("measurement {name} failed");
+        }
+        let text = String::from_utf8_lossy(&out.stdout);
+        let line = text.lines().last().context("no output")?;
+        let m: Measurement =
+            serde_json::from_str(line).with_context(|| format!("measurement {name}: {line}"))?;
+        results.push(m);
+    }
+    let md = render(args, &results);
+    std::fs::create_dir_all(&args.out)?;
+    kd_data::write_atomic_bytes(&args.out.join("bench.md"), md.as_bytes())?;
+    kd_data::write_atomic_bytes(
+        &args.out.join("bench.json"),
+        serde_json::to_string_pretty(&results)?.as_bytes(),
+    )?;
+    println!("{md}\nwrote {}", args.out.join("bench.md").display());
+    Ok(())
+}
+
+fn render(args: &Args, results: &[Measurement]) -> String {
+    let mut t = Table::new(&[
+        "measurement",
+        "img/s (median)",
+        "spread (min–max)",
+        "PyTorch img/s",
+        "ratio",
+        "split, ms per batch (median)",
+        "peak RSS",
+    ]);
+    let mut gflops = Vec::new();
+    for m in results {
+        let (what, torch) = MEASUREMENTS
+            .iter()
+            .find(|(n, _, _)| *n == m.name)
+            .map(|(_, w, t)| (*w, *t))
+            .unwrap_or((m.name.as_str(), None));
+        let ips = m.images_per_sec();
+        let med = median(&ips);
+        let lo = ips.iter().cloned().fold(f64::INFINITY, f64::min);
+        let hi = ips.iter().cloned().fold(0.0, f64::max);
+        let split: Vec<String> = m
+            .split
+            .iter()
+            .filter(|_| m.split.len() > 1)
+            .map(|(n, s)| format!("{n} {:.1}", 1e3 * median(s) / args.batches as f64))
+            .collect();
+        t.row(&[
+            what.to_string(),
+            format!("{med:.0}"),
+            format!("{lo:.0}–{hi:.0}"),
+            torch.map_or("—".into(), |x| format!("{x:.0}")),
+            torch.map_or("—".into(), |x| format!("{:.2}×", med / x)),
+            split.join(", "),
+            format!("{:.0} MiB", m.peak_rss_kib as f64 / 1024.0),
+        ]);
+        if m.name.ends_with("-step")
+            && !m.name.starts_with("online")
+            && m.forward_macs_per_image > 0
+        {
+            // Training does the forward's work three times: forward, input gradients, weight gradients.
+            let flops = 2.0 * 3.0 * m.forward_macs_per_image as f64 * med;
+            gflops.push(format!(
+                "{}: {:.1} GFLOP/s ({:.1} MFLOP per image forward)",
+                m.name,
+                flops / 1e9,
+                2.0 * m.forward_macs_per_image as f64 / 1e6
+            ));
+        }
+    }
+    format!(
+        "# Benchmarks\n\n`just bench` on {} threads: medians of {} repetitions of {} batches, after a warm-up; each measurement runs in its own process (its peak RSS is its own). \
+         Real Fashion-MNIST images; the pipeline's models and batch sizes. PyTorch figures: PyTorch 2.15 (CPU, 2 threads) on this machine, same models \
+         (`../shared/reference/PYTORCH-REFERENCE.md`; the baseline step's is on random data).\n\n{}\nAchieved arithmetic (multiply-adds counted as 2; training = 3 × forward): {}.\n",
+        threads(),
+        args.reps,
+        args.batches,
+        t.to_markdown(),
+        gflops.join("; ")
+    )
+}

@@ -1,0 +1,432 @@
+//! Convolution as matrix products, on activations laid out channels-first: `[c, batch, h, w]`.
+//!
+//! candle 0.11's CPU convolution backward is a direct loop for the input gradient
+//! (`conv_transpose2d`, one `vec_dot` per pixel) and a GEMV-shaped convolution for the weight
+//! gradient. Here a convolution is `W · im2col(x)`: with the batch folded into the columns,
+//! the forward and both gradients are each one multithreaded GEMM —
+//! `y = W·cols`, `dW = dy·colsᵀ`, `dcols = Wᵀ·dy` — and the input gradient is `col2im(dcols)`.
+//! In this layout a 1×1 convolution needs no im2col at all (`cols` is `x` itself) and the output
+//! comes out in the layout the next layer reads, so no transposes sit between layers.
+
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, WithDType};
+use candle_nn::VarBuilder;
+use rayon::prelude::*;
+
+use crate::layers::{inits, InitScheme};
+
+/// A square 2-D convolution with bias, applied to `[c_in, batch, h, w]` activations.
+#[derive(Debug, Clone)]
+pub struct Conv {
+    weight: Tensor,
+    bias: Tensor,
+    geometry: Im2Col,
+    cout: usize,
+}
+
+impl Conv {
+    /// Weights as PyTorch stores them: `weight [c_out, c_in, k, k]`, `bias [c_out]`.
+    pub fn new(
+        cin: usize,
+        cout: usize,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+        scheme: InitScheme,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let (wi, bi) = inits(scheme, cin * kernel * kernel, true);
+        Ok(Self {
+            weight: vb.get_with_hints((cout, cin, kernel, kernel), "weight", wi)?,
+            bias: vb.get_with_hints(cout, "bias", bi)?,
+            geometry: Im2Col {
+                kernel,
+                stride,
+                padding,
+            },
+            cout,
+        })
+    }
+
+    /// `[c_in, batch, h, w]` → `[c_out, batch, oh, ow]`.
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let (cin, b, h, w) = xs.dims4()?;
+        let Im2Col {
+            kernel,
+            stride,
+            padding,
+        } = self.geometry;
+        let (oh, ow) = (self.geometry.out_len(h)?, self.geometry.out_len(w)?);
+        let cols = if kernel == 1 && stride == 1 && padding == 0 {
+            xs.reshape((cin, b * h * w))?
+        } else {
+            xs.contiguous()?.apply_op1(self.geometry)?
+        };
+        crate::macs::add(self.cout * cin * kernel * kernel * b * oh * ow);
+        let w2 = self.weight.reshape((self.cout, cin * kernel * kernel))?;
+        w2.matmul(&cols)?
+            .broadcast_add(&self.bias.reshape((self.cout, 1))?)?
+            .reshape((self.cout, b, oh, ow))
+    }
+}
+
+/// `[c, b, h, w]` → `[c·k·k, b·oh·ow]`: row `(ci, ky, kx)` holds, for every output pixel of every
+/// image, the input pixel that kernel tap sees (zero in the padding).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Im2Col {
+    pub kernel: usize,
+    pub stride: usize,
+    pub padding: usize,
+}
+
+/// The input shape an [`Im2Col`] was applied to, for its adjoint.
+#[derive(Debug, Clone, Copy)]
+struct Col2Im {
+    op: Im2Col,
+    c: usize,
+    b: usize,
+    h: usize,
+    w: usize,
+}
+
+impl Im2Col {
+    pub fn out_len(&self, len: usize) -> Result<usize> {
+        if len + 2 * self.padding < self.kernel {
+            candle_core::bail!(
+                "a {}x{} convolution does not fit an input of {len} pixels",
+                self.kernel,
+                self.kernel
+            );
+        }
+        Ok((len + 2 * self.padding - self.kernel) / self.stride + 1)
+    }
+
+    /// For output coordinate `o` and tap `t`, the input coordinate, if inside the image.
+    #[inline]
+    fn source(&self, o: usize, t: usize, len: usize) -> Option<usize> {
+        let i = (o * self.stride + t) as isize - self.padding as isize;
+        (i >= 0 && (i as usize) < len).then_some(i as usize)
+    }
+
+    /// The range of outputs `o` whose source `o·s + t - p` lies in `0..len`.
+    #[inline]
+    fn valid(&self, t: usize, len: usize, out: usize) -> std::ops::Range<usize> {
+        let (s, p) = (self.stride, self.padding);
+        let lo = if t >= p { 0 } else { (p - t).div_ceil(s) };
+        let hi = if len + p > t {
+            ((len + p - t - 1) / s + 1).min(out)
+        } else {
+            0
+        };
+        lo.min(hi)..hi
+    }
+
+    fn fill<T: WithDType>(
+        &self,
+        x: &[T],
+        (c, b, h, w): (usize, usize, usize, usize),
+    ) -> Result<Vec<T>> {
+        let (k, oh, ow) = (self.kernel, self.out_len(h)?, self.out_len(w)?);
+        let n = b * oh * ow;
+        let zero = T::from_f64(0.0);
+        let mut cols = vec![zero; c * k * k * n];
+        cols.par_chunks_mut(n).enumerate().for_each(|(row, dst)| {
+            let (ci, ky, kx) = (row / (k * k), (row / k) % k, row % k);
+            let xs = self.valid(kx, w, ow);
+            if xs.is_empty() {
+                return;
+            }
+            for bi in 0..b {
+                let plane = &x[(ci * b + bi) * h * w..(ci * b + bi + 1) * h * w];
+                for oy in 0..oh {
+                    let Some(iy) = self.source(oy, ky, h) else {
+                        continue;
+                    };
+                    let out = &mut dst[(bi * oh + oy) * ow..(bi * oh + oy + 1) * ow];
+                    let src = &plane[iy * w..(iy + 1) * w];
+                    if self.stride == 1 {
+                        let off = xs.start + kx - self.padding;
+                        out[xs.clone()].copy_from_slice(&src[off..off + xs.len()]);
+                    } else {
+                        for ox in xs.clone() {
+                            out[ox] = src[ox * self.stride + kx - self.padding];
+                        }
+                    }
+                }
+            }
+        });
+        Ok(cols)
+    }
+}
+
+impl Col2Im {
+    fn fold<T: WithDType>(&self, cols: &[T]) -> Result<Vec<T>> {
+        let Self { op, c, b, h, w } = *self;
+        let (k, oh, ow) = (op.kernel, op.out_len(h)?, op.out_len(w)?);
+        let n = b * oh * ow;
+        let mut dx = vec![T::from_f64(0.0); c * b * h * w];
+        // Channel `ci` only receives from its own k·k rows: channels are independent tasks.
+        dx.par_chunks_mut(b * h * w)
+            .enumerate()
+            .for_each(|(ci, dst)| {
+                for ky in 0..k {
+                    for kx in 0..k {
+                        let row =
+                            &cols[((ci * k + ky) * k + kx) * n..((ci * k + ky) * k + kx + 1) * n];
+                        let xs = op.valid(kx, w, ow);
+                        for bi in 0..b {
+                            for oy in 0..oh {
+                                let Some(iy) = op.source(oy, ky, h) else {
+                                    continue;
+                                };
+                                let src = &row[(bi * oh + oy) * ow..(bi * oh + oy + 1) * ow];
+                                let out = &mut dst[(bi * h + iy) * w..(bi * h + iy + 1) * w];
+                                for ox in xs.clone() {
+                                    out[ox * op.stride + kx - op.padding] += src[ox];
+                                }
+                            }
+                        }
+                    }
+                }
+            });
+        Ok(dx)
+    }
+}
+
+fn contiguous<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((start, end)) => Ok(&s.as_slice::<T>()?[start..end]),
+        None => candle_core::bail!("im2col expects a contiguous input"),
+    }
+}
+
+impl CustomOp1 for Im2Col {
+    fn name(&self) -> &'static str {
+        "kd-im2col"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let dims = l.shape().dims4()?;
+        let (c, b, h, w) = dims;
+        let shape = Shape::from((
+            c * self.kernel * self.kernel,
+            b * self.out_len(h)? * self.out_len(w)?,
+        ));
+        let out = match s {
+            CpuStorage::F32(_) => CpuStorage::F32(self.fill(contiguous::<f32>(s, l)?, dims)?),
+            CpuStorage::F64(_) => CpuStorage::F64(self.fill(contiguous::<f64>(s, l)?, dims)?),
+            _ => candle_core::bail!("im2col supports f32 and f64"),
+        };
+        Ok((out, shape))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let (c, b, h, w) = arg.dims4()?;
+        let fold = Col2Im {
+            op: *self,
+            c,
+            b,
+            h,
+            w,
+        };
+        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&fold)?))
+    }
+}
+
+impl CustomOp1 for Col2Im {
+    fn name(&self) -> &'static str {
+        "kd-col2im"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let shape = Shape::from((self.c, self.b, self.h, self.w));
+        let out = match s {
+            CpuStorage::F32(_) => CpuStorage::F32(self.fold(contiguous::<f32>(s, l)?)?),
+            CpuStorage::F64(_) => CpuStorage::F64(self.fold(contiguous::<f64>(s, l)?)?),
+            _ => candle_core::bail!("col2im supports f32 and f64"),
+        };
+        Ok((out, shape))
+    }
+}
+
+/// NCHW → CNHW (and back: the same swap).
+pub fn swap_batch_and_channels(xs: &Tensor) -> Result<Tensor> {
+    xs.transpose(0, 1)?.contiguous()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device, Var};
+
+    fn rand(shape: &[usize], seed: u64) -> Vec<f64> {
+        let n: usize = shape.iter().product();
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn max_rel_diff(a: &Tensor, b: &Tensor) -> f64 {
+        let a = a.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let b = b.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let scale = b.iter().fold(0f64, |m, x| m.max(x.abs())).max(1e-12);
+        a.iter()
+            .zip(&b)
+            .fold(0f64, |m, (x, y)| m.max((x - y).abs()))
+            / scale
+    }
+
+    /// Our convolution against candle's `conv2d` (the op it replaces), values and gradients.
+    #[test]
+    fn matches_candle_conv2d_forward_and_backward() {
+        let dev = Device::Cpu;
+        // (c_in, c_out, k, stride, padding, h, w)
+        let cases = [
+            (3, 4, 3, 1, 1, 7, 6),
+            (2, 5, 1, 1, 0, 5, 5),
+            (4, 3, 5, 1, 2, 6, 7),
+            (3, 8, 7, 2, 3, 11, 13),
+            (5, 6, 3, 2, 1, 9, 9),
+            (1, 2, 3, 1, 0, 4, 4),
+            (3, 2, 1, 2, 0, 5, 7),
+        ];
+        for (i, &(cin, cout, k, s, p, h, w)) in cases.iter().enumerate() {
+            let b = 3;
+            let x = Var::from_vec(rand(&[b, cin, h, w], i as u64), (b, cin, h, w), &dev).unwrap();
+            let wt = Var::from_vec(
+                rand(&[cout, cin, k, k], 100 + i as u64),
+                (cout, cin, k, k),
+                &dev,
+            )
+            .unwrap();
+            let bias = Var::from_vec(rand(&[cout], 200 + i as u64), cout, &dev).unwrap();
+            let conv = Conv {
+                weight: wt.as_tensor().clone(),
+                bias: bias.as_tensor().clone(),
+                geometry: Im2Col {
+                    kernel: k,
+                    stride: s,
+                    padding: p,
+                },
+                cout,
+            };
+
+            let ours = swap_batch_and_channels(
+                &conv
+                    .forward(&swap_batch_and_channels(x.as_tensor()).unwrap())
+                    .unwrap(),
+            )
+            .unwrap();
+            let theirs = x
+                .as_tensor()
+                .conv2d(wt.as_tensor(), p, s, 1, 1)
+                .unwrap()
+                .broadcast_add(&bias.as_tensor().reshape((1, cout, 1, 1)).unwrap())
+                .unwrap();
+            assert_eq!(ours.dims(), theirs.dims(), "case {i}");
+            assert!(
+                max_rel_diff(&ours, &theirs) < 1e-12,
+                "case {i}: forward differs"
+            );
+
+            let probe = Tensor::from_vec(rand(theirs.dims(), 300 + i as u64), theirs.shape(), &dev)
+                .unwrap();
+            let g_ours = (ours * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let g_theirs = (theirs * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            for (name, v) in [("input", &x), ("weight", &wt), ("bias", &bias)] {
+                let d = max_rel_diff(
+                    g_ours.get(v.as_tensor()).unwrap(),
+                    g_theirs.get(v.as_tensor()).unwrap(),
+                );
+                assert!(d < 1e-12, "case {i}: {name} gradient differs by {d}");
+            }
+        }
+        // f32 agrees to f32 precision.
+        let x = Tensor::from_vec(rand(&[2, 3, 8, 8], 9), (2, 3, 8, 8), &dev)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
+        let wt = Tensor::from_vec(rand(&[4, 3, 3, 3], 10), (4, 3, 3, 3), &dev)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
+        let conv = Conv {
+            weight: wt.clone(),
+            bias: Tensor::zeros(4, DType::F32, &dev).unwrap(),
+            geometry: Im2Col {
+                kernel: 3,
+                stride: 1,
+                padding: 1,
+            },
+            cout: 4,
+        };
+        let ours =
+            swap_batch_and_channels(&conv.forward(&swap_batch_and_channels(&x).unwrap()).unwrap())
+                .unwrap();
+        let theirs = x.conv2d(&wt, 1, 1, 1, 1).unwrap();
+        let d = max_rel_diff(
+            &ours.to_dtype(DType::F64).unwrap(),
+            &theirs.to_dtype(DType::F64).unwrap(),
+        );
+        assert!(d < 1e-5, "f32 differs by {d}");
+    }
+
+    /// col2im is the adjoint of im2col, `<im2col(x), y> = <x, col2im(y)>`, for any geometry —
+    /// including the ones where candle's own conv2d backward returns a wrongly sized gradient
+    /// (stride 2 on an even-sized input: its `conv_transpose2d` has no output padding).
+    #[test]
+    fn col2im_is_the_adjoint_of_im2col() {
+        let dev = Device::Cpu;
+        for (i, &(k, s, p, h, w)) in [
+            (3, 1, 1, 5, 6),
+            (7, 2, 3, 12, 12),
+            (3, 2, 1, 8, 9),
+            (5, 1, 2, 4, 4),
+            (1, 2, 0, 6, 5),
+            (3, 1, 0, 3, 5),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let (c, b) = (2, 3);
+            let op = Im2Col {
+                kernel: k,
+                stride: s,
+                padding: p,
+            };
+            let x = Var::from_vec(rand(&[c, b, h, w], 7 + i as u64), (c, b, h, w), &dev).unwrap();
+            let cols = x.as_tensor().apply_op1(op).unwrap();
+            let y = Tensor::from_vec(rand(cols.dims(), 70 + i as u64), cols.shape(), &dev).unwrap();
+            let lhs = (&cols * &y).unwrap().sum_all().unwrap();
+            let grads = lhs.backward().unwrap();
+            let dx = grads.get(x.as_tensor()).unwrap();
+            assert_eq!(dx.dims(), x.dims());
+            let rhs = (x.as_tensor() * dx)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap();
+            let lhs = lhs.to_scalar::<f64>().unwrap();
+            assert!(
+                (lhs - rhs).abs() < 1e-10 * lhs.abs().max(1.0),
+                "case {i}: {lhs} vs {rhs}"
+            );
+        }
+    }
+}
