@@ -251,6 +251,19 @@ pub fn measure(args: &Args, name: &str) -> anyhow::Result<Measurement> {
     let (tb, sb, kb) = (t.batch_size, s.batch_size, p.config.knowledge.batch_size);
     let mut macs = 0;
     let (images, (seconds, split)) = match name {
+        "data-load" => (
+            data.dataset.train.len() + data.dataset.test.len(),
+            time_reps(
+                &Args {
+                    batches: 1,
+                    ..args.clone()
+                },
+                |_| {
+                    let (_, s) = timed(|| Ok(p.load_data()?))?;
+                    Ok(vec![("load", s)])
+                },
+            )?,
+        ),
         "data" => (
             tb * args.batches,
             time_reps(args, |i| {

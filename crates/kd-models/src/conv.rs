@@ -8,7 +8,7 @@
 //! In this layout a 1×1 convolution needs no im2col at all (`cols` is `x` itself) and the output
 //! comes out in the layout the next layer reads, so no transposes sit between layers.
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, WithDType};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, WithDType};
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
@@ -49,6 +49,19 @@ impl Conv {
 
     /// `[c_in, batch, h, w]` → `[c_out, batch, oh, ow]`.
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let (z, dims) = self.matmul(xs)?;
+        z.broadcast_add(&self.bias.reshape((self.cout, 1))?)?
+            .reshape(dims)
+    }
+
+    /// `relu(conv(x) + bias)` with the bias and ReLU fused into one pass (and one in backward).
+    pub fn forward_relu(&self, xs: &Tensor) -> Result<Tensor> {
+        let (z, dims) = self.matmul(xs)?;
+        z.apply_op2(&self.bias, BiasRelu)?.reshape(dims)
+    }
+
+    /// `W · im2col(x)` as `[c_out, batch·oh·ow]`, and the output's 4-D shape.
+    fn matmul(&self, xs: &Tensor) -> Result<(Tensor, (usize, usize, usize, usize))> {
         let (cin, b, h, w) = xs.dims4()?;
         let Im2Col {
             kernel,
@@ -63,9 +76,7 @@ impl Conv {
         };
         crate::macs::add(self.cout * cin * kernel * kernel * b * oh * ow);
         let w2 = self.weight.reshape((self.cout, cin * kernel * kernel))?;
-        w2.matmul(&cols)?
-            .broadcast_add(&self.bias.reshape((self.cout, 1))?)?
-            .reshape((self.cout, b, oh, ow))
+        Ok((w2.matmul(&cols)?, (self.cout, b, oh, ow)))
     }
 }
 
@@ -173,6 +184,9 @@ impl Col2Im {
                         let row =
                             &cols[((ci * k + ky) * k + kx) * n..((ci * k + ky) * k + kx + 1) * n];
                         let xs = op.valid(kx, w, ow);
+                        if xs.is_empty() {
+                            continue;
+                        }
                         for bi in 0..b {
                             for oy in 0..oh {
                                 let Some(iy) = op.source(oy, ky, h) else {
@@ -180,8 +194,16 @@ impl Col2Im {
                                 };
                                 let src = &row[(bi * oh + oy) * ow..(bi * oh + oy + 1) * ow];
                                 let out = &mut dst[(bi * h + iy) * w..(bi * h + iy + 1) * w];
-                                for ox in xs.clone() {
-                                    out[ox * op.stride + kx - op.padding] += src[ox];
+                                if op.stride == 1 {
+                                    let off = xs.start + kx - op.padding;
+                                    let out = &mut out[off..off + xs.len()];
+                                    for (o, &v) in out.iter_mut().zip(&src[xs.clone()]) {
+                                        *o += v;
+                                    }
+                                } else {
+                                    for ox in xs.clone() {
+                                        out[ox * op.stride + kx - op.padding] += src[ox];
+                                    }
                                 }
                             }
                         }
@@ -245,6 +267,120 @@ impl CustomOp1 for Col2Im {
             _ => candle_core::bail!("col2im supports f32 and f64"),
         };
         Ok((out, shape))
+    }
+}
+
+/// `(z [c, n], bias [c]) → max(0, z + bias)`, one pass, parallel over channels. Its gradient
+/// passes where the output is positive (PyTorch's ReLU rule) and sums over `n` for the bias.
+#[derive(Debug, Clone, Copy)]
+pub struct BiasRelu;
+
+/// `(output, grad_output) → grad_output · [output > 0]`.
+#[derive(Debug, Clone, Copy)]
+struct ReluMask;
+
+fn two_d(l: &Layout) -> Result<(usize, usize)> {
+    l.shape().dims2()
+}
+
+impl CustomOp2 for BiasRelu {
+    fn name(&self) -> &'static str {
+        "kd-bias-relu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (c, n) = two_d(l1)?;
+        if l2.shape().dims() != [c] {
+            candle_core::bail!("bias-relu: bias {:?} for {c} channels", l2.shape());
+        }
+        fn run<T: WithDType>(z: &[T], b: &[T], n: usize) -> Vec<T> {
+            let zero = T::from_f64(0.0);
+            let mut out = vec![zero; z.len()];
+            out.par_chunks_mut(n)
+                .zip(z.par_chunks(n))
+                .zip(b.par_iter())
+                .for_each(|((o, zr), &bc)| {
+                    for (o, &v) in o.iter_mut().zip(zr) {
+                        let y = v + bc;
+                        *o = if y > zero { y } else { zero };
+                    }
+                });
+            out
+        }
+        let out = match (s1, s2) {
+            (CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32(run(
+                contiguous::<f32>(s1, l1)?,
+                contiguous::<f32>(s2, l2)?,
+                n,
+            )),
+            (CpuStorage::F64(_), CpuStorage::F64(_)) => CpuStorage::F64(run(
+                contiguous::<f64>(s1, l1)?,
+                contiguous::<f64>(s2, l2)?,
+                n,
+            )),
+            _ => candle_core::bail!("bias-relu supports f32 and f64"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _z: &Tensor,
+        _bias: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let dz = res.apply_op2_no_bwd(&grad.contiguous()?, &ReluMask)?;
+        let db = dz.sum(1)?;
+        Ok((Some(dz), Some(db)))
+    }
+}
+
+impl CustomOp2 for ReluMask {
+    fn name(&self) -> &'static str {
+        "kd-relu-mask"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        fn run<T: WithDType>(y: &[T], g: &[T]) -> Vec<T> {
+            let zero = T::from_f64(0.0);
+            let mut out = vec![zero; y.len()];
+            const CHUNK: usize = 1 << 14;
+            out.par_chunks_mut(CHUNK)
+                .zip(y.par_chunks(CHUNK))
+                .zip(g.par_chunks(CHUNK))
+                .for_each(|((o, y), g)| {
+                    for ((o, &y), &g) in o.iter_mut().zip(y).zip(g) {
+                        *o = if y > zero { g } else { zero };
+                    }
+                });
+            out
+        }
+        if l1.shape() != l2.shape() {
+            candle_core::bail!("relu-mask: shapes {:?} and {:?}", l1.shape(), l2.shape());
+        }
+        let out = match (s1, s2) {
+            (CpuStorage::F32(_), CpuStorage::F32(_)) => {
+                CpuStorage::F32(run(contiguous::<f32>(s1, l1)?, contiguous::<f32>(s2, l2)?))
+            }
+            (CpuStorage::F64(_), CpuStorage::F64(_)) => {
+                CpuStorage::F64(run(contiguous::<f64>(s1, l1)?, contiguous::<f64>(s2, l2)?))
+            }
+            _ => candle_core::bail!("relu-mask supports f32 and f64"),
+        };
+        Ok((out, l1.shape().clone()))
     }
 }
 
@@ -427,6 +563,43 @@ mod tests {
                 (lhs - rhs).abs() < 1e-10 * lhs.abs().max(1.0),
                 "case {i}: {lhs} vs {rhs}"
             );
+        }
+    }
+
+    /// The fused bias + ReLU against candle's `broadcast_add` + `relu`, values and gradients.
+    #[test]
+    fn bias_relu_matches_add_then_relu() {
+        let dev = Device::Cpu;
+        let (c, n) = (5, 70_001);
+        let z = Var::from_vec(rand(&[c, n], 1), (c, n), &dev).unwrap();
+        let b = Var::from_vec(rand(&[c], 2), c, &dev).unwrap();
+        let ours = z.as_tensor().apply_op2(b.as_tensor(), BiasRelu).unwrap();
+        let theirs = z
+            .as_tensor()
+            .broadcast_add(&b.as_tensor().reshape((c, 1)).unwrap())
+            .unwrap()
+            .relu()
+            .unwrap();
+        assert!(max_rel_diff(&ours, &theirs) < 1e-15);
+        let probe = Tensor::from_vec(rand(&[c, n], 3), (c, n), &dev).unwrap();
+        let g1 = (ours * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let g2 = (theirs * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for (name, v) in [("z", &z), ("bias", &b)] {
+            let d = max_rel_diff(
+                g1.get(v.as_tensor()).unwrap(),
+                g2.get(v.as_tensor()).unwrap(),
+            );
+            assert!(d < 1e-12, "{name} gradient differs by {d}");
         }
     }
 }

@@ -101,6 +101,6 @@ impl BasicConv {
 
 impl Module for BasicConv {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        self.conv.forward(xs)?.relu()
+        self.conv.forward_relu(xs)
     }
 }

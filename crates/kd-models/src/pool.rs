@@ -7,7 +7,7 @@
 //! spreads it evenly over the window.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, WithDType};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -94,55 +94,90 @@ impl Pool2d {
         )
     }
 
-    fn fwd_plane<T: WithDType>(&self, x: &[T], out: &mut [T], g: Geometry) {
-        let (h, w, ow) = (g.h, g.w, g.ow);
-        for (oy, row) in out.chunks_mut(ow).enumerate() {
-            let (y0, y1, ph) = self.window(oy, h);
-            for (ox, o) in row.iter_mut().enumerate() {
-                let (x0, x1, pw) = self.window(ox, w);
-                *o = match self.kind {
-                    PoolKind::Max => {
-                        let mut m = x[y0 * w + x0];
-                        for y in y0..y1 {
-                            for v in &x[y * w + x0..y * w + x1] {
-                                if *v > m || v.to_f64().is_nan() {
-                                    m = *v;
-                                }
-                            }
-                        }
-                        m
-                    }
-                    PoolKind::Avg => {
-                        let mut s = T::from_f64(0.0);
-                        for y in y0..y1 {
-                            for v in &x[y * w + x0..y * w + x1] {
-                                s += *v;
-                            }
-                        }
-                        s / T::from_f64((ph * pw) as f64)
-                    }
-                };
+    /// The window of every output along one axis.
+    fn windows(&self, len: usize, out: usize) -> Vec<(usize, usize, usize)> {
+        (0..out).map(|o| self.window(o, len)).collect()
+    }
+
+    /// Pools one plane. Max and sum are separable: pool each row along x into `tmp`
+    /// (`[h, ow]`), then combine rows along y, a whole output row at a time.
+    fn fwd_plane<T: WithDType>(
+        &self,
+        x: &[T],
+        out: &mut [T],
+        g: Geometry,
+        win: &Windows,
+        tmp: &mut Vec<T>,
+    ) {
+        let (w, ow) = (g.w, g.ow);
+        let max = self.kind == PoolKind::Max;
+        // PyTorch's rule: take `v` if greater or NaN; a NaN, once taken, stays.
+        let combine = |m: T, v: T| {
+            if max {
+                if v > m || v.partial_cmp(&v).is_none() {
+                    v
+                } else {
+                    m
+                }
+            } else {
+                m + v
+            }
+        };
+        tmp.clear();
+        for row in x.chunks(w) {
+            tmp.extend(
+                win.x.iter().map(|&(x0, x1, _)| {
+                    row[x0 + 1..x1].iter().fold(row[x0], |m, &v| combine(m, v))
+                }),
+            );
+        }
+        for (o, &(y0, y1, ph)) in out.chunks_mut(ow).zip(&win.y) {
+            o.copy_from_slice(&tmp[y0 * ow..(y0 + 1) * ow]);
+            for y in y0 + 1..y1 {
+                for (m, &v) in o.iter_mut().zip(&tmp[y * ow..(y + 1) * ow]) {
+                    *m = combine(*m, v);
+                }
+            }
+            if !max {
+                for (v, &(_, _, pw)) in o.iter_mut().zip(&win.x) {
+                    *v /= T::from_f64((ph * pw) as f64);
+                }
             }
         }
     }
 
-    fn bwd_plane<T: WithDType>(&self, x: &[T], grad: &[T], gx: &mut [T], g: Geometry) {
-        let (h, w, ow) = (g.h, g.w, g.ow);
-        for (oy, grow) in grad.chunks(ow).enumerate() {
-            let (y0, y1, ph) = self.window(oy, h);
-            for (ox, &go) in grow.iter().enumerate() {
-                let (x0, x1, pw) = self.window(ox, w);
+    /// The input gradient of one plane. A max-pool output's gradient goes to the first input
+    /// (row-major) in its window equal to the output, i.e. PyTorch's arg-max; an average's is
+    /// spread over its window.
+    fn bwd_plane<T: WithDType>(
+        &self,
+        x: &[T],
+        res: &[T],
+        grad: &[T],
+        gx: &mut [T],
+        g: Geometry,
+        win: &Windows,
+    ) {
+        let (w, ow) = (g.w, g.ow);
+        for (oy, &(y0, y1, ph)) in win.y.iter().enumerate() {
+            for (ox, &(x0, x1, pw)) in win.x.iter().enumerate() {
+                let go = grad[oy * ow + ox];
                 match self.kind {
                     PoolKind::Max => {
-                        let mut best = y0 * w + x0;
-                        for y in y0..y1 {
-                            for i in y * w + x0..y * w + x1 {
-                                if x[i] > x[best] || x[i].to_f64().is_nan() {
-                                    best = i;
-                                }
-                            }
+                        let m = res[oy * ow + ox];
+                        let nan = m.to_f64().is_nan();
+                        let hit = (y0..y1).find_map(|y| {
+                            let row = &x[y * w + x0..y * w + x1];
+                            let i = if nan {
+                                row.iter().position(|v| v.to_f64().is_nan())
+                            } else {
+                                row.iter().position(|&v| v == m)
+                            };
+                            i.map(|i| y * w + x0 + i)
+                        });
+                        if let Some(i) = hit {
+                            gx[i] += go;
                         }
-                        gx[best] += go;
                     }
                     PoolKind::Avg => {
                         let share = go / T::from_f64((ph * pw) as f64);
@@ -171,22 +206,37 @@ impl Pool2d {
 
     /// Pools every `h×w` plane of `x`, in parallel.
     fn forward_planes<T: WithDType>(&self, x: &[T], g: Geometry) -> Vec<T> {
+        let win = Windows {
+            x: self.windows(g.w, g.ow),
+            y: self.windows(g.h, g.oh),
+        };
         let mut out = vec![T::from_f64(0.0); x.len() / (g.h * g.w) * g.oh * g.ow];
         out.par_chunks_mut(g.oh * g.ow)
             .zip(x.par_chunks(g.h * g.w))
-            .for_each(|(o, xp)| self.fwd_plane(xp, o, g));
+            .for_each_init(Vec::new, |tmp, (o, xp)| self.fwd_plane(xp, o, g, &win, tmp));
         out
     }
 
     /// The input gradient of every plane, in parallel.
-    fn backward_planes<T: WithDType>(&self, x: &[T], grad: &[T], g: Geometry) -> Vec<T> {
+    fn backward_planes<T: WithDType>(&self, x: &[T], res: &[T], grad: &[T], g: Geometry) -> Vec<T> {
+        let win = Windows {
+            x: self.windows(g.w, g.ow),
+            y: self.windows(g.h, g.oh),
+        };
+        let (plane, out_plane) = (g.h * g.w, g.oh * g.ow);
         let mut gx = vec![T::from_f64(0.0); x.len()];
-        gx.par_chunks_mut(g.h * g.w)
-            .zip(x.par_chunks(g.h * g.w))
-            .zip(grad.par_chunks(g.oh * g.ow))
-            .for_each(|((gxp, xp), gp)| self.bwd_plane(xp, gp, gxp, g));
+        gx.par_chunks_mut(plane)
+            .zip(x.par_chunks(plane))
+            .zip(res.par_chunks(out_plane).zip(grad.par_chunks(out_plane)))
+            .for_each(|((gxp, xp), (rp, gp))| self.bwd_plane(xp, rp, gp, gxp, g, &win));
         gx
     }
+}
+
+/// Window bounds `(start, end, length with padding)` of every output column and row.
+struct Windows {
+    x: Vec<(usize, usize, usize)>,
+    y: Vec<(usize, usize, usize)>,
 }
 
 /// Input and output plane sizes.
@@ -224,16 +274,17 @@ impl CustomOp1 for Pool2d {
         Ok((out, shape))
     }
 
-    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        let grad = arg.apply_op2_no_bwd(&grad_res.contiguous()?, &PoolBackward(*self))?;
+    fn bwd(&self, arg: &Tensor, res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        let grad = arg.apply_op3_no_bwd(res, &grad_res.contiguous()?, &PoolBackward(*self))?;
         Ok(Some(grad))
     }
 }
 
-/// The gradient of a [`Pool2d`] with respect to its input: `(input, grad_output) -> grad_input`.
+/// The gradient of a [`Pool2d`] with respect to its input:
+/// `(input, output, grad_output) -> grad_input`.
 struct PoolBackward(Pool2d);
 
-impl CustomOp2 for PoolBackward {
+impl CustomOp3 for PoolBackward {
     fn name(&self) -> &'static str {
         "kd-pool2d-backward"
     }
@@ -244,27 +295,36 @@ impl CustomOp2 for PoolBackward {
         l1: &Layout,
         s2: &CpuStorage,
         l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let p = &self.0;
         let (out_shape, g) = p.geometry(l1)?;
-        if l2.shape() != &out_shape {
+        if l2.shape() != &out_shape || l3.shape() != &out_shape {
             candle_core::bail!(
-                "pool2d backward: gradient shape {:?}, expected {:?}",
+                "pool2d backward: output {:?} and gradient {:?}, expected {:?}",
                 l2.shape(),
+                l3.shape(),
                 out_shape
             );
         }
-        let out = match (s1, s2) {
-            (CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32(p.backward_planes(
-                contiguous::<f32>(s1, l1)?,
-                contiguous::<f32>(s2, l2)?,
-                g,
-            )),
-            (CpuStorage::F64(_), CpuStorage::F64(_)) => CpuStorage::F64(p.backward_planes(
-                contiguous::<f64>(s1, l1)?,
-                contiguous::<f64>(s2, l2)?,
-                g,
-            )),
+        let out = match (s1, s2, s3) {
+            (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => {
+                CpuStorage::F32(p.backward_planes(
+                    contiguous::<f32>(s1, l1)?,
+                    contiguous::<f32>(s2, l2)?,
+                    contiguous::<f32>(s3, l3)?,
+                    g,
+                ))
+            }
+            (CpuStorage::F64(_), CpuStorage::F64(_), CpuStorage::F64(_)) => {
+                CpuStorage::F64(p.backward_planes(
+                    contiguous::<f64>(s1, l1)?,
+                    contiguous::<f64>(s2, l2)?,
+                    contiguous::<f64>(s3, l3)?,
+                    g,
+                ))
+            }
             _ => candle_core::bail!("pool2d backward supports f32 and f64, not {:?}", s1.dtype()),
         };
         Ok((out, l1.shape().clone()))
@@ -432,6 +492,43 @@ mod tests {
                     g[i]
                 );
             }
+        }
+    }
+
+    #[test]
+    fn ties_and_nan_follow_pytorch() {
+        let dev = Device::Cpu;
+        let grad_of = |vals: Vec<f32>, p: Pool2d| {
+            let x = Var::from_vec(vals, (1, 1, 2, 2), &dev).unwrap();
+            let y = p.forward(x.as_tensor()).unwrap();
+            let g = y.sum_all().unwrap().backward().unwrap();
+            let out = y.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            (
+                out,
+                g.get(x.as_tensor())
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap(),
+            )
+        };
+        // Ties: the first maximum in row-major order takes the gradient.
+        assert_eq!(
+            grad_of(vec![1., 1., 1., 1.], Pool2d::max(2, 2)).1,
+            vec![1., 0., 0., 0.]
+        );
+        assert_eq!(
+            grad_of(vec![0., 2., 2., 1.], Pool2d::max(2, 2)).1,
+            vec![0., 1., 0., 0.]
+        );
+        // NaN wins and stays, wherever it sits in the window.
+        for pos in 0..4 {
+            let mut v = vec![1., 2., 3., 4.];
+            v[pos] = f32::NAN;
+            let (out, g) = grad_of(v, Pool2d::max(2, 2));
+            assert!(out[0].is_nan(), "NaN at {pos} lost");
+            assert_eq!(g.iter().position(|&x| x == 1.0), Some(pos));
         }
     }
 }

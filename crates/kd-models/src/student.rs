@@ -90,7 +90,7 @@ impl Classifier for StudentCnn {
         // Channels-first inside the network (see `conv`), PyTorch's flatten order at the end.
         let mut xs = swap_batch_and_channels(xs)?;
         for conv in &self.convs {
-            xs = self.pool.forward(&conv.forward(&xs)?.relu()?)?;
+            xs = self.pool.forward(&conv.forward_relu(&xs)?)?;
         }
         let xs = swap_batch_and_channels(&xs)?.flatten_from(1)?;
         let xs = self.dropout.forward_t(&xs, train)?;
