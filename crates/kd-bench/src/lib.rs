@@ -44,7 +44,12 @@ pub struct Args {
 /// What each measurement is, and PyTorch 2.15's figure for the same work on this machine
 /// (2 threads, batch 128 unless said; `../shared/reference/PYTORCH-REFERENCE.md` and the
 /// performance issue), where one exists.
-pub const MEASUREMENTS: [(&str, &str, Option<f64>); 7] = [
+pub const MEASUREMENTS: [(&str, &str, Option<f64>); 8] = [
+    (
+        "data-load",
+        "data loading: gunzip, verify, fingerprint, normalise (70,000 images)",
+        None,
+    ),
     (
         "data",
         "data pipeline: shuffle, crop+flip, batch (128)",
