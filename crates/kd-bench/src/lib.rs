@@ -28,10 +28,10 @@ pub struct Args {
     #[command(flatten)]
     pub pipeline: PipelineArgs,
     /// Timed repetitions of each measurement (after one warm-up).
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 9)]
     pub reps: usize,
     /// Batches per repetition.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 5)]
     pub batches: usize,
     /// Where bench.md and bench.json go.
     #[arg(long, default_value = "artifacts/bench")]
@@ -499,14 +499,31 @@ fn render(args: &Args, results: &[Measurement]) -> String {
             ));
         }
     }
+    let med = |name: &str| {
+        results
+            .iter()
+            .find(|m| m.name == name)
+            .map(|m| median(&m.images_per_sec()))
+    };
+    let mut ratios = Vec::new();
+    if let (Some(kd), Some(base)) = (med("student-kd-step"), med("student-baseline-step")) {
+        ratios.push(format!(
+            "- distilling from the knowledge file runs at {:.2}× the speed of training on labels alone (KD step / baseline step)",
+            kd / base
+        ));
+    }
+    if let (Some(kd), Some(online)) = (med("student-kd-step"), med("online-kd-step")) {
+        ratios.push(format!("- the cache buys {:.1}×: KD from the knowledge file / online distillation (teacher forward on every batch) (PyTorch: 3,850 / 436 = 8.8×)", kd / online));
+    }
     format!(
         "# Benchmarks\n\n`just bench` on {} threads: medians of {} repetitions of {} batches, after a warm-up; each measurement runs in its own process (its peak RSS is its own). \
          Real Fashion-MNIST images; the pipeline's models and batch sizes. PyTorch figures: PyTorch 2.15 (CPU, 2 threads) on this machine, same models \
-         (`../shared/reference/PYTORCH-REFERENCE.md`; the baseline step's is on random data).\n\n{}\nAchieved arithmetic (multiply-adds counted as 2; training = 3 × forward): {}.\n",
+         (`../shared/reference/PYTORCH-REFERENCE.md`; the baseline step's is on random data).\n\n{}\n{}\n\nAchieved arithmetic (multiply-adds counted as 2; training = 3 × forward): {}.\n",
         threads(),
         args.reps,
         args.batches,
         t.to_markdown(),
+        ratios.join("\n"),
         gflops.join("; ")
     )
 }
