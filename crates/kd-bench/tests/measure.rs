@@ -1,0 +1,41 @@
+//! Every measurement runs on the smoke pipeline and yields sane numbers (no timing is asserted).
+
+use clap::Parser;
+
+#[test]
+fn every_measurement_runs_and_reports() {
+    let smoke = concat!(env!("CARGO_MANIFEST_DIR"), "/../../pipelines/smoke.toml");
+    let artifacts = tempfile::tempdir().unwrap();
+    let args = kd_bench::Args::try_parse_from([
+        "kd-bench",
+        "--pipeline",
+        smoke,
+        "--artifacts",
+        artifacts.path().to_str().unwrap(),
+        "--reps",
+        "2",
+        "--batches",
+        "1",
+    ])
+    .unwrap();
+    for (name, _, _) in kd_bench::MEASUREMENTS {
+        let m = kd_bench::measure(&args, name).unwrap_or_else(|e| panic!("{name}: {e:#}"));
+        assert_eq!(m.name, name);
+        assert_eq!(m.seconds.len(), 2, "{name}");
+        assert!(
+            m.seconds.iter().all(|s| *s > 0.0) && m.images_per_rep > 0,
+            "{name}: {m:?}"
+        );
+        assert!(m.peak_rss_kib > 0, "{name}");
+        if name.ends_with("-step") {
+            let parts: Vec<&str> = m.split.iter().map(|(n, _)| n.as_str()).collect();
+            assert!(
+                parts.ends_with(&["forward", "backward", "optimiser"]),
+                "{name}: {parts:?}"
+            );
+            assert!(m.forward_macs_per_image > 0, "{name}");
+        }
+    }
+    assert_eq!(kd_bench::median(&[3.0, 1.0, 2.0]), 2.0);
+    assert_eq!(kd_bench::median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+}
