@@ -3,6 +3,7 @@
 //! training images, 200 test images). Needs the dataset (`just data`).
 
 mod fixture;
+mod photos;
 mod pipeline;
 mod refusals;
 mod reproducible;

@@ -41,28 +41,28 @@ pub struct Args {
     pub only: Option<String>,
 }
 
-/// What each measurement is, and PyTorch 2.15's figure for the same work on this machine
-/// (2 threads, batch 128 unless said; `../shared/reference/PYTORCH-REFERENCE.md` and the
-/// performance issue), where one exists.
+/// What each measurement is, and PyTorch 2.15's figure for the same work on this machine with
+/// the default pipeline (`fashion-mnist`: googlenet and student-cnn, batch 128, precompute batch
+/// 256; `../shared/reference/PYTORCH-REFERENCE.md` and the performance issue), where one exists.
 pub const MEASUREMENTS: [(&str, &str, Option<f64>); 8] = [
     (
         "data-load",
-        "data loading: gunzip, verify, fingerprint, normalise (70,000 images)",
+        "data loading: read, verify, decode, fingerprint, normalise (every image)",
         None,
     ),
     (
         "data",
-        "data pipeline: shuffle, crop+flip, batch (128)",
+        "data pipeline: shuffle, augment, batch (teacher batch)",
         None,
     ),
     (
         "teacher-step",
-        "teacher training step (googlenet, 3 heads, batch 128)",
+        "teacher training step (all heads)",
         Some(236.0),
     ),
     (
         "precompute",
-        "precompute: teacher inference, 3 heads (batch 256)",
+        "precompute: teacher inference, all heads (knowledge batch)",
         Some(481.0),
     ),
     (
@@ -82,7 +82,7 @@ pub const MEASUREMENTS: [(&str, &str, Option<f64>); 8] = [
     ),
     (
         "teacher-eval",
-        "teacher evaluation forward (batch 256, from variables)",
+        "teacher evaluation forward (knowledge batch, from variables)",
         None,
     ),
 ];
@@ -186,11 +186,17 @@ fn batch(
 ) -> anyhow::Result<kd_data::Batch> {
     let mut b = Batches::new(&data.train_images, &data.train_labels, rows, rows.len());
     if augment {
-        let aug = kd_data::Augment {
-            crop_padding: 2,
-            horizontal_flip: true,
+        let aug = match &data.dataset.train_sources {
+            Some(_) => kd_data::Augment::resized_crop(data.spec.height),
+            None => kd_data::Augment::CropFlip { crop_padding: 2 },
         };
-        b = b.augmented(aug, seed, 0, data.fill.clone());
+        b = b.augmented(
+            aug,
+            seed,
+            0,
+            &data.dataset.normalization,
+            data.dataset.train_sources.as_deref(),
+        );
     }
     b.next().context("no batch")?.map_err(Into::into)
 }
@@ -438,7 +444,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             serde_json::from_str(line).with_context(|| format!("measurement {name}: {line}"))?;
         results.push(m);
     }
-    let md = render(args, &results);
+    let md = render(args, &args.pipeline.open(&[])?, &results);
     std::fs::create_dir_all(&args.out)?;
     kd_data::write_atomic_bytes(&args.out.join("bench.md"), md.as_bytes())?;
     kd_data::write_atomic_bytes(
@@ -449,7 +455,9 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn render(args: &Args, results: &[Measurement]) -> String {
+fn render(args: &Args, p: &Pipeline, results: &[Measurement]) -> String {
+    // PyTorch's figures are for the default pipeline's models and batch sizes only.
+    let default_pipeline = p.name == "fashion-mnist";
     let mut t = Table::new(&[
         "measurement",
         "img/s (median)",
@@ -464,7 +472,7 @@ fn render(args: &Args, results: &[Measurement]) -> String {
         let (what, torch) = MEASUREMENTS
             .iter()
             .find(|(n, _, _)| *n == m.name)
-            .map(|(_, w, t)| (*w, *t))
+            .map(|(_, w, t)| (*w, t.filter(|_| default_pipeline)))
             .unwrap_or((m.name.as_str(), None));
         let ips = m.images_per_sec();
         let med = median(&ips);
@@ -516,12 +524,19 @@ fn render(args: &Args, results: &[Measurement]) -> String {
         ratios.push(format!("- the cache buys {:.1}×: KD from the knowledge file / online distillation (teacher forward on every batch) (PyTorch: 3,850 / 436 = 8.8×)", kd / online));
     }
     format!(
-        "# Benchmarks\n\n`just bench` on {} threads: medians of {} repetitions of {} batches, after a warm-up; each measurement runs in its own process (its peak RSS is its own). \
-         Real Fashion-MNIST images; the pipeline's models and batch sizes. PyTorch figures: PyTorch 2.15 (CPU, 2 threads) on this machine, same models \
+        "# Benchmarks: `{}`\n\n`just bench` on {} threads: medians of {} repetitions of {} batches, after a warm-up; each measurement runs in its own process (its peak RSS is its own). \
+         Real images of `{}`; teacher `{}` (batch {}), student `{}` (batch {}), precompute batch {}. PyTorch figures (default pipeline only): PyTorch 2.15 (CPU, 2 threads) on this machine, same models \
          (`../shared/reference/PYTORCH-REFERENCE.md`; the baseline step's is on random data).\n\n{}\n{}\n\nAchieved arithmetic (multiply-adds counted as 2; training = 3 × forward): {}.\n",
+        p.name,
         threads(),
         args.reps,
         args.batches,
+        p.config.data.name,
+        p.config.teacher.arch,
+        p.config.teacher.batch_size,
+        p.config.student.arch,
+        p.config.student.batch_size,
+        p.config.knowledge.batch_size,
         t.to_markdown(),
         ratios.join("\n"),
         gflops.join("; ")

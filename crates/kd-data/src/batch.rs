@@ -1,9 +1,10 @@
 //! Seeded batching from one tensor, and augmentation described by replayable view parameters.
 
-use crate::Result;
+use crate::{Normalization, Result, SourceImage};
 use candle_core::{Device, Tensor};
 use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
 
 /// Independent random streams derived from one seed, one per purpose, so that changing how much
 /// randomness one consumer draws never shifts another.
@@ -12,6 +13,7 @@ pub enum Stream {
     Validation = 1,
     Shuffle = 2,
     Augment = 3,
+    TestSplit = 4,
 }
 
 /// A ChaCha stream for `(seed, purpose, index)`.
@@ -21,50 +23,126 @@ pub fn rng(seed: u64, stream: Stream, index: u64) -> ChaCha8Rng {
     rng
 }
 
-/// Training augmentation: a random crop from the image padded by `crop_padding` pixels, and a
-/// horizontal flip with probability 1/2.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Augment {
-    pub crop_padding: usize,
-    pub horizontal_flip: bool,
+/// Uniform in [0, 1) from 53 random bits.
+fn unit(rng: &mut impl RngCore) -> f64 {
+    (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// Training augmentation; every kind flips horizontally with probability 1/2.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum Augment {
+    /// A random crop of the image padded by `crop_padding` pixels (small images: Fashion-MNIST,
+    /// CIFAR).
+    CropFlip { crop_padding: usize },
+    /// torchvision's `RandomResizedCrop(size, scale, ratio)`, cut from the decoded photo (the
+    /// seed's training transform).
+    ResizedCropFlip {
+        size: usize,
+        scale: (f64, f64),
+        ratio: (f64, f64),
+    },
 }
 
 /// One augmented view of an image, as parameters, so it can be stored and replayed exactly.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct View {
-    /// Shift of the crop window, in pixels (`-pad..=pad`).
-    pub dx: i32,
-    pub dy: i32,
-    pub flip: bool,
+pub enum View {
+    /// Shift of the crop window, in pixels (`-pad..=pad`), and flip.
+    Shift { dx: i32, dy: i32, flip: bool },
+    /// A box of the source photo, in its pixels, resized to the input size; and flip.
+    Crop {
+        x: u32,
+        y: u32,
+        w: u32,
+        h: u32,
+        flip: bool,
+    },
 }
 
 impl Augment {
-    /// The view of dataset row `row` in `epoch`: depends on nothing else, not on the batch the
-    /// row lands in.
-    pub fn view(&self, seed: u64, epoch: usize, row: u32) -> View {
+    /// The seed's photo transform: `RandomResizedCrop(size)` with torchvision's defaults.
+    pub fn resized_crop(size: usize) -> Self {
+        Self::ResizedCropFlip {
+            size,
+            scale: (0.08, 1.0),
+            ratio: (3.0 / 4.0, 4.0 / 3.0),
+        }
+    }
+
+    /// The view of dataset row `row` in `epoch` — depends on nothing else, not on the batch the
+    /// row lands in. `source` is the photo's `(width, height)` (resized crops only).
+    pub fn view(&self, seed: u64, epoch: usize, row: u32, source: (u32, u32)) -> View {
         let mut rng = rng(seed, Stream::Augment, ((epoch as u64) << 32) | row as u64);
-        let span = 2 * self.crop_padding as u64 + 1;
-        let r = rng.next_u64();
-        let p = self.crop_padding as i32;
-        View {
-            dx: (r % span) as i32 - p,
-            dy: ((r >> 20) % span) as i32 - p,
-            flip: self.horizontal_flip && (r >> 63) == 1,
+        let flip = rng.next_u64() >> 63 == 1;
+        match *self {
+            Augment::CropFlip { crop_padding } => {
+                let span = 2 * crop_padding as u64 + 1;
+                let r = rng.next_u64();
+                let p = crop_padding as i32;
+                View::Shift {
+                    dx: (r % span) as i32 - p,
+                    dy: ((r >> 20) % span) as i32 - p,
+                    flip,
+                }
+            }
+            Augment::ResizedCropFlip { scale, ratio, .. } => {
+                let (w0, h0) = (source.0 as f64, source.1 as f64);
+                let area = w0 * h0;
+                let (lo, hi) = (ratio.0.ln(), ratio.1.ln());
+                for _ in 0..10 {
+                    let target = area * (scale.0 + (scale.1 - scale.0) * unit(&mut rng));
+                    let aspect = (lo + (hi - lo) * unit(&mut rng)).exp();
+                    let w = (target * aspect).sqrt().round();
+                    let h = (target / aspect).sqrt().round();
+                    if w > 0.0 && w <= w0 && h > 0.0 && h <= h0 {
+                        let x = rng.next_u64() % (source.0 - w as u32 + 1) as u64;
+                        let y = rng.next_u64() % (source.1 - h as u32 + 1) as u64;
+                        return View::Crop {
+                            x: x as u32,
+                            y: y as u32,
+                            w: w as u32,
+                            h: h as u32,
+                            flip,
+                        };
+                    }
+                }
+                // torchvision's fallback: the central crop with the ratio clamped.
+                let in_ratio = w0 / h0;
+                let (w, h) = if in_ratio < ratio.0 {
+                    (w0, (w0 / ratio.0).round())
+                } else if in_ratio > ratio.1 {
+                    ((h0 * ratio.1).round(), h0)
+                } else {
+                    (w0, h0)
+                };
+                let (w, h) = (w.max(1.0) as u32, h.max(1.0) as u32);
+                View::Crop {
+                    x: (source.0 - w) / 2,
+                    y: (source.1 - h) / 2,
+                    w,
+                    h,
+                    flip,
+                }
+            }
         }
     }
 }
 
 impl View {
-    /// Writes the view of `src` (`[c, h, w]`) into `dst`; pixels shifted in from outside take
+    /// Writes a shift view of `src` (`[c, h, w]`) into `dst`; pixels shifted in from outside take
     /// `fill[c]`.
     pub fn apply(&self, src: &[f32], dst: &mut [f32], c: usize, h: usize, w: usize, fill: &[f32]) {
+        let (dx, dy, flip) = match *self {
+            View::Shift { dx, dy, flip } => (dx, dy, flip),
+            View::Crop { .. } => (0, 0, false),
+        };
         for (ch, &pad) in fill.iter().enumerate().take(c) {
             let plane = ch * h * w;
             for y in 0..h {
-                let sy = y as i32 + self.dy;
+                let sy = y as i32 + dy;
                 for x in 0..w {
-                    let xo = if self.flip { w - 1 - x } else { x };
-                    let sx = xo as i32 + self.dx;
+                    let xo = if flip { w - 1 - x } else { x };
+                    let sx = xo as i32 + dx;
                     dst[plane + y * w + x] = if sy >= 0 && sy < h as i32 && sx >= 0 && sx < w as i32
                     {
                         src[plane + sy as usize * w + sx as usize]
@@ -72,6 +150,32 @@ impl View {
                         pad
                     };
                 }
+            }
+        }
+    }
+
+    /// Cuts a crop view out of a photo, resizes it to `size × size` and writes it normalised,
+    /// planar, into `dst`.
+    pub fn render(&self, src: &SourceImage, size: usize, norm: &Normalization, dst: &mut [f32]) {
+        let (x, y, w, h, flip) = match *self {
+            View::Crop { x, y, w, h, flip } => (x, y, w, h, flip),
+            View::Shift { flip, .. } => (0, 0, src.width, src.height, flip),
+        };
+        let Some(img) = src.image() else { return };
+        let crop = image::imageops::crop_imm(&img, x, y, w, h).to_image();
+        let mut out = image::imageops::resize(
+            &crop,
+            size as u32,
+            size as u32,
+            image::imageops::FilterType::Triangle,
+        );
+        if flip {
+            image::imageops::flip_horizontal_in_place(&mut out);
+        }
+        let plane = size * size;
+        for (i, px) in out.pixels().enumerate() {
+            for c in 0..3 {
+                dst[c * plane + i] = (px[c] as f32 / 255.0 - norm.mean[c]) / norm.std[c];
             }
         }
     }
@@ -94,7 +198,17 @@ pub struct Batches<'a> {
     order: Vec<u32>,
     batch_size: usize,
     pos: usize,
-    augment: Option<(Augment, u64, usize, Vec<f32>)>,
+    augment: Option<Augmentation<'a>>,
+}
+
+/// An augmentation with what it needs: seed and epoch, normalisation, and the decoded photos for
+/// resized crops.
+struct Augmentation<'a> {
+    augment: Augment,
+    seed: u64,
+    epoch: usize,
+    normalization: &'a Normalization,
+    sources: Option<&'a [SourceImage]>,
 }
 
 impl<'a> Batches<'a> {
@@ -119,10 +233,23 @@ impl<'a> Batches<'a> {
         self
     }
 
-    /// Augments every image with its view for `(seed, epoch, row)`; `fill` is the normalised
-    /// value of a black pixel per channel.
-    pub fn augmented(mut self, augment: Augment, seed: u64, epoch: usize, fill: Vec<f32>) -> Self {
-        self.augment = Some((augment, seed, epoch, fill));
+    /// Augments every image with its view for `(seed, epoch, row)`. Resized crops are cut from
+    /// `sources` (one decoded photo per dataset row); without them the crop is refused at batch time.
+    pub fn augmented(
+        mut self,
+        augment: Augment,
+        seed: u64,
+        epoch: usize,
+        normalization: &'a Normalization,
+        sources: Option<&'a [SourceImage]>,
+    ) -> Self {
+        self.augment = Some(Augmentation {
+            augment,
+            seed,
+            epoch,
+            normalization,
+            sources,
+        });
         self
     }
 
@@ -133,30 +260,65 @@ impl<'a> Batches<'a> {
     fn make(&self, rows: &[u32]) -> Result<Batch> {
         let device = self.images.device();
         let idx = Tensor::from_slice(rows, rows.len(), device)?;
-        let mut images = self.images.index_select(&idx, 0)?;
-        if let Some((augment, seed, epoch, fill)) = &self.augment {
-            let (b, c, h, w) = images.dims4()?;
-            let src = images.flatten_all()?.to_vec1::<f32>()?;
-            let mut dst = vec![0f32; src.len()];
-            let n = c * h * w;
-            for (i, &row) in rows.iter().enumerate() {
-                augment.view(*seed, *epoch, row).apply(
-                    &src[i * n..(i + 1) * n],
-                    &mut dst[i * n..(i + 1) * n],
-                    c,
-                    h,
-                    w,
-                    fill,
-                );
-            }
-            images = Tensor::from_vec(dst, (b, c, h, w), &Device::Cpu)?.to_device(device)?;
-        }
+        let images = match &self.augment {
+            None => self.images.index_select(&idx, 0)?,
+            Some(a) => a.batch(self.images, rows)?.to_device(device)?,
+        };
         Ok(Batch {
             images,
             labels: self.labels.index_select(&idx, 0)?,
             rows: idx,
             len: rows.len(),
         })
+    }
+}
+
+impl Augmentation<'_> {
+    fn batch(&self, images: &Tensor, rows: &[u32]) -> Result<Tensor> {
+        let (seed, epoch) = (self.seed, self.epoch);
+        match self.augment {
+            Augment::CropFlip { .. } => {
+                let idx = Tensor::from_slice(rows, rows.len(), images.device())?;
+                let selected = images.index_select(&idx, 0)?;
+                let (b, c, h, w) = selected.dims4()?;
+                let src = selected.flatten_all()?.to_vec1::<f32>()?;
+                let fill = self.normalization.zero_values();
+                let n = c * h * w;
+                let mut dst = vec![0f32; src.len()];
+                for (i, &row) in rows.iter().enumerate() {
+                    self.augment
+                        .view(seed, epoch, row, (w as u32, h as u32))
+                        .apply(
+                            &src[i * n..(i + 1) * n],
+                            &mut dst[i * n..(i + 1) * n],
+                            c,
+                            h,
+                            w,
+                            &fill,
+                        );
+                }
+                Ok(Tensor::from_vec(dst, (b, c, h, w), &Device::Cpu)?)
+            }
+            Augment::ResizedCropFlip { size, .. } => {
+                let sources = self.sources.ok_or_else(|| {
+                    crate::DataError::Config("resized-crop augmentation needs the decoded photos (an ImageFolder dataset)".into())
+                })?;
+                let n = 3 * size * size;
+                let mut dst = vec![0f32; rows.len() * n];
+                dst.par_chunks_mut(n)
+                    .zip(rows.par_iter())
+                    .for_each(|(d, &row)| {
+                        let src = &sources[row as usize];
+                        let view = self.augment.view(seed, epoch, row, (src.width, src.height));
+                        view.render(src, size, self.normalization, d);
+                    });
+                Ok(Tensor::from_vec(
+                    dst,
+                    (rows.len(), 3, size, size),
+                    &Device::Cpu,
+                )?)
+            }
+        }
     }
 }
 
@@ -214,14 +376,14 @@ mod tests {
         // 1 channel, 2x3: [[1,2,3],[4,5,6]]
         let src = [1., 2., 3., 4., 5., 6.];
         let mut dst = [0.; 6];
-        View {
+        View::Shift {
             dx: 1,
             dy: 0,
             flip: false,
         }
         .apply(&src, &mut dst, 1, 2, 3, &[-1.]);
         assert_eq!(dst, [2., 3., -1., 5., 6., -1.]);
-        View {
+        View::Shift {
             dx: 0,
             dy: -1,
             flip: true,
@@ -232,20 +394,97 @@ mod tests {
 
     #[test]
     fn views_are_seeded_bounded_and_varied() {
-        let aug = Augment {
-            crop_padding: 2,
-            horizontal_flip: true,
+        let aug = Augment::CropFlip { crop_padding: 2 };
+        let shift = |v: View| match v {
+            View::Shift { dx, dy, flip } => (dx, dy, flip),
+            View::Crop { .. } => panic!("a crop view from CropFlip"),
         };
-        let views: Vec<View> = (0..200).map(|r| aug.view(5, 0, r)).collect();
+        let views: Vec<(i32, i32, bool)> = (0..200)
+            .map(|r| shift(aug.view(5, 0, r, (28, 28))))
+            .collect();
         assert_eq!(
             views,
-            (0..200).map(|r| aug.view(5, 0, r)).collect::<Vec<_>>()
+            (0..200)
+                .map(|r| shift(aug.view(5, 0, r, (28, 28))))
+                .collect::<Vec<_>>()
         );
-        assert!(views.iter().all(|v| v.dx.abs() <= 2 && v.dy.abs() <= 2));
-        let flips = views.iter().filter(|v| v.flip).count();
+        assert!(views.iter().all(|v| v.0.abs() <= 2 && v.1.abs() <= 2));
+        let flips = views.iter().filter(|v| v.2).count();
         assert!((60..140).contains(&flips), "{flips} flips of 200");
-        assert!(views.iter().any(|v| v.dx == -2) && views.iter().any(|v| v.dy == 2));
-        let epoch = |e| (0..20).map(|r| aug.view(5, e, r)).collect::<Vec<_>>();
+        assert!(views.iter().any(|v| v.0 == -2) && views.iter().any(|v| v.1 == 2));
+        let epoch = |e| {
+            (0..20)
+                .map(|r| aug.view(5, e, r, (28, 28)))
+                .collect::<Vec<_>>()
+        };
         assert_ne!(epoch(1), epoch(2));
+    }
+
+    #[test]
+    fn resized_crops_follow_torchvision_bounds() {
+        let aug = Augment::resized_crop(224);
+        let (w0, h0) = (500u32, 375u32);
+        let mut areas = Vec::new();
+        for r in 0..500 {
+            let View::Crop { x, y, w, h, .. } = aug.view(1, 0, r, (w0, h0)) else {
+                panic!("not a crop")
+            };
+            assert!(
+                w >= 1 && h >= 1 && x + w <= w0 && y + h <= h0,
+                "{x} {y} {w} {h}"
+            );
+            let area = (w * h) as f64 / (w0 * h0) as f64;
+            let ratio = w as f64 / h as f64;
+            assert!((0.07..=1.0).contains(&area), "area {area}");
+            assert!(
+                (0.74..=1.34).contains(&ratio) || area > 0.9,
+                "ratio {ratio}"
+            );
+            areas.push(area);
+        }
+        let mean = areas.iter().sum::<f64>() / areas.len() as f64;
+        assert!(mean > 0.3 && mean < 0.7, "mean crop area {mean}");
+        // A very wide photo cannot fit the ratio range: the fallback is a central crop.
+        let View::Crop { x, w, h, .. } = aug.view(1, 0, 0, (1000, 10)) else {
+            panic!()
+        };
+        assert!(w <= 14 && h == 10 && x >= 490, "{x} {w} {h}");
+    }
+
+    #[test]
+    fn a_crop_view_renders_the_box_normalised() {
+        // Left half black, right half white; the crop of the right half renders white everywhere.
+        let (w, h) = (8u32, 4u32);
+        let rgb: Vec<u8> = (0..h)
+            .flat_map(|_| (0..w).flat_map(|x| [if x < 4 { 0 } else { 255 }; 3]))
+            .collect();
+        let src = SourceImage {
+            width: w,
+            height: h,
+            rgb,
+        };
+        let norm = Normalization {
+            mean: vec![0.5; 3],
+            std: vec![0.5; 3],
+        };
+        let mut dst = vec![0f32; 3 * 4 * 4];
+        View::Crop {
+            x: 4,
+            y: 0,
+            w: 4,
+            h: 4,
+            flip: false,
+        }
+        .render(&src, 4, &norm, &mut dst);
+        assert!(dst.iter().all(|&v| (v - 1.0).abs() < 1e-6), "{dst:?}");
+        View::Crop {
+            x: 0,
+            y: 0,
+            w: 4,
+            h: 4,
+            flip: true,
+        }
+        .render(&src, 4, &norm, &mut dst);
+        assert!(dst.iter().all(|&v| (v + 1.0).abs() < 1e-6));
     }
 }

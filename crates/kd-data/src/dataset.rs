@@ -1,6 +1,7 @@
 //! Datasets in memory: raw bytes per split, verified on load, fingerprinted, normalised on demand.
 
 use crate::idx::{read_idx, IdxArray};
+use crate::image_folder::{FolderOptions, SourceImage};
 use crate::{fashion_mnist, DataError, Result};
 use candle_core::{Device, Tensor};
 use rand::RngCore;
@@ -16,10 +17,22 @@ pub enum DataSource {
     Hub,
 }
 
+/// How the files are laid out.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DataFormat {
+    /// MNIST's IDX files (Fashion-MNIST, MNIST, ...).
+    Idx,
+    /// Photos in one folder per class.
+    ImageFolder(FolderOptions),
+    /// CIFAR-10's binary batches.
+    Cifar10,
+}
+
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
     /// `fashion-mnist` verifies the files against the published checksums; other names do not.
     pub name: String,
+    pub format: DataFormat,
     pub source: DataSource,
     pub verify_checksums: bool,
     /// Number of classes; labels must be below it.
@@ -27,12 +40,17 @@ pub struct LoadOptions {
     /// Keep only the first N training / test images (in file order): small, real pipelines.
     pub train_limit: Option<usize>,
     pub test_limit: Option<usize>,
+    /// Per-channel normalisation; by default Fashion-MNIST's constants, (0.5, 0.5) for photos
+    /// (as the seed), else measured on the training images.
+    pub normalization: Option<Normalization>,
 }
 
 impl LoadOptions {
     pub fn fashion_mnist(dir: impl Into<PathBuf>) -> Self {
         Self {
             name: "fashion-mnist".into(),
+            format: DataFormat::Idx,
+            normalization: None,
             source: DataSource::Dir(dir.into()),
             verify_checksums: true,
             classes: 10,
@@ -80,7 +98,7 @@ impl ImageSet {
         self.channels * self.height * self.width
     }
 
-    fn truncate(&mut self, n: usize) {
+    pub(crate) fn truncate(&mut self, n: usize) {
         if n < self.len() {
             self.labels.truncate(n);
             self.images.truncate(n * self.image_len());
@@ -184,47 +202,111 @@ pub struct Dataset {
     pub train: ImageSet,
     pub test: ImageSet,
     pub normalization: Normalization,
+    /// Photos as decoded, one per training row: what random resized crops are cut from.
+    pub train_sources: Option<Vec<SourceImage>>,
+    /// Files skipped because they did not decode (`skip_bad_images`), with why.
+    pub skipped: Vec<(PathBuf, String)>,
 }
 
 impl Dataset {
     pub fn load(opts: &LoadOptions) -> Result<Self> {
-        let (mut train, mut test) = match &opts.source {
-            DataSource::Dir(dir) => (
+        let dir = match &opts.source {
+            DataSource::Dir(dir) => Some(dir.as_path()),
+            DataSource::Hub => None,
+        };
+        let fashion = opts.name == "fashion-mnist";
+        let (mut train, mut test, mut class_names, mut sources, skipped) = match (&opts.format, dir)
+        {
+            (DataFormat::Idx, Some(dir)) => (
                 load_idx_split(dir, "train", opts)?,
                 load_idx_split(dir, "t10k", opts)?,
+                None,
+                None,
+                vec![],
             ),
-            DataSource::Hub => load_hub(&opts.name)?,
+            (DataFormat::Idx, None) => {
+                let (train, test) = load_hub(&opts.name)?;
+                (train, test, None, None, vec![])
+            }
+            (DataFormat::ImageFolder(f), Some(dir)) => {
+                let d = crate::image_folder::load(dir, f)?;
+                if d.class_names.len() != opts.classes {
+                    return Err(DataError::Config(format!(
+                        "{} has {} class folders ({}) but data.classes is {}",
+                        dir.display(),
+                        d.class_names.len(),
+                        d.class_names.join(", "),
+                        opts.classes
+                    )));
+                }
+                (
+                    d.train,
+                    d.test,
+                    Some(d.class_names),
+                    Some(d.train_sources),
+                    d.skipped,
+                )
+            }
+            (DataFormat::Cifar10, Some(dir)) => {
+                let (train, test, names) = crate::cifar::load(dir, opts.classes)?;
+                (train, test, Some(names), None, vec![])
+            }
+            (_, None) => {
+                return Err(DataError::Config(
+                    "only IDX datasets have a hub source".into(),
+                ))
+            }
         };
         if let Some(n) = opts.train_limit {
             train.truncate(n);
+            if let Some(s) = sources.as_mut() {
+                s.truncate(n);
+            }
         }
         if let Some(n) = opts.test_limit {
             test.truncate(n);
         }
-        let fashion = opts.name == "fashion-mnist";
-        let normalization = if fashion {
-            Normalization {
+        let normalization = match (&opts.normalization, &opts.format) {
+            (Some(n), _) => n.clone(),
+            (None, DataFormat::Idx) if fashion => Normalization {
                 mean: vec![fashion_mnist::MEAN],
                 std: vec![fashion_mnist::STD],
-            }
-        } else {
-            Normalization::measure(&train)
+            },
+            (None, DataFormat::ImageFolder(_)) => Normalization {
+                mean: vec![0.5; 3],
+                std: vec![0.5; 3],
+            },
+            (None, _) => Normalization::measure(&train),
         };
-        let class_names = if fashion && opts.classes == fashion_mnist::CLASS_NAMES.len() {
-            fashion_mnist::CLASS_NAMES
-                .iter()
-                .map(|s| s.to_string())
-                .collect()
-        } else {
-            (0..opts.classes).map(|c| c.to_string()).collect()
-        };
+        if normalization.mean.len() != train.channels || normalization.std.len() != train.channels {
+            return Err(DataError::Config(format!(
+                "the normalisation has {} means and {} stds for {} channels",
+                normalization.mean.len(),
+                normalization.std.len(),
+                train.channels
+            )));
+        }
+        if fashion
+            && opts.format == DataFormat::Idx
+            && opts.classes == fashion_mnist::CLASS_NAMES.len()
+        {
+            class_names = Some(
+                fashion_mnist::CLASS_NAMES
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect(),
+            );
+        }
         Ok(Self {
             name: opts.name.clone(),
             classes: opts.classes,
-            class_names,
+            class_names: class_names
+                .unwrap_or_else(|| (0..opts.classes).map(|c| c.to_string()).collect()),
             train,
             test,
             normalization,
+            train_sources: sources,
+            skipped,
         })
     }
 
@@ -384,6 +466,8 @@ mod tests {
     fn opts(dir: &Path) -> LoadOptions {
         LoadOptions {
             name: "tiny".into(),
+            format: DataFormat::Idx,
+            normalization: None,
             source: DataSource::Dir(dir.to_path_buf()),
             verify_checksums: true,
             classes: 3,

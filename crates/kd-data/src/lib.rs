@@ -6,14 +6,17 @@
 //! run is reproducible; candle's own CPU RNG cannot be seeded.
 
 pub mod batch;
+pub mod cifar;
 pub mod dataset;
 pub mod fashion_mnist;
 pub mod files;
 pub mod idx;
+pub mod image_folder;
 
 pub use batch::{Augment, Batch, Batches};
-pub use dataset::{DataSource, Dataset, ImageSet, LoadOptions, Normalization, Split};
+pub use dataset::{DataFormat, DataSource, Dataset, ImageSet, LoadOptions, Normalization, Split};
 pub use files::{sha256_file, write_atomic, write_atomic_bytes};
+pub use image_folder::{FolderOptions, SourceImage};
 
 use std::path::PathBuf;
 

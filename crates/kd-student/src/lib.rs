@@ -45,7 +45,7 @@ pub fn run(args: &Args) -> anyhow::Result<Manifest> {
     let pipeline = args.pipeline.open(&extra)?;
     let cfg = &pipeline.config.student;
     let data = pipeline.load_data()?;
-    let train = cfg.train();
+    let train = cfg.train(&pipeline.config.data);
     let mut inputs = BTreeMap::new();
     let (stage, settings, targets) = if args.baseline {
         // What decides the baseline: not the KD settings, so changing them does not retrain it.

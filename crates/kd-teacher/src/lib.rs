@@ -42,7 +42,7 @@ pub fn run(args: &Args) -> anyhow::Result<Manifest> {
         pipeline: &pipeline,
         stage: STAGE,
         arch: &cfg.arch,
-        train: cfg.train(),
+        train: cfg.train(&pipeline.config.data),
         settings: serde_json::json!({ "data": pipeline.data_settings(), "teacher": cfg }),
         inputs: BTreeMap::new(),
     };

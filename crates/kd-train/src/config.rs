@@ -3,7 +3,7 @@
 //! Unknown keys are refused with the key named; every value can be overridden from the command
 //! line with `--set section.key=value` (parsed as TOML, so `--set student.temperature=4`).
 
-use kd_data::{Augment, DataSource, LoadOptions};
+use kd_data::{Augment, DataFormat, DataSource, FolderOptions, LoadOptions, Normalization};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -33,6 +33,9 @@ pub struct DataConfig {
     /// MNIST format.
     #[serde(default = "default_dataset")]
     pub name: String,
+    /// `idx` (MNIST's format), `image-folder` (photos in class folders) or `cifar10` (binary).
+    #[serde(default = "default_format")]
+    pub format: String,
     /// `dir` (a folder in MNIST format) or `hub` (download through candle-datasets).
     #[serde(default = "default_source")]
     pub source: String,
@@ -48,9 +51,22 @@ pub struct DataConfig {
     /// Training images held out for checkpoint selection.
     #[serde(default = "default_val_size")]
     pub val_size: usize,
-    /// Seed of the validation split (the same for teacher and students).
+    /// Seed of the validation split (the same for teacher and students) and, for a single
+    /// ImageFolder root, of the train/test split.
     #[serde(default)]
     pub split_seed: u64,
+    /// ImageFolder: the side of the square model input.
+    #[serde(default = "default_image_size")]
+    pub image_size: usize,
+    /// ImageFolder with a single root: the share of each class held out for the test split.
+    #[serde(default = "default_test_fraction")]
+    pub test_fraction: f64,
+    /// ImageFolder: skip (and count) files that do not decode instead of failing.
+    #[serde(default)]
+    pub skip_bad_images: bool,
+    /// Per-channel normalisation `(x/255 - mean) / std`; the default is the dataset's own.
+    pub mean: Option<Vec<f32>>,
+    pub std: Option<Vec<f32>>,
 }
 
 /// Learning-rate schedule over all steps of a run.
@@ -75,7 +91,8 @@ pub struct TeacherConfig {
     pub weight_decay: f64,
     #[serde(default)]
     pub seed: u64,
-    /// Random crop (padding `crop_padding`) + horizontal flip while training.
+    /// Augment while training: random crop (padding `crop_padding`) + flip for small images,
+    /// RandomResizedCrop + flip for photos.
     #[serde(default)]
     pub augment: bool,
     #[serde(default = "default_crop_padding")]
@@ -138,15 +155,18 @@ pub struct TrainSettings {
     pub augment: Option<Augment>,
 }
 
-fn augment(on: bool, crop_padding: usize) -> Option<Augment> {
-    on.then_some(Augment {
-        crop_padding,
-        horizontal_flip: true,
-    })
+impl DataConfig {
+    /// The training augmentation of this kind of data.
+    fn augmentation(&self, on: bool, crop_padding: usize) -> Option<Augment> {
+        on.then(|| match self.format.as_str() {
+            "image-folder" => Augment::resized_crop(self.image_size),
+            _ => Augment::CropFlip { crop_padding },
+        })
+    }
 }
 
 impl TeacherConfig {
-    pub fn train(&self) -> TrainSettings {
+    pub fn train(&self, data: &DataConfig) -> TrainSettings {
         TrainSettings {
             epochs: self.epochs,
             batch_size: self.batch_size,
@@ -154,13 +174,13 @@ impl TeacherConfig {
             schedule: self.schedule,
             weight_decay: self.weight_decay,
             seed: self.seed,
-            augment: augment(self.augment, self.crop_padding),
+            augment: data.augmentation(self.augment, self.crop_padding),
         }
     }
 }
 
 impl StudentConfig {
-    pub fn train(&self) -> TrainSettings {
+    pub fn train(&self, data: &DataConfig) -> TrainSettings {
         TrainSettings {
             epochs: self.epochs,
             batch_size: self.batch_size,
@@ -168,7 +188,7 @@ impl StudentConfig {
             schedule: self.schedule,
             weight_decay: self.weight_decay,
             seed: self.seed,
-            augment: augment(self.augment, self.crop_padding),
+            augment: data.augmentation(self.augment, self.crop_padding),
         }
     }
 }
@@ -184,19 +204,64 @@ impl DataConfig {
                 ))
             }
         };
+        let format = match self.format.as_str() {
+            "idx" => DataFormat::Idx,
+            "image-folder" => DataFormat::ImageFolder(FolderOptions {
+                size: self.image_size,
+                test_fraction: self.test_fraction,
+                split_seed: self.split_seed,
+                skip_bad_images: self.skip_bad_images,
+            }),
+            "cifar10" => DataFormat::Cifar10,
+            other => {
+                return Err(format!(
+                    "data.format {other:?} is not one of \"idx\", \"image-folder\", \"cifar10\""
+                ))
+            }
+        };
+        if !(0.0..1.0).contains(&self.test_fraction) {
+            return Err(format!(
+                "data.test_fraction must be in [0, 1), not {}",
+                self.test_fraction
+            ));
+        }
+        let normalization = match (&self.mean, &self.std) {
+            (Some(mean), Some(std)) => {
+                if !std.iter().all(|s| s.is_finite() && *s > 0.0) {
+                    return Err("data.std must be positive".into());
+                }
+                Some(Normalization {
+                    mean: mean.clone(),
+                    std: std.clone(),
+                })
+            }
+            (None, None) => None,
+            _ => return Err("data.mean and data.std go together".into()),
+        };
         Ok(LoadOptions {
             name: self.name.clone(),
+            format,
             source,
             verify_checksums: self.verify_checksums,
             classes: self.classes,
             train_limit: self.train_limit,
             test_limit: self.test_limit,
+            normalization,
         })
     }
 }
 
 fn default_dataset() -> String {
     "fashion-mnist".into()
+}
+fn default_format() -> String {
+    "idx".into()
+}
+fn default_image_size() -> usize {
+    224
+}
+fn default_test_fraction() -> f64 {
+    0.2
 }
 fn default_source() -> String {
     "dir".into()
@@ -257,6 +322,7 @@ impl PipelineConfig {
             ("student.batch_size", self.student.batch_size),
             ("knowledge.batch_size", self.knowledge.batch_size),
             ("data.classes", self.data.classes),
+            ("data.image_size", self.data.image_size),
             ("data.val_size", self.data.val_size),
             ("data.train_limit", self.data.train_limit.unwrap_or(1)),
             ("data.test_limit", self.data.test_limit.unwrap_or(1)),

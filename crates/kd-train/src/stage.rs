@@ -20,6 +20,8 @@ pub mod layout {
     /// The checkpoint file of every training stage.
     pub const CHECKPOINT: &str = "model.safetensors";
     pub const KNOWLEDGE_FILE: &str = "soft-targets.safetensors";
+    /// Class index → class name, next to every checkpoint (as the seed writes it).
+    pub const CLASS_INDICES: &str = "class_indices.json";
 }
 
 /// Flags every stage takes.
@@ -40,6 +42,9 @@ pub struct PipelineArgs {
     /// Run even if the outputs are up to date with the inputs and settings.
     #[arg(long)]
     pub force: bool,
+    /// Photos that do not decode are skipped and counted instead of failing (data.skip_bad_images).
+    #[arg(long)]
+    pub skip_bad_images: bool,
 }
 
 /// The usual training flags, shorthands for `--set <section>.<key>=...`.
@@ -94,6 +99,9 @@ impl PipelineArgs {
                 toml::Value::String(dir.display().to_string())
             ));
         }
+        if self.skip_bad_images {
+            sets.push("data.skip_bad_images=true".into());
+        }
         sets.extend_from_slice(extra);
         let config = PipelineConfig::load(&self.pipeline, &sets)?;
         let name = self
@@ -133,7 +141,17 @@ impl Pipeline {
     /// fingerprints are inputs).
     pub fn data_settings(&self) -> serde_json::Value {
         let d = &self.config.data;
-        serde_json::json!({ "name": d.name, "classes": d.classes, "val_size": d.val_size, "split_seed": d.split_seed })
+        serde_json::json!({
+            "name": d.name,
+            "format": d.format,
+            "classes": d.classes,
+            "val_size": d.val_size,
+            "split_seed": d.split_seed,
+            "image_size": d.image_size,
+            "test_fraction": d.test_fraction,
+            "mean": d.mean,
+            "std": d.std,
+        })
     }
 
     pub fn load_data(&self) -> Result<LoadedData, TrainError> {
@@ -141,6 +159,19 @@ impl Pipeline {
         let opts = d.load_options().map_err(TrainError::Other)?;
         let t0 = std::time::Instant::now();
         let dataset = Dataset::load(&opts)?;
+        if !dataset.skipped.is_empty() {
+            let shown: Vec<String> = dataset
+                .skipped
+                .iter()
+                .take(5)
+                .map(|(p, why)| format!("{}: {why}", p.display()))
+                .collect();
+            tracing::warn!(
+                "data: skipped {} unreadable file(s): {}",
+                dataset.skipped.len(),
+                shown.join("; ")
+            );
+        }
         let (train_rows, val_rows) = dataset.validation_split(d.val_size, d.split_seed)?;
         let device = Device::Cpu;
         let loaded = LoadedData {
@@ -156,7 +187,6 @@ impl Pipeline {
             test_labels: dataset.test.labels_tensor(&device)?,
             all_rows: (0..dataset.train.len() as u32).collect(),
             test_rows: (0..dataset.test.len() as u32).collect(),
-            fill: dataset.normalization.zero_values(),
             train_fingerprint: dataset.train.fingerprint(),
             test_fingerprint: dataset.test.fingerprint(),
             train_rows,
@@ -191,7 +221,6 @@ pub struct LoadedData {
     /// Every row of the training file (what the knowledge file covers) and of the test file.
     pub all_rows: Vec<u32>,
     pub test_rows: Vec<u32>,
-    pub fill: Vec<f32>,
     pub train_fingerprint: String,
     pub test_fingerprint: String,
 }

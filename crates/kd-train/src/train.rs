@@ -5,7 +5,7 @@ use crate::optim::{learning_rate, Adam, AdamParams};
 use crate::TrainError;
 use candle_core::{DType, Tensor, D};
 use indicatif::{ProgressBar, ProgressStyle};
-use kd_data::{Batch, Batches};
+use kd_data::{Batch, Batches, Normalization, SourceImage};
 use kd_models::{Classifier, Trainable};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -83,8 +83,10 @@ pub struct FitSpec<'a> {
     pub settings: &'a TrainSettings,
     pub train: Subset<'a>,
     pub val: Subset<'a>,
-    /// Normalised value of a black pixel per channel (what augmentation pads with).
-    pub fill: &'a [f32],
+    /// The data's normalisation (augmented images are normalised as the rest).
+    pub normalization: &'a Normalization,
+    /// Decoded photos per training row, for resized-crop augmentation.
+    pub sources: Option<&'a [SourceImage]>,
     pub checkpoint: &'a Path,
 }
 
@@ -101,7 +103,8 @@ pub fn fit(
         settings,
         train,
         val,
-        fill,
+        normalization,
+        sources,
         checkpoint,
     } = *spec;
     let vars: Vec<_> = model
@@ -131,7 +134,7 @@ pub fn fit(
         let mut batches = Batches::new(train.images, train.labels, train.rows, settings.batch_size)
             .shuffled(settings.seed, epoch);
         if let Some(aug) = settings.augment {
-            batches = batches.augmented(aug, settings.seed, epoch, fill.to_vec());
+            batches = batches.augmented(aug, settings.seed, epoch, normalization, sources);
         }
         let bar = progress(
             batches.num_batches(),

@@ -12,7 +12,7 @@ use kd_data::Batch;
 use kd_models::{load_frozen, Trainable};
 use std::collections::BTreeMap;
 
-pub use crate::stage::layout::CHECKPOINT;
+pub use crate::stage::layout::{CHECKPOINT, CLASS_INDICES};
 
 /// One training stage's identity and settings.
 pub struct TrainingStage<'a> {
@@ -69,9 +69,21 @@ impl TrainingStage<'_> {
             settings: &self.train,
             train: data.train(),
             val: data.val(),
-            fill: &data.fill,
+            normalization: &data.dataset.normalization,
+            sources: data.dataset.train_sources.as_deref(),
             checkpoint: &checkpoint,
         };
+        // The class index map, as the seed writes it: {"0": "daisy", ...}.
+        let classes: serde_json::Map<String, serde_json::Value> = data
+            .dataset
+            .class_names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (i.to_string(), serde_json::Value::String(n.clone())))
+            .collect();
+        let text =
+            serde_json::to_string_pretty(&classes).map_err(|e| TrainError::Other(e.to_string()))?;
+        kd_data::write_atomic_bytes(&dir.join(CLASS_INDICES), text.as_bytes())?;
         let fit = fit(&model, &spec, loss_fn)?;
         // The test set is read once, by the checkpoint that validation chose.
         let best = load_frozen(self.arch, &data.spec, &checkpoint, &Device::Cpu)?;
@@ -92,7 +104,7 @@ impl TrainingStage<'_> {
             metrics,
             ..Manifest::start(self.stage, &self.pipeline.name, key)
         }
-        .write(&dir, &[CHECKPOINT])?;
+        .write(&dir, &[CHECKPOINT, CLASS_INDICES])?;
         let mut t = Table::new(&[
             "stage",
             "model",

@@ -1,0 +1,144 @@
+//! The seed's RGB path end to end on a few real photographs (Debian's tuxpaint-stamps-default,
+//! installed by `just data-photos`): ImageFolder in the seed's train/val layout, the seed's
+//! 224-px GoogLeNet and student, RandomResizedCrop augmentation, every stage.
+
+use clap::Parser;
+use std::path::{Path, PathBuf};
+
+const STAMPS: &str = "/usr/share/tuxpaint/stamps";
+
+/// 3 classes × 5 photos: 4 for train/, 1 for val/.
+fn photo_folder(root: &Path) {
+    for (class, dir) in [
+        ("birds", "animals/birds"),
+        ("flowers", "plants/flowers"),
+        ("fruit", "food/fruit"),
+    ] {
+        let src = Path::new(STAMPS).join(dir);
+        let mut photos: Vec<PathBuf> = std::fs::read_dir(&src)
+            .unwrap_or_else(|e| {
+                panic!(
+                    "{}: {e} (install the photos with `just data-photos`)",
+                    src.display()
+                )
+            })
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "png"))
+            .collect();
+        photos.sort();
+        for (i, p) in photos.iter().take(5).enumerate() {
+            let split = if i == 4 { "val" } else { "train" };
+            let dst = root.join(split).join(class);
+            std::fs::create_dir_all(&dst).unwrap();
+            std::fs::copy(p, dst.join(p.file_name().unwrap())).unwrap();
+        }
+    }
+}
+
+/// pipelines/photos.toml under another name (the name picks the artifacts folder).
+fn pipeline_file(dir: &Path) -> PathBuf {
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../pipelines/photos.toml"),
+    )
+    .unwrap();
+    let p = dir.join("few-photos.toml");
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+#[test]
+fn every_stage_runs_on_real_photos_at_224_px() {
+    let work = tempfile::tempdir().unwrap();
+    let data = work.path().join("photos");
+    photo_folder(&data);
+    let pipeline = pipeline_file(work.path());
+    let root = work.path().join("artifacts");
+    let args = |bin: &str, extra: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = [
+            bin,
+            "--pipeline",
+            pipeline.to_str().unwrap(),
+            "--artifacts",
+            root.to_str().unwrap(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        v.extend(["--data-dir".to_string(), data.display().to_string()]);
+        for s in [
+            "data.classes=3",
+            "data.val_size=3",
+            "teacher.epochs=1",
+            "teacher.batch_size=4",
+            "student.epochs=1",
+            "student.batch_size=4",
+        ] {
+            v.extend(["--set".to_string(), s.to_string()]);
+        }
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    let teacher =
+        kd_teacher::run(&kd_teacher::Args::try_parse_from(args("kd-teacher", &[])).unwrap())
+            .unwrap();
+    assert_eq!(teacher.metrics["architecture"], "googlenet-224");
+    assert_eq!(teacher.metrics["parameters"], teacher_params_for(3));
+    let knowledge = kd_precompute::run(
+        &kd_precompute::Args::try_parse_from(args("kd-precompute", &[])).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(knowledge.metrics["rows"], 12);
+    let kd = kd_student::run(&kd_student::Args::try_parse_from(args("kd-student", &[])).unwrap())
+        .unwrap();
+    let base = kd_student::run(
+        &kd_student::Args::try_parse_from(args("kd-student", &["--baseline"])).unwrap(),
+    )
+    .unwrap();
+    for m in [&kd, &base] {
+        assert_eq!(m.metrics["architecture"], "student-seed");
+        assert_eq!(m.metrics["test_images"], 3);
+    }
+    // Both students trained on the seed's RandomResizedCrop views.
+    assert_eq!(kd.settings["student"]["augment"], true);
+    assert_eq!(
+        base.settings["train"]["augment"]["kind"],
+        "resized-crop-flip"
+    );
+    let report =
+        kd_report::run(&kd_report::Args::try_parse_from(args("kd-report", &[])).unwrap()).unwrap();
+    assert_eq!(report.metrics["models"].as_array().unwrap().len(), 3);
+
+    // The class index map sits next to every checkpoint, as the seed writes it.
+    let classes: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("few-photos/teacher/class_indices.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        classes,
+        serde_json::json!({"0": "birds", "1": "flowers", "2": "fruit"})
+    );
+    // The knowledge file holds 3-class logits for the 12 training photos, in folder order.
+    let k = kd_knowledge::KnowledgeFile::open(
+        &root.join("few-photos/knowledge/soft-targets.safetensors"),
+    )
+    .unwrap();
+    assert_eq!((k.meta.dataset.rows, k.meta.dataset.classes), (12, 3));
+    assert_eq!(
+        k.labels().unwrap(),
+        vec![0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2]
+    );
+    assert_eq!(k.meta.transform.input, [3, 224, 224]);
+}
+
+fn teacher_params_for(classes: usize) -> usize {
+    kd_models::num_parameters(
+        "googlenet-224",
+        &kd_models::InputSpec {
+            channels: 3,
+            height: 224,
+            width: 224,
+            classes,
+        },
+    )
+    .unwrap()
+}
