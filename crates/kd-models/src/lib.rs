@@ -218,6 +218,22 @@ mod tests {
     }
 
     #[test]
+    fn the_small_models_take_cifar_sized_rgb() {
+        let cifar = InputSpec {
+            channels: 3,
+            height: 32,
+            width: 32,
+            classes: 10,
+        };
+        let xs = Tensor::zeros((2, 3, 32, 32), DType::F32, &Device::Cpu).unwrap();
+        for arch in ["googlenet", "student-cnn"] {
+            let m = Trainable::new(arch, &cifar, 0, &Device::Cpu).unwrap();
+            let heads = m.model.forward_t(&xs, true).unwrap();
+            assert!(heads.iter().all(|h| h.dims() == [2, 10]), "{arch}");
+        }
+    }
+
+    #[test]
     fn teacher_returns_three_heads_in_train_and_eval() {
         let m = Trainable::new("googlenet", &FASHION, 0, &Device::Cpu).unwrap();
         let xs = Tensor::zeros((2, 1, 28, 28), DType::F32, &Device::Cpu).unwrap();
