@@ -100,6 +100,7 @@ fn knowledge_file_holds_the_teachers_logits_in_dataset_order() {
         overrides: vec![],
         data_dir: None,
         force: false,
+        resume: false,
         skip_bad_images: false,
     };
     let pipeline = args.open(&[]).unwrap();

@@ -121,6 +121,21 @@ impl DropoutRng {
         rng.set_stream(fnv1a(b"dropout"));
         Self(Arc::new(Mutex::new(rng)))
     }
+
+    /// How far the stream has advanced (with the seed, all that a resumed run needs).
+    pub fn word_pos(&self) -> u128 {
+        self.0
+            .lock()
+            .map(|r| r.get_word_pos())
+            .unwrap_or_else(|p| p.into_inner().get_word_pos())
+    }
+
+    pub fn set_word_pos(&self, pos: u128) {
+        match self.0.lock() {
+            Ok(mut r) => r.set_word_pos(pos),
+            Err(p) => p.into_inner().set_word_pos(pos),
+        }
+    }
 }
 
 /// Inverted dropout with masks from a [`DropoutRng`]; the identity in eval mode.

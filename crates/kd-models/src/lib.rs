@@ -77,14 +77,21 @@ pub fn build(
 pub struct Trainable {
     pub model: Box<dyn Classifier>,
     pub vars: SeededVarMap,
+    /// The dropout masks' stream, shared with the model's dropout layers.
+    pub dropout: DropoutRng,
 }
 
 impl Trainable {
     /// A freshly initialised `arch`; weights and dropout masks follow `seed`.
     pub fn new(arch: &str, spec: &InputSpec, seed: u64, device: &Device) -> Result<Self> {
         let vars = SeededVarMap::new(seed);
-        let model = build(arch, spec, &DropoutRng::new(seed), vars.var_builder(device))?;
-        Ok(Self { model, vars })
+        let dropout = DropoutRng::new(seed);
+        let model = build(arch, spec, &dropout, vars.var_builder(device))?;
+        Ok(Self {
+            model,
+            vars,
+            dropout,
+        })
     }
 
     pub fn num_parameters(&self) -> usize {

@@ -35,15 +35,21 @@ pub fn tune_allocator() {
 }
 
 /// Runs a stage: exit code 0 on success; on failure the error and its causes are printed once
-/// (`error: outer: inner: ...`) and the exit code is 1.
+/// (`error: outer: inner: ...`) and the exit code is 1 — 130 when a signal stopped training.
 pub fn main_with(run: impl FnOnce() -> anyhow::Result<()>) -> ExitCode {
     tune_allocator();
     init_logging();
+    crate::interrupt::install_handler();
     match run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            match e.downcast_ref::<crate::TrainError>() {
+                Some(crate::TrainError::Interrupted(_)) => {
+                    ExitCode::from(crate::interrupt::EXIT_CODE)
+                }
+                _ => ExitCode::FAILURE,
+            }
         }
     }
 }

@@ -3,9 +3,11 @@
 
 pub mod cli;
 pub mod config;
+pub mod interrupt;
 pub mod loss;
 pub mod manifest;
 pub mod optim;
+pub mod resume;
 pub mod stage;
 pub mod table;
 pub mod train;
@@ -33,6 +35,8 @@ pub enum TrainError {
     File { path: PathBuf, message: String },
     #[error("training diverged: {0}")]
     Diverged(String),
+    #[error("{0}")]
+    Interrupted(String),
     #[error("{0}")]
     Other(String),
 }

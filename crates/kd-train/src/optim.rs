@@ -38,6 +38,15 @@ pub struct Adam {
     pub params: AdamParams,
 }
 
+/// Everything Adam carries from one step to the next, by variable name: what a resumed run
+/// needs to continue bit for bit.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdamState {
+    pub step: u64,
+    /// `(name, first moment, second moment)`, in name order.
+    pub moments: Vec<(String, Vec<f32>, Vec<f32>)>,
+}
+
 impl Adam {
     /// `vars` by name; they are updated in name order, so the result does not depend on the
     /// order a hash map hands them out.
@@ -58,6 +67,40 @@ impl Adam {
             step: 0,
             params,
         }
+    }
+
+    pub fn state(&self) -> AdamState {
+        AdamState {
+            step: self.step,
+            moments: self
+                .vars
+                .iter()
+                .zip(self.m.iter().zip(&self.v))
+                .map(|((n, _), (m, v))| (n.clone(), m.clone(), v.clone()))
+                .collect(),
+        }
+    }
+
+    /// Restores a saved state; it must be for the same variables.
+    pub fn load_state(&mut self, state: AdamState) -> std::result::Result<(), String> {
+        if state.moments.len() != self.vars.len() {
+            return Err(format!(
+                "{} variables saved, {} here",
+                state.moments.len(),
+                self.vars.len()
+            ));
+        }
+        for ((name, var), (saved, m, v)) in self.vars.iter().zip(&state.moments) {
+            if name != saved || m.len() != var.elem_count() || v.len() != var.elem_count() {
+                return Err(format!(
+                    "saved moments of {saved} do not fit variable {name}"
+                ));
+            }
+        }
+        self.m = state.moments.iter().map(|(_, m, _)| m.clone()).collect();
+        self.v = state.moments.into_iter().map(|(_, _, v)| v).collect();
+        self.step = state.step;
+        Ok(())
     }
 
     pub fn set_lr(&mut self, lr: f64) {

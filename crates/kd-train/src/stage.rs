@@ -39,9 +39,14 @@ pub struct PipelineArgs {
     /// Dataset folder in MNIST format (overrides data.dir).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
-    /// Run even if the outputs are up to date with the inputs and settings.
-    #[arg(long)]
+    /// Run even if the outputs are up to date with the inputs and settings (and start training
+    /// over, ignoring any resume state).
+    #[arg(long, conflicts_with = "resume")]
     pub force: bool,
+    /// Continue an interrupted training run from its last complete epoch (rerunning the same
+    /// command does so too; --resume fails if there is nothing to resume).
+    #[arg(long)]
+    pub resume: bool,
     /// Photos that do not decode are skipped and counted instead of failing (data.skip_bad_images).
     #[arg(long)]
     pub skip_bad_images: bool,
@@ -86,6 +91,7 @@ pub struct Pipeline {
     pub config: PipelineConfig,
     pub root: PathBuf,
     pub force: bool,
+    pub resume: bool,
 }
 
 impl PipelineArgs {
@@ -114,6 +120,7 @@ impl PipelineArgs {
             name,
             config,
             force: self.force,
+            resume: self.resume,
         })
     }
 }

@@ -2,6 +2,7 @@
 
 use crate::config::TrainSettings;
 use crate::optim::{learning_rate, Adam, AdamParams};
+use crate::resume::{Progress, ResumeState};
 use crate::TrainError;
 use candle_core::{DType, Tensor, D};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -88,6 +89,13 @@ pub struct FitSpec<'a> {
     /// Decoded photos per training row, for resized-crop augmentation.
     pub sources: Option<&'a [SourceImage]>,
     pub checkpoint: &'a Path,
+    /// Where the resume state goes after every epoch, and the key it must carry to be resumed.
+    pub resume: &'a Path,
+    pub key: &'a str,
+    /// Start over even if a matching resume state exists (`--force`).
+    pub restart: bool,
+    /// Refuse to start over: a matching resume state must exist (`--resume`).
+    pub require_resume: bool,
 }
 
 /// Trains `model` with `loss_fn(batch, heads) -> scalar loss`, evaluates on `val` after every
@@ -106,6 +114,7 @@ pub fn fit(
         normalization,
         sources,
         checkpoint,
+        ..
     } = *spec;
     let vars: Vec<_> = model
         .vars
@@ -129,7 +138,30 @@ pub fn fit(
     };
     let mut train_seconds = 0.0;
     let mut step = 0;
-    for epoch in 1..=settings.epochs {
+    let mut first_epoch = 1;
+    if let Some(state) = resume_state(spec)? {
+        let p = state.progress;
+        for (name, t) in &state.weights {
+            let var = opt_var(model, name)?;
+            var.set(t)?;
+        }
+        opt.load_state(state.adam)
+            .map_err(|e| TrainError::file(spec.resume, e))?;
+        model.dropout.set_word_pos(
+            p.dropout_word_pos
+                .parse()
+                .map_err(|_| TrainError::file(spec.resume, "bad dropout position"))?,
+        );
+        tracing::info!(
+            "{name}: resuming after epoch {}/{} from {}",
+            p.epoch,
+            settings.epochs,
+            spec.resume.display()
+        );
+        (first_epoch, step, train_seconds, report) =
+            (p.epoch + 1, p.step, p.train_seconds, p.report);
+    }
+    for epoch in first_epoch..=settings.epochs {
         let t0 = Instant::now();
         let mut batches = Batches::new(train.images, train.labels, train.rows, settings.batch_size)
             .shuffled(settings.seed, epoch);
@@ -142,6 +174,18 @@ pub fn fit(
         );
         let (mut loss_sum, mut hits, mut seen) = (0.0, 0.0, 0usize);
         for batch in batches {
+            if crate::interrupt::requested() {
+                bar.abandon();
+                let done = epoch - 1;
+                let how = if done > 0 {
+                    format!("epoch {done} is saved in {}; run the same command again (or add --resume) to continue from it", spec.resume.display())
+                } else {
+                    "no epoch was complete, so nothing is saved to resume from".to_string()
+                };
+                return Err(TrainError::Interrupted(format!(
+                    "{name}: interrupted during epoch {epoch}; {how}"
+                )));
+            }
             let batch = batch?;
             let lr = learning_rate(settings.schedule, settings.lr, step, total_steps);
             opt.set_lr(lr);
@@ -219,11 +263,64 @@ pub fn fit(
             save_checkpoint(checkpoint, &model.named_tensors())?;
         }
         report.epochs.push(m);
+        let progress = Progress {
+            key: spec.key.to_string(),
+            epoch,
+            step,
+            dropout_word_pos: model.dropout.word_pos().to_string(),
+            train_seconds,
+            report: report.clone(),
+        };
+        crate::resume::save(spec.resume, &progress, &model.named_tensors(), &opt.state())?;
     }
     report.wall_seconds = start.elapsed().as_secs_f64();
     let images = (train.rows.len() * settings.epochs) as f64;
     report.train_images_per_sec = images / train_seconds.max(1e-9);
     Ok(report)
+}
+
+/// The resume state to continue from, if there is a matching one (and `--force` was not given).
+fn resume_state(spec: &FitSpec) -> Result<Option<ResumeState>, TrainError> {
+    let path = spec.resume;
+    if spec.restart || !path.is_file() {
+        if spec.require_resume {
+            return Err(TrainError::file(
+                path,
+                "--resume: there is no resume state (was a run of this stage interrupted?)",
+            ));
+        }
+        return Ok(None);
+    }
+    let state = crate::resume::load(path)?;
+    if state.progress.key != spec.key {
+        if spec.require_resume {
+            return Err(TrainError::file(
+                path,
+                "--resume: the resume state was made with other settings or inputs",
+            ));
+        }
+        tracing::warn!(
+            "{}: {} was made with other settings or inputs; starting over",
+            spec.name,
+            path.display()
+        );
+        return Ok(None);
+    }
+    Ok(Some(state))
+}
+
+fn opt_var(model: &Trainable, name: &str) -> Result<candle_core::Var, TrainError> {
+    let data = model
+        .vars
+        .varmap
+        .data()
+        .lock()
+        .map_err(|_| TrainError::Other("poisoned".into()))?;
+    data.get(name).cloned().ok_or_else(|| {
+        TrainError::Other(format!(
+            "the resume state has weights for {name}, which this model lacks"
+        ))
+    })
 }
 
 /// Accuracy and loss of the main head on `set`, in eval mode, with its throughput.

@@ -12,6 +12,7 @@ use kd_data::Batch;
 use kd_models::{load_frozen, Trainable};
 use std::collections::BTreeMap;
 
+pub use crate::resume::RESUME_FILE;
 pub use crate::stage::layout::{CHECKPOINT, CLASS_INDICES};
 
 /// One training stage's identity and settings.
@@ -72,6 +73,10 @@ impl TrainingStage<'_> {
             normalization: &data.dataset.normalization,
             sources: data.dataset.train_sources.as_deref(),
             checkpoint: &checkpoint,
+            resume: &dir.join(RESUME_FILE),
+            key: &key,
+            restart: self.pipeline.force,
+            require_resume: self.pipeline.resume,
         };
         // The class index map, as the seed writes it: {"0": "daisy", ...}.
         let classes: serde_json::Map<String, serde_json::Value> = data
@@ -105,6 +110,8 @@ impl TrainingStage<'_> {
             ..Manifest::start(self.stage, &self.pipeline.name, key)
         }
         .write(&dir, &[CHECKPOINT, CLASS_INDICES])?;
+        // Done and recorded: the resume state has served its purpose.
+        let _ = std::fs::remove_file(dir.join(RESUME_FILE));
         let mut t = Table::new(&[
             "stage",
             "model",
