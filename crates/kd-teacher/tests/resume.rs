@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used)]
 //! Kill the teacher anywhere — SIGKILL mid-epoch, or Ctrl-C — and the same command finishes the
 //! run with weights bit-identical to a run never interrupted.
 
