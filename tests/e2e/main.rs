@@ -3,6 +3,7 @@
 //! training images, 200 test images). Needs the dataset (`just data`).
 
 mod fixture;
+mod hostile;
 mod photos;
 mod pipeline;
 mod refusals;

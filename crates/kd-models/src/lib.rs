@@ -289,6 +289,16 @@ mod tests {
         .unwrap()
         .to_string();
         assert!(e.contains("tensor fc.") && e.contains("shape"), "{e}");
+        let bytes = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &bytes[..bytes.len() - 100]).unwrap();
+        let e = load_frozen("student-cnn", &FASHION, &path, &Device::Cpu)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("student.safetensors") && e.contains("cannot read"),
+            "truncated: {e}"
+        );
         std::fs::write(&path, b"garbage").unwrap();
         let e = load_frozen("student-cnn", &FASHION, &path, &Device::Cpu)
             .err()

@@ -66,7 +66,7 @@ pub fn run(args: &Args) -> anyhow::Result<Manifest> {
         ("teacher".to_string(), teacher_sha.clone()),
     ]);
     let key = stage_key(STAGE, &settings, &inputs);
-    if let Some(m) = pipeline.up_to_date(STAGE, &dir, &key) {
+    if let Some(m) = pipeline.up_to_date(STAGE, &dir, &key, &settings, &inputs) {
         return Ok(m);
     }
 

@@ -83,7 +83,7 @@ pub fn run(args: &Args) -> anyhow::Result<Manifest> {
     let settings = serde_json::json!({ "batch_size": args.batch_size });
     let key = stage_key(STAGE, &settings, &inputs);
     let dir = pipeline.dir(STAGE);
-    if let Some(m) = pipeline.up_to_date(STAGE, &dir, &key) {
+    if let Some(m) = pipeline.up_to_date(STAGE, &dir, &key, &settings, &inputs) {
         return Ok(m);
     }
 

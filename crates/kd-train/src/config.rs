@@ -306,9 +306,14 @@ impl PipelineConfig {
         for arg in overrides {
             apply_override(&mut value, arg)?;
         }
-        let config: Self = toml::Value::Table(value)
-            .try_into()
-            .map_err(|e: toml::de::Error| file_err(e.message().to_string()))?;
+        let config: Self =
+            toml::Value::Table(value.clone())
+                .try_into()
+                .map_err(|e: toml::de::Error| {
+                    // Name the section: deserialising the whole file does not say which one failed.
+                    let section = section_error(&value).unwrap_or_else(|| e.message().to_string());
+                    file_err(section)
+                })?;
         config.validate().map_err(file_err)?;
         Ok(config)
     }
@@ -369,6 +374,20 @@ impl PipelineConfig {
         self.data.load_options()?;
         Ok(())
     }
+}
+
+/// The first section that does not deserialise, as `[section]: why`.
+fn section_error(root: &toml::Table) -> Option<String> {
+    fn check<T: serde::de::DeserializeOwned>(root: &toml::Table, name: &str) -> Option<String> {
+        let v = root.get(name)?.clone();
+        v.try_into::<T>()
+            .err()
+            .map(|e| format!("[{name}]: {}", e.message()))
+    }
+    check::<DataConfig>(root, "data")
+        .or_else(|| check::<TeacherConfig>(root, "teacher"))
+        .or_else(|| check::<KnowledgeConfig>(root, "knowledge"))
+        .or_else(|| check::<StudentConfig>(root, "student"))
 }
 
 /// `section.key=value`: the value is TOML (`4`, `"cosine"`, `true`, `[1, 2]`), or a bare string.

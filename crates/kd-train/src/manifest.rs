@@ -83,6 +83,65 @@ impl Manifest {
         Ok(self)
     }
 
+    /// Why the stage in `dir` must run for `key` (`None`: it is up to date): no previous run,
+    /// outputs changed since, or which inputs and settings differ.
+    pub fn staleness(
+        dir: &Path,
+        key: &str,
+        settings: &serde_json::Value,
+        inputs: &BTreeMap<String, String>,
+    ) -> Option<String> {
+        let Ok(m) = Self::read(dir) else {
+            return Some("no previous run".into());
+        };
+        if m.key == key {
+            return match m.outputs.iter().find(|(f, h)| {
+                kd_data::sha256_file(&dir.join(f)).ok().as_deref() != Some(h.as_str())
+            }) {
+                Some((f, _)) => Some(format!(
+                    "its output {f} was changed or removed since it was written"
+                )),
+                None if m.outputs.is_empty() => Some("the previous run recorded no outputs".into()),
+                None => None,
+            };
+        }
+        let mut why = Vec::new();
+        for (name, hash) in inputs {
+            match m.inputs.get(name) {
+                Some(old) if old == hash => {}
+                Some(old) => why.push(format!(
+                    "input {name} changed ({} → {})",
+                    short(old),
+                    short(hash)
+                )),
+                None => why.push(format!("new input {name}")),
+            }
+        }
+        why.extend(
+            m.inputs
+                .keys()
+                .filter(|k| !inputs.contains_key(*k))
+                .map(|k| format!("input {k} is gone")),
+        );
+        let mut paths = Vec::new();
+        json_diff("", &m.settings, settings, &mut paths);
+        why.extend(
+            paths
+                .into_iter()
+                .take(8)
+                .map(|p| format!("setting {p} changed")),
+        );
+        if why.is_empty() {
+            why.push("the stage's definition changed".into());
+        }
+        if why.len() > 4 {
+            let more = why.len() - 4;
+            why.truncate(4);
+            why.push(format!("and {more} more"));
+        }
+        Some(why.join("; "))
+    }
+
     /// The manifest in `dir` if it was made with `key` and its outputs are still as written.
     pub fn fresh(dir: &Path, key: &str) -> Option<Self> {
         let m = Self::read(dir).ok()?;
@@ -91,6 +150,37 @@ impl Manifest {
             .iter()
             .all(|(f, h)| kd_data::sha256_file(&dir.join(f)).ok().as_deref() == Some(h));
         (m.key == key && intact && !m.outputs.is_empty()).then_some(m)
+    }
+}
+
+fn short(hash: &str) -> &str {
+    &hash[..hash.len().min(12)]
+}
+
+/// Paths (`a.b.c`) where two JSON values differ.
+fn json_diff(path: &str, old: &serde_json::Value, new: &serde_json::Value, out: &mut Vec<String>) {
+    use serde_json::Value;
+    match (old, new) {
+        (Value::Object(a), Value::Object(b)) => {
+            let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+            keys.sort();
+            keys.dedup();
+            for k in keys {
+                let p = if path.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{path}.{k}")
+                };
+                json_diff(
+                    &p,
+                    a.get(k).unwrap_or(&Value::Null),
+                    b.get(k).unwrap_or(&Value::Null),
+                    out,
+                );
+            }
+        }
+        (a, b) if a != b => out.push(format!("{path} ({a} → {b})")),
+        _ => {}
     }
 }
 
@@ -121,5 +211,32 @@ mod tests {
             &BTreeMap::new(),
         );
         assert_ne!(key, other);
+        // Why a stage runs, in words.
+        std::fs::write(dir.path().join("model.bin"), b"weights").unwrap();
+        let m = Manifest::read(dir.path()).unwrap();
+        assert_eq!(
+            Manifest::staleness(dir.path(), &m.key, &m.settings, &m.inputs),
+            None
+        );
+        let new_inputs = BTreeMap::from([("data".to_string(), "abd".to_string())]);
+        let why = Manifest::staleness(
+            dir.path(),
+            "k2",
+            &serde_json::json!({"epochs": 3}),
+            &new_inputs,
+        )
+        .unwrap();
+        assert!(
+            why.contains("input data changed") && why.contains("setting epochs (1 → 3)"),
+            "{why}"
+        );
+        std::fs::remove_file(dir.path().join("model.bin")).unwrap();
+        let why = Manifest::staleness(dir.path(), &m.key, &m.settings, &m.inputs).unwrap();
+        assert!(why.contains("model.bin was changed or removed"), "{why}");
+        let empty = tempfile::tempdir().unwrap();
+        assert_eq!(
+            Manifest::staleness(empty.path(), "k", &m.settings, &m.inputs).as_deref(),
+            Some("no previous run")
+        );
     }
 }

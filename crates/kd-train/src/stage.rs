@@ -132,16 +132,32 @@ impl Pipeline {
     }
 
     /// The manifest in `dir` if the stage need not run again (and `--force` was not given).
-    pub fn up_to_date(&self, stage: &str, dir: &std::path::Path, key: &str) -> Option<Manifest> {
+    /// Logs why a stage runs (or that it is skipped, and why).
+    pub fn up_to_date(
+        &self,
+        stage: &str,
+        dir: &std::path::Path,
+        key: &str,
+        settings: &serde_json::Value,
+        inputs: &BTreeMap<String, String>,
+    ) -> Option<Manifest> {
         if self.force {
+            tracing::info!("{stage}: running (--force)");
             return None;
         }
-        let m = Manifest::fresh(dir, key)?;
-        tracing::info!(
-            "{stage}: up to date ({} unchanged since its last run); --force reruns it",
-            dir.display()
-        );
-        Some(m)
+        match Manifest::staleness(dir, key, settings, inputs) {
+            None => {
+                tracing::info!(
+                    "{stage}: up to date — same inputs and settings as the run recorded in {}; skipped (--force reruns it)",
+                    Manifest::path(dir).display()
+                );
+                Manifest::read(dir).ok()
+            }
+            Some(why) => {
+                tracing::info!("{stage}: running — {why}");
+                None
+            }
+        }
     }
 
     /// The data settings that change a result (where the files live does not: their

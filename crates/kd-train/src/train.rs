@@ -383,3 +383,102 @@ pub fn save_checkpoint(path: &Path, tensors: &HashMap<String, Tensor>) -> Result
     kd_data::write_atomic_bytes(path, &bytes)?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Schedule;
+    use candle_core::Device;
+
+    /// A loss that turns NaN in epoch 2 stops the run with a message, and the checkpoint of
+    /// epoch 1 stays as it was written.
+    #[test]
+    fn a_nan_loss_stops_and_keeps_the_last_good_checkpoint() {
+        let dev = Device::Cpu;
+        let n = 64;
+        let images = Tensor::randn(0f32, 1.0, (n, 1, 28, 28), &dev).unwrap();
+        let labels =
+            Tensor::from_vec((0..n as u32).map(|i| i % 10).collect::<Vec<_>>(), n, &dev).unwrap();
+        let rows: Vec<u32> = (0..48).collect();
+        let val_rows: Vec<u32> = (48..64).collect();
+        let spec_in = kd_models::InputSpec {
+            channels: 1,
+            height: 28,
+            width: 28,
+            classes: 10,
+        };
+        let model = Trainable::new("student-cnn", &spec_in, 0, &dev).unwrap();
+        let settings = TrainSettings {
+            epochs: 3,
+            batch_size: 16,
+            lr: 1e-3,
+            schedule: Schedule::Constant,
+            weight_decay: 0.0,
+            seed: 0,
+            augment: None,
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let (checkpoint, resume) = (
+            dir.path().join("model.safetensors"),
+            dir.path().join("resume.safetensors"),
+        );
+        let norm = Normalization {
+            mean: vec![0.0],
+            std: vec![1.0],
+        };
+        let spec = FitSpec {
+            name: "nan-test",
+            settings: &settings,
+            train: Subset {
+                images: &images,
+                labels: &labels,
+                rows: &rows,
+            },
+            val: Subset {
+                images: &images,
+                labels: &labels,
+                rows: &val_rows,
+            },
+            normalization: &norm,
+            sources: None,
+            checkpoint: &checkpoint,
+            resume: &resume,
+            key: "k",
+            restart: false,
+            require_resume: false,
+        };
+        let mut calls = 0;
+        let err = fit(&model, &spec, |b, heads| {
+            calls += 1;
+            let loss = crate::loss::cross_entropy(&heads[0], &b.labels)?;
+            if calls > 3 {
+                loss * f64::NAN
+            } else {
+                Ok(loss)
+            }
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("epoch 2") && err.contains("NaN") && err.contains("epoch 1 is kept"),
+            "{err}"
+        );
+        // The checkpoint holds exactly the weights of epoch 1 (as the epoch-1 resume state has them).
+        let saved = candle_core::safetensors::load(&checkpoint, &dev).unwrap();
+        let state = crate::resume::load(&resume).unwrap();
+        assert_eq!(state.progress.epoch, 1);
+        for (name, t) in &state.weights {
+            let diff = (t - &saved[name])
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert_eq!(diff, 0.0, "{name}");
+        }
+    }
+}

@@ -34,9 +34,10 @@ impl TrainingStage<'_> {
         let mut inputs = data.inputs();
         inputs.extend(self.inputs.clone());
         let key = stage_key(self.stage, &self.settings, &inputs);
+        let dir = self.pipeline.dir(self.stage);
         let fresh = self
             .pipeline
-            .up_to_date(self.stage, &self.pipeline.dir(self.stage), &key);
+            .up_to_date(self.stage, &dir, &key, &self.settings, &inputs);
         (key, inputs, fresh)
     }
 
