@@ -44,6 +44,9 @@ fn copy_run() -> tempfile::TempDir {
     root
 }
 
+/// How a test spoils a file's bytes.
+type Spoil = fn(Vec<u8>) -> Vec<u8>;
+
 /// The smoke data as raw IDX files in `dir`, with `spoil` applied to the named file's bytes.
 fn idx_folder(dir: &Path, name: &str, spoil: impl Fn(Vec<u8>) -> Vec<u8>) {
     let src = Path::new(kd_data::fashion_mnist::DEBIAN_DIR);
@@ -75,7 +78,7 @@ fn broken_inputs_are_refused_and_nothing_on_disk_changes() {
     let mut cases: Vec<(&str, String, &str, anyhow::Result<kd_train::Manifest>)> = Vec::new();
 
     // IDX files: each spoiled in turn, fed to the teacher with --force.
-    let idx_cases: [(&str, &str, fn(Vec<u8>) -> Vec<u8>, &str); 5] = [
+    let idx_cases: [(&str, &str, Spoil, &str); 5] = [
         (
             "truncated",
             "train-images-idx3-ubyte",
