@@ -119,6 +119,18 @@ bench *args='': data build
     if [ $# -gt 0 ] && [[ $1 != -* ]]; then name=$1; shift; fi
     {{bin}}/kd-bench --pipeline "pipelines/$name.toml" "$@"
 
+# Fuzz the IDX reader and the knowledge-file reader (`just fuzz 600` = 10 minutes each); needs cargo-fuzz
+[group('checks')]
+fuzz seconds='60':
+    #!/usr/bin/env bash
+    set -euo pipefail
+    command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
+    cd fuzz
+    # Stable Rust: coverage-guided libFuzzer without a sanitizer (-s none).
+    for target in idx knowledge; do
+        cargo fuzz run -s none -O "$target" "corpus/$target" -- -max_total_time={{seconds}} -max_len=4096 -print_final_stats=1
+    done
+
 # Tests, clippy and formatting, as CI would want them
 [group('checks')]
 ci: test

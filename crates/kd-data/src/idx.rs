@@ -25,10 +25,24 @@ pub struct IdxArray {
 pub fn read_idx(path: &Path, rank: usize) -> Result<IdxArray> {
     let file = std::fs::File::open(path).map_err(|e| DataError::io(path, e))?;
     let file_len = file.metadata().map_err(|e| DataError::io(path, e))?.len();
+    parse(BufReader::new(file), file_len, path, rank)
+}
+
+/// [`read_idx`] on bytes in memory; `path` names them in errors and says whether they claim to
+/// be gzip (`.gz`). What the fuzz target drives.
+pub fn parse_idx(bytes: &[u8], path: &Path, rank: usize) -> Result<IdxArray> {
+    parse(bytes, bytes.len() as u64, path, rank)
+}
+
+fn parse<'a, R: BufRead + 'a>(
+    mut buffered: R,
+    file_len: u64,
+    path: &Path,
+    rank: usize,
+) -> Result<IdxArray> {
     if file_len == 0 {
         return Err(DataError::invalid(path, "empty file"));
     }
-    let mut buffered = BufReader::new(file);
     let head = buffered.fill_buf().map_err(|e| DataError::io(path, e))?;
     let gzipped = head.len() >= 2 && head[..2] == GZIP_MAGIC;
     let named_gz = path.extension().is_some_and(|e| e == "gz");
@@ -38,7 +52,7 @@ pub fn read_idx(path: &Path, rank: usize) -> Result<IdxArray> {
             "named .gz but is not gzip-compressed",
         ));
     }
-    let mut reader: Box<dyn Read> = if gzipped {
+    let mut reader: Box<dyn Read + 'a> = if gzipped {
         Box::new(flate2::read::MultiGzDecoder::new(buffered))
     } else {
         Box::new(buffered)

@@ -140,7 +140,23 @@ pub fn write(path: &Path, meta: &Metadata, logits: &[Vec<f32>], labels: &[u32]) 
 pub struct KnowledgeFile {
     pub path: PathBuf,
     pub meta: Metadata,
-    mmap: memmap2::Mmap,
+    bytes: Bytes,
+}
+
+/// The file's bytes: memory-mapped from disk, or owned (tests, fuzzing).
+enum Bytes {
+    Mapped(memmap2::Mmap),
+    Owned(Vec<u8>),
+}
+
+impl std::ops::Deref for Bytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Bytes::Mapped(m) => m,
+            Bytes::Owned(v) => v,
+        }
+    }
 }
 
 impl std::fmt::Debug for KnowledgeFile {
@@ -164,6 +180,19 @@ impl KnowledgeFile {
         #[allow(unsafe_code)]
         let mmap = unsafe { memmap2::Mmap::map(&file) }
             .map_err(|e| invalid(format!("cannot map: {e}")))?;
+        Self::validate(path, Bytes::Mapped(mmap))
+    }
+
+    /// A knowledge file held in memory; `path` only names it in errors. Validated as [`open`].
+    pub fn from_bytes(path: &Path, bytes: Vec<u8>) -> Result<Self> {
+        Self::validate(path, Bytes::Owned(bytes))
+    }
+
+    fn validate(path: &Path, mmap: Bytes) -> Result<Self> {
+        let invalid = |message: String| KnowledgeError::Invalid {
+            path: path.to_path_buf(),
+            message,
+        };
         let st = SafeTensors::deserialize(&mmap)
             .map_err(|e| invalid(format!("not a valid safetensors file: {e}")))?;
         let (_, header) = SafeTensors::read_metadata(&mmap).map_err(|e| invalid(e.to_string()))?;
@@ -228,12 +257,12 @@ impl KnowledgeFile {
         Ok(Self {
             path: path.to_path_buf(),
             meta,
-            mmap,
+            bytes: mmap,
         })
     }
 
     fn view(&self, name: &str) -> Result<TensorView<'_>> {
-        let st = SafeTensors::deserialize(&self.mmap).map_err(|e| KnowledgeError::Invalid {
+        let st = SafeTensors::deserialize(&self.bytes).map_err(|e| KnowledgeError::Invalid {
             path: self.path.clone(),
             message: e.to_string(),
         })?;

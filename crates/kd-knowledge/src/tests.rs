@@ -303,3 +303,15 @@ fn write_refuses_inconsistent_buffers() {
     assert!(write(&p, &meta(), &[logits(0.0), logits(0.0)], &[0, 1]).is_err());
     assert!(!p.exists(), "nothing may be written for a refused call");
 }
+
+/// The fuzzing corpus starts from a valid file (written by hand, not by `write`): the reader
+/// accepts it, so the fuzzer explores past validation.
+#[test]
+fn the_fuzz_seed_is_a_valid_knowledge_file() {
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus/knowledge/valid.safetensors");
+    let k = KnowledgeFile::from_bytes(&path, std::fs::read(&path).unwrap()).unwrap();
+    assert_eq!((k.meta.dataset.rows, k.meta.dataset.classes), (3, 2));
+    assert_eq!(k.labels().unwrap(), vec![0, 1, 1]);
+    assert_eq!(k.logits("main", &Device::Cpu).unwrap().dims(), &[3, 2]);
+}
