@@ -35,7 +35,8 @@ pub fn precompute(root: &Path, extra: &[&str]) -> anyhow::Result<Manifest> {
         "kd-precompute",
         root,
         extra,
-    ))?)
+    ))?)?
+    .into_manifest()
 }
 
 pub fn student(root: &Path, extra: &[&str]) -> anyhow::Result<Manifest> {

@@ -86,6 +86,8 @@ fn every_stage_runs_on_real_photos_at_224_px() {
     let knowledge = kd_precompute::run(
         &kd_precompute::Args::try_parse_from(args("kd-precompute", &[])).unwrap(),
     )
+    .unwrap()
+    .into_manifest()
     .unwrap();
     assert_eq!(knowledge.metrics["rows"], 12);
     let kd = kd_student::run(&kd_student::Args::try_parse_from(args("kd-student", &[])).unwrap())

@@ -92,46 +92,136 @@ pub use kd_data::files::canonical_json;
 /// Writes a knowledge file atomically. `logits` holds one `[rows, classes]` row-major buffer per
 /// head, in the order of `meta.heads`.
 pub fn write(path: &Path, meta: &Metadata, logits: &[Vec<f32>], labels: &[u32]) -> Result<()> {
-    let invalid = |message: String| KnowledgeError::Invalid {
+    let (n, c) = (meta.dataset.rows, meta.dataset.classes);
+    check_buffers(path, &meta.heads, n, c, logits, labels)?;
+    let json = serde_json::to_value(meta).map_err(|e| invalid(path, e.to_string()))?;
+    serialize(path, METADATA_KEY, &json, &meta.heads, n, c, logits, labels)
+}
+
+fn invalid(path: &Path, message: String) -> KnowledgeError {
+    KnowledgeError::Invalid {
         path: path.to_path_buf(),
         message,
-    };
-    let (n, c) = (meta.dataset.rows, meta.dataset.classes);
-    if logits.len() != meta.heads.len()
-        || labels.len() != n
-        || logits.iter().any(|l| l.len() != n * c)
-    {
-        return Err(invalid(format!(
-            "{} heads of {n}x{c} logits and {n} labels expected, got {} heads and {} labels",
-            meta.heads.len(),
-            logits.len(),
-            labels.len()
-        )));
     }
-    let to_bytes = |xs: &[f32]| xs.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
-    let mut buffers: Vec<(String, Vec<usize>, Dtype, Vec<u8>)> = meta
-        .heads
+}
+
+/// `heads.len()` buffers of `n x c` logits and `n` labels, or an error saying what came instead.
+fn check_buffers(
+    path: &Path,
+    heads: &[String],
+    n: usize,
+    c: usize,
+    logits: &[Vec<f32>],
+    labels: &[u32],
+) -> Result<()> {
+    if logits.len() != heads.len() || labels.len() != n || logits.iter().any(|l| l.len() != n * c) {
+        return Err(invalid(
+            path,
+            format!(
+                "{} heads of {n}x{c} logits and {n} labels expected, got {} heads and {} labels",
+                heads.len(),
+                logits.len(),
+                labels.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The tensors of a knowledge file or shard (`logits.<head>` `[n, c]` f32, `labels` `[n]` u32) and
+/// one metadata entry, serialised and written atomically. The same inputs always give the same bytes.
+#[allow(clippy::too_many_arguments)]
+fn serialize(
+    path: &Path,
+    key: &str,
+    json: &serde_json::Value,
+    heads: &[String],
+    n: usize,
+    c: usize,
+    logits: &[Vec<f32>],
+    labels: &[u32],
+) -> Result<()> {
+    let mut buffers: Vec<(String, Vec<usize>, Dtype, Vec<u8>)> = heads
         .iter()
         .zip(logits)
-        .map(|(h, l)| (logits_name(h), vec![n, c], Dtype::F32, to_bytes(l)))
+        .map(|(h, l)| (logits_name(h), vec![n, c], Dtype::F32, f32_bytes(l)))
         .collect();
-    buffers.push((
-        LABELS.into(),
-        vec![n],
-        Dtype::U32,
-        labels.iter().flat_map(|l| l.to_le_bytes()).collect(),
-    ));
+    buffers.push((LABELS.into(), vec![n], Dtype::U32, u32_bytes(labels)));
     let views = buffers
         .iter()
         .map(|(name, shape, dtype, bytes)| {
             Ok((name.clone(), TensorView::new(*dtype, shape.clone(), bytes)?))
         })
         .collect::<std::result::Result<Vec<_>, safetensors::SafeTensorError>>()
-        .map_err(|e| invalid(e.to_string()))?;
-    let json = serde_json::to_value(meta).map_err(|e| invalid(e.to_string()))?;
-    let info = HashMap::from([(METADATA_KEY.to_string(), canonical_json(&json))]);
-    let bytes = safetensors::serialize(views, Some(info)).map_err(|e| invalid(e.to_string()))?;
+        .map_err(|e| invalid(path, e.to_string()))?;
+    let info = HashMap::from([(key.to_string(), canonical_json(json))]);
+    let bytes =
+        safetensors::serialize(views, Some(info)).map_err(|e| invalid(path, e.to_string()))?;
     kd_data::write_atomic_bytes(path, &bytes)?;
+    Ok(())
+}
+
+fn f32_bytes(xs: &[f32]) -> Vec<u8> {
+    xs.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+fn u32_bytes(xs: &[u32]) -> Vec<u8> {
+    xs.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// Checks every head's logits (`[n, c]` f32, finite) and the labels (`[n]` u32, below `c`).
+fn check_tensors(
+    path: &Path,
+    st: &SafeTensors<'_>,
+    heads: &[String],
+    n: usize,
+    c: usize,
+) -> Result<()> {
+    for head in heads {
+        let name = logits_name(head);
+        let t = st
+            .tensor(&name)
+            .map_err(|_| invalid(path, format!("head {head:?} has no tensor {name}")))?;
+        if t.dtype() != Dtype::F32 || t.shape() != [n, c] {
+            return Err(invalid(
+                path,
+                format!(
+                    "{name} is {:?} {:?}, expected F32 [{n}, {c}]",
+                    t.dtype(),
+                    t.shape()
+                ),
+            ));
+        }
+        if let Some(i) = f32s(t.data()).position(|x| !x.is_finite()) {
+            return Err(invalid(
+                path,
+                format!(
+                    "{name} has a non-finite logit at row {}, class {}",
+                    i / c,
+                    i % c
+                ),
+            ));
+        }
+    }
+    let labels = st
+        .tensor(LABELS)
+        .map_err(|_| invalid(path, format!("no `{LABELS}` tensor")))?;
+    if labels.dtype() != Dtype::U32 || labels.shape() != [n] {
+        return Err(invalid(
+            path,
+            format!(
+                "{LABELS} is {:?} {:?}, expected U32 [{n}]",
+                labels.dtype(),
+                labels.shape()
+            ),
+        ));
+    }
+    if let Some(i) = u32s(labels.data()).position(|l| l as usize >= c) {
+        return Err(invalid(
+            path,
+            format!("label at row {i} is not below {c} classes"),
+        ));
+    }
     Ok(())
 }
 
@@ -200,10 +290,13 @@ impl KnowledgeFile {
             .metadata()
             .as_ref()
             .and_then(|m| m.get(METADATA_KEY))
-            .ok_or_else(|| {
-                invalid(format!(
+            .ok_or_else(|| match header.metadata().as_ref().and_then(|m| m.get(shard::SHARD_METADATA_KEY)) {
+                Some(_) => invalid(
+                    "is one shard of a knowledge file, not the whole file: merge the shards with `kd-precompute merge`".into(),
+                ),
+                None => invalid(format!(
                     "no `{METADATA_KEY}` metadata (not written by kd-precompute?)"
-                ))
+                )),
             })?;
         let version = serde_json::from_str::<serde_json::Value>(json)
             .map_err(|e| invalid(format!("metadata is not JSON: {e}")))?
@@ -217,42 +310,13 @@ impl KnowledgeFile {
         }
         let meta: Metadata =
             serde_json::from_str(json).map_err(|e| invalid(format!("bad metadata: {e}")))?;
-        let (n, c) = (meta.dataset.rows, meta.dataset.classes);
-        for head in &meta.heads {
-            let name = logits_name(head);
-            let t = st
-                .tensor(&name)
-                .map_err(|_| invalid(format!("head {head:?} has no tensor {name}")))?;
-            if t.dtype() != Dtype::F32 || t.shape() != [n, c] {
-                return Err(invalid(format!(
-                    "{name} is {:?} {:?}, expected F32 [{n}, {c}]",
-                    t.dtype(),
-                    t.shape()
-                )));
-            }
-            if let Some(i) = f32s(t.data()).position(|x| !x.is_finite()) {
-                return Err(invalid(format!(
-                    "{name} has a non-finite logit at row {}, class {}",
-                    i / c,
-                    i % c
-                )));
-            }
-        }
-        let labels = st
-            .tensor(LABELS)
-            .map_err(|_| invalid(format!("no `{LABELS}` tensor")))?;
-        if labels.dtype() != Dtype::U32 || labels.shape() != [n] {
-            return Err(invalid(format!(
-                "{LABELS} is {:?} {:?}, expected U32 [{n}]",
-                labels.dtype(),
-                labels.shape()
-            )));
-        }
-        if let Some(i) = u32s(labels.data()).position(|l| l as usize >= c) {
-            return Err(invalid(format!(
-                "label at row {i} is not below {c} classes"
-            )));
-        }
+        check_tensors(
+            path,
+            &st,
+            &meta.heads,
+            meta.dataset.rows,
+            meta.dataset.classes,
+        )?;
         drop(st);
         Ok(Self {
             path: path.to_path_buf(),
@@ -376,6 +440,8 @@ fn u32s(bytes: &[u8]) -> impl Iterator<Item = u32> + '_ {
         .chunks_exact(4)
         .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
 }
+
+pub mod shard;
 
 #[cfg(test)]
 mod tests;

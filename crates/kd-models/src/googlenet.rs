@@ -230,9 +230,13 @@ impl GoogLeNet {
     }
 }
 
+impl GoogLeNet {
+    pub const HEADS: &'static [&'static str] = &["main", "aux1", "aux2"];
+}
+
 impl Classifier for GoogLeNet {
     fn heads(&self) -> &'static [&'static str] {
-        &["main", "aux1", "aux2"]
+        Self::HEADS
     }
 
     fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Vec<Tensor>> {

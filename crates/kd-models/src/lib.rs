@@ -73,6 +73,15 @@ pub fn build(
     })
 }
 
+/// The heads `arch` returns, in order, without building it.
+pub fn heads(arch: &str) -> Result<&'static [&'static str]> {
+    match arch {
+        "googlenet" | "googlenet-224" => Ok(googlenet::GoogLeNet::HEADS),
+        "student-cnn" | "student-seed" => Ok(student::StudentCnn::HEADS),
+        other => Err(ModelError::UnknownArchitecture(other.to_string())),
+    }
+}
+
 /// A model being trained: the network and its variables.
 pub struct Trainable {
     pub model: Box<dyn Classifier>,

@@ -81,9 +81,13 @@ impl StudentCnn {
     }
 }
 
+impl StudentCnn {
+    pub const HEADS: &'static [&'static str] = &["main"];
+}
+
 impl Classifier for StudentCnn {
     fn heads(&self) -> &'static [&'static str] {
-        &["main"]
+        Self::HEADS
     }
 
     fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Vec<Tensor>> {

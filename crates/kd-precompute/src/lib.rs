@@ -1,174 +1,465 @@
 //! Stage 2, precompute: runs the frozen teacher once, in eval mode and without augmentation,
 //! over every training image and writes the logits of all its heads, in dataset order, to the
 //! knowledge file (`soft-targets.safetensors`; format in `kd-knowledge`).
+//!
+//! On more than one machine the rows are cut into shards (`--shard I/N`, or an array job's index
+//! from the environment: see [`sharding`]), each task writes one shard file, and
+//! `kd-precompute merge` checks them and writes the same knowledge file, byte for byte.
 
-use anyhow::Context;
+use anyhow::Context as _;
 use candle_core::Device;
+use kd_knowledge::shard::{Shard, ShardMeta, ShardSpec, SHARD_FORMAT_VERSION};
 use kd_knowledge::{DatasetRef, KnowledgeFile, Metadata, TeacherRef, Transform, FORMAT_VERSION};
 use kd_train::manifest::stage_key;
-use kd_train::stage::threads;
+use kd_train::stage::{threads, LoadedData, Pipeline};
 use kd_train::table::Table;
 use kd_train::{predict, Manifest, PipelineArgs, CHECKPOINT};
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
+
+pub mod merge;
+pub mod sharding;
 
 use kd_train::stage::layout::TEACHER;
 pub use kd_train::stage::layout::{KNOWLEDGE as STAGE, KNOWLEDGE_FILE};
+pub use sharding::{ShardArgs, ShardChoice};
 
-/// Compute the teacher's soft targets for the whole training set.
+/// The folder of the shard files, inside the knowledge stage's folder.
+pub const SHARDS_DIR: &str = "shards";
+
+/// Compute the teacher's soft targets for the whole training set (or one shard of it).
 #[derive(clap::Parser, Debug, Clone)]
-#[command(name = "kd-precompute", version)]
+#[command(
+    name = "kd-precompute",
+    version,
+    args_conflicts_with_subcommands = true
+)]
 pub struct Args {
+    #[command(subcommand)]
+    pub command: Option<Command>,
     #[command(flatten)]
     pub pipeline: PipelineArgs,
+    #[command(flatten)]
+    pub source: SourceArgs,
+    #[command(flatten)]
+    pub sharding: ShardArgs,
+}
+
+#[derive(clap::Subcommand, Debug, Clone)]
+pub enum Command {
+    /// Check that the shards in <artifacts>/<pipeline>/knowledge/shards cover every row once,
+    /// for this pipeline's data and teacher, and write the knowledge file from them.
+    Merge(MergeArgs),
+    /// Check that the knowledge file is the one this pipeline's data and teacher give (as
+    /// recorded by the run or merge that wrote it) and that it reads back; computes nothing.
+    Verify(VerifyArgs),
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct VerifyArgs {
+    #[command(flatten)]
+    pub pipeline: PipelineArgs,
+    #[command(flatten)]
+    pub source: SourceArgs,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct MergeArgs {
+    #[command(flatten)]
+    pub pipeline: PipelineArgs,
+    #[command(flatten)]
+    pub source: SourceArgs,
+    /// Merge the shards of an N-way split (needed only when shards of several splits are there).
+    #[arg(long, value_name = "N")]
+    pub shards: Option<usize>,
+}
+
+/// Which teacher, and how it is run.
+#[derive(clap::Args, Debug, Clone)]
+pub struct SourceArgs {
     /// Teacher checkpoint [default: <artifacts>/<pipeline>/teacher/model.safetensors].
     #[arg(long)]
     pub teacher: Option<PathBuf>,
-    /// Inference batch size (overrides knowledge.batch_size).
+    /// Inference batch size (overrides knowledge.batch_size; shards are cut on its batch edges).
     #[arg(long)]
     pub batch_size: Option<usize>,
 }
 
-pub fn run(args: &Args) -> anyhow::Result<Manifest> {
+/// What a run produced.
+#[derive(Debug)]
+pub enum Output {
+    /// The knowledge file, computed, merged or found up to date; its manifest.
+    Knowledge(Box<Manifest>),
+    /// One shard file; `skipped` when a valid, matching one was already there.
+    Shard { path: PathBuf, skipped: bool },
+}
+
+impl Output {
+    /// The knowledge stage's manifest, or an error for a shard run.
+    pub fn into_manifest(self) -> anyhow::Result<Manifest> {
+        match self {
+            Output::Knowledge(m) => Ok(*m),
+            Output::Shard { path, .. } => anyhow::bail!(
+                "wrote the shard {}, not the knowledge file (merge the shards with `kd-precompute merge`)",
+                path.display()
+            ),
+        }
+    }
+}
+
+pub fn run(args: &Args) -> anyhow::Result<Output> {
     let started = Instant::now();
-    let extra: Vec<String> = args
-        .batch_size
-        .iter()
-        .map(|b| format!("knowledge.batch_size={b}"))
-        .collect();
-    let pipeline = args.pipeline.open(&extra)?;
-    let arch = pipeline.config.teacher.arch.clone();
-    let checkpoint = args
-        .teacher
-        .clone()
-        .unwrap_or_else(|| pipeline.dir(TEACHER).join(CHECKPOINT));
-    if !checkpoint.is_file() {
-        anyhow::bail!(
-            "no teacher checkpoint at {} (run `just teacher` first, or pass --teacher)",
-            checkpoint.display()
+    match &args.command {
+        Some(Command::Merge(m)) => {
+            let job = Job::prepare(&m.pipeline, &m.source)?;
+            merge::run(&job, m.shards, started).map(|m| Output::Knowledge(Box::new(m)))
+        }
+        Some(Command::Verify(v)) => {
+            let job = Job::prepare(&v.pipeline, &v.source)?;
+            job.verify().map(|m| Output::Knowledge(Box::new(m)))
+        }
+        None => {
+            let choice = sharding::choose(&args.sharding, &|k| std::env::var(k).ok())?;
+            let job = Job::prepare(&args.pipeline, &args.source)?;
+            match choice {
+                ShardChoice::Whole => job
+                    .run_whole(started)
+                    .map(|m| Output::Knowledge(Box::new(m))),
+                ShardChoice::Shard { spec, source } => job.run_shard(spec, &source),
+            }
+        }
+    }
+}
+
+/// Everything a precompute, a shard or a merge needs: the pipeline, its data, the teacher's
+/// identity, and the knowledge file's metadata and freshness key.
+pub struct Job {
+    pub pipeline: Pipeline,
+    pub data: LoadedData,
+    pub checkpoint: PathBuf,
+    pub batch_size: usize,
+    pub dir: PathBuf,
+    pub path: PathBuf,
+    pub meta: Metadata,
+    pub settings: serde_json::Value,
+    pub inputs: BTreeMap<String, String>,
+    pub key: String,
+}
+
+impl Job {
+    pub fn prepare(args: &PipelineArgs, source: &SourceArgs) -> anyhow::Result<Self> {
+        let extra: Vec<String> = source
+            .batch_size
+            .iter()
+            .map(|b| format!("knowledge.batch_size={b}"))
+            .collect();
+        let pipeline = args.open(&extra)?;
+        let arch = pipeline.config.teacher.arch.clone();
+        let checkpoint = source
+            .teacher
+            .clone()
+            .unwrap_or_else(|| pipeline.dir(TEACHER).join(CHECKPOINT));
+        if !checkpoint.is_file() {
+            anyhow::bail!(
+                "no teacher checkpoint at {} (run `just teacher` first, or pass --teacher)",
+                checkpoint.display()
+            );
+        }
+        let teacher_sha = kd_data::sha256_file(&checkpoint)?;
+        let data = pipeline.load_data()?;
+        let batch_size = pipeline.config.knowledge.batch_size;
+        let dir = pipeline.dir(STAGE);
+        let path = dir.join(KNOWLEDGE_FILE);
+        let transform = Transform {
+            input: [data.spec.channels, data.spec.height, data.spec.width],
+            normalization: data.dataset.normalization.clone(),
+            augmentation: "none".into(),
+        };
+        let settings = serde_json::json!({ "data": pipeline.data_settings(), "teacher_arch": arch, "transform": transform });
+        let inputs = BTreeMap::from([
+            ("dataset.train".to_string(), data.train_fingerprint.clone()),
+            ("teacher".to_string(), teacher_sha.clone()),
+        ]);
+        let key = stage_key(STAGE, &settings, &inputs);
+        let heads = kd_models::heads(&arch)?
+            .iter()
+            .map(|h| h.to_string())
+            .collect();
+        let meta = Metadata {
+            format_version: FORMAT_VERSION,
+            dataset: DatasetRef {
+                name: data.dataset.name.clone(),
+                split: "train".into(),
+                rows: data.all_rows.len(),
+                classes: data.spec.classes,
+                fingerprint: data.train_fingerprint.clone(),
+            },
+            teacher: TeacherRef {
+                architecture: arch,
+                checkpoint_sha256: teacher_sha,
+            },
+            heads,
+            transform,
+        };
+        Ok(Self {
+            pipeline,
+            data,
+            checkpoint,
+            batch_size,
+            dir,
+            path,
+            meta,
+            settings,
+            inputs,
+            key,
+        })
+    }
+
+    pub fn shards_dir(&self) -> PathBuf {
+        self.dir.join(SHARDS_DIR)
+    }
+
+    /// The teacher's logits for `rows` (one buffer per head) and the seconds they took.
+    fn infer(&self, rows: &[u32], label: &str) -> anyhow::Result<(Vec<Vec<f32>>, f64)> {
+        let arch = &self.meta.teacher.architecture;
+        let teacher =
+            kd_models::load_frozen(arch, &self.data.spec, &self.checkpoint, &Device::Cpu)?;
+        anyhow::ensure!(
+            teacher
+                .heads()
+                .iter()
+                .map(|h| h.to_string())
+                .eq(self.meta.heads.iter().cloned()),
+            "teacher {arch} has heads {:?}, expected {:?}",
+            teacher.heads(),
+            self.meta.heads
         );
-    }
-    let teacher_sha = kd_data::sha256_file(&checkpoint)?;
-    let data = pipeline.load_data()?;
-    let batch_size = pipeline.config.knowledge.batch_size;
-    let dir = pipeline.dir(STAGE);
-    let path = dir.join(KNOWLEDGE_FILE);
-
-    let transform = Transform {
-        input: [data.spec.channels, data.spec.height, data.spec.width],
-        normalization: data.dataset.normalization.clone(),
-        augmentation: "none".into(),
-    };
-    let settings = serde_json::json!({ "data": pipeline.data_settings(), "teacher_arch": arch, "transform": transform });
-    let inputs = BTreeMap::from([
-        ("dataset.train".to_string(), data.train_fingerprint.clone()),
-        ("teacher".to_string(), teacher_sha.clone()),
-    ]);
-    let key = stage_key(STAGE, &settings, &inputs);
-    if let Some(m) = pipeline.up_to_date(STAGE, &dir, &key, &settings, &inputs) {
-        return Ok(m);
+        tracing::info!(
+            "precompute: {arch} from {}, {} images, batch {}, {} threads",
+            self.checkpoint.display(),
+            rows.len(),
+            self.batch_size,
+            threads()
+        );
+        let t0 = Instant::now();
+        let mut set = self.data.all_train();
+        set.rows = rows;
+        let mut logits = predict(teacher.as_ref(), set, self.batch_size, label)?;
+        if logits.is_empty() {
+            logits = vec![Vec::new(); self.meta.heads.len()];
+        }
+        Ok((logits, t0.elapsed().as_secs_f64()))
     }
 
-    let teacher = kd_models::load_frozen(&arch, &data.spec, &checkpoint, &Device::Cpu)?;
-    let rows = data.all_rows.len();
-    tracing::info!(
-        "precompute: {arch} from {}, {rows} images, batch {batch_size}, {} threads",
-        checkpoint.display(),
-        threads()
-    );
-    let t0 = Instant::now();
-    let logits = predict(teacher.as_ref(), data.all_train(), batch_size, "precompute")?;
-    let seconds = t0.elapsed().as_secs_f64();
-    let images_per_sec = rows as f64 / seconds;
+    /// The knowledge file on disk is up to date with this pipeline's data and teacher, and valid.
+    fn verify(&self) -> anyhow::Result<Manifest> {
+        if let Some(why) = Manifest::staleness(&self.dir, &self.key, &self.settings, &self.inputs) {
+            anyhow::bail!(
+                "{} is not this pipeline's knowledge: {why}",
+                self.path.display()
+            );
+        }
+        KnowledgeFile::open(&self.path)?
+            .check_dataset(&self.meta.dataset, &self.data.dataset.train.labels)?;
+        let manifest = Manifest::read(&self.dir)?;
+        println!(
+            "ok: {} ({} rows, heads {}, teacher {}, sha256 {})",
+            self.path.display(),
+            self.meta.dataset.rows,
+            self.meta.heads.join(", "),
+            &self.meta.teacher.checkpoint_sha256
+                [..12.min(self.meta.teacher.checkpoint_sha256.len())],
+            kd_data::sha256_file(&self.path)?
+        );
+        Ok(manifest)
+    }
 
-    let heads: Vec<String> = teacher.heads().iter().map(|h| h.to_string()).collect();
-    let dataset = DatasetRef {
-        name: data.dataset.name.clone(),
-        split: "train".into(),
-        rows,
-        classes: data.spec.classes,
-        fingerprint: data.train_fingerprint.clone(),
-    };
-    let meta = Metadata {
-        format_version: FORMAT_VERSION,
-        dataset: dataset.clone(),
-        teacher: TeacherRef {
-            architecture: arch.clone(),
-            checkpoint_sha256: teacher_sha,
-        },
-        heads: heads.clone(),
-        transform,
-    };
-    kd_knowledge::write(&path, &meta, &logits, &data.dataset.train.labels)?;
-    // Read it back as a student will: a file that does not validate is never reported as done.
-    KnowledgeFile::open(&path)?
-        .check_dataset(&dataset, &data.dataset.train.labels)
-        .with_context(|| {
+    /// The whole knowledge file in this process.
+    fn run_whole(&self, started: Instant) -> anyhow::Result<Manifest> {
+        if let Some(m) =
+            self.pipeline
+                .up_to_date(STAGE, &self.dir, &self.key, &self.settings, &self.inputs)
+        {
+            return Ok(m);
+        }
+        let (logits, seconds) = self.infer(&self.data.all_rows, "precompute")?;
+        self.finish(
+            &logits,
+            &self.data.dataset.train.labels,
+            seconds,
+            None,
+            started,
+        )
+    }
+
+    /// One shard: skipped when a valid shard for the same data, teacher and cut is there.
+    fn run_shard(&self, spec: ShardSpec, source: &str) -> anyhow::Result<Output> {
+        let rows = self.data.all_rows.len();
+        let range = spec.rows(rows, self.batch_size);
+        let path = self.shards_dir().join(spec.file_name());
+        tracing::info!(
+            "precompute: shard {spec} ({source}): rows {}..{} of {rows}",
+            range.start,
+            range.end
+        );
+        let want = ShardMeta {
+            format_version: SHARD_FORMAT_VERSION,
+            knowledge: self.meta.clone(),
+            shard: spec,
+            start: range.start,
+            end: range.end,
+            batch_size: self.batch_size,
+            sha256: String::new(),
+            inference_seconds: 0.0,
+        };
+        if path.exists() && !self.pipeline.force {
+            match Shard::open(&path) {
+                Ok(s) if s.meta.identity() == want.identity() => {
+                    tracing::info!(
+                        "precompute: shard {spec} is already in {} and matches (data, teacher, rows, checksum); skipped (--force recomputes it)",
+                        path.display()
+                    );
+                    return Ok(Output::Shard {
+                        path,
+                        skipped: true,
+                    });
+                }
+                Ok(_) => tracing::info!(
+                    "precompute: {} was made for other data, teacher or cut; recomputing",
+                    path.display()
+                ),
+                Err(e) => tracing::warn!("precompute: {e:#}; recomputing"),
+            }
+        }
+        let (logits, seconds) =
+            self.infer(&self.data.all_rows[range.clone()], &format!("shard {spec}"))?;
+        let labels = &self.data.dataset.train.labels[range.clone()];
+        let meta = ShardMeta {
+            inference_seconds: seconds,
+            ..want
+        };
+        kd_knowledge::shard::write_shard(&path, &meta, &logits, labels)?;
+        // Read back: a shard that does not validate is never reported as done.
+        Shard::open(&path).with_context(|| {
             format!(
-                "the knowledge file just written, {}, does not read back",
+                "the shard just written, {}, does not read back",
                 path.display()
             )
         })?;
-
-    // How often each head agrees with the labels on the training set: a sanity check of the teacher.
-    let c = data.spec.classes;
-    let agreement: BTreeMap<String, f64> = heads
-        .iter()
-        .zip(&logits)
-        .map(|(h, l)| {
-            let hits = l
-                .chunks(c)
-                .zip(&data.dataset.train.labels)
-                .filter(|(row, &y)| argmax(row) == y as usize)
-                .count();
-            (h.clone(), hits as f64 / rows as f64)
+        let mut t = Table::new(&["shard", "rows", "img/s", "inference", "file"]);
+        t.row(&[
+            spec.to_string(),
+            format!("{}..{}", range.start, range.end),
+            format!("{:.0}", range.len() as f64 / seconds.max(1e-9)),
+            format!("{seconds:.1}s"),
+            path.display().to_string(),
+        ]);
+        println!("\n{}", t.to_markdown());
+        Ok(Output::Shard {
+            path,
+            skipped: false,
         })
-        .collect();
-    let bytes = std::fs::metadata(&path)?.len();
-    let manifest = Manifest {
-        settings,
-        inputs,
-        wall_seconds: started.elapsed().as_secs_f64(),
-        metrics: serde_json::json!({
-            "rows": rows,
-            "classes": c,
-            "heads": heads,
-            "batch_size": batch_size,
-            "inference_seconds": seconds,
-            "images_per_sec": images_per_sec,
-            "bytes": bytes,
-            "train_accuracy_per_head": agreement,
-        }),
-        ..Manifest::start(STAGE, &pipeline.name, key)
     }
-    .write(&dir, &[KNOWLEDGE_FILE])?;
 
-    let mut t = Table::new(&[
-        "rows",
-        "heads",
-        "train acc (main)",
-        "img/s",
-        "inference",
-        "file size",
-    ]);
-    t.row(&[
-        rows.to_string(),
-        heads.join(", "),
-        format!(
-            "{:.2}%",
-            100.0 * agreement.get("main").copied().unwrap_or(0.0)
-        ),
-        format!("{images_per_sec:.0}"),
-        format!("{seconds:.1}s"),
-        format!("{:.1} MiB", bytes as f64 / (1 << 20) as f64),
-    ]);
-    println!("\n{}\nwrote {}", t.to_markdown(), path.display());
-    Ok(manifest)
+    /// Writes the knowledge file from all rows' logits, reads it back as a student will, and
+    /// records the stage's manifest.
+    fn finish(
+        &self,
+        logits: &[Vec<f32>],
+        labels: &[u32],
+        seconds: f64,
+        shards: Option<usize>,
+        started: Instant,
+    ) -> anyhow::Result<Manifest> {
+        let path = &self.path;
+        let rows = self.meta.dataset.rows;
+        kd_knowledge::write(path, &self.meta, logits, labels)?;
+        KnowledgeFile::open(path)?
+            .check_dataset(&self.meta.dataset, &self.data.dataset.train.labels)
+            .with_context(|| {
+                format!(
+                    "the knowledge file just written, {}, does not read back",
+                    path.display()
+                )
+            })?;
+
+        // How often each head agrees with the labels on the training set: a sanity check of the teacher.
+        let c = self.meta.dataset.classes;
+        let agreement: BTreeMap<String, f64> = self
+            .meta
+            .heads
+            .iter()
+            .zip(logits)
+            .map(|(h, l)| {
+                let hits = l
+                    .chunks(c)
+                    .zip(labels)
+                    .filter(|(row, &y)| argmax(row) == y as usize)
+                    .count();
+                (h.clone(), hits as f64 / rows.max(1) as f64)
+            })
+            .collect();
+        let bytes = std::fs::metadata(path)?.len();
+        let images_per_sec = rows as f64 / seconds.max(1e-9);
+        let manifest = Manifest {
+            settings: self.settings.clone(),
+            inputs: self.inputs.clone(),
+            wall_seconds: started.elapsed().as_secs_f64(),
+            metrics: serde_json::json!({
+                "rows": rows,
+                "classes": c,
+                "heads": self.meta.heads,
+                "batch_size": self.batch_size,
+                "inference_seconds": seconds,
+                "images_per_sec": images_per_sec,
+                "bytes": bytes,
+                "shards": shards,
+                "train_accuracy_per_head": agreement,
+            }),
+            ..Manifest::start(STAGE, &self.pipeline.name, self.key.clone())
+        }
+        .write(&self.dir, &[KNOWLEDGE_FILE])?;
+
+        let mut t = Table::new(&[
+            "rows",
+            "heads",
+            "train acc (main)",
+            "img/s",
+            "inference",
+            "file size",
+        ]);
+        t.row(&[
+            rows.to_string(),
+            self.meta.heads.join(", "),
+            format!(
+                "{:.2}%",
+                100.0 * agreement.get("main").copied().unwrap_or(0.0)
+            ),
+            format!("{images_per_sec:.0}"),
+            match shards {
+                Some(n) => format!("{seconds:.1}s in {n} shards"),
+                None => format!("{seconds:.1}s"),
+            },
+            format!("{:.1} MiB", bytes as f64 / (1 << 20) as f64),
+        ]);
+        println!("\n{}\nwrote {}", t.to_markdown(), path.display());
+        Ok(manifest)
+    }
 }
 
 fn argmax(row: &[f32]) -> usize {
     row.iter()
         .enumerate()
         .fold(0, |best, (i, &x)| if x > row[best] { i } else { best })
+}
+
+/// Whether `path` is named like a shard file (`shard-00002-of-00007.safetensors`); the shard's
+/// index and count if so.
+pub fn shard_file_name(path: &Path) -> Option<ShardSpec> {
+    let name = path.file_name()?.to_str()?;
+    let rest = name.strip_prefix("shard-")?.strip_suffix(".safetensors")?;
+    let (i, n) = rest.split_once("-of-")?;
+    let spec = ShardSpec::new(i.parse().ok()?, n.parse().ok()?).ok()?;
+    (spec.file_name() == name).then_some(spec)
 }
