@@ -36,6 +36,26 @@ teacher *args='': (_stage "kd-teacher" args)
 [group('stages')]
 precompute *args='': (_stage "kd-precompute" args)
 
+# Stage 2 on a SLURM cluster: an N-task job array and a dependent merge, waited for and verified (`just precompute-slurm 3 smoke`); without a cluster, starts a one-node one here
+[group('stages')]
+precompute-slurm n='3' name='fashion-mnist' *args='': build
+    #!/usr/bin/env bash
+    set -euo pipefail
+    pipeline="pipelines/{{name}}.toml"
+    if [ ! -f "artifacts/{{name}}/teacher/model.safetensors" ]; then
+        echo "no teacher for {{name}} yet: run \`just teacher {{name}}\` first" >&2; exit 1
+    fi
+    if [ -z "${SLURM_CONF:-}" ] && ! sinfo -h >/dev/null 2>&1; then
+        eval "$(deploy/slurm/local/cluster.sh start)"
+    fi
+    KD_BIN="{{bin}}" deploy/slurm/submit.sh --wait {{n}} "$pipeline" artifacts -- {{args}}
+    {{bin}}/kd-precompute verify --pipeline "$pipeline" {{args}}
+
+# The one-node SLURM cluster on this machine: `just slurm-local start|stop|status`
+[group('setup')]
+slurm-local cmd='status':
+    deploy/slurm/local/cluster.sh {{cmd}}
+
 # Stage 3: train the student from the knowledge file (KD)
 [group('stages')]
 student *args='': (_stage "kd-student" args)
@@ -104,10 +124,16 @@ data-photos seed='0':
 build:
     cargo build --release --workspace --bins
 
-# Run the test suite (unit tests and the end-to-end tests on the smoke pipeline)
+# Run the test suite: unit and end-to-end tests on the smoke pipeline, then the SLURM test (`just test FILTER` runs the matching cargo tests only)
 [group('checks')]
 test *args='': data data-photos
     cargo test --release --workspace {{args}}
+    if [ -z "{{args}}" ]; then just test-slurm; fi
+
+# The slow test: a one-node SLURM cluster on this machine runs the precompute as a job array (installs slurm-wlm + munge)
+[group('checks')]
+test-slurm:
+    timeout 600 cargo test --release -p kd-precompute --test slurm -- --ignored
 
 # Measure every stage's hot path on the real data -> artifacts/bench/bench.md (`just bench [NAME] [FLAGS]`)
 [group('checks')]

@@ -8,3 +8,4 @@ mod photos;
 mod pipeline;
 mod refusals;
 mod reproducible;
+mod shards;

@@ -94,13 +94,11 @@ pub struct ShardMeta {
     pub batch_size: usize,
     /// SHA-256 of the tensors' bytes: each head's logits in order, then the labels.
     pub sha256: String,
-    /// Seconds the teacher took for these rows (not part of what must match).
-    pub inference_seconds: f64,
 }
 
 impl ShardMeta {
-    /// Everything that must match between a shard on disk and the one about to be computed,
-    /// or between the shards of one merge: all but the checksum and the timing.
+    /// Everything that must match between a shard on disk and the one about to be computed:
+    /// all but the checksum. (No timing is stored: a shard's bytes depend only on its inputs.)
     pub fn identity(&self) -> (&Metadata, ShardSpec, usize, usize, usize) {
         (
             &self.knowledge,

@@ -287,7 +287,7 @@ impl Job {
         self.finish(
             &logits,
             &self.data.dataset.train.labels,
-            seconds,
+            Some(seconds),
             None,
             started,
         )
@@ -311,7 +311,6 @@ impl Job {
             end: range.end,
             batch_size: self.batch_size,
             sha256: String::new(),
-            inference_seconds: 0.0,
         };
         if path.exists() && !self.pipeline.force {
             match Shard::open(&path) {
@@ -335,11 +334,7 @@ impl Job {
         let (logits, seconds) =
             self.infer(&self.data.all_rows[range.clone()], &format!("shard {spec}"))?;
         let labels = &self.data.dataset.train.labels[range.clone()];
-        let meta = ShardMeta {
-            inference_seconds: seconds,
-            ..want
-        };
-        kd_knowledge::shard::write_shard(&path, &meta, &logits, labels)?;
+        kd_knowledge::shard::write_shard(&path, &want, &logits, labels)?;
         // Read back: a shard that does not validate is never reported as done.
         Shard::open(&path).with_context(|| {
             format!(
@@ -368,7 +363,7 @@ impl Job {
         &self,
         logits: &[Vec<f32>],
         labels: &[u32],
-        seconds: f64,
+        seconds: Option<f64>,
         shards: Option<usize>,
         started: Instant,
     ) -> anyhow::Result<Manifest> {
@@ -401,7 +396,9 @@ impl Job {
             })
             .collect();
         let bytes = std::fs::metadata(path)?.len();
-        let images_per_sec = rows as f64 / seconds.max(1e-9);
+        // A merge does not know how long the shards took (their files hold no timings; the
+        // engine's logs do), so it records no speed.
+        let images_per_sec = seconds.map(|s| rows as f64 / s.max(1e-9));
         let manifest = Manifest {
             settings: self.settings.clone(),
             inputs: self.inputs.clone(),
@@ -436,10 +433,11 @@ impl Job {
                 "{:.2}%",
                 100.0 * agreement.get("main").copied().unwrap_or(0.0)
             ),
-            format!("{images_per_sec:.0}"),
-            match shards {
-                Some(n) => format!("{seconds:.1}s in {n} shards"),
-                None => format!("{seconds:.1}s"),
+            images_per_sec.map_or("-".into(), |v| format!("{v:.0}")),
+            match (seconds, shards) {
+                (Some(s), _) => format!("{s:.1}s"),
+                (None, Some(n)) => format!("{n} shards"),
+                (None, None) => "-".into(),
             },
             format!("{:.1} MiB", bytes as f64 / (1 << 20) as f64),
         ]);

@@ -83,6 +83,5 @@ pub fn run(job: &Job, count: Option<usize>, started: Instant) -> anyhow::Result<
         dir.display()
     );
     let (logits, labels) = merge(&dir, &shards, &job.meta, job.batch_size, count)?;
-    let seconds: f64 = shards.iter().map(|s| s.meta.inference_seconds).sum();
-    job.finish(&logits, &labels, seconds, Some(count), started)
+    job.finish(&logits, &labels, None, Some(count), started)
 }

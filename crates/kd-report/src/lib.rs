@@ -274,13 +274,14 @@ fn render(
         total += m.wall_seconds;
         let ips = m.metrics["fit"]["train_images_per_sec"]
             .as_f64()
-            .or(m.metrics["images_per_sec"].as_f64())
-            .unwrap_or(0.0);
-        times.row(&[
-            stage.to_string(),
-            duration(m.wall_seconds),
-            format!("{ips:.0} img/s"),
-        ]);
+            .or(m.metrics["images_per_sec"].as_f64());
+        let throughput = match (ips, m.metrics["shards"].as_u64()) {
+            (Some(ips), _) => format!("{ips:.0} img/s"),
+            // Merged from an array job's shards: the time is the merge's, the speed the engine's.
+            (None, Some(n)) => format!("merged from {n} shards"),
+            (None, None) => "-".into(),
+        };
+        times.row(&[stage.to_string(), duration(m.wall_seconds), throughput]);
     }
     times.row(&["total".to_string(), duration(total), String::new()]);
     md += &times.to_markdown();

@@ -32,14 +32,14 @@ install() {
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 }
 
-running() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+running() { [ -f "$1" ] && kill -0 "$(cat "$1" 2>/dev/null)" 2>/dev/null; }
 
 stop() {
     for pidfile in "$dir/slurmd.pid" "$dir/slurmctld.pid" "$dir/munge/munged.pid"; do
         if running "$pidfile"; then
-            kill "$(cat "$pidfile")" 2>/dev/null || true
+            kill "$(cat "$pidfile" 2>/dev/null)" 2>/dev/null || true
             for _ in $(seq 50); do running "$pidfile" || break; sleep 0.1; done
-            running "$pidfile" && kill -9 "$(cat "$pidfile")" 2>/dev/null || true
+            running "$pidfile" && kill -9 "$(cat "$pidfile" 2>/dev/null)" 2>/dev/null || true
         fi
         rm -f "$pidfile"
     done

@@ -53,7 +53,6 @@ fn write_shards(dir: &Path, rows: usize, batch: usize, count: usize, which: &[us
             end: r.end,
             batch_size: batch,
             sha256: String::new(),
-            inference_seconds: 0.5,
         };
         let part: Vec<Vec<f32>> = logits
             .iter()
