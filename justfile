@@ -51,6 +51,61 @@ precompute-slurm n='3' name='fashion-mnist' *args='': build
     KD_BIN="{{bin}}" deploy/slurm/submit.sh --wait {{n}} "$pipeline" artifacts -- {{args}}
     {{bin}}/kd-precompute verify --pipeline "$pipeline" {{args}}
 
+# KD student and baseline once per seed from the same knowledge file, mean ± std in the report (`just compare [NAME] seeds=3 [FLAGS]`)
+[group('experiments')]
+[positional-arguments]
+compare *args='': data build
+    #!/usr/bin/env bash
+    set -euo pipefail
+    name=fashion-mnist; seeds=3; flags=()
+    for a in "$@"; do
+        case "$a" in
+        seeds=*) seeds="${a#seeds=}" ;;
+        -*|*=*) flags+=("$a") ;;
+        *) if [ ${#flags[@]} -eq 0 ] && [ "$name" = fashion-mnist ]; then name="$a"; else flags+=("$a"); fi ;;
+        esac
+    done
+    p="pipelines/$name.toml"
+    just pipeline "$name"
+    for s in $(seq 0 $((seeds - 1))); do
+        {{bin}}/kd-student --pipeline "$p" --seed "$s" --tag "seed-$s" "${flags[@]}"
+        {{bin}}/kd-student --pipeline "$p" --baseline --seed "$s" --tag "seed-$s" "${flags[@]}"
+    done
+    {{bin}}/kd-report --pipeline "$p"
+
+# KD students over a grid of temperature, hard/soft weights and teacher heads from the one knowledge file (`just sweep [NAME] [temps="1 2 4 8"] [weights="0.55:0.45 0.1:0.9"] [heads="main all"] [FLAGS]`)
+[group('experiments')]
+[positional-arguments]
+sweep *args='': data build
+    #!/usr/bin/env bash
+    set -euo pipefail
+    name=fashion-mnist; temps="1 2 4 8"; weights="0.55:0.45 0.1:0.9"; heads="main all"; flags=()
+    if [ $# -gt 0 ] && [[ $1 != -* ]] && [[ $1 != *=* ]]; then name=$1; shift; fi
+    for a in "$@"; do
+        case "$a" in
+        temps=*) temps="${a#temps=}" ;;
+        weights=*) weights="${a#weights=}" ;;
+        heads=*) heads="${a#heads=}" ;;
+        *) flags+=("$a") ;;
+        esac
+    done
+    p="pipelines/$name.toml"
+    just pipeline "$name"
+    for h in $heads; do
+        case "$h" in
+        main) hw=(--set student.head_weights.main=1 --set student.head_weights.aux1=0 --set student.head_weights.aux2=0) ;;
+        all) hw=(--set student.head_weights.main=1 --set student.head_weights.aux1=0.3 --set student.head_weights.aux2=0.3) ;;
+        *) echo "heads: main or all, not $h" >&2; exit 2 ;;
+        esac
+        for w in $weights; do
+            for t in $temps; do
+                {{bin}}/kd-student --pipeline "$p" --tag "sweep-T$t-w${w/:/-}-$h" --temperature "$t" \
+                    --set "student.hard_weight=${w%%:*}" --set "student.soft_weight=${w#*:}" "${hw[@]}" "${flags[@]}"
+            done
+        done
+    done
+    {{bin}}/kd-report --pipeline "$p"
+
 # The one-node SLURM cluster on this machine: `just slurm-local start|stop|status`
 [group('setup')]
 slurm-local cmd='status':

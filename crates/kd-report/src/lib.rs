@@ -2,6 +2,7 @@
 //! parameters, size on disk, inference speed, training time — and their validation curves.
 //! Writes `report.md` and `curves.svg`.
 
+pub mod runs;
 pub mod svg;
 
 use anyhow::Context;
@@ -80,6 +81,14 @@ pub fn run(args: &Args) -> anyhow::Result<Manifest> {
         }
         manifests.insert(stage.to_string(), m);
     }
+    // The tagged runs of `just compare` and `just sweep`, summarised below.
+    let tagged = runs::find(&pipeline.root);
+    for r in &tagged {
+        inputs.insert(
+            format!("{}/{}/{}.key", runs::RUNS, r.tag, r.stage),
+            r.manifest.key.clone(),
+        );
+    }
     let settings = serde_json::json!({ "batch_size": args.batch_size });
     let key = stage_key(STAGE, &settings, &inputs);
     let dir = pipeline.dir(STAGE);
@@ -148,8 +157,30 @@ pub fn run(args: &Args) -> anyhow::Result<Manifest> {
         "validation accuracy",
         &series,
     );
-    let markdown = render(&pipeline, &data, &results, &manifests, args.batch_size)?;
+    let seeds = runs::seeds_section(&tagged);
+    let sweep = runs::sweep_section(&tagged);
+    let mut markdown = render(&pipeline, &data, &results, &manifests, args.batch_size)?;
+    // The tagged runs go before the settings, which close the report.
+    let at = markdown.find("## Settings").unwrap_or(markdown.len());
+    let extra: String = [
+        seeds.as_ref().map(|s| s.0.clone()),
+        sweep.as_ref().map(|s| s.0.clone()),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    markdown.insert_str(at, &extra);
     kd_data::write_atomic_bytes(&dir.join(CURVES_FILE), chart.as_bytes())?;
+    let mut outputs = vec![REPORT_FILE, CURVES_FILE];
+    match &sweep {
+        Some((_, chart, _)) => {
+            kd_data::write_atomic_bytes(&dir.join(runs::SWEEP_FILE), chart.as_bytes())?;
+            outputs.push(runs::SWEEP_FILE);
+        }
+        None => {
+            let _ = std::fs::remove_file(dir.join(runs::SWEEP_FILE));
+        }
+    }
     kd_data::write_atomic_bytes(&dir.join(REPORT_FILE), markdown.as_bytes())?;
 
     let kd_gain = results[1].test_accuracy - results[2].test_accuracy;
@@ -157,10 +188,15 @@ pub fn run(args: &Args) -> anyhow::Result<Manifest> {
         settings,
         inputs,
         wall_seconds: started.elapsed().as_secs_f64(),
-        metrics: serde_json::json!({ "models": results, "kd_minus_baseline": kd_gain }),
+        metrics: serde_json::json!({
+            "models": results,
+            "kd_minus_baseline": kd_gain,
+            "seeds": seeds.map(|s| s.1),
+            "sweep": sweep.map(|s| s.2),
+        }),
         ..Manifest::start(STAGE, &pipeline.name, key)
     }
-    .write(&dir, &[REPORT_FILE, CURVES_FILE])?;
+    .write(&dir, &outputs)?;
     println!(
         "\n{}\nKD - baseline: {:+.2} points of test accuracy\nwrote {}",
         models_table(&results, args.batch_size).to_markdown(),

@@ -7,7 +7,9 @@ pub struct Series {
     pub points: Vec<(f64, f64)>,
 }
 
-pub const COLOURS: [&str; 4] = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"];
+pub const COLOURS: [&str; 8] = [
+    "#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf",
+];
 
 /// Renders `series` with axes, ticks and a legend. `y` values are fractions, shown as percent.
 pub fn line_chart(title: &str, x_label: &str, y_label: &str, series: &[Series]) -> String {
@@ -18,6 +20,11 @@ pub fn line_chart(title: &str, x_label: &str, y_label: &str, series: &[Series]) 
         .flat_map(|s| s.points.iter().copied())
         .collect();
     let x_max = all.iter().map(|p| p.0).fold(1.0, f64::max);
+    let x_min = all
+        .iter()
+        .map(|p| p.0)
+        .fold(f64::INFINITY, f64::min)
+        .min(x_max);
     let (mut y_min, mut y_max) = all
         .iter()
         .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), p| {
@@ -32,7 +39,7 @@ pub fn line_chart(title: &str, x_label: &str, y_label: &str, series: &[Series]) 
     if y_max - y_min < 0.02 {
         y_max = (y_min + 0.02).min(1.0);
     }
-    let px = |x: f64| left + (x - 1.0) / (x_max - 1.0).max(1.0) * (w - left - right);
+    let px = |x: f64| left + (x - x_min) / (x_max - x_min).max(1.0) * (w - left - right);
     let py = |y: f64| top + (y_max - y) / (y_max - y_min) * (h - top - bottom);
     let mut svg = format!(
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" viewBox=\"0 0 {w} {h}\" font-family=\"sans-serif\" font-size=\"12\">\n\
@@ -53,11 +60,22 @@ pub fn line_chart(title: &str, x_label: &str, y_label: &str, series: &[Series]) 
             py = py(y)
         );
     }
-    let x_step = (x_max / 10.0).ceil().max(1.0) as usize;
-    for x in (1..=x_max as usize).step_by(x_step) {
+    // Ticks at the data's own x values when there are few of them (a sweep's temperatures),
+    // else at whole numbers (epochs).
+    let mut xs: Vec<f64> = all.iter().map(|p| p.0).collect();
+    xs.sort_by(f64::total_cmp);
+    xs.dedup();
+    if xs.len() > 12 {
+        let step = (x_max / 10.0).ceil().max(1.0) as usize;
+        xs = (1..=x_max as usize)
+            .step_by(step)
+            .map(|x| x as f64)
+            .collect();
+    }
+    for x in xs {
         svg += &format!(
             "<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">{x}</text>\n",
-            px(x as f64),
+            px(x),
             h - bottom + 18.0
         );
     }

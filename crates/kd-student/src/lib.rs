@@ -31,6 +31,29 @@ pub struct Args {
     /// Temperature (overrides student.temperature).
     #[arg(long)]
     pub temperature: Option<f64>,
+    /// Write to <artifacts>/<pipeline>/runs/<TAG>/<stage>/ instead of <stage>/: one of several
+    /// runs of the same stage (`just compare` tags its runs seed-0, seed-1, ...; `just sweep`
+    /// tags its grid points). Letters, digits and . _ - = only.
+    #[arg(long, value_parser = parse_tag)]
+    pub tag: Option<String>,
+}
+
+/// Where tagged runs go, under the pipeline's artifacts.
+pub const RUNS: &str = "runs";
+
+fn parse_tag(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty()
+        && s.len() <= 100
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-=".contains(c))
+        && !s.starts_with('.');
+    if ok {
+        Ok(s.to_string())
+    } else {
+        Err(format!(
+            "{s:?}: a tag is letters, digits and . _ - = (not starting with a dot), e.g. seed-1"
+        ))
+    }
 }
 
 /// The teacher's logits for every training row, one `[N, C]` tensor per head used, with weights.
@@ -105,9 +128,10 @@ pub fn run(args: &Args) -> anyhow::Result<Manifest> {
         let settings = serde_json::json!({ "data": pipeline.data_settings(), "student": cfg });
         (STAGE_KD, settings, Some(SoftTargets { heads, weights }))
     };
+    let tagged = args.tag.as_ref().map(|t| format!("{RUNS}/{t}/{stage}"));
     let stage = TrainingStage {
         pipeline: &pipeline,
-        stage,
+        stage: tagged.as_deref().unwrap_or(stage),
         arch: &cfg.arch,
         train,
         settings,

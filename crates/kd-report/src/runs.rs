@@ -1,0 +1,257 @@
+//! Tagged student runs (`<artifacts>/<pipeline>/runs/<tag>/<stage>/`): the seeds of
+//! `just compare` (tags `seed-<n>`) and the grid of `just sweep` (tags `sweep-...`), summarised
+//! for the report.
+
+use crate::svg;
+use kd_train::stage::layout::{STUDENT_BASELINE, STUDENT_KD};
+use kd_train::table::Table;
+use kd_train::Manifest;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+pub const RUNS: &str = "runs";
+pub const SWEEP_FILE: &str = "sweep.svg";
+
+/// One finished tagged run.
+#[derive(Debug, Clone)]
+pub struct Run {
+    pub tag: String,
+    pub stage: String,
+    pub manifest: Manifest,
+}
+
+impl Run {
+    pub fn test_accuracy(&self) -> f64 {
+        self.manifest.metrics["test_accuracy"]
+            .as_f64()
+            .unwrap_or(f64::NAN)
+    }
+    pub fn val_accuracy(&self) -> f64 {
+        self.manifest.metrics["fit"]["best_val_accuracy"]
+            .as_f64()
+            .unwrap_or(f64::NAN)
+    }
+    fn student(&self, key: &str) -> &serde_json::Value {
+        &self.manifest.settings["student"][key]
+    }
+}
+
+/// Every tagged run with a readable manifest, sorted by tag and stage. A run folder without a
+/// manifest (a run in progress or interrupted) is left out.
+pub fn find(root: &Path) -> Vec<Run> {
+    let mut runs = Vec::new();
+    let Ok(tags) = std::fs::read_dir(root.join(RUNS)) else {
+        return runs;
+    };
+    for tag in tags.flatten() {
+        for stage in [STUDENT_KD, STUDENT_BASELINE] {
+            if let Ok(manifest) = Manifest::read(&tag.path().join(stage)) {
+                runs.push(Run {
+                    tag: tag.file_name().to_string_lossy().into_owned(),
+                    stage: stage.to_string(),
+                    manifest,
+                });
+            }
+        }
+    }
+    runs.sort_by(|a, b| (&a.tag, &a.stage).cmp(&(&b.tag, &b.stage)));
+    runs
+}
+
+/// Mean and sample standard deviation (0 for one value).
+pub fn mean_std(xs: &[f64]) -> (f64, f64) {
+    let n = xs.len() as f64;
+    if xs.is_empty() {
+        return (f64::NAN, f64::NAN);
+    }
+    let mean = xs.iter().sum::<f64>() / n;
+    if xs.len() < 2 {
+        return (mean, 0.0);
+    }
+    let var = xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0);
+    (mean, var.sqrt())
+}
+
+fn pct(x: f64) -> String {
+    format!("{:.2}%", 100.0 * x)
+}
+
+fn pm((mean, std): (f64, f64)) -> String {
+    format!("{:.2} ± {:.2}", 100.0 * mean, 100.0 * std)
+}
+
+/// The seeds of `just compare`: per seed the KD student and the baseline, then mean ± std of
+/// each and of their paired difference. `None` when there are no seed runs.
+pub fn seeds_section(runs: &[Run]) -> Option<(String, serde_json::Value)> {
+    let mut by_seed: BTreeMap<u64, (Option<&Run>, Option<&Run>)> = BTreeMap::new();
+    for r in runs {
+        let Some(seed) = r.tag.strip_prefix("seed-").and_then(|s| s.parse().ok()) else {
+            continue;
+        };
+        let e = by_seed.entry(seed).or_default();
+        if r.stage == STUDENT_KD {
+            e.0 = Some(r);
+        } else {
+            e.1 = Some(r);
+        }
+    }
+    if by_seed.is_empty() {
+        return None;
+    }
+    let mut t = Table::new(&["seed", "KD student", "baseline", "KD − baseline"]);
+    let (mut kd, mut base, mut diff) = (Vec::new(), Vec::new(), Vec::new());
+    for (seed, (k, b)) in &by_seed {
+        let (ka, ba) = (k.map(Run::test_accuracy), b.map(Run::test_accuracy));
+        kd.extend(ka);
+        base.extend(ba);
+        if let (Some(x), Some(y)) = (ka, ba) {
+            diff.push(x - y);
+        }
+        t.row(&[
+            seed.to_string(),
+            ka.map_or("not run".into(), pct),
+            ba.map_or("not run".into(), pct),
+            match (ka, ba) {
+                (Some(x), Some(y)) => format!("{:+.2}", 100.0 * (x - y)),
+                _ => String::new(),
+            },
+        ]);
+    }
+    let (kd_ms, base_ms, diff_ms) = (mean_std(&kd), mean_std(&base), mean_std(&diff));
+    t.row(&[
+        format!("mean ± std ({} seeds)", by_seed.len()),
+        pm(kd_ms),
+        pm(base_ms),
+        format!("{:+.2} ± {:.2}", 100.0 * diff_ms.0, 100.0 * diff_ms.1),
+    ]);
+    let md = format!(
+        "## Seeds (`just compare`)\n\n\
+         The KD student and the baseline trained from the same knowledge file once per seed; the seed sets \
+         initialisation, dropout masks, shuffling and augmentation. Test accuracy of each final model (chosen on \
+         validation), in percent; standard deviations are sample standard deviations over seeds.\n\n{}\n",
+        t.to_markdown()
+    );
+    let json = serde_json::json!({
+        "seeds": by_seed.keys().collect::<Vec<_>>(),
+        "kd": { "mean": kd_ms.0, "std": kd_ms.1, "per_seed": kd },
+        "baseline": { "mean": base_ms.0, "std": base_ms.1, "per_seed": base },
+        "kd_minus_baseline": { "mean": diff_ms.0, "std": diff_ms.1 },
+    });
+    Some((md, json))
+}
+
+/// The grid of `just sweep`: a table of every point and a chart of validation accuracy against
+/// the temperature, one line per (hard/soft weights, heads). The best point is chosen on
+/// validation accuracy. `None` when there are no sweep runs.
+pub fn sweep_section(runs: &[Run]) -> Option<(String, String, serde_json::Value)> {
+    let points: Vec<&Run> = runs
+        .iter()
+        .filter(|r| r.tag.starts_with("sweep-") && r.stage == STUDENT_KD)
+        .collect();
+    if points.is_empty() {
+        return None;
+    }
+    let label = |r: &Run| {
+        let heads = r.student("head_weights");
+        let used: Vec<String> = heads
+            .as_object()
+            .map(|o| {
+                o.iter()
+                    .filter(|(_, w)| w.as_f64().unwrap_or(0.0) > 0.0)
+                    .map(|(h, w)| format!("{h} {w}"))
+                    .collect()
+            })
+            .unwrap_or_default();
+        format!(
+            "hard/soft {}/{}, heads {}",
+            r.student("hard_weight"),
+            r.student("soft_weight"),
+            used.join(" + ")
+        )
+    };
+    let temperature = |r: &Run| r.student("temperature").as_f64().unwrap_or(f64::NAN);
+    let mut lines: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
+    let mut t = Table::new(&["T", "setting", "val accuracy", "test accuracy", "tag"]);
+    let mut sorted = points.clone();
+    sorted.sort_by(|a, b| {
+        (label(a), temperature(a))
+            .partial_cmp(&(label(b), temperature(b)))
+            .unwrap_or(std::cmp::Ordering::Equal)
+    });
+    for r in &sorted {
+        lines
+            .entry(label(r))
+            .or_default()
+            .push((temperature(r), r.val_accuracy()));
+        t.row(&[
+            temperature(r).to_string(),
+            label(r),
+            pct(r.val_accuracy()),
+            pct(r.test_accuracy()),
+            r.tag.clone(),
+        ]);
+    }
+    let best = points
+        .iter()
+        .copied()
+        .max_by(|a, b| a.val_accuracy().total_cmp(&b.val_accuracy()))?;
+    let series: Vec<svg::Series> = lines
+        .into_iter()
+        .zip(svg::COLOURS.iter().cycle())
+        .map(|((name, points), colour)| svg::Series {
+            name,
+            colour,
+            points,
+        })
+        .collect();
+    let chart = svg::line_chart(
+        "Distillation sweep: validation accuracy against temperature",
+        "temperature T",
+        "validation accuracy",
+        &series,
+    );
+    let s = &best.manifest.settings["student"];
+    let best_sets = format!(
+        "--set student.temperature={} --set student.hard_weight={} --set student.soft_weight={}{}",
+        s["temperature"],
+        s["hard_weight"],
+        s["soft_weight"],
+        s["head_weights"]
+            .as_object()
+            .map(|o| o
+                .iter()
+                .map(|(h, w)| format!(" --set student.head_weights.{h}={w}"))
+                .collect::<String>())
+            .unwrap_or_default()
+    );
+    let md = format!(
+        "## Sweep (`just sweep`)\n\n\
+         KD students trained from the one knowledge file, without the teacher, over a grid of temperature, \
+         hard/soft weights and teacher heads. Chosen on validation accuracy: **T = {}, {}** \
+         (validation {}, test {}); as flags: `{best_sets}`.\n\n![sweep]({SWEEP_FILE})\n\n{}\n",
+        temperature(best),
+        label(best),
+        pct(best.val_accuracy()),
+        pct(best.test_accuracy()),
+        t.to_markdown()
+    );
+    let json = serde_json::json!({
+        "points": points.len(),
+        "best": { "tag": best.tag, "student": s, "val_accuracy": best.val_accuracy(), "test_accuracy": best.test_accuracy() },
+    });
+    Some((md, chart, json))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mean_and_sample_std() {
+        let (m, s) = mean_std(&[0.90, 0.91, 0.92]);
+        assert!((m - 0.91).abs() < 1e-12);
+        assert!((s - 0.01).abs() < 1e-12);
+        assert_eq!(mean_std(&[0.5]), (0.5, 0.0));
+        assert!(mean_std(&[]).0.is_nan());
+    }
+}
