@@ -10,3 +10,4 @@ mod pipeline;
 mod refusals;
 mod reproducible;
 mod shards;
+mod views;

@@ -14,6 +14,8 @@ pub enum Stream {
     Shuffle = 2,
     Augment = 3,
     TestSplit = 4,
+    /// Which stored view of the knowledge file a row replays in an epoch.
+    ViewChoice = 5,
 }
 
 /// A ChaCha stream for `(seed, purpose, index)`.
@@ -128,7 +130,68 @@ impl Augment {
     }
 }
 
+/// The views a multi-view knowledge file stores: `count` per row, row-major (`views[row * count
+/// + j]`). View 0 of every row is the image as it is (the stored entry is not used).
+#[derive(Debug, Clone, Copy)]
+pub struct StoredViews<'a> {
+    pub count: usize,
+    pub views: &'a [View],
+    /// The augmentation that drew them (for a crop's output size).
+    pub augment: Augment,
+}
+
+/// The stored view row `row` replays in `epoch`: uniform over `0..count`, from `(seed, epoch, row)`.
+pub fn choose_view(seed: u64, epoch: usize, row: u32, count: usize) -> u32 {
+    let mut r = rng(
+        seed,
+        Stream::ViewChoice,
+        ((epoch as u64) << 32) | row as u64,
+    );
+    (r.next_u64() % count.max(1) as u64) as u32
+}
+
 impl View {
+    /// The parameters as five integers, for storage: `(dx, dy, 0, 0, flip)` for a shift,
+    /// `(x, y, w, h, flip)` for a crop.
+    pub fn to_ints(&self) -> [i32; 5] {
+        match *self {
+            View::Shift { dx, dy, flip } => [dx, dy, 0, 0, flip as i32],
+            View::Crop { x, y, w, h, flip } => {
+                [x as i32, y as i32, w as i32, h as i32, flip as i32]
+            }
+        }
+    }
+
+    /// The inverse of [`to_ints`] for views drawn by `augment`; `None` for values no view of
+    /// that kind can have.
+    pub fn from_ints(v: [i32; 5], augment: &Augment) -> Option<Self> {
+        let flip = match v[4] {
+            0 => false,
+            1 => true,
+            _ => return None,
+        };
+        match *augment {
+            Augment::CropFlip { crop_padding } => {
+                let p = crop_padding as i32;
+                (v[0].abs() <= p && v[1].abs() <= p && v[2] == 0 && v[3] == 0).then_some(
+                    View::Shift {
+                        dx: v[0],
+                        dy: v[1],
+                        flip,
+                    },
+                )
+            }
+            Augment::ResizedCropFlip { .. } => (v[0] >= 0 && v[1] >= 0 && v[2] > 0 && v[3] > 0)
+                .then(|| View::Crop {
+                    x: v[0] as u32,
+                    y: v[1] as u32,
+                    w: v[2] as u32,
+                    h: v[3] as u32,
+                    flip,
+                }),
+        }
+    }
+
     /// Writes a shift view of `src` (`[c, h, w]`) into `dst`; pixels shifted in from outside take
     /// `fill[c]`.
     pub fn apply(&self, src: &[f32], dst: &mut [f32], c: usize, h: usize, w: usize, fill: &[f32]) {
@@ -182,12 +245,14 @@ impl View {
 }
 
 /// One mini-batch: images `[b, c, h, w]` f32, labels `[b]` u32, and the dataset rows they came
-/// from `[b]` u32 (how a student finds the teacher's logits for them).
+/// from `[b]` u32 (how a student finds the teacher's logits for them); when the batch replays a
+/// knowledge file's stored views, which view of each row it shows `[b]` u32.
 #[derive(Debug, Clone)]
 pub struct Batch {
     pub images: Tensor,
     pub labels: Tensor,
     pub rows: Tensor,
+    pub views: Option<Tensor>,
     pub len: usize,
 }
 
@@ -209,6 +274,8 @@ struct Augmentation<'a> {
     epoch: usize,
     normalization: &'a Normalization,
     sources: Option<&'a [SourceImage]>,
+    /// Replay these instead of drawing fresh views.
+    stored: Option<StoredViews<'a>>,
 }
 
 impl<'a> Batches<'a> {
@@ -249,6 +316,29 @@ impl<'a> Batches<'a> {
             epoch,
             normalization,
             sources,
+            stored: None,
+        });
+        self
+    }
+
+    /// Shows every row one of its stored views, chosen per `(seed, epoch, row)` by
+    /// [`choose_view`], exactly as the teacher saw it when the knowledge was computed; each
+    /// batch says which view (`Batch::views`), so the student can pick the matching logits.
+    pub fn replaying(
+        mut self,
+        stored: StoredViews<'a>,
+        seed: u64,
+        epoch: usize,
+        normalization: &'a Normalization,
+        sources: Option<&'a [SourceImage]>,
+    ) -> Self {
+        self.augment = Some(Augmentation {
+            augment: stored.augment,
+            seed,
+            epoch,
+            normalization,
+            sources,
+            stored: Some(stored),
         });
         self
     }
@@ -260,35 +350,62 @@ impl<'a> Batches<'a> {
     fn make(&self, rows: &[u32]) -> Result<Batch> {
         let device = self.images.device();
         let idx = Tensor::from_slice(rows, rows.len(), device)?;
-        let images = match &self.augment {
-            None => self.images.index_select(&idx, 0)?,
-            Some(a) => a.batch(self.images, rows)?.to_device(device)?,
+        let (images, views) = match &self.augment {
+            None => (self.images.index_select(&idx, 0)?, None),
+            Some(a) => {
+                let (images, views) = a.batch(self.images, rows)?;
+                let views = match views {
+                    Some(v) => Some(Tensor::from_vec(v, rows.len(), device)?),
+                    None => None,
+                };
+                (images.to_device(device)?, views)
+            }
         };
         Ok(Batch {
             images,
             labels: self.labels.index_select(&idx, 0)?,
             rows: idx,
+            views,
             len: rows.len(),
         })
     }
 }
 
 impl Augmentation<'_> {
-    fn batch(&self, images: &Tensor, rows: &[u32]) -> Result<Tensor> {
-        let (seed, epoch) = (self.seed, self.epoch);
+    /// The view of `row` in this epoch: `None` for the image as it is (stored view 0), with the
+    /// stored view's index when replaying. `source` is the photo's size (crops only).
+    fn view_of(&self, row: u32, source: (u32, u32)) -> (Option<View>, Option<u32>) {
+        match &self.stored {
+            None => (
+                Some(self.augment.view(self.seed, self.epoch, row, source)),
+                None,
+            ),
+            Some(s) => {
+                let j = choose_view(self.seed, self.epoch, row, s.count);
+                let view = (j > 0).then(|| s.views[row as usize * s.count + j as usize]);
+                (view, Some(j))
+            }
+        }
+    }
+
+    /// The batch's images and, when replaying stored views, the view index of each row.
+    fn batch(&self, images: &Tensor, rows: &[u32]) -> Result<(Tensor, Option<Vec<u32>>)> {
+        let idx = Tensor::from_slice(rows, rows.len(), images.device())?;
+        let replaying = self.stored.is_some();
         match self.augment {
             Augment::CropFlip { .. } => {
-                let idx = Tensor::from_slice(rows, rows.len(), images.device())?;
                 let selected = images.index_select(&idx, 0)?;
                 let (b, c, h, w) = selected.dims4()?;
                 let src = selected.flatten_all()?.to_vec1::<f32>()?;
                 let fill = self.normalization.zero_values();
                 let n = c * h * w;
-                let mut dst = vec![0f32; src.len()];
+                let mut dst = src.clone();
+                let mut chosen = Vec::with_capacity(rows.len());
                 for (i, &row) in rows.iter().enumerate() {
-                    self.augment
-                        .view(seed, epoch, row, (w as u32, h as u32))
-                        .apply(
+                    let (view, j) = self.view_of(row, (w as u32, h as u32));
+                    chosen.extend(j);
+                    if let Some(view) = view {
+                        view.apply(
                             &src[i * n..(i + 1) * n],
                             &mut dst[i * n..(i + 1) * n],
                             c,
@@ -296,27 +413,42 @@ impl Augmentation<'_> {
                             w,
                             &fill,
                         );
+                    }
                 }
-                Ok(Tensor::from_vec(dst, (b, c, h, w), &Device::Cpu)?)
+                let t = Tensor::from_vec(dst, (b, c, h, w), &Device::Cpu)?;
+                Ok((t, replaying.then_some(chosen)))
             }
             Augment::ResizedCropFlip { size, .. } => {
                 let sources = self.sources.ok_or_else(|| {
                     crate::DataError::Config("resized-crop augmentation needs the decoded photos (an ImageFolder dataset)".into())
                 })?;
                 let n = 3 * size * size;
-                let mut dst = vec![0f32; rows.len() * n];
-                dst.par_chunks_mut(n)
-                    .zip(rows.par_iter())
-                    .for_each(|(d, &row)| {
+                let plan: Vec<(Option<View>, Option<u32>)> = rows
+                    .iter()
+                    .map(|&row| {
                         let src = &sources[row as usize];
-                        let view = self.augment.view(seed, epoch, row, (src.width, src.height));
-                        view.render(src, size, self.normalization, d);
+                        self.view_of(row, (src.width, src.height))
+                    })
+                    .collect();
+                // Rows shown as they are (stored view 0) take the evaluation image itself.
+                let mut dst = if plan.iter().any(|(v, _)| v.is_none()) {
+                    images
+                        .index_select(&idx, 0)?
+                        .flatten_all()?
+                        .to_vec1::<f32>()?
+                } else {
+                    vec![0f32; rows.len() * n]
+                };
+                dst.par_chunks_mut(n)
+                    .zip(rows.par_iter().zip(plan.par_iter()))
+                    .for_each(|(d, (&row, (view, _)))| {
+                        if let Some(view) = view {
+                            view.render(&sources[row as usize], size, self.normalization, d);
+                        }
                     });
-                Ok(Tensor::from_vec(
-                    dst,
-                    (rows.len(), 3, size, size),
-                    &Device::Cpu,
-                )?)
+                let t = Tensor::from_vec(dst, (rows.len(), 3, size, size), &Device::Cpu)?;
+                let chosen = plan.iter().filter_map(|(_, j)| *j).collect();
+                Ok((t, replaying.then_some(chosen)))
             }
         }
     }

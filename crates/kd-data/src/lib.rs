@@ -13,7 +13,7 @@ pub mod files;
 pub mod idx;
 pub mod image_folder;
 
-pub use batch::{Augment, Batch, Batches};
+pub use batch::{choose_view, Augment, Batch, Batches, StoredViews, View};
 pub use dataset::{DataFormat, DataSource, Dataset, ImageSet, LoadOptions, Normalization, Split};
 pub use files::{sha256_file, write_atomic, write_atomic_bytes};
 pub use image_folder::{FolderOptions, SourceImage};

@@ -9,6 +9,15 @@
 //!   heads and the transform the logits were computed under.
 //!
 //! Logits, not probabilities, are stored, so the temperature is chosen at student time.
+//!
+//! Format version 2 (written by `kd-precompute --views K`, K ≥ 2) stores K views per row: view 0
+//! is the image as it is, views 1.. are augmented views the student can replay exactly:
+//! - `logits.<head>`: `[N, K, C]` f32, the teacher's logits for every view;
+//! - `views`: `[N, K, 5]` i32, each view's parameters (`kd_data::View::to_ints`: shift `dx, dy, 0,
+//!   0, flip` or crop `x, y, w, h, flip`; row 0 of each image is the identity);
+//! - metadata `views`: `{count, augment, seed}` — K, the augmentation that drew them, its seed.
+//!
+//! Version 1 files (one view) are read as before.
 
 use candle_core::{Device, Tensor};
 use kd_data::Normalization;
@@ -19,6 +28,9 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 pub const FORMAT_VERSION: u32 = 1;
+/// The version of files with several views per row.
+pub const FORMAT_VERSION_VIEWS: u32 = 2;
+pub const VIEWS: &str = "views";
 pub const METADATA_KEY: &str = "kd_knowledge";
 pub const LABELS: &str = "labels";
 
@@ -85,6 +97,28 @@ pub struct Metadata {
     pub teacher: TeacherRef,
     pub heads: Vec<String>,
     pub transform: Transform,
+    /// Several views per row (format version 2); absent in version 1 files.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub views: Option<ViewsMeta>,
+}
+
+/// The stored views of a version 2 file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ViewsMeta {
+    /// Views per row, K ≥ 2 (view 0 is the image as it is).
+    pub count: usize,
+    /// The augmentation views 1.. were drawn with.
+    pub augment: kd_data::Augment,
+    /// Its seed: view j of row r is `augment.view(seed, j, r, ...)`.
+    pub seed: u64,
+}
+
+impl Metadata {
+    /// Views per row: 1 for a version 1 file.
+    pub fn view_count(&self) -> usize {
+        self.views.as_ref().map_or(1, |v| v.count)
+    }
 }
 
 pub use kd_data::files::canonical_json;
@@ -92,10 +126,73 @@ pub use kd_data::files::canonical_json;
 /// Writes a knowledge file atomically. `logits` holds one `[rows, classes]` row-major buffer per
 /// head, in the order of `meta.heads`.
 pub fn write(path: &Path, meta: &Metadata, logits: &[Vec<f32>], labels: &[u32]) -> Result<()> {
+    if meta.views.is_some() {
+        return Err(invalid(
+            path,
+            "a multi-view file is written with write_views".into(),
+        ));
+    }
     let (n, c) = (meta.dataset.rows, meta.dataset.classes);
     check_buffers(path, &meta.heads, n, c, logits, labels)?;
     let json = serde_json::to_value(meta).map_err(|e| invalid(path, e.to_string()))?;
-    serialize(path, METADATA_KEY, &json, &meta.heads, n, c, logits, labels)
+    serialize(
+        path,
+        METADATA_KEY,
+        &json,
+        &meta.heads,
+        vec![n, c],
+        logits,
+        labels,
+        None,
+    )
+}
+
+/// Writes a multi-view knowledge file (format version 2) atomically: `logits` holds one
+/// `[rows, K, classes]` buffer per head, `views` the `rows × K` view parameters, row-major.
+pub fn write_views(
+    path: &Path,
+    meta: &Metadata,
+    logits: &[Vec<f32>],
+    labels: &[u32],
+    views: &[kd_data::View],
+) -> Result<()> {
+    let Some(v) = &meta.views else {
+        return Err(invalid(
+            path,
+            "write_views needs metadata with views".into(),
+        ));
+    };
+    let (n, k, c) = (meta.dataset.rows, v.count, meta.dataset.classes);
+    if meta.format_version != FORMAT_VERSION_VIEWS || k < 2 || views.len() != n * k {
+        return Err(invalid(
+            path,
+            format!(
+                "version {FORMAT_VERSION_VIEWS} with K >= 2 and {n}x{k} views expected, got version {}, K = {k}, {} views",
+                meta.format_version,
+                views.len()
+            ),
+        ));
+    }
+    // Per row: K views of C logits.
+    check_buffers(path, &meta.heads, n, k * c, logits, labels)?;
+    let ints: Vec<i32> = views.iter().flat_map(|v| v.to_ints()).collect();
+    let extra = (
+        VIEWS.to_string(),
+        vec![n, k, 5],
+        Dtype::I32,
+        ints.iter().flat_map(|x| x.to_le_bytes()).collect(),
+    );
+    let json = serde_json::to_value(meta).map_err(|e| invalid(path, e.to_string()))?;
+    serialize(
+        path,
+        METADATA_KEY,
+        &json,
+        &meta.heads,
+        vec![n, k, c],
+        logits,
+        labels,
+        Some(extra),
+    )
 }
 
 fn invalid(path: &Path, message: String) -> KnowledgeError {
@@ -136,17 +233,19 @@ fn serialize(
     key: &str,
     json: &serde_json::Value,
     heads: &[String],
-    n: usize,
-    c: usize,
+    head_shape: Vec<usize>,
     logits: &[Vec<f32>],
     labels: &[u32],
+    extra: Option<(String, Vec<usize>, Dtype, Vec<u8>)>,
 ) -> Result<()> {
+    let n = head_shape.first().copied().unwrap_or(0);
     let mut buffers: Vec<(String, Vec<usize>, Dtype, Vec<u8>)> = heads
         .iter()
         .zip(logits)
-        .map(|(h, l)| (logits_name(h), vec![n, c], Dtype::F32, f32_bytes(l)))
+        .map(|(h, l)| (logits_name(h), head_shape.clone(), Dtype::F32, f32_bytes(l)))
         .collect();
     buffers.push((LABELS.into(), vec![n], Dtype::U32, u32_bytes(labels)));
+    buffers.extend(extra);
     let views = buffers
         .iter()
         .map(|(name, shape, dtype, bytes)| {
@@ -174,19 +273,21 @@ fn check_tensors(
     path: &Path,
     st: &SafeTensors<'_>,
     heads: &[String],
-    n: usize,
-    c: usize,
+    head_shape: &[usize],
 ) -> Result<()> {
+    let n = head_shape.first().copied().unwrap_or(0);
+    let c = head_shape.last().copied().unwrap_or(1).max(1);
+    let per_row: usize = head_shape[1..].iter().product::<usize>().max(1);
     for head in heads {
         let name = logits_name(head);
         let t = st
             .tensor(&name)
             .map_err(|_| invalid(path, format!("head {head:?} has no tensor {name}")))?;
-        if t.dtype() != Dtype::F32 || t.shape() != [n, c] {
+        if t.dtype() != Dtype::F32 || t.shape() != head_shape {
             return Err(invalid(
                 path,
                 format!(
-                    "{name} is {:?} {:?}, expected F32 [{n}, {c}]",
+                    "{name} is {:?} {:?}, expected F32 {head_shape:?}",
                     t.dtype(),
                     t.shape()
                 ),
@@ -197,7 +298,7 @@ fn check_tensors(
                 path,
                 format!(
                     "{name} has a non-finite logit at row {}, class {}",
-                    i / c,
+                    i / per_row,
                     i % c
                 ),
             ));
@@ -302,21 +403,50 @@ impl KnowledgeFile {
             .map_err(|e| invalid(format!("metadata is not JSON: {e}")))?
             .get("format_version")
             .and_then(|v| v.as_u64());
-        if version != Some(FORMAT_VERSION as u64) {
+        if version != Some(FORMAT_VERSION as u64) && version != Some(FORMAT_VERSION_VIEWS as u64) {
             return Err(invalid(format!(
-                "format version {} is not supported (this build reads version {FORMAT_VERSION})",
+                "format version {} is not supported (this build reads versions {FORMAT_VERSION} and {FORMAT_VERSION_VIEWS})",
                 version.map_or("missing".to_string(), |v| v.to_string())
             )));
         }
         let meta: Metadata =
             serde_json::from_str(json).map_err(|e| invalid(format!("bad metadata: {e}")))?;
-        check_tensors(
-            path,
-            &st,
-            &meta.heads,
-            meta.dataset.rows,
-            meta.dataset.classes,
-        )?;
+        let (n, c) = (meta.dataset.rows, meta.dataset.classes);
+        match (&meta.views, meta.format_version) {
+            (None, FORMAT_VERSION) => check_tensors(path, &st, &meta.heads, &[n, c])?,
+            (Some(v), FORMAT_VERSION_VIEWS) if v.count >= 2 => {
+                check_tensors(path, &st, &meta.heads, &[n, v.count, c])?;
+                let t = st
+                    .tensor(VIEWS)
+                    .map_err(|_| invalid(format!("no `{VIEWS}` tensor")))?;
+                if t.dtype() != Dtype::I32 || t.shape() != [n, v.count, 5] {
+                    return Err(invalid(format!(
+                        "{VIEWS} is {:?} {:?}, expected I32 [{n}, {}, 5]",
+                        t.dtype(),
+                        t.shape(),
+                        v.count
+                    )));
+                }
+                let ints: Vec<i32> = i32s(t.data()).collect();
+                if let Some(i) = ints.chunks_exact(5).position(|x| {
+                    kd_data::View::from_ints([x[0], x[1], x[2], x[3], x[4]], &v.augment).is_none()
+                }) {
+                    return Err(invalid(format!(
+                        "view {} of row {} is not a view of {:?}",
+                        i % v.count,
+                        i / v.count,
+                        v.augment
+                    )));
+                }
+            }
+            _ => {
+                return Err(invalid(format!(
+                    "format version {} does not go with {} view(s) (version {FORMAT_VERSION}: one view; version {FORMAT_VERSION_VIEWS}: two or more)",
+                    meta.format_version,
+                    meta.view_count()
+                )))
+            }
+        }
         drop(st);
         Ok(Self {
             path: path.to_path_buf(),
@@ -349,11 +479,38 @@ impl KnowledgeFile {
         }
         let v = self.view(&logits_name(head))?;
         let data: Vec<f32> = f32s(v.data()).collect();
-        Ok(Tensor::from_vec(
-            data,
-            (self.meta.dataset.rows, self.meta.dataset.classes),
-            device,
-        )?)
+        let (n, c) = (self.meta.dataset.rows, self.meta.dataset.classes);
+        Ok(match self.meta.views {
+            None => Tensor::from_vec(data, (n, c), device)?,
+            Some(ref v) => Tensor::from_vec(data, (n, v.count, c), device)?,
+        })
+    }
+
+    /// The logits of one head as `[N * K, C]`: view j of row r is row `r * K + j`.
+    pub fn logits_flat(&self, head: &str, device: &Device) -> Result<Tensor> {
+        let (n, c) = (self.meta.dataset.rows, self.meta.dataset.classes);
+        Ok(self
+            .logits(head, device)?
+            .reshape((n * self.meta.view_count(), c))?)
+    }
+
+    /// The stored views, `N * K` of them row-major (empty for a version 1 file).
+    pub fn stored_views(&self) -> Result<Vec<kd_data::View>> {
+        let Some(v) = &self.meta.views else {
+            return Ok(Vec::new());
+        };
+        let t = self.view(VIEWS)?;
+        let ints: Vec<i32> = i32s(t.data()).collect();
+        ints.chunks_exact(5)
+            .map(|x| {
+                kd_data::View::from_ints([x[0], x[1], x[2], x[3], x[4]], &v.augment).ok_or_else(
+                    || KnowledgeError::Invalid {
+                        path: self.path.clone(),
+                        message: "a stored view does not fit its augmentation".into(),
+                    },
+                )
+            })
+            .collect()
     }
 
     pub fn labels(&self) -> Result<Vec<u32>> {
@@ -433,6 +590,12 @@ fn f32s(bytes: &[u8]) -> impl Iterator<Item = f32> + '_ {
     bytes
         .chunks_exact(4)
         .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+}
+
+fn i32s(bytes: &[u8]) -> impl Iterator<Item = i32> + '_ {
+    bytes
+        .chunks_exact(4)
+        .map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]))
 }
 
 fn u32s(bytes: &[u8]) -> impl Iterator<Item = u32> + '_ {

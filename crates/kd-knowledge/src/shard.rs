@@ -139,10 +139,10 @@ pub fn write_shard(
         SHARD_METADATA_KEY,
         &json,
         &k.heads,
-        n,
-        k.dataset.classes,
+        vec![n, k.dataset.classes],
         logits,
         labels,
+        None,
     )
 }
 
@@ -200,7 +200,7 @@ impl Shard {
             ));
         }
         let (n, c) = (meta.end - meta.start, meta.knowledge.dataset.classes);
-        check_tensors(path, &st, &meta.knowledge.heads, n, c)?;
+        check_tensors(path, &st, &meta.knowledge.heads, &[n, c])?;
         let tensor = |name: &str| {
             st.tensor(name)
                 .map_err(|e| invalid(path, format!("{name}: {e}")))

@@ -26,6 +26,7 @@ fn meta() -> Metadata {
             },
             augmentation: "none".into(),
         },
+        views: None,
     }
 }
 
@@ -314,4 +315,153 @@ fn the_fuzz_seed_is_a_valid_knowledge_file() {
     assert_eq!((k.meta.dataset.rows, k.meta.dataset.classes), (3, 2));
     assert_eq!(k.labels().unwrap(), vec![0, 1, 1]);
     assert_eq!(k.logits("main", &Device::Cpu).unwrap().dims(), &[3, 2]);
+}
+
+fn views_meta(k: usize) -> Metadata {
+    Metadata {
+        format_version: FORMAT_VERSION_VIEWS,
+        views: Some(ViewsMeta {
+            count: k,
+            augment: kd_data::Augment::CropFlip { crop_padding: 2 },
+            seed: 3,
+        }),
+        ..meta()
+    }
+}
+
+fn shift(dx: i32, dy: i32, flip: bool) -> kd_data::View {
+    kd_data::View::Shift { dx, dy, flip }
+}
+
+#[test]
+fn multi_view_files_round_trip_and_version_1_still_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("v.safetensors");
+    let k = 2;
+    let logits_k: Vec<f32> = (0..N * k * C).map(|i| i as f32 * 0.1).collect();
+    let views: Vec<kd_data::View> = (0..N)
+        .flat_map(|r| [shift(0, 0, false), shift(r as i32 % 3 - 1, 2, r % 2 == 0)])
+        .collect();
+    write_views(
+        &p,
+        &views_meta(k),
+        &[logits_k.clone(), logits_k.clone()],
+        &LABELS_OK,
+        &views,
+    )
+    .unwrap();
+    let f = KnowledgeFile::open(&p).unwrap();
+    assert_eq!(f.meta.view_count(), 2);
+    assert_eq!(f.stored_views().unwrap(), views);
+    assert_eq!(f.logits("main", &Device::Cpu).unwrap().dims(), &[N, k, C]);
+    let flat = f.logits_flat("main", &Device::Cpu).unwrap();
+    assert_eq!(flat.dims(), &[N * k, C]);
+    assert_eq!(
+        flat.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        logits_k
+    );
+    // Version 1 files read as one view.
+    let v1 = KnowledgeFile::open(&write_ok(dir.path())).unwrap();
+    assert_eq!(v1.meta.view_count(), 1);
+    assert!(v1.stored_views().unwrap().is_empty());
+    assert_eq!(
+        v1.logits_flat("main", &Device::Cpu).unwrap().dims(),
+        &[N, C]
+    );
+    // The writers refuse what does not fit.
+    assert!(write(&p, &views_meta(2), &[logits(0.0), logits(1.0)], &LABELS_OK).is_err());
+    assert!(write_views(
+        &p,
+        &views_meta(2),
+        &[logits(0.0), logits(1.0)],
+        &LABELS_OK,
+        &views
+    )
+    .is_err());
+}
+
+#[test]
+fn broken_multi_view_files_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let k = 2;
+    let labels: Vec<u8> = LABELS_OK.iter().flat_map(|l| l.to_le_bytes()).collect();
+    let ints = |v: Vec<i32>| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+    let good_views: Vec<i32> = (0..N * k).flat_map(|_| [1, -1, 0, 0, 1]).collect();
+    type Case = (
+        &'static str,
+        Metadata,
+        Vec<usize>,
+        Vec<i32>,
+        Vec<usize>,
+        &'static str,
+    );
+    let cases: Vec<Case> = vec![
+        (
+            "shift beyond padding",
+            views_meta(k),
+            vec![N, k, C],
+            (0..N * k).flat_map(|_| [3, 0, 0, 0, 0]).collect(),
+            vec![N, k, 5],
+            "is not a view of",
+        ),
+        (
+            "flip not 0/1",
+            views_meta(k),
+            vec![N, k, C],
+            (0..N * k).flat_map(|_| [0, 0, 0, 0, 2]).collect(),
+            vec![N, k, 5],
+            "is not a view of",
+        ),
+        (
+            "views misshapen",
+            views_meta(k),
+            vec![N, k, C],
+            good_views.clone(),
+            vec![N * k, 5],
+            "expected I32",
+        ),
+        (
+            "logits of one view",
+            views_meta(k),
+            vec![N, C],
+            good_views.clone(),
+            vec![N, k, 5],
+            "expected F32 [4, 2, 3]",
+        ),
+        (
+            "version 1 with views",
+            Metadata {
+                format_version: FORMAT_VERSION,
+                ..views_meta(k)
+            },
+            vec![N, k, C],
+            good_views.clone(),
+            vec![N, k, 5],
+            "does not go with 2 view(s)",
+        ),
+        (
+            "one view in version 2",
+            views_meta(1),
+            vec![N, 1, C],
+            good_views[..N * 5].to_vec(),
+            vec![N, 1, 5],
+            "does not go with 1 view(s)",
+        ),
+    ];
+    for (what, m, lshape, views, vshape, says) in cases {
+        let p = dir.path().join("bad.safetensors");
+        let lbytes = f32_bytes(&vec![0.5; lshape.iter().product::<usize>()]);
+        raw(
+            &p,
+            vec![
+                ("logits.main", Dtype::F32, lshape.clone(), lbytes.clone()),
+                ("logits.aux1", Dtype::F32, lshape, lbytes),
+                ("labels", Dtype::U32, vec![N], labels.clone()),
+                ("views", Dtype::I32, vshape, ints(views)),
+            ],
+            Some(meta_json(&m)),
+        );
+        let e = open_err(&p);
+        assert!(e.contains(says), "{what}: {e}");
+    }
 }

@@ -9,7 +9,10 @@
 use anyhow::Context as _;
 use candle_core::Device;
 use kd_knowledge::shard::{Shard, ShardMeta, ShardSpec, SHARD_FORMAT_VERSION};
-use kd_knowledge::{DatasetRef, KnowledgeFile, Metadata, TeacherRef, Transform, FORMAT_VERSION};
+use kd_knowledge::{
+    DatasetRef, KnowledgeFile, Metadata, TeacherRef, Transform, ViewsMeta, FORMAT_VERSION,
+    FORMAT_VERSION_VIEWS,
+};
 use kd_train::manifest::stage_key;
 use kd_train::stage::{threads, LoadedData, Pipeline};
 use kd_train::table::Table;
@@ -84,6 +87,10 @@ pub struct SourceArgs {
     /// Inference batch size (overrides knowledge.batch_size; shards are cut on its batch edges).
     #[arg(long)]
     pub batch_size: Option<usize>,
+    /// Views per image (overrides knowledge.views): 1 = the image as it is; K > 1 also stores
+    /// K - 1 augmented views and the teacher's logits for each, for the student to replay.
+    #[arg(long)]
+    pub views: Option<usize>,
 }
 
 /// What a run produced.
@@ -149,11 +156,12 @@ pub struct Job {
 
 impl Job {
     pub fn prepare(args: &PipelineArgs, source: &SourceArgs) -> anyhow::Result<Self> {
-        let extra: Vec<String> = source
+        let mut extra: Vec<String> = source
             .batch_size
             .iter()
             .map(|b| format!("knowledge.batch_size={b}"))
             .collect();
+        extra.extend(source.views.map(|k| format!("knowledge.views={k}")));
         let pipeline = args.open(&extra)?;
         let arch = pipeline.config.teacher.arch.clone();
         let checkpoint = source
@@ -176,7 +184,21 @@ impl Job {
             normalization: data.dataset.normalization.clone(),
             augmentation: "none".into(),
         };
-        let settings = serde_json::json!({ "data": pipeline.data_settings(), "teacher_arch": arch, "transform": transform });
+        // Several views: the augmentation the student would use, drawn from the view seed.
+        let k = &pipeline.config.knowledge;
+        let views = (k.views > 1).then(|| ViewsMeta {
+            count: k.views,
+            augment: pipeline
+                .config
+                .data
+                .augmentation(true, pipeline.config.student.crop_padding)
+                .unwrap_or(kd_data::Augment::CropFlip { crop_padding: 2 }),
+            seed: k.view_seed,
+        });
+        let mut settings = serde_json::json!({ "data": pipeline.data_settings(), "teacher_arch": arch, "transform": transform });
+        if let Some(v) = &views {
+            settings["views"] = serde_json::to_value(v)?;
+        }
         let inputs = BTreeMap::from([
             ("dataset.train".to_string(), data.train_fingerprint.clone()),
             ("teacher".to_string(), teacher_sha.clone()),
@@ -187,7 +209,11 @@ impl Job {
             .map(|h| h.to_string())
             .collect();
         let meta = Metadata {
-            format_version: FORMAT_VERSION,
+            format_version: if views.is_some() {
+                FORMAT_VERSION_VIEWS
+            } else {
+                FORMAT_VERSION
+            },
             dataset: DatasetRef {
                 name: data.dataset.name.clone(),
                 split: "train".into(),
@@ -201,6 +227,7 @@ impl Job {
             },
             heads,
             transform,
+            views,
         };
         Ok(Self {
             pipeline,
@@ -283,6 +310,9 @@ impl Job {
         {
             return Ok(m);
         }
+        if let Some(v) = self.meta.views.clone() {
+            return self.run_views(&v, started);
+        }
         let (logits, seconds) = self.infer(&self.data.all_rows, "precompute")?;
         self.finish(
             &logits,
@@ -293,8 +323,113 @@ impl Job {
         )
     }
 
+    /// K views per image: view 0 as it is, views 1.. drawn by the student's augmentation from
+    /// the view seed (view j of row r is `augment.view(seed, j, r)`), the teacher's logits for
+    /// each, and the views' parameters so the student can replay them exactly.
+    fn run_views(&self, v: &ViewsMeta, started: Instant) -> anyhow::Result<Manifest> {
+        let arch = &self.meta.teacher.architecture;
+        let teacher =
+            kd_models::load_frozen(arch, &self.data.spec, &self.checkpoint, &Device::Cpu)?;
+        let d = &self.data;
+        let (n, k, c) = (d.all_rows.len(), v.count, self.meta.dataset.classes);
+        tracing::info!(
+            "precompute: {arch} from {}, {n} images × {k} views ({:?}, seed {}), batch {}, {} threads",
+            self.checkpoint.display(),
+            v.augment,
+            v.seed,
+            self.batch_size,
+            threads()
+        );
+        let t0 = Instant::now();
+        let heads = self.meta.heads.len();
+        let mut logits = vec![vec![0f32; n * k * c]; heads];
+        for j in 0..k {
+            let mut batches = kd_data::Batches::new(
+                &d.train_images,
+                &d.train_labels,
+                &d.all_rows,
+                self.batch_size,
+            );
+            if j > 0 {
+                batches = batches.augmented(
+                    v.augment,
+                    v.seed,
+                    j,
+                    &d.dataset.normalization,
+                    d.dataset.train_sources.as_deref(),
+                );
+            }
+            let view = kd_train::predict_batches(
+                teacher.as_ref(),
+                batches,
+                &format!("precompute view {j}/{k}"),
+            )?;
+            for (out, got) in logits.iter_mut().zip(&view) {
+                for (r, row) in got.chunks_exact(c).enumerate() {
+                    out[(r * k + j) * c..(r * k + j + 1) * c].copy_from_slice(row);
+                }
+            }
+        }
+        let seconds = t0.elapsed().as_secs_f64();
+        let (w, h) = (d.spec.width as u32, d.spec.height as u32);
+        let mut views = Vec::with_capacity(n * k);
+        for &row in &d.all_rows {
+            let source = match &d.dataset.train_sources {
+                Some(s) => (s[row as usize].width, s[row as usize].height),
+                None => (w, h),
+            };
+            for j in 0..k {
+                views.push(if j == 0 {
+                    match v.augment {
+                        kd_data::Augment::CropFlip { .. } => kd_data::View::Shift {
+                            dx: 0,
+                            dy: 0,
+                            flip: false,
+                        },
+                        kd_data::Augment::ResizedCropFlip { .. } => kd_data::View::Crop {
+                            x: 0,
+                            y: 0,
+                            w: source.0,
+                            h: source.1,
+                            flip: false,
+                        },
+                    }
+                } else {
+                    v.augment.view(v.seed, j, row, source)
+                });
+            }
+        }
+        kd_knowledge::write_views(
+            &self.path,
+            &self.meta,
+            &logits,
+            &d.dataset.train.labels,
+            &views,
+        )?;
+        // View 0's logits, for the same sanity check and table as one view.
+        let first: Vec<Vec<f32>> = logits
+            .iter()
+            .map(|l| {
+                l.chunks_exact(k * c)
+                    .flat_map(|r| r[..c].to_vec())
+                    .collect()
+            })
+            .collect();
+        self.record(
+            &first,
+            &d.dataset.train.labels,
+            Some(seconds),
+            None,
+            started,
+        )
+    }
+
     /// One shard: skipped when a valid shard for the same data, teacher and cut is there.
     fn run_shard(&self, spec: ShardSpec, source: &str) -> anyhow::Result<Output> {
+        anyhow::ensure!(
+            self.meta.views.is_none(),
+            "shards of a multi-view knowledge file (knowledge.views > 1) are not supported yet; compute it in one process"
+        );
         let rows = self.data.all_rows.len();
         let range = spec.rows(rows, self.batch_size);
         let path = self.shards_dir().join(spec.file_name());
@@ -367,9 +502,22 @@ impl Job {
         shards: Option<usize>,
         started: Instant,
     ) -> anyhow::Result<Manifest> {
+        kd_knowledge::write(&self.path, &self.meta, logits, labels)?;
+        self.record(logits, labels, seconds, shards, started)
+    }
+
+    /// Reads the knowledge file just written back as a student will, and records the stage's
+    /// manifest; `logits` are view 0's.
+    fn record(
+        &self,
+        logits: &[Vec<f32>],
+        labels: &[u32],
+        seconds: Option<f64>,
+        shards: Option<usize>,
+        started: Instant,
+    ) -> anyhow::Result<Manifest> {
         let path = &self.path;
         let rows = self.meta.dataset.rows;
-        kd_knowledge::write(path, &self.meta, logits, labels)?;
         KnowledgeFile::open(path)?
             .check_dataset(&self.meta.dataset, &self.data.dataset.train.labels)
             .with_context(|| {
@@ -398,7 +546,7 @@ impl Job {
         let bytes = std::fs::metadata(path)?.len();
         // A merge does not know how long the shards took (their files hold no timings; the
         // engine's logs do), so it records no speed.
-        let images_per_sec = seconds.map(|s| rows as f64 / s.max(1e-9));
+        let images_per_sec = seconds.map(|s| (rows * self.meta.view_count()) as f64 / s.max(1e-9));
         let manifest = Manifest {
             settings: self.settings.clone(),
             inputs: self.inputs.clone(),
@@ -411,6 +559,8 @@ impl Job {
                 "inference_seconds": seconds,
                 "images_per_sec": images_per_sec,
                 "bytes": bytes,
+                "bytes_per_image": bytes as f64 / rows.max(1) as f64,
+                "views": self.meta.view_count(),
                 "shards": shards,
                 "train_accuracy_per_head": agreement,
             }),

@@ -56,9 +56,11 @@ fn parse_tag(s: &str) -> Result<String, String> {
     }
 }
 
-/// The teacher's logits for every training row, one `[N, C]` tensor per head used, with weights.
+/// The teacher's logits for every training row and stored view, one `[N * K, C]` tensor per head
+/// used (view j of row r at row `r * K + j`; K = 1 for a single-view file), with weights.
 struct SoftTargets {
     heads: Vec<Tensor>,
+    views: u32,
     weights: KdWeights,
 }
 
@@ -70,6 +72,8 @@ pub fn run(args: &Args) -> anyhow::Result<Manifest> {
     let data = pipeline.load_data()?;
     let train = cfg.train(&pipeline.config.data);
     let mut inputs = BTreeMap::new();
+    let mut stored: Vec<kd_data::View> = Vec::new();
+    let mut replay: Option<kd_data::Augment> = None;
     let (stage, settings, targets) = if args.baseline {
         // What decides the baseline: not the KD settings, so changing them does not retrain it.
         let settings = serde_json::json!({ "data": pipeline.data_settings(), "arch": cfg.arch, "train": train });
@@ -103,9 +107,30 @@ pub fn run(args: &Args) -> anyhow::Result<Manifest> {
         knowledge.check_heads(&used.iter().map(|(h, _)| h.clone()).collect::<Vec<_>>())?;
         let heads = used
             .iter()
-            .map(|(h, _)| knowledge.logits(h, &Device::Cpu))
+            .map(|(h, _)| knowledge.logits_flat(h, &Device::Cpu))
             .collect::<Result<Vec<_>, _>>()
             .with_context(|| format!("reading {}", path.display()))?;
+        let k = knowledge.meta.view_count();
+        stored = knowledge.stored_views()?;
+        replay = match (&knowledge.meta.views, train.augment.is_some()) {
+            (Some(v), true) => {
+                tracing::info!(
+                    "student: replaying the knowledge file's {k} stored views per image (seed {}, {:?}): every augmented input comes with the teacher's logits for exactly that view",
+                    v.seed,
+                    v.augment
+                );
+                Some(v.augment)
+            }
+            (Some(_), false) => {
+                tracing::info!("student: no augmentation (student.augment = false): view 0 of the {k} stored views only");
+                None
+            }
+            (None, true) => {
+                tracing::warn!("student: single-view knowledge with augmentation: the teacher's logits are for the un-augmented image, not the augmented one the student sees (precompute with --views K for consistent targets)");
+                None
+            }
+            (None, false) => None,
+        };
         inputs.insert("knowledge".to_string(), kd_data::sha256_file(&path)?);
         tracing::info!(
             "student: distilling from {} (teacher {}, heads {}), T = {}, hard/soft {}/{}",
@@ -126,7 +151,12 @@ pub fn run(args: &Args) -> anyhow::Result<Manifest> {
             heads: used.iter().map(|(_, w)| *w).collect(),
         };
         let settings = serde_json::json!({ "data": pipeline.data_settings(), "student": cfg });
-        (STAGE_KD, settings, Some(SoftTargets { heads, weights }))
+        let targets = SoftTargets {
+            heads,
+            views: k as u32,
+            weights,
+        };
+        (STAGE_KD, settings, Some(targets))
     };
     let tagged = args.tag.as_ref().map(|t| format!("{RUNS}/{t}/{stage}"));
     let stage = TrainingStage {
@@ -136,16 +166,26 @@ pub fn run(args: &Args) -> anyhow::Result<Manifest> {
         train,
         settings,
         inputs,
+        views: replay.map(|augment| kd_data::StoredViews {
+            count: targets.as_ref().map_or(1, |t| t.views as usize),
+            views: &stored,
+            augment,
+        }),
     };
     let manifest = match targets {
         None => stage.run(&data, |batch, heads| {
             cross_entropy(&heads[0], &batch.labels)
         })?,
         Some(t) => stage.run(&data, |batch, heads| {
+            // The logits of the view each row shows: row * K + view (view 0 without replay).
+            let mut at = (&batch.rows * t.views as f64)?;
+            if let Some(v) = &batch.views {
+                at = (at + v)?;
+            }
             let teacher: Vec<Tensor> = t
                 .heads
                 .iter()
-                .map(|h| h.index_select(&batch.rows, 0))
+                .map(|h| h.index_select(&at, 0))
                 .collect::<Result<_, _>>()?;
             Ok(kd_loss(&heads[0], &teacher, &batch.labels, &t.weights)?.total)
         })?,

@@ -39,6 +39,7 @@ pub fn run(args: &Args) -> anyhow::Result<Manifest> {
     let cfg = &pipeline.config.teacher;
     let data = pipeline.load_data()?;
     let stage = TrainingStage {
+        views: None,
         pipeline: &pipeline,
         stage: STAGE,
         arch: &cfg.arch,

@@ -108,12 +108,25 @@ pub struct KnowledgeConfig {
     /// Batch size of the teacher's inference over the training set.
     #[serde(default = "default_knowledge_batch")]
     pub batch_size: usize,
+    /// Views per training image: 1 = the image as it is; K > 1 adds K - 1 augmented views (the
+    /// student's augmentation), each stored with its parameters so the student can replay it.
+    #[serde(default = "one")]
+    pub views: usize,
+    /// Seed of the stored views.
+    #[serde(default)]
+    pub view_seed: u64,
+}
+
+fn one() -> usize {
+    1
 }
 
 impl Default for KnowledgeConfig {
     fn default() -> Self {
         Self {
             batch_size: default_knowledge_batch(),
+            views: 1,
+            view_seed: 0,
         }
     }
 }
@@ -157,7 +170,8 @@ pub struct TrainSettings {
 
 impl DataConfig {
     /// The training augmentation of this kind of data.
-    fn augmentation(&self, on: bool, crop_padding: usize) -> Option<Augment> {
+    /// The training augmentation for this kind of data, if `on`.
+    pub fn augmentation(&self, on: bool, crop_padding: usize) -> Option<Augment> {
         on.then(|| match self.format.as_str() {
             "image-folder" => Augment::resized_crop(self.image_size),
             _ => Augment::CropFlip { crop_padding },
@@ -326,6 +340,7 @@ impl PipelineConfig {
             ("student.epochs", self.student.epochs),
             ("student.batch_size", self.student.batch_size),
             ("knowledge.batch_size", self.knowledge.batch_size),
+            ("knowledge.views", self.knowledge.views),
             ("data.classes", self.data.classes),
             ("data.image_size", self.data.image_size),
             ("data.val_size", self.data.val_size),

@@ -16,7 +16,9 @@ pub mod trainer;
 pub use config::{PipelineConfig, TrainSettings};
 pub use manifest::Manifest;
 pub use stage::{LoadedData, Pipeline, PipelineArgs};
-pub use train::{evaluate, fit, predict, save_checkpoint, Eval, FitReport, FitSpec, Subset};
+pub use train::{
+    evaluate, fit, predict, predict_batches, save_checkpoint, Eval, FitReport, FitSpec, Subset,
+};
 pub use trainer::{TrainingStage, CHECKPOINT};
 
 use std::path::{Path, PathBuf};

@@ -88,6 +88,8 @@ pub struct FitSpec<'a> {
     pub normalization: &'a Normalization,
     /// Decoded photos per training row, for resized-crop augmentation.
     pub sources: Option<&'a [SourceImage]>,
+    /// A multi-view knowledge file's stored views, replayed instead of fresh augmentation.
+    pub views: Option<kd_data::StoredViews<'a>>,
     pub checkpoint: &'a Path,
     /// Where the resume state goes after every epoch, and the key it must carry to be resumed.
     pub resume: &'a Path,
@@ -165,7 +167,9 @@ pub fn fit(
         let t0 = Instant::now();
         let mut batches = Batches::new(train.images, train.labels, train.rows, settings.batch_size)
             .shuffled(settings.seed, epoch);
-        if let Some(aug) = settings.augment {
+        if let Some(stored) = spec.views {
+            batches = batches.replaying(stored, settings.seed, epoch, normalization, sources);
+        } else if let Some(aug) = settings.augment {
             batches = batches.augmented(aug, settings.seed, epoch, normalization, sources);
         }
         let bar = progress(
@@ -359,7 +363,19 @@ pub fn predict(
     batch_size: usize,
     label: &str,
 ) -> Result<Vec<Vec<f32>>, TrainError> {
-    let batches = Batches::new(set.images, set.labels, set.rows, batch_size);
+    predict_batches(
+        model,
+        Batches::new(set.images, set.labels, set.rows, batch_size),
+        label,
+    )
+}
+
+/// [`predict`] over any batches (e.g. augmented views), in their order.
+pub fn predict_batches(
+    model: &dyn Classifier,
+    batches: Batches,
+    label: &str,
+) -> Result<Vec<Vec<f32>>, TrainError> {
     let bar = progress(batches.num_batches(), label.to_string());
     let mut out: Vec<Vec<f32>> = Vec::new();
     for batch in batches {
@@ -441,6 +457,7 @@ mod tests {
             },
             normalization: &norm,
             sources: None,
+            views: None,
             checkpoint: &checkpoint,
             resume: &resume,
             key: "k",

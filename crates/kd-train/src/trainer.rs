@@ -26,6 +26,8 @@ pub struct TrainingStage<'a> {
     pub settings: serde_json::Value,
     /// Content hashes of the inputs beyond the dataset (e.g. the knowledge file).
     pub inputs: BTreeMap<String, String>,
+    /// Stored views to replay instead of fresh augmentation (multi-view knowledge).
+    pub views: Option<kd_data::StoredViews<'a>>,
 }
 
 impl TrainingStage<'_> {
@@ -73,6 +75,7 @@ impl TrainingStage<'_> {
             val: data.val(),
             normalization: &data.dataset.normalization,
             sources: data.dataset.train_sources.as_deref(),
+            views: self.views,
             checkpoint: &checkpoint,
             resume: &dir.join(RESUME_FILE),
             key: &key,

@@ -27,6 +27,7 @@ fn meta(rows: usize) -> Metadata {
             },
             augmentation: "none".into(),
         },
+        views: None,
     }
 }
 
