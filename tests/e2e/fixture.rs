@@ -9,6 +9,19 @@ pub fn smoke_pipeline() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../pipelines/smoke.toml")
 }
 
+/// The smoke pipeline's flags with outputs under `root`, as a stage parses them.
+pub fn pipeline_args(root: &Path) -> kd_train::PipelineArgs {
+    kd_train::PipelineArgs {
+        pipeline: smoke_pipeline(),
+        artifacts: root.to_path_buf(),
+        overrides: vec![],
+        data_dir: None,
+        force: false,
+        resume: false,
+        skip_bad_images: false,
+    }
+}
+
 /// Stage flags for the smoke pipeline writing under `root`, plus `extra`.
 pub fn flags(bin: &str, root: &Path, extra: &[&str]) -> Vec<String> {
     let mut v = vec![

@@ -4,7 +4,7 @@ use crate::fixture::run;
 use candle_core::{Device, Tensor};
 use kd_data::{Batches, Dataset};
 use kd_knowledge::KnowledgeFile;
-use kd_train::{Manifest, PipelineArgs};
+use kd_train::Manifest;
 
 fn f(v: &serde_json::Value) -> f64 {
     v.as_f64().unwrap_or_else(|| panic!("not a number: {v}"))
@@ -94,15 +94,7 @@ fn knowledge_file_holds_the_teachers_logits_in_dataset_order() {
     );
 
     // The same data the stages loaded: labels and fingerprint line up row for row.
-    let args = PipelineArgs {
-        pipeline: crate::fixture::smoke_pipeline(),
-        artifacts: r.root.path().to_path_buf(),
-        overrides: vec![],
-        data_dir: None,
-        force: false,
-        resume: false,
-        skip_bad_images: false,
-    };
+    let args = crate::fixture::pipeline_args(r.root.path());
     let pipeline = args.open(&[]).unwrap();
     let ds = Dataset::load(&pipeline.config.data.load_options().unwrap()).unwrap();
     assert_eq!(k.labels().unwrap(), ds.train.labels);

@@ -4,7 +4,18 @@
 use crate::fixture::{self, copy_upstream, precompute, student};
 use candle_core::{Device, Tensor};
 use kd_knowledge::KnowledgeFile;
-use kd_train::stage::PipelineArgs;
+
+/// The largest absolute difference between two tensors.
+fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
 
 #[test]
 fn replayed_views_come_with_the_teachers_logits_for_exactly_that_view() {
@@ -23,15 +34,7 @@ fn replayed_views_come_with_the_teachers_logits_for_exactly_that_view() {
     assert!(stored.chunks(4).any(|r| r[1..].iter().any(|x| *x != r[0])));
 
     // The student's first batch of epoch 3, replayed, through the frozen teacher.
-    let args = PipelineArgs {
-        pipeline: fixture::smoke_pipeline(),
-        artifacts: r.to_path_buf(),
-        overrides: vec![],
-        data_dir: None,
-        force: false,
-        resume: false,
-        skip_bad_images: false,
-    };
+    let args = fixture::pipeline_args(r);
     let pipeline = args.open(&[]).unwrap();
     let data = pipeline.load_data().unwrap();
     let sv = kd_data::StoredViews {
@@ -62,14 +65,7 @@ fn replayed_views_come_with_the_teachers_logits_for_exactly_that_view() {
             .unwrap()
             .index_select(&at, 0)
             .unwrap();
-        let diff = (cached - &fresh[h])
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = max_diff(&cached, &fresh[h]);
         assert!(
             diff < 1e-4,
             "head {head}: cached and fresh logits differ by {diff}"
@@ -84,14 +80,7 @@ fn replayed_views_come_with_the_teachers_logits_for_exactly_that_view() {
         .unwrap()
         .index_select(&wrong, 0)
         .unwrap();
-    let diff = (cached - &fresh[0])
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let diff = max_diff(&cached, &fresh[0]);
     assert!(diff > 1e-3, "view 0 and the replayed views should differ");
 
     // A student with augmentation replays them; without, it reads view 0; both train.

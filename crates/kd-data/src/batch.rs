@@ -332,14 +332,10 @@ impl<'a> Batches<'a> {
         normalization: &'a Normalization,
         sources: Option<&'a [SourceImage]>,
     ) -> Self {
-        self.augment = Some(Augmentation {
-            augment: stored.augment,
-            seed,
-            epoch,
-            normalization,
-            sources,
-            stored: Some(stored),
-        });
+        self = self.augmented(stored.augment, seed, epoch, normalization, sources);
+        if let Some(a) = self.augment.as_mut() {
+            a.stored = Some(stored);
+        }
         self
     }
 
