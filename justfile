@@ -51,25 +51,36 @@ precompute-slurm n='3' name='fashion-mnist' *args='': build
     KD_BIN="{{bin}}" deploy/slurm/submit.sh --wait {{n}} "$pipeline" artifacts -- {{args}}
     {{bin}}/kd-precompute verify --pipeline "$pipeline" {{args}}
 
-# KD student and baseline once per seed from the same knowledge file, mean ± std in the report (`just compare [NAME] seeds=3 [FLAGS]`)
+# KD student and baseline once per seed from the same knowledge file, mean ± std in the report (`just compare [NAME] seeds=3 [views=8] [FLAGS]`; views=K adds augmented students: single-view KD, K-view KD, augmented baseline)
 [group('experiments')]
 [positional-arguments]
 compare *args='': data build
     #!/usr/bin/env bash
     set -euo pipefail
-    name=fashion-mnist; seeds=3; flags=()
+    name=fashion-mnist; seeds=3; views=1; flags=()
+    if [ $# -gt 0 ] && [[ $1 != -* ]] && [[ $1 != *=* ]]; then name=$1; shift; fi
     for a in "$@"; do
         case "$a" in
         seeds=*) seeds="${a#seeds=}" ;;
-        -*|*=*) flags+=("$a") ;;
-        *) if [ ${#flags[@]} -eq 0 ] && [ "$name" = fashion-mnist ]; then name="$a"; else flags+=("$a"); fi ;;
+        views=*) views="${a#views=}" ;;
+        *) flags+=("$a") ;;
         esac
     done
     p="pipelines/$name.toml"
     just pipeline "$name"
+    if [ "$views" -gt 1 ]; then
+        {{bin}}/kd-precompute --pipeline "$p" --views "$views" --tag "views-$views"
+    fi
+    aug=(--set student.augment=true)
     for s in $(seq 0 $((seeds - 1))); do
         {{bin}}/kd-student --pipeline "$p" --seed "$s" --tag "seed-$s" "${flags[@]}"
         {{bin}}/kd-student --pipeline "$p" --baseline --seed "$s" --tag "seed-$s" "${flags[@]}"
+        if [ "$views" -gt 1 ]; then
+            {{bin}}/kd-student --pipeline "$p" --seed "$s" --tag "seed-$s-aug" "${aug[@]}" "${flags[@]}"
+            {{bin}}/kd-student --pipeline "$p" --baseline --seed "$s" --tag "seed-$s-aug" "${aug[@]}" "${flags[@]}"
+            {{bin}}/kd-student --pipeline "$p" --seed "$s" --tag "seed-$s-views$views" "${aug[@]}" \
+                --knowledge "artifacts/$name/runs/views-$views/knowledge/soft-targets.safetensors" "${flags[@]}"
+        fi
     done
     {{bin}}/kd-report --pipeline "$p"
 

@@ -41,19 +41,42 @@ fn seeds_are_reproducible_and_the_report_shows_mean_and_std() {
         assert!(checkpoint(a.path(), "seed-1", stage) == checkpoint(b.path(), "seed-1", stage));
         assert!(checkpoint(a.path(), "seed-1", stage) != checkpoint(a.path(), "seed-2", stage));
     }
+    // A variant: the KD student with augmentation, seed 1 only.
+    student(
+        a.path(),
+        &[
+            "--seed",
+            "1",
+            "--tag",
+            "seed-1-aug",
+            "--set",
+            "student.augment=true",
+        ],
+    )
+    .unwrap();
     let m = report(a.path(), &[]).unwrap();
     let seeds = &m.metrics["seeds"];
+    assert_eq!(
+        seeds["differences"]["KD (aug) − KD"]["per_seed"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1,
+        "{seeds}"
+    );
     assert_eq!(seeds["seeds"], serde_json::json!([1, 2]));
-    let per_seed: Vec<f64> = seeds["kd"]["per_seed"]
+    let per_seed: Vec<f64> = seeds["columns"]["KD"]["per_seed"]
         .as_array()
         .unwrap()
         .iter()
         .map(|x| x.as_f64().unwrap())
         .collect();
     let mean = (per_seed[0] + per_seed[1]) / 2.0;
-    assert!((seeds["kd"]["mean"].as_f64().unwrap() - mean).abs() < 1e-12);
+    assert!((seeds["columns"]["KD"]["mean"].as_f64().unwrap() - mean).abs() < 1e-12);
     let std = (per_seed[0] - per_seed[1]).abs() / 2f64.sqrt();
-    assert!((seeds["kd"]["std"].as_f64().unwrap() - std).abs() < 1e-12);
+    assert!((seeds["columns"]["KD"]["std"].as_f64().unwrap() - std).abs() < 1e-12);
+    let diff = &seeds["differences"]["KD − baseline"];
+    assert_eq!(diff["per_seed"].as_array().unwrap().len(), 2);
     let md = std::fs::read_to_string(a.path().join("smoke/report/report.md")).unwrap();
     assert!(
         md.contains("## Seeds") && md.contains("mean ± std (2 seeds)"),

@@ -91,6 +91,11 @@ pub struct SourceArgs {
     /// K - 1 augmented views and the teacher's logits for each, for the student to replay.
     #[arg(long)]
     pub views: Option<usize>,
+    /// Write to <artifacts>/<pipeline>/runs/<TAG>/knowledge/ instead of knowledge/ (a second
+    /// knowledge file beside the pipeline's, e.g. a multi-view one; students read it with
+    /// --knowledge).
+    #[arg(long)]
+    pub tag: Option<String>,
 }
 
 /// What a run produced.
@@ -177,7 +182,13 @@ impl Job {
         let teacher_sha = kd_data::sha256_file(&checkpoint)?;
         let data = pipeline.load_data()?;
         let batch_size = pipeline.config.knowledge.batch_size;
-        let dir = pipeline.dir(STAGE);
+        let dir = match &source.tag {
+            Some(tag) => pipeline.dir(&format!(
+                "runs/{}/{STAGE}",
+                kd_train::stage::check_tag(tag).map_err(anyhow::Error::msg)?
+            )),
+            None => pipeline.dir(STAGE),
+        };
         let path = dir.join(KNOWLEDGE_FILE);
         let transform = Transform {
             input: [data.spec.channels, data.spec.height, data.spec.width],

@@ -80,62 +80,133 @@ fn pm((mean, std): (f64, f64)) -> String {
     format!("{:.2} ± {:.2}", 100.0 * mean, 100.0 * std)
 }
 
-/// The seeds of `just compare`: per seed the KD student and the baseline, then mean ± std of
-/// each and of their paired difference. `None` when there are no seed runs.
+/// One column of the seeds table: a variant (`""` for the plain runs, e.g. `aug`, `views8`) and
+/// a stage.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct Column {
+    variant: String,
+    kd: bool,
+}
+
+impl Column {
+    fn label(&self) -> String {
+        let who = if self.kd { "KD" } else { "baseline" };
+        if self.variant.is_empty() {
+            who.to_string()
+        } else {
+            format!("{who} ({})", self.variant)
+        }
+    }
+}
+
+/// Tags `seed-<n>` and `seed-<n>-<variant>`: the seed and the variant.
+fn seed_tag(tag: &str) -> Option<(u64, String)> {
+    let rest = tag.strip_prefix("seed-")?;
+    let (n, variant) = rest.split_once('-').unwrap_or((rest, ""));
+    Some((n.parse().ok()?, variant.to_string()))
+}
+
+/// The seeds of `just compare`: per seed the test accuracy of every variant's KD student and
+/// baseline, then mean ± std of each column and of the paired differences that matter (KD −
+/// baseline within a variant; between variants, KD against KD). `None` without seed runs.
 pub fn seeds_section(runs: &[Run]) -> Option<(String, serde_json::Value)> {
-    let mut by_seed: BTreeMap<u64, (Option<&Run>, Option<&Run>)> = BTreeMap::new();
+    let mut cells: BTreeMap<u64, BTreeMap<Column, f64>> = BTreeMap::new();
     for r in runs {
-        let Some(seed) = r.tag.strip_prefix("seed-").and_then(|s| s.parse().ok()) else {
+        let Some((seed, variant)) = seed_tag(&r.tag) else {
             continue;
         };
-        let e = by_seed.entry(seed).or_default();
-        if r.stage == STUDENT_KD {
-            e.0 = Some(r);
-        } else {
-            e.1 = Some(r);
-        }
+        let col = Column {
+            variant,
+            kd: r.stage == STUDENT_KD,
+        };
+        cells
+            .entry(seed)
+            .or_default()
+            .insert(col, r.test_accuracy());
     }
-    if by_seed.is_empty() {
+    if cells.is_empty() {
         return None;
     }
-    let mut t = Table::new(&["seed", "KD student", "baseline", "KD − baseline"]);
-    let (mut kd, mut base, mut diff) = (Vec::new(), Vec::new(), Vec::new());
-    for (seed, (k, b)) in &by_seed {
-        let (ka, ba) = (k.map(Run::test_accuracy), b.map(Run::test_accuracy));
-        kd.extend(ka);
-        base.extend(ba);
-        if let (Some(x), Some(y)) = (ka, ba) {
-            diff.push(x - y);
-        }
-        t.row(&[
-            seed.to_string(),
-            ka.map_or("not run".into(), pct),
-            ba.map_or("not run".into(), pct),
-            match (ka, ba) {
-                (Some(x), Some(y)) => format!("{:+.2}", 100.0 * (x - y)),
-                _ => String::new(),
-            },
-        ]);
+    let mut cols: Vec<Column> = cells.values().flat_map(|m| m.keys().cloned()).collect();
+    cols.sort_by(|a, b| (&a.variant, a.kd).cmp(&(&b.variant, b.kd)));
+    cols.dedup();
+    let mut header = vec!["seed".to_string()];
+    header.extend(cols.iter().map(Column::label));
+    let mut t = Table::new(&header);
+    for (seed, row) in &cells {
+        let mut line = vec![seed.to_string()];
+        line.extend(
+            cols.iter()
+                .map(|c| row.get(c).map_or("-".into(), |&a| pct(a))),
+        );
+        t.row(&line);
     }
-    let (kd_ms, base_ms, diff_ms) = (mean_std(&kd), mean_std(&base), mean_std(&diff));
-    t.row(&[
-        format!("mean ± std ({} seeds)", by_seed.len()),
-        pm(kd_ms),
-        pm(base_ms),
-        format!("{:+.2} ± {:.2}", 100.0 * diff_ms.0, 100.0 * diff_ms.1),
-    ]);
+    let column =
+        |c: &Column| -> Vec<f64> { cells.values().filter_map(|m| m.get(c).copied()).collect() };
+    let mut line = vec![format!("mean ± std ({} seeds)", cells.len())];
+    line.extend(cols.iter().map(|c| pm(mean_std(&column(c)))));
+    t.row(&line);
+    // Paired differences, over the seeds that have both.
+    let paired = |a: &Column, b: &Column| -> Vec<f64> {
+        cells
+            .values()
+            .filter_map(|m| Some(m.get(a)? - m.get(b)?))
+            .collect()
+    };
+    let mut pairs: Vec<(Column, Column)> = Vec::new();
+    for c in cols.iter().filter(|c| c.kd) {
+        let base = Column {
+            kd: false,
+            ..c.clone()
+        };
+        if cols.contains(&base) {
+            pairs.push((c.clone(), base));
+        }
+    }
+    let kds: Vec<&Column> = cols.iter().filter(|c| c.kd).collect();
+    for (i, a) in kds.iter().enumerate() {
+        for b in &kds[i + 1..] {
+            pairs.push(((*b).clone(), (*a).clone()));
+        }
+    }
+    let mut d = Table::new(&["difference", "mean ± std (points)", "seeds"]);
+    let mut diffs = serde_json::Map::new();
+    for (a, b) in &pairs {
+        let xs = paired(a, b);
+        if xs.is_empty() {
+            continue;
+        }
+        let (m, s) = mean_std(&xs);
+        let name = format!("{} − {}", a.label(), b.label());
+        d.row(&[
+            name.clone(),
+            format!("{:+.2} ± {:.2}", 100.0 * m, 100.0 * s),
+            xs.len().to_string(),
+        ]);
+        diffs.insert(
+            name,
+            serde_json::json!({ "mean": m, "std": s, "per_seed": xs }),
+        );
+    }
     let md = format!(
         "## Seeds (`just compare`)\n\n\
-         The KD student and the baseline trained from the same knowledge file once per seed; the seed sets \
+         Every column trained once per seed, students from the same knowledge file; the seed sets \
          initialisation, dropout masks, shuffling and augmentation. Test accuracy of each final model (chosen on \
-         validation), in percent; standard deviations are sample standard deviations over seeds.\n\n{}\n",
-        t.to_markdown()
+         validation); standard deviations are sample standard deviations over seeds. Variants: `aug` — the \
+         student trains with augmentation (KD: the single-view knowledge file, whose logits are for the \
+         un-augmented image); `views<K>` — KD from the K-view knowledge file, each augmented input replayed \
+         with the teacher's logits for exactly that view.\n\n{}\n{}\n",
+        t.to_markdown(),
+        d.to_markdown()
     );
     let json = serde_json::json!({
-        "seeds": by_seed.keys().collect::<Vec<_>>(),
-        "kd": { "mean": kd_ms.0, "std": kd_ms.1, "per_seed": kd },
-        "baseline": { "mean": base_ms.0, "std": base_ms.1, "per_seed": base },
-        "kd_minus_baseline": { "mean": diff_ms.0, "std": diff_ms.1 },
+        "seeds": cells.keys().collect::<Vec<_>>(),
+        "columns": cols.iter().map(|c| {
+            let xs = column(c);
+            let (m, s) = mean_std(&xs);
+            (c.label(), serde_json::json!({ "mean": m, "std": s, "per_seed": xs }))
+        }).collect::<serde_json::Map<_, _>>(),
+        "differences": diffs,
     });
     Some((md, json))
 }

@@ -42,18 +42,7 @@ pub struct Args {
 pub const RUNS: &str = "runs";
 
 fn parse_tag(s: &str) -> Result<String, String> {
-    let ok = !s.is_empty()
-        && s.len() <= 100
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || "._-=".contains(c))
-        && !s.starts_with('.');
-    if ok {
-        Ok(s.to_string())
-    } else {
-        Err(format!(
-            "{s:?}: a tag is letters, digits and . _ - = (not starting with a dot), e.g. seed-1"
-        ))
-    }
+    kd_train::stage::check_tag(s).map(String::from)
 }
 
 /// The teacher's logits for every training row and stored view, one `[N * K, C]` tensor per head

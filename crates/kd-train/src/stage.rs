@@ -24,6 +24,22 @@ pub mod layout {
     pub const CLASS_INDICES: &str = "class_indices.json";
 }
 
+/// A run tag (`runs/<tag>/<stage>/`): letters, digits and `. _ - =`, not starting with a dot.
+pub fn check_tag(s: &str) -> Result<&str, String> {
+    let ok = !s.is_empty()
+        && s.len() <= 100
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-=".contains(c))
+        && !s.starts_with('.');
+    if ok {
+        Ok(s)
+    } else {
+        Err(format!(
+            "tag {s:?}: letters, digits and . _ - = only (not starting with a dot), e.g. seed-1"
+        ))
+    }
+}
+
 /// Flags every stage takes.
 #[derive(clap::Args, Debug, Clone)]
 pub struct PipelineArgs {
