@@ -159,8 +159,16 @@ pub fn seeds_section(runs: &[Run]) -> Option<(String, serde_json::Value)> {
             kd: false,
             ..c.clone()
         };
+        // A variant without its own baseline (views<K>) is held against the baseline with the
+        // same augmentation (aug): the fair control.
+        let aug = Column {
+            variant: "aug".into(),
+            kd: false,
+        };
         if cols.contains(&base) {
             pairs.push((c.clone(), base));
+        } else if c.variant.starts_with("views") && cols.contains(&aug) {
+            pairs.push((c.clone(), aug));
         }
     }
     let kds: Vec<&Column> = cols.iter().filter(|c| c.kd).collect();
