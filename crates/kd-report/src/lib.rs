@@ -332,6 +332,8 @@ fn render(
         k["bytes"].as_f64().unwrap_or(0.0) / (1 << 20) as f64,
         100.0 * k["train_accuracy_per_head"]["main"].as_f64().unwrap_or(0.0),
     );
+    md += &runs::knowledge_table(&pipeline.root).to_markdown();
+    md += "\n";
     md += &format!(
         "## Settings\n\nThe resolved pipeline (`pipelines/{}.toml` with any overrides):\n\n```toml\n{}```\n",
         pipeline.name,

@@ -58,6 +58,45 @@ pub fn find(root: &Path) -> Vec<Run> {
     runs
 }
 
+/// Every knowledge file of the pipeline (`knowledge/` and `runs/<tag>/knowledge/`): views, size
+/// and bytes per training image.
+pub fn knowledge_table(root: &Path) -> Table {
+    let mut t = Table::new(&[
+        "knowledge file",
+        "views per image",
+        "size",
+        "bytes per image",
+    ]);
+    let mut dirs = vec![root.join(kd_train::stage::layout::KNOWLEDGE)];
+    if let Ok(tags) = std::fs::read_dir(root.join(RUNS)) {
+        let mut more: Vec<_> = tags
+            .flatten()
+            .map(|e| e.path().join(kd_train::stage::layout::KNOWLEDGE))
+            .filter(|d| d.is_dir())
+            .collect();
+        more.sort();
+        dirs.extend(more);
+    }
+    for dir in dirs {
+        let Ok(m) = Manifest::read(&dir) else {
+            continue;
+        };
+        let bytes = m.metrics["bytes"].as_f64().unwrap_or(0.0);
+        let rows = m.metrics["rows"].as_f64().unwrap_or(1.0).max(1.0);
+        let shown = dir
+            .strip_prefix(root)
+            .unwrap_or(&dir)
+            .join(kd_train::stage::layout::KNOWLEDGE_FILE);
+        t.row(&[
+            format!("`{}`", shown.display()),
+            m.metrics["views"].as_u64().unwrap_or(1).to_string(),
+            format!("{:.1} MiB", bytes / (1 << 20) as f64),
+            format!("{:.0}", bytes / rows),
+        ]);
+    }
+    t
+}
+
 /// Mean and sample standard deviation (0 for one value).
 pub fn mean_std(xs: &[f64]) -> (f64, f64) {
     let n = xs.len() as f64;
