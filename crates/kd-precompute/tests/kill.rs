@@ -14,12 +14,7 @@ const DATA: [&str; 2] = ["--set", "data.train_limit=6000"];
 #[test]
 fn a_killed_shard_task_rerun_gives_the_same_merged_file() {
     let teacher = teacher_root();
-    let whole_root = copy_teacher(teacher.path());
-    ok(precompute(
-        whole_root.path(),
-        &[&DATA[..], &["--no-shard"]].concat(),
-    ));
-    let whole = std::fs::read(knowledge(whole_root.path())).unwrap();
+    let whole = whole_file(teacher.path(), &DATA);
 
     let root = copy_teacher(teacher.path());
     let r = root.path();

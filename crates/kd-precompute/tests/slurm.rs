@@ -138,12 +138,7 @@ fn running_task(array: &str, task: usize, log: &Path, deadline: Instant) -> u32 
 #[ignore = "starts a SLURM cluster; run by `just test-slurm`"]
 fn slurm_array_precompute_equals_one_process_and_survives_a_killed_task() {
     let teacher = teacher_root();
-    let whole_root = copy_teacher(teacher.path());
-    ok(precompute(
-        whole_root.path(),
-        &[&DATA[..], &["--no-shard"]].concat(),
-    ));
-    let whole = std::fs::read(knowledge(whole_root.path())).unwrap();
+    let whole = whole_file(teacher.path(), &DATA);
 
     let cluster = Cluster::start();
 

@@ -88,3 +88,10 @@ pub fn shard(root: &Path, i: usize, n: usize) -> PathBuf {
         "smoke/knowledge/shards/shard-{i:05}-of-{n:05}.safetensors"
     ))
 }
+
+/// The single-process knowledge file's bytes for `teacher`'s checkpoint, with `data` flags.
+pub fn whole_file(teacher: &Path, data: &[&str]) -> Vec<u8> {
+    let root = copy_teacher(teacher);
+    ok(precompute(root.path(), &[data, &["--no-shard"]].concat()));
+    std::fs::read(knowledge(root.path())).unwrap()
+}
