@@ -4,12 +4,17 @@ const N: usize = 4;
 const C: usize = 3;
 
 fn meta() -> Metadata {
+    meta_for(N)
+}
+
+/// Metadata for `rows` rows of 3 classes, heads main and aux1 (shared with the shard tests).
+pub(crate) fn meta_for(rows: usize) -> Metadata {
     Metadata {
         format_version: FORMAT_VERSION,
         dataset: DatasetRef {
             name: "fashion-mnist".into(),
             split: "train".into(),
-            rows: N,
+            rows,
             classes: C,
             fingerprint: "abc".into(),
         },

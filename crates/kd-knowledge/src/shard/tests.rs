@@ -1,34 +1,10 @@
 use super::*;
-use crate::{write, DatasetRef, KnowledgeFile, TeacherRef, Transform, FORMAT_VERSION};
-use kd_data::Normalization;
+use crate::{write, DatasetRef, KnowledgeFile, TeacherRef};
 
 const C: usize = 3;
 
 fn meta(rows: usize) -> Metadata {
-    Metadata {
-        format_version: FORMAT_VERSION,
-        dataset: DatasetRef {
-            name: "fashion-mnist".into(),
-            split: "train".into(),
-            rows,
-            classes: C,
-            fingerprint: "abc".into(),
-        },
-        teacher: TeacherRef {
-            architecture: "googlenet".into(),
-            checkpoint_sha256: "def".into(),
-        },
-        heads: vec!["main".into(), "aux1".into()],
-        transform: Transform {
-            input: [1, 28, 28],
-            normalization: Normalization {
-                mean: vec![0.286],
-                std: vec![0.353],
-            },
-            augmentation: "none".into(),
-        },
-        views: None,
-    }
+    crate::tests::meta_for(rows)
 }
 
 /// Distinct logits for every (head, row, class) and labels for every row.
