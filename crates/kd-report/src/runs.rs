@@ -287,6 +287,19 @@ pub fn sweep_section(runs: &[Run]) -> Option<(String, String, serde_json::Value)
             used.join(" + ")
         )
     };
+    // The chart's legend: short enough for its margin.
+    let short = |r: &Run| {
+        let aux = r.student("head_weights").as_object().is_some_and(|o| {
+            o.iter()
+                .any(|(h, w)| h != "main" && w.as_f64().unwrap_or(0.0) > 0.0)
+        });
+        format!(
+            "{}/{}, {}",
+            r.student("hard_weight"),
+            r.student("soft_weight"),
+            if aux { "main+aux" } else { "main" }
+        )
+    };
     let temperature = |r: &Run| r.student("temperature").as_f64().unwrap_or(f64::NAN);
     let mut lines: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
     let mut t = Table::new(&["T", "setting", "val accuracy", "test accuracy", "tag"]);
@@ -298,7 +311,7 @@ pub fn sweep_section(runs: &[Run]) -> Option<(String, String, serde_json::Value)
     });
     for r in &sorted {
         lines
-            .entry(label(r))
+            .entry(short(r))
             .or_default()
             .push((temperature(r), r.val_accuracy()));
         t.row(&[
@@ -323,7 +336,7 @@ pub fn sweep_section(runs: &[Run]) -> Option<(String, String, serde_json::Value)
         })
         .collect();
     let chart = svg::line_chart(
-        "Distillation sweep: validation accuracy against temperature",
+        "KD sweep: validation accuracy against T (legend: hard/soft, heads)",
         "temperature T",
         "validation accuracy",
         &series,
