@@ -70,6 +70,34 @@ pub struct DatasetRef {
     pub fingerprint: String,
 }
 
+impl DatasetRef {
+    /// The first field in which `self` differs from `expected`: its name, `self`'s value and
+    /// `expected`'s.
+    pub fn first_difference(
+        &self,
+        expected: &DatasetRef,
+    ) -> Option<(&'static str, String, String)> {
+        let (m, e) = (self, expected);
+        [
+            ("dataset.name", m.name.clone(), e.name.clone()),
+            ("dataset.split", m.split.clone(), e.split.clone()),
+            ("dataset.rows", m.rows.to_string(), e.rows.to_string()),
+            (
+                "dataset.classes",
+                m.classes.to_string(),
+                e.classes.to_string(),
+            ),
+            (
+                "dataset.fingerprint",
+                m.fingerprint.clone(),
+                e.fingerprint.clone(),
+            ),
+        ]
+        .into_iter()
+        .find(|(_, found, want)| found != want)
+    }
+}
+
 /// Which teacher produced them.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -519,30 +547,8 @@ impl KnowledgeFile {
 
     /// Refuses a file made for other data, naming the first field that differs.
     pub fn check_dataset(&self, expected: &DatasetRef, labels: &[u32]) -> Result<()> {
-        let m = &self.meta.dataset;
-        let fields: [(&'static str, String, String); 5] = [
-            ("dataset.name", m.name.clone(), expected.name.clone()),
-            ("dataset.split", m.split.clone(), expected.split.clone()),
-            (
-                "dataset.rows",
-                m.rows.to_string(),
-                expected.rows.to_string(),
-            ),
-            (
-                "dataset.classes",
-                m.classes.to_string(),
-                expected.classes.to_string(),
-            ),
-            (
-                "dataset.fingerprint",
-                m.fingerprint.clone(),
-                expected.fingerprint.clone(),
-            ),
-        ];
-        for (field, found, want) in fields {
-            if found != want {
-                return Err(self.mismatch("the dataset", field, found, want));
-            }
+        if let Some((field, found, want)) = self.meta.dataset.first_difference(expected) {
+            return Err(self.mismatch("the dataset", field, found, want));
         }
         let stored = self.labels()?;
         if let Some(i) = stored.iter().zip(labels).position(|(a, b)| a != b) {

@@ -257,13 +257,6 @@ pub enum MergeError {
         index: usize,
         count: usize,
     },
-    #[error("{} holds rows {}..{} and {} holds rows {}..{}: they overlap", a.0.display(), a.1.start, a.1.end, b.0.display(), b.1.start, b.1.end)]
-    Overlap {
-        a: (PathBuf, Range<usize>),
-        b: (PathBuf, Range<usize>),
-    },
-    #[error("rows {}..{} are in no shard", gap.start, gap.end)]
-    Gap { gap: Range<usize> },
     #[error(transparent)]
     Knowledge(#[from] KnowledgeError),
 }
@@ -288,7 +281,7 @@ fn files(dir: &Path, missing: &[usize], count: usize) -> String {
 }
 
 /// Checks that `shards` (all from `dir`) are the `count` shards of the knowledge described by
-/// `expected`, cut with `batch_size`, covering every row exactly once; returns the concatenated
+/// `expected`, cut with `batch_size` (so together they cover every row exactly once); returns the concatenated
 /// logits (one buffer per head) and labels, in row order.
 pub fn merge(
     dir: &Path,
@@ -312,32 +305,10 @@ pub fn merge(
             expected: want,
         };
         let e = expected;
-        let fields: [(&'static str, String, String); 9] = [
-            (
-                "dataset.name",
-                k.dataset.name.clone(),
-                e.dataset.name.clone(),
-            ),
-            (
-                "dataset.split",
-                k.dataset.split.clone(),
-                e.dataset.split.clone(),
-            ),
-            (
-                "dataset.rows",
-                k.dataset.rows.to_string(),
-                e.dataset.rows.to_string(),
-            ),
-            (
-                "dataset.classes",
-                k.dataset.classes.to_string(),
-                e.dataset.classes.to_string(),
-            ),
-            (
-                "dataset.fingerprint",
-                k.dataset.fingerprint.clone(),
-                e.dataset.fingerprint.clone(),
-            ),
+        if let Some((field, found, want)) = k.dataset.first_difference(&e.dataset) {
+            return Err(mismatch(field, found, want));
+        }
+        let fields: [(&'static str, String, String); 4] = [
             (
                 "teacher.architecture",
                 k.teacher.architecture.clone(),
@@ -414,33 +385,9 @@ pub fn merge(
             count,
         });
     }
-    // Every row exactly once: with the ranges checked above this holds by construction; it is
-    // checked again here on the ranges themselves, so a change to the cutting cannot slip by.
-    let mut sorted: Vec<&Shard> = shards.iter().collect();
-    sorted.sort_by_key(|s| (s.meta.start, s.meta.end));
-    let mut next = 0;
-    let mut last: Option<&Shard> = None;
-    for s in &sorted {
-        let (start, end) = (s.meta.start, s.meta.end);
-        if start > next {
-            return Err(MergeError::Gap { gap: next..start });
-        }
-        if start < next {
-            if let Some(prev) = last {
-                return Err(MergeError::Overlap {
-                    a: (prev.path.clone(), prev.meta.start..prev.meta.end),
-                    b: (s.path.clone(), start..end),
-                });
-            }
-        }
-        next = next.max(end);
-        if end > start {
-            last = Some(s);
-        }
-    }
-    if next < rows {
-        return Err(MergeError::Gap { gap: next..rows });
-    }
+    // Every shard holds exactly the rows its index and count give (checked above), each index
+    // is there once, and the ranges of indices 0..count tile 0..rows: every row exactly once.
+    let sorted: Vec<&Shard> = by_index.into_iter().flatten().collect();
     let c = expected.dataset.classes;
     let mut logits = vec![Vec::with_capacity(rows * c); expected.heads.len()];
     let mut labels = Vec::with_capacity(rows);
