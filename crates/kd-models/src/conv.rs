@@ -18,7 +18,8 @@ use crate::layers::{inits, InitScheme};
 #[derive(Debug, Clone)]
 pub struct Conv {
     weight: Tensor,
-    bias: Tensor,
+    /// None when a BatchNorm follows (its shift makes a bias redundant).
+    bias: Option<Tensor>,
     geometry: Im2Col,
     cout: usize,
 }
@@ -34,10 +35,26 @@ impl Conv {
         scheme: InitScheme,
         vb: VarBuilder,
     ) -> Result<Self> {
-        let (wi, bi) = inits(scheme, cin * kernel * kernel, true);
+        let mut conv = Self::without_bias(cin, cout, kernel, stride, padding, scheme, vb.clone())?;
+        let (_, bi) = inits(scheme, cin * kernel * kernel, true);
+        conv.bias = Some(vb.get_with_hints(cout, "bias", bi)?);
+        Ok(conv)
+    }
+
+    /// The same convolution with no bias: `weight [c_out, c_in, k, k]` only.
+    pub fn without_bias(
+        cin: usize,
+        cout: usize,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+        scheme: InitScheme,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let (wi, _) = inits(scheme, cin * kernel * kernel, true);
         Ok(Self {
             weight: vb.get_with_hints((cout, cin, kernel, kernel), "weight", wi)?,
-            bias: vb.get_with_hints(cout, "bias", bi)?,
+            bias: None,
             geometry: Im2Col {
                 kernel,
                 stride,
@@ -50,18 +67,23 @@ impl Conv {
     /// `[c_in, batch, h, w]` → `[c_out, batch, oh, ow]`.
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let (z, dims) = self.matmul(xs)?;
-        z.broadcast_add(&self.bias.reshape((self.cout, 1))?)?
-            .reshape(dims)
+        match &self.bias {
+            Some(b) => z.broadcast_add(&b.reshape((self.cout, 1))?)?.reshape(dims),
+            None => z.reshape(dims),
+        }
     }
 
     /// `relu(conv(x) + bias)` with the bias and ReLU fused into one pass (and one in backward).
     pub fn forward_relu(&self, xs: &Tensor) -> Result<Tensor> {
         let (z, dims) = self.matmul(xs)?;
-        z.apply_op2(&self.bias, BiasRelu)?.reshape(dims)
+        match &self.bias {
+            Some(b) => z.apply_op2(b, BiasRelu)?.reshape(dims),
+            None => z.relu()?.reshape(dims),
+        }
     }
 
     /// `W · im2col(x)` as `[c_out, batch·oh·ow]`, and the output's 4-D shape.
-    fn matmul(&self, xs: &Tensor) -> Result<(Tensor, (usize, usize, usize, usize))> {
+    pub(crate) fn matmul(&self, xs: &Tensor) -> Result<(Tensor, (usize, usize, usize, usize))> {
         let (cin, b, h, w) = xs.dims4()?;
         let Im2Col {
             kernel,
@@ -214,7 +236,7 @@ impl Col2Im {
     }
 }
 
-fn contiguous<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
+pub(crate) fn contiguous<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
     match l.contiguous_offsets() {
         Some((start, end)) => Ok(&s.as_slice::<T>()?[start..end]),
         None => candle_core::bail!("im2col expects a contiguous input"),
@@ -390,11 +412,12 @@ pub fn swap_batch_and_channels(xs: &Tensor) -> Result<Tensor> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use candle_core::{DType, Device, Var};
 
-    fn rand(shape: &[usize], seed: u64) -> Vec<f64> {
+    /// Deterministic values in [-1, 1).
+    pub(crate) fn rand(shape: &[usize], seed: u64) -> Vec<f64> {
         let n: usize = shape.iter().product();
         let mut s = seed;
         (0..n)
@@ -407,7 +430,8 @@ mod tests {
             .collect()
     }
 
-    fn max_rel_diff(a: &Tensor, b: &Tensor) -> f64 {
+    /// Largest absolute difference relative to the largest magnitude of `b`.
+    pub(crate) fn max_rel_diff(a: &Tensor, b: &Tensor) -> f64 {
         let a = a.flatten_all().unwrap().to_vec1::<f64>().unwrap();
         let b = b.flatten_all().unwrap().to_vec1::<f64>().unwrap();
         let scale = b.iter().fold(0f64, |m, x| m.max(x.abs())).max(1e-12);
@@ -443,7 +467,7 @@ mod tests {
             let bias = Var::from_vec(rand(&[cout], 200 + i as u64), cout, &dev).unwrap();
             let conv = Conv {
                 weight: wt.as_tensor().clone(),
-                bias: bias.as_tensor().clone(),
+                bias: Some(bias.as_tensor().clone()),
                 geometry: Im2Col {
                     kernel: k,
                     stride: s,
@@ -503,7 +527,7 @@ mod tests {
             .unwrap();
         let conv = Conv {
             weight: wt.clone(),
-            bias: Tensor::zeros(4, DType::F32, &dev).unwrap(),
+            bias: Some(Tensor::zeros(4, DType::F32, &dev).unwrap()),
             geometry: Im2Col {
                 kernel: 3,
                 stride: 1,

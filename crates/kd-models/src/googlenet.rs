@@ -1,8 +1,10 @@
 //! GoogLeNet (Szegedy et al., 2015, "Going deeper with convolutions") with its two auxiliary
 //! classifiers, as the seed article builds it (conv + ReLU blocks, no BatchNorm).
 //!
-//! Two configurations: `googlenet`, the seed's network with channels / 4 and a small-input stem
-//! for 28×28 images, and `googlenet-224`, the seed's network unchanged for 224×224 photos.
+//! Configurations: `googlenet`, the seed's network with channels / 4 and a small-input stem
+//! for 28×28 images; `googlenet-bn`, the same with torchvision's BatchNorm blocks (conv without
+//! bias → BatchNorm → ReLU), which trains to a clearly better teacher; and `googlenet-224`, the
+//! seed's network unchanged for 224×224 photos.
 //! Tensor names follow the PyTorch state dict (`inception3a.branch2.1.conv.weight`, ...).
 
 use crate::conv::swap_batch_and_channels;
@@ -31,6 +33,8 @@ pub struct GoogLeNetConfig {
     pub aux_hidden: usize,
     /// Spatial size after the aux pool (its flattened length is `aux_conv * aux_spatial²`).
     pub aux_spatial: usize,
+    /// BatchNorm after every convolution (torchvision's `BasicConv2d`).
+    pub batch_norm: bool,
 }
 
 impl GoogLeNetConfig {
@@ -54,6 +58,15 @@ impl GoogLeNetConfig {
             aux_conv: 32,
             aux_hidden: 256,
             aux_spatial: 3,
+            batch_norm: false,
+        }
+    }
+
+    /// `googlenet-bn`: [`Self::small`] with BatchNorm after every convolution.
+    pub fn small_bn() -> Self {
+        Self {
+            batch_norm: true,
+            ..Self::small()
         }
     }
 
@@ -77,6 +90,7 @@ impl GoogLeNetConfig {
             aux_conv: 128,
             aux_hidden: 1024,
             aux_spatial: 4,
+            batch_norm: false,
         }
     }
 }
@@ -95,30 +109,33 @@ struct Inception {
 }
 
 impl Inception {
-    fn new(cin: usize, c: InceptionChannels, vb: VarBuilder) -> Result<Self> {
+    fn new(cin: usize, c: InceptionChannels, bn: bool, vb: VarBuilder) -> Result<Self> {
         let (c1, c3r, c3, c5r, c5, pp) = c;
         Ok(Self {
-            branch1: BasicConv::new(cin, c1, 1, 1, 0, vb.pp("branch1"))?,
+            branch1: BasicConv::new(cin, c1, (1, 1, 0), bn, vb.pp("branch1"))?,
             branch2: [
-                BasicConv::new(cin, c3r, 1, 1, 0, vb.pp("branch2.0"))?,
-                BasicConv::new(c3r, c3, 3, 1, 1, vb.pp("branch2.1"))?,
+                BasicConv::new(cin, c3r, (1, 1, 0), bn, vb.pp("branch2.0"))?,
+                BasicConv::new(c3r, c3, (3, 1, 1), bn, vb.pp("branch2.1"))?,
             ],
             branch3: [
-                BasicConv::new(cin, c5r, 1, 1, 0, vb.pp("branch3.0"))?,
-                BasicConv::new(c5r, c5, 5, 1, 2, vb.pp("branch3.1"))?,
+                BasicConv::new(cin, c5r, (1, 1, 0), bn, vb.pp("branch3.0"))?,
+                BasicConv::new(c5r, c5, (5, 1, 2), bn, vb.pp("branch3.1"))?,
             ],
-            branch4: BasicConv::new(cin, pp, 1, 1, 0, vb.pp("branch4.1"))?,
+            branch4: BasicConv::new(cin, pp, (1, 1, 0), bn, vb.pp("branch4.1"))?,
         })
     }
 
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let b1 = xs.apply(&self.branch1)?;
-        let b2 = xs.apply(&self.branch2[0])?.apply(&self.branch2[1])?;
-        let b3 = xs.apply(&self.branch3[0])?.apply(&self.branch3[1])?;
-        let b4 = Pool2d::max(3, 1)
-            .padding(1)
-            .forward(xs)?
-            .apply(&self.branch4)?;
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        let chain = |convs: &[BasicConv], xs: &Tensor| -> Result<Tensor> {
+            convs
+                .iter()
+                .try_fold(xs.clone(), |xs, conv| conv.forward_t(&xs, train))
+        };
+        let b1 = chain(std::slice::from_ref(&self.branch1), xs)?;
+        let b2 = chain(&self.branch2, xs)?;
+        let b3 = chain(&self.branch3, xs)?;
+        let pooled = Pool2d::max(3, 1).padding(1).forward(xs)?;
+        let b4 = chain(std::slice::from_ref(&self.branch4), &pooled)?;
         Tensor::cat(&[b1, b2, b3, b4], 0)
     }
 }
@@ -142,9 +159,10 @@ impl AuxHead {
         vb: VarBuilder,
     ) -> Result<Self> {
         let flat = cfg.aux_conv * cfg.aux_spatial * cfg.aux_spatial;
+        let bn = cfg.batch_norm;
         Ok(Self {
             pool: Pool2d::avg(cfg.aux_pool.0, cfg.aux_pool.1),
-            conv: BasicConv::new(cin, cfg.aux_conv, 1, 1, 0, vb.pp("conv"))?,
+            conv: BasicConv::new(cin, cfg.aux_conv, (1, 1, 0), bn, vb.pp("conv"))?,
             fc1: linear(flat, cfg.aux_hidden, InitScheme::Seed, vb.pp("fc1"))?,
             fc2: linear(cfg.aux_hidden, classes, InitScheme::Seed, vb.pp("fc2"))?,
             dropout: Dropout::new(0.5, rng),
@@ -153,7 +171,7 @@ impl AuxHead {
 
     /// `[c, batch, h, w]` → logits `[batch, classes]`.
     fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
-        let xs = self.pool.forward(xs)?.apply(&self.conv)?;
+        let xs = self.conv.forward_t(&self.pool.forward(xs)?, train)?;
         // Flatten in PyTorch's (channel, y, x) order.
         let xs = swap_batch_and_channels(&xs)?.flatten_from(1)?;
         let xs = self
@@ -197,23 +215,24 @@ impl GoogLeNet {
         vb: VarBuilder,
     ) -> Result<Self> {
         let (s1, s2, s3) = cfg.stem;
+        let bn = cfg.batch_norm;
         let stem = if cfg.imagenet_stem {
             vec![
-                BasicConv::new(spec.channels, s1, 7, 2, 3, vb.pp("conv1"))?,
-                BasicConv::new(s1, s2, 1, 1, 0, vb.pp("conv2"))?,
-                BasicConv::new(s2, s3, 3, 1, 1, vb.pp("conv3"))?,
+                BasicConv::new(spec.channels, s1, (7, 2, 3), bn, vb.pp("conv1"))?,
+                BasicConv::new(s1, s2, (1, 1, 0), bn, vb.pp("conv2"))?,
+                BasicConv::new(s2, s3, (3, 1, 1), bn, vb.pp("conv3"))?,
             ]
         } else {
             vec![
-                BasicConv::new(spec.channels, s1, 3, 1, 1, vb.pp("conv1"))?,
-                BasicConv::new(s1, s2, 1, 1, 0, vb.pp("conv2"))?,
-                BasicConv::new(s2, s3, 3, 1, 1, vb.pp("conv3"))?,
+                BasicConv::new(spec.channels, s1, (3, 1, 1), bn, vb.pp("conv1"))?,
+                BasicConv::new(s1, s2, (1, 1, 0), bn, vb.pp("conv2"))?,
+                BasicConv::new(s2, s3, (3, 1, 1), bn, vb.pp("conv3"))?,
             ]
         };
         let mut blocks = Vec::with_capacity(9);
         let mut cin = s3;
         for (c, name) in cfg.blocks.iter().zip(BLOCK_NAMES) {
-            blocks.push(Inception::new(cin, *c, vb.pp(name))?);
+            blocks.push(Inception::new(cin, *c, bn, vb.pp(name))?);
             cin = out_channels(c);
         }
         let aux1_in = out_channels(&cfg.blocks[2]);
@@ -242,14 +261,15 @@ impl Classifier for GoogLeNet {
     fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Vec<Tensor>> {
         let pool = Pool2d::max(3, 2).ceil();
         // Channels-first inside the network: see `conv`.
-        let mut xs = swap_batch_and_channels(xs)?.apply(&self.stem[0])?;
+        let mut xs = self.stem[0].forward_t(&swap_batch_and_channels(xs)?, train)?;
         if self.imagenet_stem {
             xs = pool.forward(&xs)?;
         }
-        xs = pool.forward(&xs.apply(&self.stem[1])?.apply(&self.stem[2])?)?;
+        xs = self.stem[1].forward_t(&xs, train)?;
+        xs = pool.forward(&self.stem[2].forward_t(&xs, train)?)?;
         let mut aux = Vec::with_capacity(2);
         for (i, block) in self.blocks.iter().enumerate() {
-            xs = block.forward(&xs)?;
+            xs = block.forward_t(&xs, train)?;
             match i {
                 1 | 6 => xs = pool.forward(&xs)?,
                 2 => aux.push(self.aux1.forward_t(&xs, train)?),

@@ -1,6 +1,7 @@
 //! Building blocks: convolutions and linear layers with an explicit initialisation scheme.
 
 use crate::conv::Conv;
+use crate::norm::BatchNormRelu;
 use candle_core::{Result, Tensor};
 use candle_nn::init::{FanInOut, NonLinearity, NormalOrUniform};
 use candle_nn::{Init, Linear, Module, VarBuilder};
@@ -70,37 +71,51 @@ pub fn linear(cin: usize, cout: usize, scheme: InitScheme, vb: VarBuilder) -> Re
     })
 }
 
-/// Conv2d followed by ReLU: the seed's `BasicConv2d` (no BatchNorm), on `[c, batch, h, w]`.
+/// Conv2d followed by ReLU, on `[c, batch, h, w]`: the seed's `BasicConv2d` (no BatchNorm),
+/// or with `batch_norm` torchvision's (conv without bias → BatchNorm → ReLU).
 #[derive(Debug, Clone)]
 pub struct BasicConv {
     conv: Conv,
+    norm: Option<BatchNormRelu>,
 }
 
 impl BasicConv {
     pub fn new(
         cin: usize,
         cout: usize,
-        kernel: usize,
-        stride: usize,
-        padding: usize,
+        (kernel, stride, padding): (usize, usize, usize),
+        batch_norm: bool,
         vb: VarBuilder,
     ) -> Result<Self> {
-        Ok(Self {
-            conv: Conv::new(
-                cin,
-                cout,
-                kernel,
-                stride,
-                padding,
-                InitScheme::Seed,
-                vb.pp("conv"),
-            )?,
-        })
+        type Make = fn(usize, usize, usize, usize, usize, InitScheme, VarBuilder) -> Result<Conv>;
+        let make: Make = if batch_norm {
+            Conv::without_bias
+        } else {
+            Conv::new
+        };
+        let conv = make(
+            cin,
+            cout,
+            kernel,
+            stride,
+            padding,
+            InitScheme::Seed,
+            vb.pp("conv"),
+        )?;
+        let norm = batch_norm
+            .then(|| BatchNormRelu::new(cout, vb.pp("bn")))
+            .transpose()?;
+        Ok(Self { conv, norm })
     }
-}
 
-impl Module for BasicConv {
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        self.conv.forward_relu(xs)
+    /// Dropout-free, but BatchNorm uses batch statistics only when `train` is true.
+    pub fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        match &self.norm {
+            None => self.conv.forward_relu(xs),
+            Some(bn) => {
+                let (z, dims) = self.conv.matmul(xs)?;
+                bn.forward_t(&z, train)?.reshape(dims)
+            }
+        }
     }
 }

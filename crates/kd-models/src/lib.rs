@@ -3,6 +3,7 @@
 //! | name | what | parameters |
 //! |---|---|---|
 //! | `googlenet` | the seed's GoogLeNet, channels / 4, 28×28 input, aux heads | 538,330 (10 classes) |
+//! | `googlenet-bn` | `googlenet` with BatchNorm after every convolution (torchvision's blocks) | 540,214 (10 classes) |
 //! | `googlenet-224` | the seed's GoogLeNet at 224×224, aux heads | 10,318,655 (5 classes) |
 //! | `student-cnn` | the seed's student adapted to 28×28 | 20,490 (10 classes) |
 //! | `student-seed` | the seed's `Studentmodel` at 224×224 | 41,029 (5 classes) |
@@ -12,6 +13,7 @@ pub mod googlenet;
 pub mod init;
 pub mod layers;
 pub mod macs;
+pub mod norm;
 pub mod pool;
 pub mod student;
 
@@ -41,7 +43,13 @@ pub struct InputSpec {
 }
 
 /// The architectures this crate builds, by name.
-pub const ARCHITECTURES: [&str; 4] = ["googlenet", "googlenet-224", "student-cnn", "student-seed"];
+pub const ARCHITECTURES: [&str; 5] = [
+    "googlenet",
+    "googlenet-bn",
+    "googlenet-224",
+    "student-cnn",
+    "student-seed",
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -66,6 +74,7 @@ pub fn build(
     use student::{StudentCnn, StudentConfig};
     Ok(match arch {
         "googlenet" => Box::new(GoogLeNet::new(&GoogLeNetConfig::small(), spec, rng, vb)?),
+        "googlenet-bn" => Box::new(GoogLeNet::new(&GoogLeNetConfig::small_bn(), spec, rng, vb)?),
         "googlenet-224" => Box::new(GoogLeNet::new(&GoogLeNetConfig::imagenet(), spec, rng, vb)?),
         "student-cnn" => Box::new(StudentCnn::new(&StudentConfig::small(), spec, rng, vb)?),
         "student-seed" => Box::new(StudentCnn::new(&StudentConfig::seed(), spec, rng, vb)?),
@@ -76,7 +85,7 @@ pub fn build(
 /// The heads `arch` returns, in order, without building it.
 pub fn heads(arch: &str) -> Result<&'static [&'static str]> {
     match arch {
-        "googlenet" | "googlenet-224" => Ok(googlenet::GoogLeNet::HEADS),
+        "googlenet" | "googlenet-bn" | "googlenet-224" => Ok(googlenet::GoogLeNet::HEADS),
         "student-cnn" | "student-seed" => Ok(student::StudentCnn::HEADS),
         other => Err(ModelError::UnknownArchitecture(other.to_string())),
     }
@@ -103,8 +112,14 @@ impl Trainable {
         })
     }
 
+    /// Trained parameters (BatchNorm's running statistics are stored but not counted, as in
+    /// PyTorch).
     pub fn num_parameters(&self) -> usize {
-        self.named_tensors().values().map(|t| t.elem_count()).sum()
+        self.named_tensors()
+            .iter()
+            .filter(|(name, _)| !norm::is_buffer(name))
+            .map(|(_, t)| t.elem_count())
+            .sum()
     }
 
     /// The current weights by name (what a checkpoint stores).
@@ -205,6 +220,8 @@ mod tests {
     fn parameter_counts_match_the_reference() {
         // ../shared/reference/MODELS.md (counted in PyTorch).
         assert_eq!(num_parameters("googlenet", &FASHION).unwrap(), 538_330);
+        // PYTORCH-REFERENCE.md: the BatchNorm teacher (torchvision's BasicConv2d blocks).
+        assert_eq!(num_parameters("googlenet-bn", &FASHION).unwrap(), 540_214);
         assert_eq!(num_parameters("student-cnn", &FASHION).unwrap(), 20_490);
         assert_eq!(
             num_parameters("googlenet-224", &FLOWERS).unwrap(),
