@@ -51,18 +51,19 @@ precompute-slurm n='3' name='fashion-mnist' *args='': build
     KD_BIN="{{bin}}" deploy/slurm/submit.sh --wait {{n}} "$pipeline" artifacts -- {{args}}
     {{bin}}/kd-precompute verify --pipeline "$pipeline" {{args}}
 
-# KD student and baseline once per seed from the same knowledge file, mean ± std in the report (`just compare [NAME] seeds=3 [views=8] [FLAGS]`; views=K adds augmented students: single-view KD, K-view KD, augmented baseline)
+# KD student and baseline once per seed from the same knowledge file, mean ± std in the report (`just compare [NAME] seeds=3 [views=8] [storage="f16 top3 top3-f16"] [FLAGS]`; views=K adds augmented students: single-view KD, K-view KD, augmented baseline; storage adds KD students from compact knowledge files)
 [group('experiments')]
 [positional-arguments]
 compare *args='': data build
     #!/usr/bin/env bash
     set -euo pipefail
-    name=fashion-mnist; seeds=3; views=1; flags=()
+    name=fashion-mnist; seeds=3; views=1; storage=""; flags=()
     if [ $# -gt 0 ] && [[ $1 != -* ]] && [[ $1 != *=* ]]; then name=$1; shift; fi
     for a in "$@"; do
         case "$a" in
         seeds=*) seeds="${a#seeds=}" ;;
         views=*) views="${a#views=}" ;;
+        storage=*) storage="${a#storage=}" ;;
         *) flags+=("$a") ;;
         esac
     done
@@ -71,6 +72,16 @@ compare *args='': data build
     if [ "$views" -gt 1 ]; then
         {{bin}}/kd-precompute --pipeline "$p" --views "$views" --tag "views-$views"
     fi
+    # Compact knowledge files: f16, top<K>, top<K>-f16 (each under runs/storage-<s>/).
+    for st in $storage; do
+        case "$st" in
+        f16) opts=(--dtype f16) ;;
+        top*-f16) k="${st#top}"; opts=(--top-k "${k%-f16}" --dtype f16) ;;
+        top*) opts=(--top-k "${st#top}") ;;
+        *) echo "storage: f16, top<K> or top<K>-f16, not $st" >&2; exit 2 ;;
+        esac
+        {{bin}}/kd-precompute --pipeline "$p" "${opts[@]}" --tag "storage-$st"
+    done
     aug=(--set student.augment=true)
     for s in $(seq 0 $((seeds - 1))); do
         {{bin}}/kd-student --pipeline "$p" --seed "$s" --tag "seed-$s" "${flags[@]}"
@@ -81,6 +92,10 @@ compare *args='': data build
             {{bin}}/kd-student --pipeline "$p" --seed "$s" --tag "seed-$s-views$views" "${aug[@]}" \
                 --knowledge "artifacts/$name/runs/views-$views/knowledge/soft-targets.safetensors" "${flags[@]}"
         fi
+        for st in $storage; do
+            {{bin}}/kd-student --pipeline "$p" --seed "$s" --tag "seed-$s-$st" \
+                --knowledge "artifacts/$name/runs/storage-$st/knowledge/soft-targets.safetensors" "${flags[@]}"
+        done
     done
     {{bin}}/kd-report --pipeline "$p"
 

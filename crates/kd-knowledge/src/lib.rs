@@ -18,8 +18,16 @@
 //! - metadata `views`: `{count, augment, seed}` — K, the augmentation that drew them, its seed.
 //!
 //! Version 1 files (one view) are read as before.
+//!
+//! Compact storage (either version, metadata `storage`, see [`compact`]): logits in f16
+//! (`{"dtype": "f16"}`), and/or only the top k per row (`{"dtype": …, "top_k": k}`: `logits.<head>`
+//! holds the k largest, `classes.<head>` `[…, k]` u16 their classes, `rest.<head>` one logit for
+//! every other class). Readers get full `[…, C]` f32 rows back either way.
+
+pub mod compact;
 
 use candle_core::{Device, Tensor};
+pub use compact::{LogitDtype, LogitStorage};
 use kd_data::Normalization;
 use safetensors::tensor::{Dtype, TensorView};
 use safetensors::SafeTensors;
@@ -128,6 +136,9 @@ pub struct Metadata {
     /// Several views per row (format version 2); absent in version 1 files.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub views: Option<ViewsMeta>,
+    /// Compact logits (f16, top-k); absent: full f32 rows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage: Option<LogitStorage>,
 }
 
 /// The stored views of a version 2 file.
@@ -147,6 +158,29 @@ impl Metadata {
     pub fn view_count(&self) -> usize {
         self.views.as_ref().map_or(1, |v| v.count)
     }
+
+    /// How the logits are stored (full f32 rows when the file does not say).
+    pub fn storage(&self) -> LogitStorage {
+        self.storage.unwrap_or_default()
+    }
+
+    /// A top-k needs 1 ≤ k < C (and C small enough for u16 classes); full f32 is written by
+    /// leaving `storage` out.
+    fn check_storage(&self) -> std::result::Result<(), String> {
+        let c = self.dataset.classes;
+        match self.storage {
+            Some(s) if s.is_full_f32() => {
+                Err("full f32 storage is written by leaving `storage` out".into())
+            }
+            Some(LogitStorage {
+                top_k: Some(k), ..
+            }) if k == 0 || k >= c || c > 1 << 16 => Err(format!(
+                "top_k {k} is not between 1 and {} (classes - 1) or there are more than 65,536 classes",
+                c.saturating_sub(1)
+            )),
+            _ => Ok(()),
+        }
+    }
 }
 
 pub use kd_data::files::canonical_json;
@@ -162,17 +196,10 @@ pub fn write(path: &Path, meta: &Metadata, logits: &[Vec<f32>], labels: &[u32]) 
     }
     let (n, c) = (meta.dataset.rows, meta.dataset.classes);
     check_buffers(path, &meta.heads, n, c, logits, labels)?;
+    meta.check_storage().map_err(|m| invalid(path, m))?;
     let json = serde_json::to_value(meta).map_err(|e| invalid(path, e.to_string()))?;
-    serialize(
-        path,
-        METADATA_KEY,
-        &json,
-        &meta.heads,
-        vec![n, c],
-        logits,
-        labels,
-        None,
-    )
+    let tensors = head_tensors(&meta.storage(), &meta.heads, &[n], c, logits);
+    serialize(path, METADATA_KEY, &json, tensors, labels)
 }
 
 /// Writes a multi-view knowledge file (format version 2) atomically: `logits` holds one
@@ -203,24 +230,32 @@ pub fn write_views(
     }
     // Per row: K views of C logits.
     check_buffers(path, &meta.heads, n, k * c, logits, labels)?;
+    meta.check_storage().map_err(|m| invalid(path, m))?;
     let ints: Vec<i32> = views.iter().flat_map(|v| v.to_ints()).collect();
-    let extra = (
+    let mut tensors = head_tensors(&meta.storage(), &meta.heads, &[n, k], c, logits);
+    tensors.push((
         VIEWS.to_string(),
         vec![n, k, 5],
         Dtype::I32,
         ints.iter().flat_map(|x| x.to_le_bytes()).collect(),
-    );
+    ));
     let json = serde_json::to_value(meta).map_err(|e| invalid(path, e.to_string()))?;
-    serialize(
-        path,
-        METADATA_KEY,
-        &json,
-        &meta.heads,
-        vec![n, k, c],
-        logits,
-        labels,
-        Some(extra),
-    )
+    serialize(path, METADATA_KEY, &json, tensors, labels)
+}
+
+/// Every head's tensors as `storage` stores them; `lead` is the shape before the class axis.
+fn head_tensors(
+    storage: &LogitStorage,
+    heads: &[String],
+    lead: &[usize],
+    classes: usize,
+    logits: &[Vec<f32>],
+) -> Vec<compact::Buffer> {
+    heads
+        .iter()
+        .zip(logits)
+        .flat_map(|(h, l)| compact::encode(storage, h, lead, classes, l))
+        .collect()
 }
 
 fn invalid(path: &Path, message: String) -> KnowledgeError {
@@ -253,28 +288,22 @@ fn check_buffers(
     Ok(())
 }
 
-/// The tensors of a knowledge file or shard (`logits.<head>` `[n, c]` f32, `labels` `[n]` u32) and
-/// one metadata entry, serialised and written atomically. The same inputs always give the same bytes.
-#[allow(clippy::too_many_arguments)]
+/// A knowledge file's or shard's tensors plus `labels` (`[n]` u32) and one metadata entry,
+/// serialised and written atomically. The same inputs always give the same bytes.
 fn serialize(
     path: &Path,
     key: &str,
     json: &serde_json::Value,
-    heads: &[String],
-    head_shape: Vec<usize>,
-    logits: &[Vec<f32>],
+    mut tensors: Vec<compact::Buffer>,
     labels: &[u32],
-    extra: Option<(String, Vec<usize>, Dtype, Vec<u8>)>,
 ) -> Result<()> {
-    let n = head_shape.first().copied().unwrap_or(0);
-    let mut buffers: Vec<(String, Vec<usize>, Dtype, Vec<u8>)> = heads
-        .iter()
-        .zip(logits)
-        .map(|(h, l)| (logits_name(h), head_shape.clone(), Dtype::F32, f32_bytes(l)))
-        .collect();
-    buffers.push((LABELS.into(), vec![n], Dtype::U32, u32_bytes(labels)));
-    buffers.extend(extra);
-    let views = buffers
+    tensors.push((
+        LABELS.into(),
+        vec![labels.len()],
+        Dtype::U32,
+        u32_bytes(labels),
+    ));
+    let views = tensors
         .iter()
         .map(|(name, shape, dtype, bytes)| {
             Ok((name.clone(), TensorView::new(*dtype, shape.clone(), bytes)?))
@@ -296,41 +325,19 @@ fn u32_bytes(xs: &[u32]) -> Vec<u8> {
     xs.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
-/// Checks every head's logits (`[n, c]` f32, finite) and the labels (`[n]` u32, below `c`).
+/// Checks every head's logits (`lead` + `[C]` f32 and finite, or as `storage` stores them) and
+/// the labels (`[n]` u32, below `c`).
 fn check_tensors(
     path: &Path,
     st: &SafeTensors<'_>,
     heads: &[String],
-    head_shape: &[usize],
+    storage: &LogitStorage,
+    lead: &[usize],
+    c: usize,
 ) -> Result<()> {
-    let n = head_shape.first().copied().unwrap_or(0);
-    let c = head_shape.last().copied().unwrap_or(1).max(1);
-    let per_row: usize = head_shape[1..].iter().product::<usize>().max(1);
+    let n = lead.first().copied().unwrap_or(0);
     for head in heads {
-        let name = logits_name(head);
-        let t = st
-            .tensor(&name)
-            .map_err(|_| invalid(path, format!("head {head:?} has no tensor {name}")))?;
-        if t.dtype() != Dtype::F32 || t.shape() != head_shape {
-            return Err(invalid(
-                path,
-                format!(
-                    "{name} is {:?} {:?}, expected F32 {head_shape:?}",
-                    t.dtype(),
-                    t.shape()
-                ),
-            ));
-        }
-        if let Some(i) = f32s(t.data()).position(|x| !x.is_finite()) {
-            return Err(invalid(
-                path,
-                format!(
-                    "{name} has a non-finite logit at row {}, class {}",
-                    i / per_row,
-                    i % c
-                ),
-            ));
-        }
+        compact::check(path, st, storage, head, lead, c)?;
     }
     let labels = st
         .tensor(LABELS)
@@ -440,10 +447,13 @@ impl KnowledgeFile {
         let meta: Metadata =
             serde_json::from_str(json).map_err(|e| invalid(format!("bad metadata: {e}")))?;
         let (n, c) = (meta.dataset.rows, meta.dataset.classes);
+        meta.check_storage()
+            .map_err(|m| invalid(format!("storage: {m}")))?;
+        let storage = meta.storage();
         match (&meta.views, meta.format_version) {
-            (None, FORMAT_VERSION) => check_tensors(path, &st, &meta.heads, &[n, c])?,
+            (None, FORMAT_VERSION) => check_tensors(path, &st, &meta.heads, &storage, &[n], c)?,
             (Some(v), FORMAT_VERSION_VIEWS) if v.count >= 2 => {
-                check_tensors(path, &st, &meta.heads, &[n, v.count, c])?;
+                check_tensors(path, &st, &meta.heads, &storage, &[n, v.count], c)?;
                 let t = st
                     .tensor(VIEWS)
                     .map_err(|_| invalid(format!("no `{VIEWS}` tensor")))?;
@@ -505,9 +515,13 @@ impl KnowledgeFile {
                 ),
             });
         }
-        let v = self.view(&logits_name(head))?;
-        let data: Vec<f32> = f32s(v.data()).collect();
         let (n, c) = (self.meta.dataset.rows, self.meta.dataset.classes);
+        let data = SafeTensors::deserialize(&self.bytes)
+            .and_then(|st| compact::decode(&st, &self.meta.storage(), head, c))
+            .map_err(|e| KnowledgeError::Invalid {
+                path: self.path.clone(),
+                message: format!("{}: {e}", logits_name(head)),
+            })?;
         Ok(match self.meta.views {
             None => Tensor::from_vec(data, (n, c), device)?,
             Some(ref v) => Tensor::from_vec(data, (n, v.count, c), device)?,

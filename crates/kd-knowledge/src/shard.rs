@@ -10,8 +10,8 @@
 //! sees, and the merged file is byte-identical to the single-process one.
 
 use crate::{
-    check_buffers, check_tensors, f32_bytes, f32s, invalid, logits_name, serialize, u32_bytes,
-    u32s, KnowledgeError, Metadata, Result, LABELS,
+    check_buffers, check_tensors, f32_bytes, f32s, head_tensors, invalid, logits_name, serialize,
+    u32_bytes, u32s, KnowledgeError, LogitStorage, Metadata, Result, LABELS,
 };
 use safetensors::SafeTensors;
 use serde::{Deserialize, Serialize};
@@ -134,16 +134,15 @@ pub fn write_shard(
         ..meta.clone()
     };
     let json = serde_json::to_value(&meta).map_err(|e| invalid(path, e.to_string()))?;
-    serialize(
-        path,
-        SHARD_METADATA_KEY,
-        &json,
+    // Shards always hold full f32 rows; the merge writes the file's own storage.
+    let tensors = head_tensors(
+        &LogitStorage::default(),
         &k.heads,
-        vec![n, k.dataset.classes],
+        &[n],
+        k.dataset.classes,
         logits,
-        labels,
-        None,
-    )
+    );
+    serialize(path, SHARD_METADATA_KEY, &json, tensors, labels)
 }
 
 /// A shard read into memory and checked: metadata of a known version, tensors of the declared
@@ -200,7 +199,14 @@ impl Shard {
             ));
         }
         let (n, c) = (meta.end - meta.start, meta.knowledge.dataset.classes);
-        check_tensors(path, &st, &meta.knowledge.heads, &[n, c])?;
+        check_tensors(
+            path,
+            &st,
+            &meta.knowledge.heads,
+            &LogitStorage::default(),
+            &[n],
+            c,
+        )?;
         let tensor = |name: &str| {
             st.tensor(name)
                 .map_err(|e| invalid(path, format!("{name}: {e}")))

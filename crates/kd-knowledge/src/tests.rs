@@ -32,6 +32,7 @@ pub(crate) fn meta_for(rows: usize) -> Metadata {
             augmentation: "none".into(),
         },
         views: None,
+        storage: None,
     }
 }
 
@@ -468,5 +469,265 @@ fn broken_multi_view_files_are_refused() {
         );
         let e = open_err(&p);
         assert!(e.contains(says), "{what}: {e}");
+    }
+}
+
+/// Ten-class metadata (top-k needs room below C) with the given storage.
+fn compact_meta(storage: Option<LogitStorage>) -> Metadata {
+    let mut m = meta();
+    m.dataset.classes = 10;
+    m.storage = storage;
+    m
+}
+
+/// Four rows of ten logits with a tie in row 2 and a large spread in row 3.
+fn ten_class_logits(scale: f32) -> Vec<f32> {
+    (0..N * 10)
+        .map(|i| {
+            let (r, c) = (i / 10, i % 10);
+            match r {
+                2 if c < 4 => 5.0 * scale,
+                3 => (c as f32 - 5.0) * 9.0 * scale,
+                _ => ((c * 7 + r * 3) % 10) as f32 * 0.37 * scale - 1.0,
+            }
+        })
+        .collect()
+}
+
+fn softmax(row: &[f32]) -> Vec<f64> {
+    let m = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
+    let e: Vec<f64> = row.iter().map(|&x| (x as f64 - m).exp()).collect();
+    let s: f64 = e.iter().sum();
+    e.iter().map(|x| x / s).collect()
+}
+
+#[test]
+fn compact_storage_round_trips_and_keeps_the_top_k_probabilities() {
+    let dir = tempfile::tempdir().unwrap();
+    let full = [ten_class_logits(1.0), ten_class_logits(0.5)];
+    let read = |storage: Option<LogitStorage>, name: &str| {
+        let p = dir.path().join(name);
+        write(&p, &compact_meta(storage), &full, &LABELS_OK).unwrap();
+        let f = KnowledgeFile::open(&p).unwrap();
+        assert_eq!(f.meta.storage, storage);
+        let l = f.logits("main", &Device::Cpu).unwrap();
+        assert_eq!(l.dims(), &[N, 10], "{name}");
+        // Bytes of tensor data (the header is the same few hundred bytes for every file).
+        let bytes = std::fs::read(&p).unwrap();
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        let data: usize = st.tensors().iter().map(|(_, t)| t.data().len()).sum();
+        (l.flatten_all().unwrap().to_vec1::<f32>().unwrap(), data)
+    };
+    let (f32_rows, f32_size) = read(None, "f32.safetensors");
+    assert_eq!(f32_rows, full[0]);
+    // f16: every logit within half precision's rounding.
+    let f16 = LogitStorage {
+        dtype: LogitDtype::F16,
+        top_k: None,
+    };
+    let (f16_rows, f16_size) = read(Some(f16), "f16.safetensors");
+    for (a, b) in f16_rows.iter().zip(&full[0]) {
+        assert!((a - b).abs() <= b.abs() * 1e-3 + 1e-3, "{a} vs {b}");
+    }
+    // Top-3 in f32: the three largest exact, the others one shared logit; at T = 1 the top-3
+    // probabilities and the rest's total are the original's.
+    let top3 = LogitStorage {
+        dtype: LogitDtype::F32,
+        top_k: Some(3),
+    };
+    let (t_rows, t_size) = read(Some(top3), "top3.safetensors");
+    for (r, (got, want)) in t_rows.chunks(10).zip(full[0].chunks(10)).enumerate() {
+        let mut order: Vec<usize> = (0..10).collect();
+        order.sort_by(|&a, &b| want[b].total_cmp(&want[a]).then(a.cmp(&b)));
+        for &c in &order[..3] {
+            assert_eq!(got[c], want[c], "row {r} class {c}");
+        }
+        let rest = got[order[3]];
+        assert!(order[3..].iter().all(|&c| got[c] == rest), "row {r}");
+        let (p, q) = (softmax(got), softmax(want));
+        for &c in &order[..3] {
+            assert!(
+                (p[c] - q[c]).abs() < 1e-6,
+                "row {r} class {c}: {} vs {}",
+                p[c],
+                q[c]
+            );
+        }
+        let mass = |p: &[f64]| order[3..].iter().map(|&c| p[c]).sum::<f64>();
+        assert!((mass(&p) - mass(&q)).abs() < 1e-6, "row {r}");
+    }
+    // Row 2 has a four-way tie at the top: the lower classes are kept.
+    assert_eq!(&t_rows[20..23], &[5.0, 5.0, 5.0]);
+    assert_eq!(t_rows[23], t_rows[24]);
+    // Tensor bytes for 2 heads × 4 rows + 16 bytes of labels: f32 40 per row and head, f16 20,
+    // top-3 f32 3·4 + 3·2 (u16 classes) + 4 (rest) = 22, top-3 f16 3·2 + 3·2 + 2 = 14.
+    let (_, t16_size) = read(
+        Some(LogitStorage {
+            dtype: LogitDtype::F16,
+            top_k: Some(3),
+        }),
+        "top3-f16.safetensors",
+    );
+    assert_eq!([f32_size, f16_size, t_size, t16_size], [336, 176, 192, 128]);
+    // The same inputs, the same bytes.
+    let again = dir.path().join("again.safetensors");
+    write(&again, &compact_meta(Some(top3)), &full, &LABELS_OK).unwrap();
+    assert_eq!(
+        std::fs::read(&again).unwrap(),
+        std::fs::read(dir.path().join("top3.safetensors")).unwrap()
+    );
+    // Multi-view files store top-k per view.
+    let k = 2;
+    let mut m = views_meta(k);
+    m.dataset.classes = 10;
+    m.storage = Some(top3);
+    let per_view: Vec<f32> = full[0]
+        .chunks(10)
+        .flat_map(|r| r.iter().chain(r).copied())
+        .collect();
+    let views: Vec<kd_data::View> = (0..N * k).map(|_| shift(0, 0, false)).collect();
+    let p = dir.path().join("views-top3.safetensors");
+    write_views(&p, &m, &[per_view.clone(), per_view], &LABELS_OK, &views).unwrap();
+    let f = KnowledgeFile::open(&p).unwrap();
+    let l = f
+        .logits_flat("main", &Device::Cpu)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    assert_eq!(l.len(), N * k);
+    assert_eq!(l[4], l[5]);
+    assert_eq!(l[6].as_slice(), &t_rows[30..40]);
+}
+
+#[test]
+fn broken_compact_files_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let top2 = LogitStorage {
+        dtype: LogitDtype::F16,
+        top_k: Some(2),
+    };
+    let labels: Vec<u8> = LABELS_OK.iter().flat_map(|l| l.to_le_bytes()).collect();
+    let f16s = |v: &[f32]| -> Vec<u8> {
+        v.iter()
+            .flat_map(|&x| half::f16::from_f32(x).to_le_bytes())
+            .collect()
+    };
+    let u16s = |v: &[u16]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
+    let good_values = [3.0f32, 2.0].repeat(N);
+    let good_classes = [4u16, 7].repeat(N);
+    let good_rest = [1.0f32; N];
+    type Case<'a> = (&'a str, Vec<f32>, Vec<u16>, Vec<f32>, Dtype, &'a str);
+    let mut bad_order = good_values.clone();
+    bad_order.swap(2, 3);
+    let mut bad_class = good_classes.clone();
+    bad_class[5] = 10;
+    let mut repeated = good_classes.clone();
+    repeated[7] = 4;
+    let mut high_rest = good_rest.to_vec();
+    high_rest[1] = 2.5;
+    let mut nan = good_values.clone();
+    nan[6] = f32::NAN;
+    let cases: Vec<Case> = vec![
+        (
+            "ascending",
+            bad_order,
+            good_classes.clone(),
+            good_rest.to_vec(),
+            Dtype::F16,
+            "row 1 is not in descending order",
+        ),
+        (
+            "class 10",
+            good_values.clone(),
+            bad_class,
+            good_rest.to_vec(),
+            Dtype::F16,
+            "row 2 has class 10, not below 10",
+        ),
+        (
+            "repeat",
+            good_values.clone(),
+            repeated,
+            good_rest.to_vec(),
+            Dtype::F16,
+            "row 3 repeats a class",
+        ),
+        (
+            "rest too high",
+            good_values.clone(),
+            good_classes.clone(),
+            high_rest,
+            Dtype::F16,
+            "above the smallest stored logit",
+        ),
+        (
+            "nan",
+            nan,
+            good_classes.clone(),
+            good_rest.to_vec(),
+            Dtype::F16,
+            "non-finite logit at row 3, stored value 0",
+        ),
+        (
+            "f32 values",
+            good_values.clone(),
+            good_classes.clone(),
+            good_rest.to_vec(),
+            Dtype::F32,
+            "expected F16 [4, 2]",
+        ),
+    ];
+    let names = ["main", "aux1"].map(|h| {
+        [
+            logits_name(h),
+            compact::classes_name(h),
+            compact::rest_name(h),
+        ]
+    });
+    for (what, values, classes, rest, dtype, says) in cases {
+        let p = dir.path().join("bad.safetensors");
+        let vbytes = match dtype {
+            Dtype::F32 => f32_bytes(&values),
+            _ => f16s(&values),
+        };
+        let mut tensors = vec![("labels", Dtype::U32, vec![N], labels.clone())];
+        for [l, c, r] in &names {
+            tensors.push((l, dtype, vec![N, 2], vbytes.clone()));
+            tensors.push((c, Dtype::U16, vec![N, 2], u16s(&classes)));
+            tensors.push((r, Dtype::F16, vec![N], f16s(&rest)));
+        }
+        raw(&p, tensors, Some(meta_json(&compact_meta(Some(top2)))));
+        let e = open_err(&p);
+        assert!(e.contains(says), "{what}: {e}");
+    }
+    // Storage the metadata cannot mean.
+    for (storage, says) in [
+        (
+            LogitStorage {
+                dtype: LogitDtype::F32,
+                top_k: Some(10),
+            },
+            "top_k 10 is not between 1 and 9",
+        ),
+        (
+            LogitStorage {
+                dtype: LogitDtype::F32,
+                top_k: Some(0),
+            },
+            "top_k 0",
+        ),
+        (LogitStorage::default(), "leaving `storage` out"),
+    ] {
+        let p = dir.path().join("meta.safetensors");
+        let e = write(
+            &p,
+            &compact_meta(Some(storage)),
+            &[ten_class_logits(1.0), ten_class_logits(1.0)],
+            &LABELS_OK,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains(says), "{e}");
+        assert!(!p.exists());
     }
 }

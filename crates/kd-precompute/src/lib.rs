@@ -10,8 +10,8 @@ use anyhow::Context as _;
 use candle_core::Device;
 use kd_knowledge::shard::{Shard, ShardMeta, ShardSpec, SHARD_FORMAT_VERSION};
 use kd_knowledge::{
-    DatasetRef, KnowledgeFile, Metadata, TeacherRef, Transform, ViewsMeta, FORMAT_VERSION,
-    FORMAT_VERSION_VIEWS,
+    DatasetRef, KnowledgeFile, LogitDtype, LogitStorage, Metadata, TeacherRef, Transform,
+    ViewsMeta, FORMAT_VERSION, FORMAT_VERSION_VIEWS,
 };
 use kd_train::manifest::stage_key;
 use kd_train::stage::{threads, LoadedData, Pipeline};
@@ -91,6 +91,13 @@ pub struct SourceArgs {
     /// K - 1 augmented views and the teacher's logits for each, for the student to replay.
     #[arg(long)]
     pub views: Option<usize>,
+    /// Precision of the stored logits, f32 or f16 (overrides knowledge.dtype).
+    #[arg(long)]
+    pub dtype: Option<String>,
+    /// Store only the K largest logits per row and one logit for the other classes (overrides
+    /// knowledge.top_k; 0 keeps all).
+    #[arg(long)]
+    pub top_k: Option<usize>,
     /// Write to <artifacts>/<pipeline>/runs/<TAG>/knowledge/ instead of knowledge/ (a second
     /// knowledge file beside the pipeline's, e.g. a multi-view one; students read it with
     /// --knowledge).
@@ -167,6 +174,13 @@ impl Job {
             .map(|b| format!("knowledge.batch_size={b}"))
             .collect();
         extra.extend(source.views.map(|k| format!("knowledge.views={k}")));
+        extra.extend(
+            source
+                .dtype
+                .as_ref()
+                .map(|d| format!("knowledge.dtype={d:?}")),
+        );
+        extra.extend(source.top_k.map(|k| format!("knowledge.top_k={k}")));
         let pipeline = args.open(&extra)?;
         let arch = pipeline.config.teacher.arch.clone();
         let checkpoint = source
@@ -210,6 +224,15 @@ impl Job {
         if let Some(v) = &views {
             settings["views"] = serde_json::to_value(v)?;
         }
+        let storage = LogitStorage {
+            dtype: LogitDtype::parse(&k.dtype)
+                .ok_or_else(|| anyhow::anyhow!("knowledge.dtype {:?}: f32 or f16", k.dtype))?,
+            top_k: (k.top_k > 0).then_some(k.top_k),
+        };
+        let storage = (!storage.is_full_f32()).then_some(storage);
+        if let Some(s) = &storage {
+            settings["storage"] = serde_json::to_value(s)?;
+        }
         let inputs = BTreeMap::from([
             ("dataset.train".to_string(), data.train_fingerprint.clone()),
             ("teacher".to_string(), teacher_sha.clone()),
@@ -239,6 +262,7 @@ impl Job {
             heads,
             transform,
             views,
+            storage,
         };
         Ok(Self {
             pipeline,
@@ -572,6 +596,7 @@ impl Job {
                 "bytes": bytes,
                 "bytes_per_image": bytes as f64 / rows.max(1) as f64,
                 "views": self.meta.view_count(),
+                "storage": storage_label(&self.meta.storage()),
                 "shards": shards,
                 "train_accuracy_per_head": agreement,
             }),
@@ -621,4 +646,16 @@ pub fn shard_file_name(path: &Path) -> Option<ShardSpec> {
     let (i, n) = rest.split_once("-of-")?;
     let spec = ShardSpec::new(i.parse().ok()?, n.parse().ok()?).ok()?;
     (spec.file_name() == name).then_some(spec)
+}
+
+/// How the logits are stored, for tables: `f32`, `f16`, `top-3 f16`.
+pub fn storage_label(s: &kd_knowledge::LogitStorage) -> String {
+    let dtype = match s.dtype {
+        LogitDtype::F32 => "f32",
+        LogitDtype::F16 => "f16",
+    };
+    match s.top_k {
+        Some(k) => format!("top-{k} {dtype}"),
+        None => dtype.to_string(),
+    }
 }

@@ -64,6 +64,7 @@ pub fn knowledge_table(root: &Path) -> Table {
     let mut t = Table::new(&[
         "knowledge file",
         "views per image",
+        "logits",
         "size",
         "bytes per image",
     ]);
@@ -90,6 +91,7 @@ pub fn knowledge_table(root: &Path) -> Table {
         t.row(&[
             format!("`{}`", shown.display()),
             m.metrics["views"].as_u64().unwrap_or(1).to_string(),
+            m.metrics["storage"].as_str().unwrap_or("f32").to_string(),
             format!("{:.1} MiB", bytes / (1 << 20) as f64),
             format!("{:.0}", bytes / rows),
         ]);
@@ -204,10 +206,17 @@ pub fn seeds_section(runs: &[Run]) -> Option<(String, serde_json::Value)> {
             variant: "aug".into(),
             kd: false,
         };
+        // A compact-storage variant (f16, top<K>) trains like the plain KD student.
+        let plain = Column {
+            variant: String::new(),
+            kd: false,
+        };
         if cols.contains(&base) {
             pairs.push((c.clone(), base));
         } else if c.variant.starts_with("views") && cols.contains(&aug) {
             pairs.push((c.clone(), aug));
+        } else if cols.contains(&plain) {
+            pairs.push((c.clone(), plain));
         }
     }
     let kds: Vec<&Column> = cols.iter().filter(|c| c.kd).collect();
@@ -242,7 +251,9 @@ pub fn seeds_section(runs: &[Run]) -> Option<(String, serde_json::Value)> {
          validation); standard deviations are sample standard deviations over seeds. Variants: `aug` — the \
          student trains with augmentation (KD: the single-view knowledge file, whose logits are for the \
          un-augmented image); `views<K>` — KD from the K-view knowledge file, each augmented input replayed \
-         with the teacher's logits for exactly that view.\n\n{}\n{}\n",
+         with the teacher's logits for exactly that view; `f16`, `top<K>`, `top<K>-f16` — KD from a compact \
+         knowledge file (half-precision logits; only the K largest logits per image and one for the rest), \
+         otherwise as the plain KD student, so `KD (f16) − KD` is what the compact file costs.\n\n{}\n{}\n",
         t.to_markdown(),
         d.to_markdown()
     );

@@ -115,6 +115,16 @@ pub struct KnowledgeConfig {
     /// Seed of the stored views.
     #[serde(default)]
     pub view_seed: u64,
+    /// Precision of the stored logits: "f32" or "f16".
+    #[serde(default = "f32_name")]
+    pub dtype: String,
+    /// Keep only the k largest logits per row (plus one for the rest); 0 keeps all.
+    #[serde(default)]
+    pub top_k: usize,
+}
+
+fn f32_name() -> String {
+    "f32".into()
 }
 
 fn one() -> usize {
@@ -127,6 +137,8 @@ impl Default for KnowledgeConfig {
             batch_size: default_knowledge_batch(),
             views: 1,
             view_seed: 0,
+            dtype: f32_name(),
+            top_k: 0,
         }
     }
 }
@@ -382,6 +394,19 @@ impl PipelineConfig {
             if !(v >= 0.0 && v.is_finite()) {
                 return Err(format!("{key} must be zero or more, not {v}"));
             }
+        }
+        let k = &self.knowledge;
+        if !matches!(k.dtype.as_str(), "f32" | "f16") {
+            return Err(format!(
+                "knowledge.dtype must be \"f32\" or \"f16\", not {:?}",
+                k.dtype
+            ));
+        }
+        if k.top_k >= self.data.classes && k.top_k > 0 {
+            return Err(format!(
+                "knowledge.top_k {} must be below data.classes ({}); 0 keeps every class",
+                k.top_k, self.data.classes
+            ));
         }
         if s.head_weights.values().all(|w| *w == 0.0) && s.soft_weight > 0.0 {
             return Err("student.head_weights must give some head a positive weight".into());
