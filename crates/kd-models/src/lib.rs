@@ -287,9 +287,71 @@ mod tests {
     }
 
     #[test]
-    fn checkpoint_for_another_architecture_is_refused() {
-        let dir = std::env::temp_dir().join(format!("kd-models-test-{}", std::process::id()));
+    fn batch_norm_statistics_travel_with_the_checkpoint() {
+        let m = Trainable::new("googlenet-bn", &FASHION, 0, &Device::Cpu).unwrap();
+        let xs = Tensor::arange(0f32, 4.0 * 784.0, &Device::Cpu)
+            .unwrap()
+            .reshape((4, 1, 28, 28))
+            .unwrap()
+            .affine(1.0 / 3136.0, -0.5)
+            .unwrap();
+        let stat = |m: &HashMap<String, Tensor>| {
+            m["inception4a.branch2.1.bn.running_var"]
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        let fresh = stat(&m.named_tensors());
+        assert!(fresh.iter().all(|&v| v == 1.0));
+        // Training-mode forwards move the running statistics ...
+        for _ in 0..3 {
+            m.model.forward_t(&xs, true).unwrap();
+        }
+        let tensors = m.named_tensors();
+        assert_ne!(stat(&tensors), fresh);
+        // ... which the checkpoint carries: the frozen model evaluates exactly as the trained one.
+        let dir = tempfile_dir("bn");
+        let path = dir.join("bn.safetensors");
+        candle_core::safetensors::save(&tensors, &path).unwrap();
+        let frozen = load_frozen("googlenet-bn", &FASHION, &path, &Device::Cpu).unwrap();
+        let v = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let a = m.model.forward_t(&xs, false).unwrap();
+        let b = frozen.forward_t(&xs, false).unwrap();
+        for (a, b) in a.iter().zip(&b) {
+            assert_eq!(v(a), v(b));
+        }
+        // Eval mode uses the running statistics, not the batch's: one image alone gives the same
+        // logits as inside the batch.
+        let one = frozen
+            .forward_t(&xs.narrow(0, 1, 1).unwrap(), false)
+            .unwrap();
+        let row: Vec<f32> = v(&b[0])[10..20].to_vec();
+        for (x, y) in v(&one[0]).iter().zip(&row) {
+            assert!((x - y).abs() < 1e-4, "{x} vs {y}");
+        }
+        // A checkpoint without the statistics is refused by name.
+        let mut partial = tensors.clone();
+        partial.remove("conv1.bn.running_mean");
+        candle_core::safetensors::save(&partial, &path).unwrap();
+        let e = load_frozen("googlenet-bn", &FASHION, &path, &Device::Cpu)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("conv1.bn.running_mean") && e.contains("missing"),
+            "{e}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn tempfile_dir(tag: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("kd-models-{tag}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn checkpoint_for_another_architecture_is_refused() {
+        let dir = tempfile_dir("test");
         let path = dir.join("student.safetensors");
         let student = Trainable::new("student-cnn", &FASHION, 0, &Device::Cpu).unwrap();
         candle_core::safetensors::save(&student.named_tensors(), &path).unwrap();
