@@ -64,6 +64,21 @@ impl Conv {
         })
     }
 
+    /// This convolution followed by a per-channel affine map, as one convolution: weights scaled
+    /// by `scale [c_out]`, bias `shift` (the convolution has none: BatchNorm folding).
+    pub fn folded(&self, scale: &Tensor, shift: Tensor) -> Result<Conv> {
+        if self.bias.is_some() {
+            candle_core::bail!("folding an affine map into a convolution with a bias");
+        }
+        Ok(Conv {
+            weight: self
+                .weight
+                .broadcast_mul(&scale.reshape((self.cout, 1, 1, 1))?)?,
+            bias: Some(shift),
+            ..self.clone()
+        })
+    }
+
     /// `[c_in, batch, h, w]` → `[c_out, batch, oh, ow]`.
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let (z, dims) = self.matmul(xs)?;

@@ -77,6 +77,9 @@ pub fn linear(cin: usize, cout: usize, scheme: InitScheme, vb: VarBuilder) -> Re
 pub struct BasicConv {
     conv: Conv,
     norm: Option<BatchNormRelu>,
+    /// A frozen model's BatchNorm folded into the convolution (`W·γ/σ`, bias `β − μ·γ/σ`), so
+    /// inference costs what the plain block costs.
+    folded: Option<Conv>,
 }
 
 impl BasicConv {
@@ -105,11 +108,21 @@ impl BasicConv {
         let norm = batch_norm
             .then(|| BatchNormRelu::new(cout, vb.pp("bn")))
             .transpose()?;
-        Ok(Self { conv, norm })
+        let folded = match &norm {
+            Some(bn) if bn.is_frozen() => {
+                let (scale, shift) = bn.scale_shift()?;
+                Some(conv.folded(&scale, shift)?)
+            }
+            _ => None,
+        };
+        Ok(Self { conv, norm, folded })
     }
 
     /// Dropout-free, but BatchNorm uses batch statistics only when `train` is true.
     pub fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        if let (Some(folded), false) = (&self.folded, train) {
+            return folded.forward_relu(xs);
+        }
         match &self.norm {
             None => self.conv.forward_relu(xs),
             Some(bn) => {

@@ -308,7 +308,8 @@ mod tests {
         }
         let tensors = m.named_tensors();
         assert_ne!(stat(&tensors), fresh);
-        // ... which the checkpoint carries: the frozen model evaluates exactly as the trained one.
+        // ... which the checkpoint carries: the frozen model (BatchNorm folded into its
+        // convolutions) evaluates as the trained one, up to rounding.
         let dir = tempfile_dir("bn");
         let path = dir.join("bn.safetensors");
         candle_core::safetensors::save(&tensors, &path).unwrap();
@@ -317,7 +318,9 @@ mod tests {
         let a = m.model.forward_t(&xs, false).unwrap();
         let b = frozen.forward_t(&xs, false).unwrap();
         for (a, b) in a.iter().zip(&b) {
-            assert_eq!(v(a), v(b));
+            for (x, y) in v(a).iter().zip(v(b)) {
+                assert!((x - y).abs() < 1e-4 * (1.0 + x.abs()), "{x} vs {y}");
+            }
         }
         // Eval mode uses the running statistics, not the batch's: one image alone gives the same
         // logits as inside the batch.

@@ -50,8 +50,7 @@ impl BatchNormRelu {
     pub fn forward_t(&self, z: &Tensor, train: bool) -> Result<Tensor> {
         let (c, n) = z.dims2()?;
         if !train {
-            let scale = (&self.weight / (&self.running_var + EPS)?.sqrt()?)?;
-            let shift = (&self.bias - (&self.running_mean * &scale)?)?;
+            let (scale, shift) = self.scale_shift()?;
             return z
                 .broadcast_mul(&scale.reshape((c, 1))?)?
                 .apply_op2_no_bwd(&shift, &BiasRelu);
@@ -72,6 +71,20 @@ impl BatchNormRelu {
             }
         }
         Ok(y)
+    }
+}
+
+impl BatchNormRelu {
+    /// Evaluation mode as an affine map per channel: `γ/√(σ² + ε)` and `β − μ·γ/√(σ² + ε)`.
+    pub fn scale_shift(&self) -> Result<(Tensor, Tensor)> {
+        let scale = (&self.weight / (&self.running_var + EPS)?.sqrt()?)?;
+        let shift = (&self.bias - (&self.running_mean * &scale)?)?;
+        Ok((scale, shift))
+    }
+
+    /// Built from plain tensors (a loaded checkpoint), not variables being trained.
+    pub fn is_frozen(&self) -> bool {
+        !self.running_mean.is_variable()
     }
 }
 
