@@ -197,25 +197,20 @@ impl CustomOp3 for BnReluOp {
         if n == 0 {
             candle_core::bail!("batch-norm: an empty batch has no statistics");
         }
+        macro_rules! run {
+            ($t:ty, $variant:ident) => {{
+                let (o, s) = forward_rows(
+                    contiguous::<$t>(s1, l1)?,
+                    contiguous::<$t>(s2, l2)?,
+                    contiguous::<$t>(s3, l3)?,
+                    n,
+                );
+                (CpuStorage::$variant(o), s)
+            }};
+        }
         let (out, stats) = match (s1, s2, s3) {
-            (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => {
-                let (o, s) = forward_rows(
-                    contiguous::<f32>(s1, l1)?,
-                    contiguous::<f32>(s2, l2)?,
-                    contiguous::<f32>(s3, l3)?,
-                    n,
-                );
-                (CpuStorage::F32(o), s)
-            }
-            (CpuStorage::F64(_), CpuStorage::F64(_), CpuStorage::F64(_)) => {
-                let (o, s) = forward_rows(
-                    contiguous::<f64>(s1, l1)?,
-                    contiguous::<f64>(s2, l2)?,
-                    contiguous::<f64>(s3, l3)?,
-                    n,
-                );
-                (CpuStorage::F64(o), s)
-            }
+            (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => run!(f32, F32),
+            (CpuStorage::F64(_), CpuStorage::F64(_), CpuStorage::F64(_)) => run!(f64, F64),
             _ => candle_core::bail!("batch-norm supports f32 and f64"),
         };
         *lock(&self.stats)? = stats;
