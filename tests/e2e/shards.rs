@@ -76,6 +76,30 @@ fn merged_shards_are_the_single_process_file_byte_for_byte() {
     }
 }
 
+/// Shards hold full f32 rows; the merge writes the file's compact storage with the same writer
+/// as one process, so a sharded top-3 f16 file is the single-process one byte for byte.
+#[test]
+fn merged_shards_of_a_compact_file_are_the_single_process_file() {
+    let compact = ["--top-k", "3", "--dtype", "f16"];
+    let single = teacher_only();
+    let mut whole_args = vec!["--no-shard"];
+    whole_args.extend_from_slice(&compact);
+    kd_precompute::run(&args(None, single.path(), &whole_args)).unwrap();
+    let whole = std::fs::read(knowledge_dir(single.path()).join(KNOWLEDGE_FILE)).unwrap();
+    let root = teacher_only();
+    let r = root.path();
+    for i in 0..2 {
+        shard(r, &format!("{i}/2"), &compact);
+    }
+    let m = merge(r, &compact).unwrap();
+    assert_eq!(m.metrics["storage"], "top-3 f16");
+    let merged = std::fs::read(knowledge_dir(r).join(KNOWLEDGE_FILE)).unwrap();
+    assert!(merged == whole, "the merged compact file differs");
+    // And differs from the f32 file: the options were applied.
+    let f32_file = std::fs::read(fixture::run().dir("knowledge").join(KNOWLEDGE_FILE)).unwrap();
+    assert!(merged.len() < f32_file.len() / 2);
+}
+
 #[test]
 fn shards_are_idempotent_and_merge_refuses_what_does_not_add_up() {
     let root = teacher_only();
