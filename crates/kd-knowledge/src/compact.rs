@@ -87,6 +87,20 @@ impl LogitStorage {
     }
 }
 
+/// For tables: `f32`, `f16`, `top-3 f16`.
+impl std::fmt::Display for LogitStorage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let dtype = match self.dtype {
+            LogitDtype::F32 => "f32",
+            LogitDtype::F16 => "f16",
+        };
+        match self.top_k {
+            Some(k) => write!(f, "top-{k} {dtype}"),
+            None => f.write_str(dtype),
+        }
+    }
+}
+
 /// A tensor to write: name, shape, dtype, little-endian bytes.
 pub(crate) type Buffer = (String, Vec<usize>, Dtype, Vec<u8>);
 

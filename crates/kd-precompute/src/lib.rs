@@ -596,7 +596,7 @@ impl Job {
                 "bytes": bytes,
                 "bytes_per_image": bytes as f64 / rows.max(1) as f64,
                 "views": self.meta.view_count(),
-                "storage": storage_label(&self.meta.storage()),
+                "storage": self.meta.storage().to_string(),
                 "shards": shards,
                 "train_accuracy_per_head": agreement,
             }),
@@ -646,16 +646,4 @@ pub fn shard_file_name(path: &Path) -> Option<ShardSpec> {
     let (i, n) = rest.split_once("-of-")?;
     let spec = ShardSpec::new(i.parse().ok()?, n.parse().ok()?).ok()?;
     (spec.file_name() == name).then_some(spec)
-}
-
-/// How the logits are stored, for tables: `f32`, `f16`, `top-3 f16`.
-pub fn storage_label(s: &kd_knowledge::LogitStorage) -> String {
-    let dtype = match s.dtype {
-        LogitDtype::F32 => "f32",
-        LogitDtype::F16 => "f16",
-    };
-    match s.top_k {
-        Some(k) => format!("top-{k} {dtype}"),
-        None => dtype.to_string(),
-    }
 }
