@@ -32,6 +32,14 @@ fn student_refuses_knowledge_for_other_rows_or_heads() {
         &["--knowledge", &k, "--set", "student.head_weights.aux3=0.5"],
     ));
     assert!(e.contains("aux3"), "{e}");
+    let e = refused(student(
+        root.path(),
+        &["--knowledge", &k, "--set", "student.view_targets=\"mean\""],
+    ));
+    assert!(
+        e.contains("view_targets") && e.contains("soft-targets.safetensors"),
+        "{e}"
+    );
     assert!(!root
         .path()
         .join("smoke/student-kd/model.safetensors")

@@ -86,5 +86,23 @@ fn replayed_views_come_with_the_teachers_logits_for_exactly_that_view() {
     // A student with augmentation replays them; without, it reads view 0; both train.
     let aug = student(r, &["--set", "student.augment=true", "--tag", "views"]).unwrap();
     assert!(aug.metrics["test_accuracy"].as_f64().unwrap() > 0.0);
-    student(r, &["--tag", "view0"]).unwrap();
+    let first = student(r, &["--tag", "view0"]).unwrap();
+    // Without augmentation, view_targets = mean learns from the teacher's average over the four
+    // views: the same seed, other targets, so other weights than the view-0 student's.
+    let mean = student(
+        r,
+        &[
+            "--set",
+            "student.view_targets=\"mean\"",
+            "--tag",
+            "viewmean",
+        ],
+    )
+    .unwrap();
+    assert_eq!(mean.settings["student"]["view_targets"], "mean");
+    assert!(first.settings["student"].get("view_targets").is_none());
+    let weights = |tag: &str| {
+        std::fs::read(r.join(format!("smoke/runs/{tag}/student-kd/model.safetensors"))).unwrap()
+    };
+    assert_ne!(weights("view0"), weights("viewmean"));
 }

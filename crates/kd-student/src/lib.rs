@@ -5,6 +5,7 @@
 use anyhow::Context;
 use candle_core::{Device, Tensor};
 use kd_knowledge::{DatasetRef, KnowledgeFile};
+use kd_train::config::ViewTargets;
 use kd_train::loss::{cross_entropy, kd_loss, KdWeights};
 use kd_train::stage::TrainArgs;
 use kd_train::{Manifest, PipelineArgs, TrainingStage};
@@ -53,6 +54,13 @@ struct SoftTargets {
     weights: KdWeights,
 }
 
+/// `[N * K, C]` logits (view j of row r at `r * K + j`) → `[N, C]`, the mean over each row's
+/// K views.
+fn mean_over_views(flat: &Tensor, k: usize) -> candle_core::Result<Tensor> {
+    let (nk, c) = flat.dims2()?;
+    flat.reshape((nk / k, k, c))?.mean(1)
+}
+
 pub fn run(args: &Args) -> anyhow::Result<Manifest> {
     let mut extra = args.train.sets("student");
     extra.extend(args.temperature.map(|t| format!("student.temperature={t}")));
@@ -94,13 +102,28 @@ pub fn run(args: &Args) -> anyhow::Result<Manifest> {
             .map(|(h, w)| (h.clone(), *w))
             .collect();
         knowledge.check_heads(&used.iter().map(|(h, _)| h.clone()).collect::<Vec<_>>())?;
-        let heads = used
+        let mut heads = used
             .iter()
             .map(|(h, _)| knowledge.logits_flat(h, &Device::Cpu))
             .collect::<Result<Vec<_>, _>>()
             .with_context(|| format!("reading {}", path.display()))?;
-        let k = knowledge.meta.view_count();
+        let mut k = knowledge.meta.view_count();
         stored = knowledge.stored_views()?;
+        if cfg.view_targets == ViewTargets::Mean {
+            if k < 2 {
+                anyhow::bail!(
+                    "student.view_targets = \"mean\" needs a knowledge file with several views, \
+                     and {} has one (precompute with --views K)",
+                    path.display()
+                );
+            }
+            tracing::info!("student: learning from the mean of the teacher's logits over the {k} stored views of each image (view_targets = mean)");
+            heads = heads
+                .iter()
+                .map(|h| mean_over_views(h, k))
+                .collect::<candle_core::Result<_>>()?;
+            k = 1;
+        }
         replay = match (&knowledge.meta.views, train.augment.is_some()) {
             (Some(v), true) => {
                 tracing::info!(
@@ -111,7 +134,9 @@ pub fn run(args: &Args) -> anyhow::Result<Manifest> {
                 Some(v.augment)
             }
             (Some(_), false) => {
-                tracing::info!("student: no augmentation (student.augment = false): view 0 of the {k} stored views only");
+                if k > 1 {
+                    tracing::info!("student: no augmentation (student.augment = false): view 0 of the {k} stored views only");
+                }
                 None
             }
             (None, true) => {
@@ -180,4 +205,28 @@ pub fn run(args: &Args) -> anyhow::Result<Manifest> {
         })?,
     };
     Ok(manifest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mean_over_views_averages_each_rows_views() {
+        // Two rows, three views, two classes: row r view j at r * 3 + j.
+        let flat = Tensor::new(
+            &[
+                [1f32, 0.],
+                [2., 3.],
+                [3., -3.],
+                [10., 1.],
+                [20., 2.],
+                [30., 3.],
+            ],
+            &Device::Cpu,
+        )
+        .unwrap();
+        let m = mean_over_views(&flat, 3).unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!(m, vec![vec![2., 0.], vec![20., 2.]]);
+    }
 }

@@ -166,6 +166,28 @@ pub struct StudentConfig {
     pub soft_weight: f64,
     /// Weight of each teacher head's soft targets, by head name (`main`, `aux1`, `aux2`).
     pub head_weights: BTreeMap<String, f64>,
+    /// A student without augmentation reading a K-view knowledge file: the teacher's logits for
+    /// view 0 (`first`, the image as it is) or averaged over the K views (`mean`: the teacher's
+    /// test-time-augmentation ensemble). An augmenting student always replays the stored views.
+    #[serde(default, skip_serializing_if = "ViewTargets::is_first")]
+    pub view_targets: ViewTargets,
+}
+
+/// Which of a K-view knowledge file's logits a student without augmentation learns from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ViewTargets {
+    /// View 0: the teacher's answer for the image as the student sees it.
+    #[default]
+    First,
+    /// The mean of the K views' logits (a geometric-mean ensemble at every temperature).
+    Mean,
+}
+
+impl ViewTargets {
+    pub fn is_first(&self) -> bool {
+        *self == ViewTargets::First
+    }
 }
 
 /// What the training loop needs, whichever model it trains.
@@ -408,6 +430,13 @@ impl PipelineConfig {
                 k.top_k, self.data.classes
             ));
         }
+        if s.view_targets == ViewTargets::Mean && s.augment {
+            return Err(
+                "student.view_targets = \"mean\" is for a student without augmentation \
+                 (student.augment = true replays each stored view with its own logits)"
+                    .into(),
+            );
+        }
         if s.head_weights.values().all(|w| *w == 0.0) && s.soft_weight > 0.0 {
             return Err("student.head_weights must give some head a positive weight".into());
         }
@@ -511,7 +540,7 @@ head_weights = { main = 1.0, aux1 = 0.3, aux2 = 0.3 }
 
     #[test]
     fn bad_values_are_refused_by_name() {
-        let cases: [(&[&str], &str); 8] = [
+        let cases: [(&[&str], &str); 10] = [
             (&["data.val_size=0"], "data.val_size"),
             (&["teacher.epoch=3"], "epoch"),
             (&["student.temperature=0"], "student.temperature"),
@@ -523,6 +552,14 @@ head_weights = { main = 1.0, aux1 = 0.3, aux2 = 0.3 }
                 "student.head_weights.aux1",
             ),
             (&["data.source=\"ftp\""], "data.source"),
+            (
+                &["student.augment=true", "student.view_targets=\"mean\""],
+                "student.view_targets",
+            ),
+            (
+                &["student.view_targets=\"median\""],
+                "`median`, expected `first` or `mean`",
+            ),
         ];
         for (o, want) in cases {
             let e = load(MINIMAL, o).unwrap_err();
