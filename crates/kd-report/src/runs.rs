@@ -147,6 +147,59 @@ fn seed_tag(tag: &str) -> Option<(u64, String)> {
     Some((n.parse().ok()?, variant.to_string()))
 }
 
+/// The fair control of a variant: the same variant with its `views<K>` part (a K-view knowledge
+/// file, replayed under augmentation) read as `aug` (the same augmentation without stored views):
+/// `views8` → `aug`, `e30views8` → `e30aug`; any other variant is its own control.
+fn control_variant(variant: &str) -> String {
+    let Some(at) = variant.find("views") else {
+        return variant.to_string();
+    };
+    let digits = variant[at + 5..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .count();
+    if digits == 0 {
+        return variant.to_string();
+    }
+    format!("{}aug{}", &variant[..at], &variant[at + 5 + digits..])
+}
+
+/// The paired differences worth reading, `(a, b)` for `a − b`: every KD column against the
+/// baseline of its fair control (its own variant's baseline; for `views<K>`, the `aug` one; for a
+/// variant without any, such as a compact knowledge file, the plain baseline), and a KD column
+/// against the KD student it changes one thing of: `views<K>` against single-view `aug` KD, a
+/// variant without its own baseline against the plain KD student.
+fn pairs(cols: &[Column]) -> Vec<(Column, Column)> {
+    let col = |variant: &str, kd: bool| Column {
+        variant: variant.to_string(),
+        kd,
+    };
+    let mut vs_baseline = Vec::new();
+    let mut vs_kd = Vec::new();
+    for c in cols.iter().filter(|c| c.kd) {
+        let control = control_variant(&c.variant);
+        let own = col(&control, false);
+        if cols.contains(&own) {
+            vs_baseline.push((c.clone(), own));
+        } else if cols.contains(&col("", false)) {
+            vs_baseline.push((c.clone(), col("", false)));
+        }
+        if control != c.variant {
+            let kd = col(&control, true);
+            if cols.contains(&kd) {
+                vs_kd.push((c.clone(), kd));
+            }
+        } else if !c.variant.is_empty()
+            && !cols.contains(&col(&c.variant, false))
+            && cols.contains(&col("", true))
+        {
+            vs_kd.push((c.clone(), col("", true)));
+        }
+    }
+    vs_baseline.extend(vs_kd);
+    vs_baseline
+}
+
 /// The seeds of `just compare`: per seed the test accuracy of every variant's KD student and
 /// baseline, then mean ± std of each column and of the paired differences that matter (KD −
 /// baseline within a variant; between variants, KD against KD). `None` without seed runs.
@@ -171,22 +224,57 @@ pub fn seeds_section(runs: &[Run]) -> Option<(String, serde_json::Value)> {
     let mut cols: Vec<Column> = cells.values().flat_map(|m| m.keys().cloned()).collect();
     cols.sort_by(|a, b| (&a.variant, a.kd).cmp(&(&b.variant, b.kd)));
     cols.dedup();
-    let mut header = vec!["seed".to_string()];
-    header.extend(cols.iter().map(Column::label));
-    let mut t = Table::new(&header);
-    for (seed, row) in &cells {
-        let mut line = vec![seed.to_string()];
-        line.extend(
-            cols.iter()
-                .map(|c| row.get(c).map_or("-".into(), |&a| pct(a))),
-        );
-        t.row(&line);
-    }
     let column =
         |c: &Column| -> Vec<f64> { cells.values().filter_map(|m| m.get(c).copied()).collect() };
-    let mut line = vec![format!("mean ± std ({} seeds)", cells.len())];
-    line.extend(cols.iter().map(|c| pm(mean_std(&column(c)))));
-    t.row(&line);
+    // Columns every seed has make the main table; the rest (probes: a longer schedule, say, on
+    // one seed) get their own, so the main table's mean ± std is over the same seeds throughout.
+    let (full, probes): (Vec<Column>, Vec<Column>) = cols
+        .iter()
+        .cloned()
+        .partition(|c| column(c).len() == cells.len());
+    let seed_table = |cols: &[Column]| -> Table {
+        let mut header = vec!["seed".to_string()];
+        header.extend(cols.iter().map(Column::label));
+        let mut t = Table::new(&header);
+        for (seed, row) in &cells {
+            if !cols.iter().any(|c| row.contains_key(c)) {
+                continue;
+            }
+            let mut line = vec![seed.to_string()];
+            line.extend(
+                cols.iter()
+                    .map(|c| row.get(c).map_or("-".into(), |&a| pct(a))),
+            );
+            t.row(&line);
+        }
+        let n = cols.iter().map(|c| column(c).len()).max().unwrap_or(0);
+        if n > 1 {
+            let mut line = vec![if cols.iter().all(|c| column(c).len() == n) {
+                format!("mean ± std ({n} seeds)")
+            } else {
+                "mean ± std".to_string()
+            }];
+            line.extend(cols.iter().map(|c| {
+                let xs = column(c);
+                if xs.len() > 1 {
+                    pm(mean_std(&xs))
+                } else {
+                    "-".into()
+                }
+            }));
+            t.row(&line);
+        }
+        t
+    };
+    let t = seed_table(&full);
+    let probe_md = if probes.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "Probes, on fewer seeds than the table above:\n\n{}\n",
+            seed_table(&probes).to_markdown()
+        )
+    };
     // Paired differences, over the seeds that have both.
     let paired = |a: &Column, b: &Column| -> Vec<f64> {
         cells
@@ -194,37 +282,7 @@ pub fn seeds_section(runs: &[Run]) -> Option<(String, serde_json::Value)> {
             .filter_map(|m| Some(m.get(a)? - m.get(b)?))
             .collect()
     };
-    let mut pairs: Vec<(Column, Column)> = Vec::new();
-    for c in cols.iter().filter(|c| c.kd) {
-        let base = Column {
-            kd: false,
-            ..c.clone()
-        };
-        // A variant without its own baseline (views<K>) is held against the baseline with the
-        // same augmentation (aug): the fair control.
-        let aug = Column {
-            variant: "aug".into(),
-            kd: false,
-        };
-        // A compact-storage variant (f16, top<K>) trains like the plain KD student.
-        let plain = Column {
-            variant: String::new(),
-            kd: false,
-        };
-        if cols.contains(&base) {
-            pairs.push((c.clone(), base));
-        } else if c.variant.starts_with("views") && cols.contains(&aug) {
-            pairs.push((c.clone(), aug));
-        } else if cols.contains(&plain) {
-            pairs.push((c.clone(), plain));
-        }
-    }
-    let kds: Vec<&Column> = cols.iter().filter(|c| c.kd).collect();
-    for (i, a) in kds.iter().enumerate() {
-        for b in &kds[i + 1..] {
-            pairs.push(((*b).clone(), (*a).clone()));
-        }
-    }
+    let pairs = pairs(&cols);
     let mut d = Table::new(&["difference", "mean ± std (points)", "seeds"]);
     let mut diffs = serde_json::Map::new();
     for (a, b) in &pairs {
@@ -253,8 +311,11 @@ pub fn seeds_section(runs: &[Run]) -> Option<(String, serde_json::Value)> {
          un-augmented image); `views<K>` — KD from the K-view knowledge file, each augmented input replayed \
          with the teacher's logits for exactly that view; `f16`, `top<K>`, `top<K>-f16` — KD from a compact \
          knowledge file (half-precision logits; only the K largest logits per image and one for the rest), \
-         otherwise as the plain KD student, so `KD (f16) − KD` is what the compact file costs.\n\n{}\n{}\n",
+         otherwise as the plain KD student, so `KD (f16) − KD` is what the compact file costs; \
+         `viewmean` — KD without augmentation from the mean of the teacher's logits over a K-view file's \
+         views; `e<N>` — students trained N epochs instead of the pipeline's.\n\n{}\n{}{}\n",
         t.to_markdown(),
+        probe_md,
         d.to_markdown()
     );
     let json = serde_json::json!({
@@ -395,5 +456,46 @@ mod tests {
         assert!((s - 0.01).abs() < 1e-12);
         assert_eq!(mean_std(&[0.5]), (0.5, 0.0));
         assert!(mean_std(&[]).0.is_nan());
+    }
+
+    #[test]
+    fn views_variants_are_held_against_the_augmented_control() {
+        assert_eq!(control_variant("views8"), "aug");
+        assert_eq!(control_variant("e30views16"), "e30aug");
+        assert_eq!(control_variant("viewmean"), "viewmean");
+        assert_eq!(control_variant("f16"), "f16");
+        let col = |v: &str, kd: bool| Column {
+            variant: v.into(),
+            kd,
+        };
+        let cols = [
+            col("", false),
+            col("", true),
+            col("aug", false),
+            col("aug", true),
+            col("views8", true),
+            col("f16", true),
+            col("e30", false),
+            col("e30", true),
+            col("e30aug", false),
+            col("e30views8", true),
+        ];
+        let names: Vec<String> = pairs(&cols)
+            .iter()
+            .map(|(a, b)| format!("{} − {}", a.label(), b.label()))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "KD − baseline",
+                "KD (aug) − baseline (aug)",
+                "KD (views8) − baseline (aug)",
+                "KD (f16) − baseline",
+                "KD (e30) − baseline (e30)",
+                "KD (e30views8) − baseline (e30aug)",
+                "KD (views8) − KD (aug)",
+                "KD (f16) − KD",
+            ]
+        );
     }
 }
