@@ -42,8 +42,9 @@ pub struct Args {
 }
 
 /// What each measurement is, and PyTorch 2.15's figure for the same work on this machine with
-/// the default pipeline (`fashion-mnist`: googlenet and student-cnn, batch 128, precompute batch
-/// 256; `../shared/reference/PYTORCH-REFERENCE.md` and the performance issue), where one exists.
+/// the default pipeline's models with the plain `googlenet` teacher (student-cnn, batch 128,
+/// precompute batch 256; `../shared/reference/PYTORCH-REFERENCE.md` and the performance issue),
+/// where one exists; [`pytorch_figure`] gives the one for another teacher.
 pub const MEASUREMENTS: [(&str, &str, Option<f64>); 8] = [
     (
         "data-load",
@@ -86,6 +87,19 @@ pub const MEASUREMENTS: [(&str, &str, Option<f64>); 8] = [
         None,
     ),
 ];
+
+/// PyTorch's figure for a measurement with this teacher: [`MEASUREMENTS`] holds the plain
+/// `googlenet`'s; for `googlenet-bn` the reference has the training step (with crop + flip,
+/// channels-last) and precompute, not online distillation; other teachers have none.
+pub fn pytorch_figure(name: &str, plain: Option<f64>, teacher: &str) -> Option<f64> {
+    let uses_teacher = matches!(name, "teacher-step" | "precompute" | "online-kd-step");
+    match (uses_teacher, teacher, name) {
+        (false, _, _) | (true, "googlenet", _) => plain,
+        (true, "googlenet-bn", "teacher-step") => Some(321.0),
+        (true, "googlenet-bn", "precompute") => Some(930.0),
+        _ => None,
+    }
+}
 
 /// One measurement's samples.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -472,7 +486,13 @@ fn render(args: &Args, p: &Pipeline, results: &[Measurement]) -> String {
         let (what, torch) = MEASUREMENTS
             .iter()
             .find(|(n, _, _)| *n == m.name)
-            .map(|(_, w, t)| (*w, t.filter(|_| default_pipeline)))
+            .map(|(_, w, t)| {
+                (
+                    *w,
+                    pytorch_figure(m.name.as_str(), *t, &p.config.teacher.arch),
+                )
+            })
+            .map(|(w, t)| (w, t.filter(|_| default_pipeline)))
             .unwrap_or((m.name.as_str(), None));
         let ips = m.images_per_sec();
         let med = median(&ips);
@@ -521,7 +541,7 @@ fn render(args: &Args, p: &Pipeline, results: &[Measurement]) -> String {
         ));
     }
     if let (Some(kd), Some(online)) = (med("student-kd-step"), med("online-kd-step")) {
-        let torch = if default_pipeline {
+        let torch = if default_pipeline && p.config.teacher.arch == "googlenet" {
             " (PyTorch: 3,850 / 436 = 8.8×)"
         } else {
             ""
@@ -546,4 +566,33 @@ fn render(args: &Args, p: &Pipeline, results: &[Measurement]) -> String {
         ratios.join("\n"),
         gflops.join("; ")
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pytorch_figures_follow_the_teacher() {
+        let plain = |name: &str| {
+            MEASUREMENTS
+                .iter()
+                .find(|(n, _, _)| *n == name)
+                .and_then(|(_, _, t)| *t)
+        };
+        for name in [
+            "teacher-step",
+            "precompute",
+            "online-kd-step",
+            "student-kd-step",
+        ] {
+            assert_eq!(pytorch_figure(name, plain(name), "googlenet"), plain(name));
+        }
+        let bn = |name: &str| pytorch_figure(name, plain(name), "googlenet-bn");
+        assert_eq!(bn("teacher-step"), Some(321.0));
+        assert_eq!(bn("precompute"), Some(930.0));
+        assert_eq!(bn("online-kd-step"), None);
+        assert_eq!(bn("student-kd-step"), Some(3850.0));
+        assert_eq!(pytorch_figure("precompute", Some(481.0), "resnet"), None);
+    }
 }
