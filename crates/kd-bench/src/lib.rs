@@ -353,6 +353,7 @@ pub fn measure(args: &Args, name: &str) -> anyhow::Result<Measurement> {
                 hard: s.hard_weight,
                 soft: s.soft_weight,
                 heads: used.iter().map(|(_, w)| *w).collect(),
+                standardize: s.standardize_logits,
             };
             let cached = if name == "student-kd-step" {
                 knowledge(&p, &data, &heads)?

@@ -147,7 +147,7 @@ pub fn run(args: &Args) -> anyhow::Result<Manifest> {
         };
         inputs.insert("knowledge".to_string(), kd_data::sha256_file(&path)?);
         tracing::info!(
-            "student: distilling from {} (teacher {}, heads {}), T = {}, hard/soft {}/{}",
+            "student: distilling from {} (teacher {}, heads {}), T = {}, hard/soft {}/{}{}",
             path.display(),
             knowledge.meta.teacher.architecture,
             used.iter()
@@ -156,13 +156,19 @@ pub fn run(args: &Args) -> anyhow::Result<Manifest> {
                 .join(" + "),
             cfg.temperature,
             cfg.hard_weight,
-            cfg.soft_weight
+            cfg.soft_weight,
+            if cfg.standardize_logits {
+                " (logits standardised)"
+            } else {
+                ""
+            }
         );
         let weights = KdWeights {
             temperature: cfg.temperature,
             hard: cfg.hard_weight,
             soft: cfg.soft_weight,
             heads: used.iter().map(|(_, w)| *w).collect(),
+            standardize: cfg.standardize_logits,
         };
         let settings = serde_json::json!({ "data": pipeline.data_settings(), "student": cfg });
         let targets = SoftTargets {

@@ -171,6 +171,14 @@ pub struct StudentConfig {
     /// test-time-augmentation ensemble). An augmenting student always replays the stored views.
     #[serde(default, skip_serializing_if = "ViewTargets::is_first")]
     pub view_targets: ViewTargets,
+    /// Z-score the student's and the teacher's logits before the temperature in the soft loss
+    /// (logit standardisation: match the shape of the teacher's answer, not its scale).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub standardize_logits: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !b
 }
 
 /// Which of a K-view knowledge file's logits a student without augmentation learns from.

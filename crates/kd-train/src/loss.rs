@@ -24,6 +24,10 @@ pub struct KdWeights {
     pub soft: f64,
     /// One weight per teacher head passed to [`kd_loss`], in the same order.
     pub heads: Vec<f64>,
+    /// Z-score each row of logits (student's and teacher's) before the temperature: the student
+    /// matches the shape of the teacher's answer, not its scale (Sun et al., "Logit
+    /// Standardization in Knowledge Distillation", CVPR 2024).
+    pub standardize: bool,
 }
 
 /// The KD loss and its parts (scalars), for logging.
@@ -37,9 +41,35 @@ pub struct KdLoss {
 /// `T² · KL(softmax(teacher/T) ‖ softmax(student/T))`, summed over classes, mean over the batch.
 /// The teacher's logits are constants (no gradient flows to them).
 pub fn soft_target_loss(student: &Tensor, teacher: &Tensor, temperature: f64) -> Result<Tensor> {
+    soft_loss(student, &teacher.detach(), temperature)
+}
+
+/// [`soft_target_loss`] of the z-scored logits (each row minus its mean, over its sample
+/// standard deviation): the gradient flows through the student's standardisation.
+pub fn standardized_soft_target_loss(
+    student: &Tensor,
+    teacher: &Tensor,
+    temperature: f64,
+) -> Result<Tensor> {
+    soft_loss(
+        &z_score(student)?,
+        &z_score(&teacher.detach())?,
+        temperature,
+    )
+}
+
+/// Each row of `[b, c]` logits minus its mean, over its sample standard deviation (+1e-7).
+pub fn z_score(logits: &Tensor) -> Result<Tensor> {
+    let c = logits.dim(D::Minus1)?;
+    let centred = logits.broadcast_sub(&logits.mean_keepdim(D::Minus1)?)?;
+    let var = (centred.sqr()?.sum_keepdim(D::Minus1)? / (c.max(2) - 1) as f64)?;
+    centred.broadcast_div(&(var.sqrt()? + 1e-7)?)
+}
+
+fn soft_loss(student: &Tensor, teacher: &Tensor, temperature: f64) -> Result<Tensor> {
     let inv_t = 1.0 / temperature;
     let log_q = log_softmax(&(student * inv_t)?, D::Minus1)?;
-    let log_p = log_softmax(&(teacher.detach() * inv_t)?, D::Minus1)?;
+    let log_p = log_softmax(&(teacher * inv_t)?, D::Minus1)?;
     let p = log_p.exp()?;
     let kl = (p * (log_p - log_q)?)?.sum(D::Minus1)?;
     kl.mean_all()? * (temperature * temperature)
@@ -62,7 +92,13 @@ pub fn kd_loss(
     let hard = cross_entropy(student, labels)?;
     let soft_per_head = teacher_heads
         .iter()
-        .map(|t| soft_target_loss(student, t, w.temperature))
+        .map(|t| {
+            if w.standardize {
+                standardized_soft_target_loss(student, t, w.temperature)
+            } else {
+                soft_target_loss(student, t, w.temperature)
+            }
+        })
         .collect::<Result<Vec<_>>>()?;
     let mut soft = hard.zeros_like()?;
     for (s, &hw) in soft_per_head.iter().zip(&w.heads) {
@@ -145,6 +181,7 @@ mod tests {
                     .iter()
                     .map(|x| x.as_f64().unwrap())
                     .collect(),
+                standardize: false,
             };
             let loss = kd_loss(student.as_tensor(), &teachers, &labels, &weights).unwrap();
             let scalar = |t: &Tensor| t.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap();
@@ -179,6 +216,53 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn standardized_soft_loss_ignores_the_scale_and_shift_of_each_row() {
+        let dev = Device::Cpu;
+        let t = Tensor::new(&[[1.0f64, -2.0, 0.5, 4.0], [3.0, 0.0, -1.0, 0.2]], &dev).unwrap();
+        let z = z_score(&t).unwrap();
+        for row in z.to_vec2::<f64>().unwrap() {
+            let mean = row.iter().sum::<f64>() / 4.0;
+            let var = row.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / 3.0;
+            assert!(mean.abs() < 1e-12 && (var - 1.0).abs() < 1e-6, "{row:?}");
+        }
+        let scaled = ((&t * 3.0).unwrap() + 5.0).unwrap();
+        let loss = |s: &Tensor, t: &Tensor| {
+            standardized_soft_target_loss(s, t, 2.0)
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+        };
+        // A student with the teacher's shape at another scale has nothing left to learn...
+        assert!(loss(&scaled, &t) < 1e-9);
+        // ... which the plain loss does not say.
+        assert!(
+            soft_target_loss(&scaled, &t, 2.0)
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+                > 0.1
+        );
+        let other = Tensor::new(&[[0.0f64, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]], &dev).unwrap();
+        let l = loss(&other, &t);
+        assert!(l > 0.01);
+        assert!((loss(&other, &scaled) - l).abs() < 1e-6 * l);
+        // The gradient reaches the student through its standardisation.
+        let s = Var::from_tensor(&other).unwrap();
+        let g = standardized_soft_target_loss(s.as_tensor(), &t, 2.0)
+            .unwrap()
+            .backward()
+            .unwrap();
+        let g = g
+            .get(s.as_tensor())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        assert!(g.to_scalar::<f64>().unwrap() > 0.0);
     }
 
     #[test]
