@@ -354,6 +354,7 @@ pub fn measure(args: &Args, name: &str) -> anyhow::Result<Measurement> {
                 soft: s.soft_weight,
                 heads: used.iter().map(|(_, w)| *w).collect(),
                 standardize: s.standardize_logits,
+                dkd_beta: s.dkd_beta,
             };
             let cached = if name == "student-kd-step" {
                 knowledge(&p, &data, &heads)?

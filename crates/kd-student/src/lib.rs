@@ -169,6 +169,7 @@ pub fn run(args: &Args) -> anyhow::Result<Manifest> {
             soft: cfg.soft_weight,
             heads: used.iter().map(|(_, w)| *w).collect(),
             standardize: cfg.standardize_logits,
+            dkd_beta: cfg.dkd_beta,
         };
         let settings = serde_json::json!({ "data": pipeline.data_settings(), "student": cfg });
         let targets = SoftTargets {

@@ -175,6 +175,10 @@ pub struct StudentConfig {
     /// (logit standardisation: match the shape of the teacher's answer, not its scale).
     #[serde(default, skip_serializing_if = "is_false")]
     pub standardize_logits: bool,
+    /// Decoupled KD: each head's soft loss is `TCKD + dkd_beta · NCKD` instead of the KL (which
+    /// is `TCKD + (1 − p_target) · NCKD`); unset keeps Hinton's KL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dkd_beta: Option<f64>,
 }
 
 fn is_false(b: &bool) -> bool {
@@ -420,6 +424,7 @@ impl PipelineConfig {
                 .iter()
                 .map(|(h, w)| (format!("student.head_weights.{h}"), *w)),
         );
+        weights.extend(s.dkd_beta.map(|b| ("student.dkd_beta".to_string(), b)));
         for (key, v) in weights {
             if !(v >= 0.0 && v.is_finite()) {
                 return Err(format!("{key} must be zero or more, not {v}"));

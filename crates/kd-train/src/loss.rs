@@ -28,6 +28,9 @@ pub struct KdWeights {
     /// matches the shape of the teacher's answer, not its scale (Sun et al., "Logit
     /// Standardization in Knowledge Distillation", CVPR 2024).
     pub standardize: bool,
+    /// Decoupled KD (Zhao et al., CVPR 2022): `Some(β)` replaces each head's KL by
+    /// `TCKD + β · NCKD` (see [`dkd_loss`]); `None` is Hinton's KL.
+    pub dkd_beta: Option<f64>,
 }
 
 /// The KD loss and its parts (scalars), for logging.
@@ -66,6 +69,56 @@ pub fn z_score(logits: &Tensor) -> Result<Tensor> {
     centred.broadcast_div(&(var.sqrt()? + 1e-7)?)
 }
 
+/// `log Σ exp` over the last dimension, keeping it; the max is a constant for the gradient.
+fn log_sum_exp(x: &Tensor) -> Result<Tensor> {
+    let m = x.max_keepdim(D::Minus1)?.detach();
+    x.broadcast_sub(&m)?
+        .exp()?
+        .sum_keepdim(D::Minus1)?
+        .log()?
+        .broadcast_add(&m)
+}
+
+/// Decoupled knowledge distillation of student logits `[b, c]` from one teacher head, with the
+/// labels `[b]`: Hinton's KL splits into `TCKD` (KL of the binary target / not-target
+/// probabilities) plus `(1 − p_target) · NCKD` (KL of the distributions over the non-target
+/// classes). With a confident teacher that factor makes the non-target knowledge vanish; DKD
+/// weights it by `beta` instead: `T² · (TCKD + beta · NCKD)`, batch mean.
+pub fn dkd_loss(
+    student: &Tensor,
+    teacher: &Tensor,
+    labels: &Tensor,
+    temperature: f64,
+    beta: f64,
+) -> Result<Tensor> {
+    let c = student.dim(D::Minus1)?;
+    let target = Tensor::arange(0u32, c as u32, student.device())?
+        .unsqueeze(0)?
+        .broadcast_eq(&labels.unsqueeze(1)?)?
+        .to_dtype(student.dtype())?;
+    // Per row: log p(target), log p(not target), log p(class | not target).
+    let parts = |z: &Tensor| -> Result<(Tensor, Tensor, Tensor)> {
+        let z = (z / temperature)?;
+        let all = log_sum_exp(&z)?;
+        let z_target = (&z * &target)?.sum_keepdim(D::Minus1)?;
+        let z_rest = (&z - (&target * 1e4)?)?;
+        let rest = log_sum_exp(&z_rest)?;
+        Ok((
+            (z_target - &all)?,
+            (&rest - &all)?,
+            z_rest.broadcast_sub(&rest)?,
+        ))
+    };
+    let (s_t, s_r, s_nc) = parts(student)?;
+    let (t_t, t_r, t_nc) = parts(&teacher.detach())?;
+    let kl = |log_p: &Tensor, log_q: &Tensor| -> Result<Tensor> {
+        (log_p.exp()? * (log_p - log_q)?)?.sum(D::Minus1)
+    };
+    let tckd = (kl(&t_t, &s_t)? + kl(&t_r, &s_r)?)?;
+    let nckd = kl(&t_nc, &s_nc)?;
+    (tckd + (nckd * beta)?)?.mean_all()? * (temperature * temperature)
+}
+
 fn soft_loss(student: &Tensor, teacher: &Tensor, temperature: f64) -> Result<Tensor> {
     let inv_t = 1.0 / temperature;
     let log_q = log_softmax(&(student * inv_t)?, D::Minus1)?;
@@ -93,7 +146,9 @@ pub fn kd_loss(
     let soft_per_head = teacher_heads
         .iter()
         .map(|t| {
-            if w.standardize {
+            if let Some(beta) = w.dkd_beta {
+                dkd_loss(student, t, labels, w.temperature, beta)
+            } else if w.standardize {
                 standardized_soft_target_loss(student, t, w.temperature)
             } else {
                 soft_target_loss(student, t, w.temperature)
@@ -182,6 +237,7 @@ mod tests {
                     .map(|x| x.as_f64().unwrap())
                     .collect(),
                 standardize: false,
+                dkd_beta: None,
             };
             let loss = kd_loss(student.as_tensor(), &teachers, &labels, &weights).unwrap();
             let scalar = |t: &Tensor| t.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap();
@@ -263,6 +319,40 @@ mod tests {
             .sum_all()
             .unwrap();
         assert!(g.to_scalar::<f64>().unwrap() > 0.0);
+    }
+
+    #[test]
+    fn dkd_with_beta_one_minus_the_teachers_target_probability_is_the_kl() {
+        // The identity DKD rests on: KL = TCKD + (1 − p_target) · NCKD, row by row.
+        let dev = Device::Cpu;
+        let rows = [
+            ([1.0f64, -2.0, 0.5, 4.0], [0.3f64, 2.0, -1.0, 0.0], 3u32),
+            ([3.0, 0.0, -1.0, 0.2], [0.0, 0.5, 0.5, 0.1], 1),
+        ];
+        for (t, s, y) in rows {
+            let teacher = Tensor::new(&[t], &dev).unwrap();
+            let student = Tensor::new(&[s], &dev).unwrap();
+            let labels = Tensor::new(&[y], &dev).unwrap();
+            for temp in [1.0, 4.0] {
+                let p = candle_nn::ops::softmax_last_dim(&(&teacher / temp).unwrap())
+                    .unwrap()
+                    .to_vec2::<f64>()
+                    .unwrap()[0][y as usize];
+                let scalar = |t: Tensor| t.to_scalar::<f64>().unwrap();
+                let kl = scalar(soft_target_loss(&student, &teacher, temp).unwrap());
+                let dkd = scalar(dkd_loss(&student, &teacher, &labels, temp, 1.0 - p).unwrap());
+                assert!(
+                    (kl - dkd).abs() < 1e-9 * kl.max(1.0),
+                    "T {temp}: {kl} vs {dkd}"
+                );
+                // A larger beta weighs the non-target classes more.
+                let more = scalar(dkd_loss(&student, &teacher, &labels, temp, 8.0).unwrap());
+                assert!(more > dkd);
+                assert!(
+                    scalar(dkd_loss(&teacher, &teacher, &labels, temp, 8.0).unwrap()).abs() < 1e-12
+                );
+            }
+        }
     }
 
     #[test]
