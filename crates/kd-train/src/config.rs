@@ -553,7 +553,7 @@ head_weights = { main = 1.0, aux1 = 0.3, aux2 = 0.3 }
 
     #[test]
     fn bad_values_are_refused_by_name() {
-        let cases: [(&[&str], &str); 10] = [
+        let cases: [(&[&str], &str); 11] = [
             (&["data.val_size=0"], "data.val_size"),
             (&["teacher.epoch=3"], "epoch"),
             (&["student.temperature=0"], "student.temperature"),
@@ -569,6 +569,7 @@ head_weights = { main = 1.0, aux1 = 0.3, aux2 = 0.3 }
                 &["student.augment=true", "student.view_targets=\"mean\""],
                 "student.view_targets",
             ),
+            (&["student.dkd_beta=-1"], "student.dkd_beta"),
             (
                 &["student.view_targets=\"median\""],
                 "`median`, expected `first` or `mean`",
