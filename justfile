@@ -51,22 +51,26 @@ precompute-slurm n='3' name='fashion-mnist' *args='': build
     KD_BIN="{{bin}}" deploy/slurm/submit.sh --wait {{n}} "$pipeline" artifacts -- {{args}}
     {{bin}}/kd-precompute verify --pipeline "$pipeline" {{args}}
 
-# KD student and baseline once per seed from the same knowledge file, mean ± std in the report (`just compare [NAME] seeds=3 [views=8] [storage="f16 top3 top3-f16"] [FLAGS]`; views=K adds augmented students: single-view KD, K-view KD, augmented baseline; storage adds KD students from compact knowledge files)
+# KD student and baseline once per seed from the same knowledge file, mean ± std in the report (`just compare [NAME] seeds=3 [views=8] [storage="f16 top3 top3-f16"] [variant=e30 --epochs 30] [FLAGS]`; views=K adds augmented students: single-view KD, K-view KD, augmented baseline; storage adds KD students from compact knowledge files; variant=V tags the runs seed-<n>-V so runs with other FLAGS sit beside the default ones)
 [group('experiments')]
 [positional-arguments]
 compare *args='': data build
     #!/usr/bin/env bash
     set -euo pipefail
-    name=fashion-mnist; seeds=3; views=1; storage=""; flags=()
+    name=fashion-mnist; seeds=3; views=1; storage=""; variant=""; flags=()
     if [ $# -gt 0 ] && [[ $1 != -* ]] && [[ $1 != *=* ]]; then name=$1; shift; fi
     for a in "$@"; do
         case "$a" in
         seeds=*) seeds="${a#seeds=}" ;;
         views=*) views="${a#views=}" ;;
         storage=*) storage="${a#storage=}" ;;
+        variant=*) variant="${a#variant=}" ;;
         *) flags+=("$a") ;;
         esac
     done
+    if [ -n "$variant" ] && [ -n "$storage" ]; then
+        echo "variant= and storage= together are not supported: compact-storage students are compared with the plain ones" >&2; exit 2
+    fi
     p="pipelines/$name.toml"
     just pipeline "$name"
     if [ "$views" -gt 1 ]; then
@@ -84,12 +88,13 @@ compare *args='': data build
     done
     aug=(--set student.augment=true)
     for s in $(seq 0 $((seeds - 1))); do
-        {{bin}}/kd-student --pipeline "$p" --seed "$s" --tag "seed-$s" "${flags[@]}"
-        {{bin}}/kd-student --pipeline "$p" --baseline --seed "$s" --tag "seed-$s" "${flags[@]}"
+        t="seed-$s${variant:+-$variant}"; tv="seed-$s-$variant"
+        {{bin}}/kd-student --pipeline "$p" --seed "$s" --tag "$t" "${flags[@]}"
+        {{bin}}/kd-student --pipeline "$p" --baseline --seed "$s" --tag "$t" "${flags[@]}"
         if [ "$views" -gt 1 ]; then
-            {{bin}}/kd-student --pipeline "$p" --seed "$s" --tag "seed-$s-aug" "${aug[@]}" "${flags[@]}"
-            {{bin}}/kd-student --pipeline "$p" --baseline --seed "$s" --tag "seed-$s-aug" "${aug[@]}" "${flags[@]}"
-            {{bin}}/kd-student --pipeline "$p" --seed "$s" --tag "seed-$s-views$views" "${aug[@]}" \
+            {{bin}}/kd-student --pipeline "$p" --seed "$s" --tag "${tv}aug" "${aug[@]}" "${flags[@]}"
+            {{bin}}/kd-student --pipeline "$p" --baseline --seed "$s" --tag "${tv}aug" "${aug[@]}" "${flags[@]}"
+            {{bin}}/kd-student --pipeline "$p" --seed "$s" --tag "${tv}views$views" "${aug[@]}" \
                 --knowledge "artifacts/$name/runs/views-$views/knowledge/soft-targets.safetensors" "${flags[@]}"
         fi
         for st in $storage; do
