@@ -181,7 +181,7 @@ fn pairs(cols: &[Column]) -> Vec<(Column, Column)> {
         let own = col(&control, false);
         if cols.contains(&own) {
             vs_baseline.push((c.clone(), own));
-        } else if cols.contains(&col("", false)) {
+        } else if control == c.variant && cols.contains(&col("", false)) {
             vs_baseline.push((c.clone(), col("", false)));
         }
         if control != c.variant {
@@ -232,47 +232,51 @@ pub fn seeds_section(runs: &[Run]) -> Option<(String, serde_json::Value)> {
         .iter()
         .cloned()
         .partition(|c| column(c).len() == cells.len());
-    let seed_table = |cols: &[Column]| -> Table {
-        let mut header = vec!["seed".to_string()];
-        header.extend(cols.iter().map(Column::label));
-        let mut t = Table::new(&header);
-        for (seed, row) in &cells {
-            if !cols.iter().any(|c| row.contains_key(c)) {
-                continue;
-            }
-            let mut line = vec![seed.to_string()];
-            line.extend(
-                cols.iter()
-                    .map(|c| row.get(c).map_or("-".into(), |&a| pct(a))),
-            );
-            t.row(&line);
-        }
-        let n = cols.iter().map(|c| column(c).len()).max().unwrap_or(0);
-        if n > 1 {
-            let mut line = vec![if cols.iter().all(|c| column(c).len() == n) {
-                format!("mean ± std ({n} seeds)")
-            } else {
-                "mean ± std".to_string()
-            }];
-            line.extend(cols.iter().map(|c| {
-                let xs = column(c);
-                if xs.len() > 1 {
-                    pm(mean_std(&xs))
-                } else {
-                    "-".into()
-                }
-            }));
-            t.row(&line);
-        }
-        t
-    };
-    let t = seed_table(&full);
+    let mut header = vec!["seed".to_string()];
+    header.extend(full.iter().map(Column::label));
+    let mut t = Table::new(&header);
+    for (seed, row) in &cells {
+        let mut line = vec![seed.to_string()];
+        line.extend(
+            full.iter()
+                .map(|c| row.get(c).map_or("-".into(), |&a| pct(a))),
+        );
+        t.row(&line);
+    }
+    let mut line = vec![format!("mean ± std ({} seeds)", cells.len())];
+    line.extend(full.iter().map(|c| pm(mean_std(&column(c)))));
+    t.row(&line);
     let probe_md = if probes.is_empty() {
         String::new()
     } else {
+        // One row per (variant, seed): probes are many variants on few seeds.
+        let mut variants: Vec<&str> = probes.iter().map(|c| c.variant.as_str()).collect();
+        variants.dedup();
+        let mut pt = Table::new(&["variant", "seed", "baseline", "KD"]);
+        for v in variants {
+            for (seed, row) in &cells {
+                let get = |kd: bool| {
+                    row.get(&Column {
+                        variant: v.to_string(),
+                        kd,
+                    })
+                    .copied()
+                };
+                if get(false).is_none() && get(true).is_none() {
+                    continue;
+                }
+                let show = |a: Option<f64>| a.map_or("-".into(), pct);
+                pt.row(&[
+                    v.to_string(),
+                    seed.to_string(),
+                    show(get(false)),
+                    show(get(true)),
+                ]);
+            }
+        }
         format!(
-            "Probes, on fewer seeds than the table above:\n\n{}\n",
-            seed_table(&probes).to_markdown()
+            "Probes, on fewer seeds than the table above (one row per variant and seed):\n\n{}\n",
+            pt.to_markdown()
         )
     };
     // Paired differences, over the seeds that have both.
@@ -479,6 +483,8 @@ mod tests {
             col("e30", true),
             col("e30aug", false),
             col("e30views8", true),
+            // No e60aug baseline: no pair at all, rather than one against another schedule.
+            col("e60views8", true),
         ];
         let names: Vec<String> = pairs(&cols)
             .iter()
