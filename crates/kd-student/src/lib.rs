@@ -157,10 +157,10 @@ pub fn run(args: &Args) -> anyhow::Result<Manifest> {
             cfg.temperature,
             cfg.hard_weight,
             cfg.soft_weight,
-            if cfg.standardize_logits {
-                " (logits standardised)"
-            } else {
-                ""
+            match (cfg.standardize_logits, cfg.dkd_beta) {
+                (true, _) => " (logits standardised)".to_string(),
+                (_, Some(b)) => format!(" (decoupled KD, beta {b})"),
+                _ => String::new(),
             }
         );
         let weights = KdWeights {

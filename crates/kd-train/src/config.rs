@@ -443,6 +443,11 @@ impl PipelineConfig {
                 k.top_k, self.data.classes
             ));
         }
+        if s.standardize_logits && s.dkd_beta.is_some() {
+            return Err(
+                "student.standardize_logits and student.dkd_beta do not combine: set one".into(),
+            );
+        }
         if s.view_targets == ViewTargets::Mean && s.augment {
             return Err(
                 "student.view_targets = \"mean\" is for a student without augmentation \
@@ -553,7 +558,7 @@ head_weights = { main = 1.0, aux1 = 0.3, aux2 = 0.3 }
 
     #[test]
     fn bad_values_are_refused_by_name() {
-        let cases: [(&[&str], &str); 11] = [
+        let cases: [(&[&str], &str); 12] = [
             (&["data.val_size=0"], "data.val_size"),
             (&["teacher.epoch=3"], "epoch"),
             (&["student.temperature=0"], "student.temperature"),
@@ -570,6 +575,10 @@ head_weights = { main = 1.0, aux1 = 0.3, aux2 = 0.3 }
                 "student.view_targets",
             ),
             (&["student.dkd_beta=-1"], "student.dkd_beta"),
+            (
+                &["student.dkd_beta=8", "student.standardize_logits=true"],
+                "do not combine",
+            ),
             (
                 &["student.view_targets=\"median\""],
                 "`median`, expected `first` or `mean`",

@@ -7,6 +7,8 @@
 //! ```
 //! Built from `log_softmax` (candle has no `kl_div`, and `softmax_last_dim` has no backward).
 //! The seed article passed probabilities to `KLDivLoss` and left out T²; this does neither.
+//! Two variants replace `soft_h` (config `student.standardize_logits`, `student.dkd_beta`): the KL
+//! of z-scored logits ([`standardized_soft_target_loss`]) and decoupled KD ([`dkd_loss`]).
 
 use candle_core::{Result, Tensor, D};
 use candle_nn::ops::log_softmax;
