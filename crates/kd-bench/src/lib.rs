@@ -489,12 +489,9 @@ fn render(args: &Args, p: &Pipeline, results: &[Measurement]) -> String {
             .iter()
             .find(|(n, _, _)| *n == m.name)
             .map(|(_, w, t)| {
-                (
-                    *w,
-                    pytorch_figure(m.name.as_str(), *t, &p.config.teacher.arch),
-                )
+                let torch = pytorch_figure(&m.name, *t, &p.config.teacher.arch);
+                (*w, torch.filter(|_| default_pipeline))
             })
-            .map(|(w, t)| (w, t.filter(|_| default_pipeline)))
             .unwrap_or((m.name.as_str(), None));
         let ips = m.images_per_sec();
         let med = median(&ips);
