@@ -77,6 +77,21 @@ fn seeds_are_reproducible_and_the_report_shows_mean_and_std() {
     assert!((seeds["columns"]["KD"]["std"].as_f64().unwrap() - std).abs() < 1e-12);
     let diff = &seeds["differences"]["KD − baseline"];
     assert_eq!(diff["per_seed"].as_array().unwrap().len(), 2);
+    // Two seeds: the 95% interval is mean ± t(1)·std/√2, t(1) = 12.706; one seed has none.
+    let (m, s) = (
+        diff["mean"].as_f64().unwrap(),
+        diff["std"].as_f64().unwrap(),
+    );
+    let ci: Vec<f64> = diff["ci95"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect();
+    let half = 12.706 * s / 2f64.sqrt();
+    assert!((ci[0] - (m - half)).abs() < 1e-12 && (ci[1] - (m + half)).abs() < 1e-12);
+    let one = &seeds["differences"]["KD (aug) − KD"];
+    assert!(one["ci95"].is_null() && one["reading"] == "one seed: no test");
     let md = std::fs::read_to_string(a.path().join("smoke/report/report.md")).unwrap();
     assert!(
         md.contains("## Seeds") && md.contains("mean ± std (2 seeds)"),

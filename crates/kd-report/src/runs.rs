@@ -113,6 +113,44 @@ pub fn mean_std(xs: &[f64]) -> (f64, f64) {
     (mean, var.sqrt())
 }
 
+/// The two-sided 95% quantile of Student's t with `df` degrees of freedom: the table for
+/// 1–30, then the Cornish–Fisher expansion `z + (z³ + z)/(4·df)` (within 0.003 of the exact value
+/// from 31 on). NaN for `df = 0`.
+fn t95(df: usize) -> f64 {
+    const TABLE: [f64; 30] = [
+        12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
+        2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056,
+        2.052, 2.048, 2.045, 2.042,
+    ];
+    const Z: f64 = 1.959_964;
+    match df {
+        0 => f64::NAN,
+        1..=30 => TABLE[df - 1],
+        _ => Z + (Z.powi(3) + Z) / (4.0 * df as f64),
+    }
+}
+
+/// The 95% confidence interval of the mean of paired differences (Student's t, `n − 1` degrees
+/// of freedom); `None` for fewer than two pairs, where there is no spread to go by.
+pub fn paired_interval(xs: &[f64]) -> Option<(f64, f64)> {
+    if xs.len() < 2 {
+        return None;
+    }
+    let (m, s) = mean_std(xs);
+    let half = t95(xs.len() - 1) * s / (xs.len() as f64).sqrt();
+    Some((m - half, m + half))
+}
+
+/// How to read an interval of differences: does it hold 0?
+fn verdict(interval: Option<(f64, f64)>) -> &'static str {
+    match interval {
+        None => "one seed: no test",
+        Some((lo, _)) if lo > 0.0 => "better",
+        Some((_, hi)) if hi < 0.0 => "worse",
+        Some(_) => "not distinguishable",
+    }
+}
+
 fn pct(x: f64) -> String {
     format!("{:.2}%", 100.0 * x)
 }
@@ -287,7 +325,13 @@ pub fn seeds_section(runs: &[Run]) -> Option<(String, serde_json::Value)> {
             .collect()
     };
     let pairs = pairs(&cols);
-    let mut d = Table::new(&["difference", "mean ± std (points)", "seeds"]);
+    let mut d = Table::new(&[
+        "difference",
+        "mean ± std (points)",
+        "seeds",
+        "95% interval (paired t)",
+        "reading",
+    ]);
     let mut diffs = serde_json::Map::new();
     for (a, b) in &pairs {
         let xs = paired(a, b);
@@ -295,22 +339,37 @@ pub fn seeds_section(runs: &[Run]) -> Option<(String, serde_json::Value)> {
             continue;
         }
         let (m, s) = mean_std(&xs);
+        let interval = paired_interval(&xs);
         let name = format!("{} − {}", a.label(), b.label());
         d.row(&[
             name.clone(),
-            format!("{:+.2} ± {:.2}", 100.0 * m, 100.0 * s),
+            if xs.len() < 2 {
+                format!("{:+.2}", 100.0 * m)
+            } else {
+                format!("{:+.2} ± {:.2}", 100.0 * m, 100.0 * s)
+            },
             xs.len().to_string(),
+            interval.map_or("-".into(), |(lo, hi)| {
+                format!("{:+.2} to {:+.2}", 100.0 * lo, 100.0 * hi)
+            }),
+            verdict(interval).into(),
         ]);
         diffs.insert(
             name,
-            serde_json::json!({ "mean": m, "std": s, "per_seed": xs }),
+            serde_json::json!({
+                "mean": m, "std": s, "per_seed": xs,
+                "ci95": interval.map(|(lo, hi)| [lo, hi]),
+                "reading": verdict(interval),
+            }),
         );
     }
     let md = format!(
         "## Seeds (`just compare`)\n\n\
          Every column trained once per seed, students from the same knowledge file; the seed sets \
          initialisation, dropout masks, shuffling and augmentation. Test accuracy of each final model (chosen on \
-         validation); standard deviations are sample standard deviations over seeds. Variants: `aug` — the \
+         validation); standard deviations are sample standard deviations over seeds. A difference is \
+         paired by seed; its 95% interval is the mean ± t·std/√n (Student's t, n − 1 degrees of \
+         freedom), and it reads \"better\" or \"worse\" only when the interval leaves out 0. Variants: `aug` — the \
          student trains with augmentation (KD: the single-view knowledge file, whose logits are for the \
          un-augmented image); `views<K>` — KD from the K-view knowledge file, each augmented input replayed \
          with the teacher's logits for exactly that view; `f16`, `top<K>`, `top<K>-f16` — KD from a compact \
@@ -460,6 +519,24 @@ mod tests {
         assert!((s - 0.01).abs() < 1e-12);
         assert_eq!(mean_std(&[0.5]), (0.5, 0.0));
         assert!(mean_std(&[]).0.is_nan());
+    }
+
+    #[test]
+    fn paired_intervals_use_students_t() {
+        // Differences 0.33, 0.52, -0.15 (points): mean 0.2333, sd 0.3453, t(2) = 4.303,
+        // half-width 4.303 * 0.3453 / sqrt(3) = 0.8578 (scipy.stats.t.interval agrees).
+        let (lo, hi) = paired_interval(&[0.0033, 0.0052, -0.0015]).unwrap();
+        assert!((lo - (0.002_333 - 0.008_578)).abs() < 2e-6, "{lo}");
+        assert!((hi - (0.002_333 + 0.008_578)).abs() < 2e-6, "{hi}");
+        assert_eq!(verdict(Some((lo, hi))), "not distinguishable");
+        // Every seed +0.5 to +0.7: clearly positive.
+        assert_eq!(verdict(paired_interval(&[0.005, 0.006, 0.007])), "better");
+        assert_eq!(verdict(paired_interval(&[-0.005, -0.006, -0.007])), "worse");
+        assert_eq!(paired_interval(&[0.01]), None);
+        assert_eq!(verdict(None), "one seed: no test");
+        // The expansion past the table: t(40) = 2.021, t(120) = 1.980.
+        assert!((t95(40) - 2.021).abs() < 3e-3 && (t95(120) - 1.980).abs() < 3e-3);
+        assert!((t95(30) - 2.042).abs() < 1e-9 && t95(0).is_nan());
     }
 
     #[test]
