@@ -94,7 +94,9 @@ fn seeds_are_reproducible_and_the_report_shows_mean_and_std() {
     assert!(one["ci95"].is_null() && one["reading"] == "one seed: no test");
     let md = std::fs::read_to_string(a.path().join("smoke/report/report.md")).unwrap();
     assert!(
-        md.contains("## Seeds") && md.contains("mean ± std (2 seeds)"),
+        md.contains("## Seeds")
+            && md.contains("mean ± std (2 seeds)")
+            && md.contains("Over 2 seeds (`just compare`, below)"),
         "{md}"
     );
 }

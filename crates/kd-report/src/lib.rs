@@ -159,7 +159,15 @@ pub fn run(args: &Args) -> anyhow::Result<Manifest> {
     );
     let seeds = runs::seeds_section(&tagged);
     let sweep = runs::sweep_section(&tagged);
-    let mut markdown = render(&pipeline, &data, &results, &manifests, args.batch_size)?;
+    let over_seeds = seeds.as_ref().and_then(|s| runs::seeds_headline(&s.1));
+    let mut markdown = render(
+        &pipeline,
+        &data,
+        &results,
+        &manifests,
+        args.batch_size,
+        over_seeds.as_deref(),
+    )?;
     // The tagged runs go before the settings, which close the report.
     let at = markdown.find("## Settings").unwrap_or(markdown.len());
     let extra: String = [
@@ -247,6 +255,7 @@ fn render(
     results: &[ModelResult],
     manifests: &BTreeMap<String, Manifest>,
     batch: usize,
+    over_seeds: Option<&str>,
 ) -> anyhow::Result<String> {
     let (teacher, kd, base) = (&results[0], &results[1], &results[2]);
     let s = &pipeline.config.student;
@@ -268,7 +277,7 @@ fn render(
     md += &models_table(results, batch).to_markdown();
     md += &format!(
         "\n**Distillation − baseline: {:+.2} points** of test accuracy ({:.2}% vs {:.2}%; same student, schedule and seed; \
-         KD with T = {}, hard/soft = {}/{}, head weights {}).\n\n\
+         KD with T = {}, hard/soft = {}/{}, head weights {}).{}\n\n\
          The distilled student has {:.1}× fewer parameters than the teacher and runs {:.1}× faster; its test accuracy is {:+.2} points from the teacher's.\n\n",
         100.0 * (kd.test_accuracy - base.test_accuracy),
         100.0 * kd.test_accuracy,
@@ -277,6 +286,7 @@ fn render(
         s.hard_weight,
         s.soft_weight,
         s.head_weights.iter().map(|(h, w)| format!("{h} {w}")).collect::<Vec<_>>().join(", "),
+        over_seeds.map_or(String::new(), |line| format!(" {line}")),
         teacher.parameters as f64 / kd.parameters.max(1) as f64,
         kd.inference_images_per_sec / teacher.inference_images_per_sec.max(1e-9),
         100.0 * (kd.test_accuracy - teacher.test_accuracy),

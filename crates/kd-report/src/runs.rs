@@ -141,6 +141,24 @@ pub fn paired_interval(xs: &[f64]) -> Option<(f64, f64)> {
     Some((m - half, m + half))
 }
 
+/// The seeds' verdict on the pipeline's own comparison, for the report's headline: `KD −
+/// baseline` over every seed that has both, when there are at least two.
+pub fn seeds_headline(seeds: &serde_json::Value) -> Option<String> {
+    let d = &seeds["differences"]["KD − baseline"];
+    let n = d["per_seed"].as_array()?.len();
+    let ci = d["ci95"].as_array()?;
+    let (lo, hi) = (ci.first()?.as_f64()?, ci.get(1)?.as_f64()?);
+    Some(format!(
+        "Over {n} seeds (`just compare`, below): **{:+.2} ± {:.2} points**, 95% interval {:+.2} to \
+         {:+.2}: {}.",
+        100.0 * d["mean"].as_f64()?,
+        100.0 * d["std"].as_f64()?,
+        100.0 * lo,
+        100.0 * hi,
+        d["reading"].as_str()?
+    ))
+}
+
 /// How to read an interval of differences: does it hold 0?
 fn verdict(interval: Option<(f64, f64)>) -> &'static str {
     match interval {
