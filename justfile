@@ -154,6 +154,16 @@ baseline *args='': (_stage "kd-student --baseline" args)
 [group('stages')]
 report *args='': (_stage "kd-report" args)
 
+# Classify image files or folders with a trained model (`just predict [NAME] FILES... [--model teacher|student-baseline] [--top K] [--json]`)
+[group('stages')]
+predict *args='': build
+    #!/usr/bin/env bash
+    set -euo pipefail
+    set -- {{args}}
+    name=fashion-mnist
+    if [ $# -gt 0 ] && [ -f "pipelines/$1.toml" ]; then name=$1; shift; fi
+    {{bin}}/kd-predict --pipeline "pipelines/$name.toml" "$@"
+
 # Runs one stage binary: the first argument, if it is not a flag, names the pipeline.
 [private]
 _stage binary *args='': build

@@ -8,6 +8,7 @@ mod fixture;
 mod hostile;
 mod photos;
 mod pipeline;
+mod predict;
 mod refusals;
 mod reproducible;
 mod shards;

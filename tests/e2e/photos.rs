@@ -109,6 +109,34 @@ fn every_stage_runs_on_real_photos_at_224_px() {
     let report =
         kd_report::run(&kd_report::Args::try_parse_from(args("kd-report", &[])).unwrap()).unwrap();
     assert_eq!(report.metrics["models"].as_array().unwrap().len(), 3);
+    // kd-predict on the test photos (val/) sees what the report saw: its top-1 classes, scored
+    // against the folder names, give the report's test accuracy for each model.
+    for (i, model) in ["teacher", "student-kd", "student-baseline"]
+        .iter()
+        .enumerate()
+    {
+        let val = data.join("val");
+        let predictions = kd_predict::run(
+            &kd_predict::Args::try_parse_from(args(
+                "kd-predict",
+                &["--model", model, "--batch-size", "2", val.to_str().unwrap()],
+            ))
+            .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(predictions.len(), 3);
+        let right = predictions
+            .iter()
+            .filter(|p| p.file.parent().unwrap().file_name().unwrap() == p.top[0].class.as_str())
+            .count();
+        let reported = report.metrics["models"][i]["test_accuracy"]
+            .as_f64()
+            .unwrap();
+        assert!(
+            (right as f64 / 3.0 - reported).abs() < 1e-9,
+            "{model}: {right}/3 vs the report's {reported}"
+        );
+    }
 
     // The class index map sits next to every checkpoint, as the seed writes it.
     let classes: serde_json::Value = serde_json::from_str(
