@@ -136,7 +136,11 @@ pub fn run(args: &Args) -> anyhow::Result<Vec<Prediction>> {
             chunk.len(),
             "",
         )?;
-        let logits = Tensor::from_vec(heads[0].clone(), (chunk.len(), spec.classes), &Device::Cpu)?;
+        let main = heads
+            .into_iter()
+            .next()
+            .context("the model returned no output")?;
+        let logits = Tensor::from_vec(main, (chunk.len(), spec.classes), &Device::Cpu)?;
         let probs = candle_nn::ops::softmax(&logits, D::Minus1)?.to_vec2::<f32>()?;
         for ((file, p), l) in chunk.iter().zip(probs).zip(logits.to_vec2::<f32>()?) {
             out.push(Prediction {
