@@ -6,6 +6,7 @@ mod compact;
 mod experiments;
 mod fixture;
 mod hostile;
+mod labels;
 mod photos;
 mod pipeline;
 mod predict;

@@ -307,7 +307,7 @@ pub fn measure(args: &Args, name: &str) -> anyhow::Result<Measurement> {
                     let b = batch(&data, &rows(&data, i * tb, tb), t.augment, i as u64)?;
                     let (loss, f) = timed(|| {
                         let heads = model.model.forward_t(&b.images, true)?;
-                        let loss = kd_teacher::teacher_loss(&heads, &b.labels, t.aux_weight)?;
+                        let loss = kd_train::loss::teacher_loss(&heads, &b.labels, t.aux_weight)?;
                         loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
                         Ok(loss)
                     })?;
@@ -400,7 +400,7 @@ pub fn measure(args: &Args, name: &str) -> anyhow::Result<Measurement> {
                         let loss = if name == "student-baseline-step" {
                             cross_entropy(&out[0], &b.labels)?
                         } else {
-                            kd_loss(&out[0], &targets, &b.labels, &weights)?.total
+                            kd_loss(&out[0], &targets, &b.labels, None, &weights)?.total
                         };
                         loss.to_scalar::<f32>()?;
                         Ok(loss)

@@ -1,34 +1,10 @@
 //! Seeded batching from one tensor, and augmentation described by replayable view parameters.
 
+use crate::rng::{rng, unit, Stream};
 use crate::{Normalization, Result, SourceImage};
 use candle_core::{Device, Tensor};
-use rand::{RngCore, SeedableRng};
-use rand_chacha::ChaCha8Rng;
+use rand::RngCore;
 use rayon::prelude::*;
-
-/// Independent random streams derived from one seed, one per purpose, so that changing how much
-/// randomness one consumer draws never shifts another.
-#[derive(Debug, Clone, Copy)]
-pub enum Stream {
-    Validation = 1,
-    Shuffle = 2,
-    Augment = 3,
-    TestSplit = 4,
-    /// Which stored view of the knowledge file a row replays in an epoch.
-    ViewChoice = 5,
-}
-
-/// A ChaCha stream for `(seed, purpose, index)`.
-pub fn rng(seed: u64, stream: Stream, index: u64) -> ChaCha8Rng {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    rng.set_stream(((stream as u64) << 56) ^ index);
-    rng
-}
-
-/// Uniform in [0, 1) from 53 random bits.
-fn unit(rng: &mut impl RngCore) -> f64 {
-    (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-}
 
 /// Training augmentation; every kind flips horizontally with probability 1/2.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -293,7 +269,7 @@ impl<'a> Batches<'a> {
 
     /// Shuffles the rows with the stream of `(seed, epoch)`.
     pub fn shuffled(mut self, seed: u64, epoch: usize) -> Self {
-        crate::dataset::shuffle(
+        crate::rng::shuffle(
             &mut self.order,
             &mut rng(seed, Stream::Shuffle, epoch as u64),
         );
@@ -336,6 +312,12 @@ impl<'a> Batches<'a> {
         if let Some(a) = self.augment.as_mut() {
             a.stored = Some(stored);
         }
+        self
+    }
+
+    /// Starts after the first `n` batches (resuming a pass part-way).
+    pub fn skip_batches(mut self, n: usize) -> Self {
+        self.pos = (n * self.batch_size).min(self.order.len());
         self
     }
 

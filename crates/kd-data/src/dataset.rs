@@ -4,7 +4,6 @@ use crate::idx::{read_idx, IdxArray};
 use crate::image_folder::{FolderOptions, SourceImage};
 use crate::{fashion_mnist, DataError, Result};
 use candle_core::{Device, Tensor};
-use rand::RngCore;
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 
@@ -206,6 +205,9 @@ pub struct Dataset {
     pub train_sources: Option<Vec<SourceImage>>,
     /// Files skipped because they did not decode (`skip_bad_images`), with why.
     pub skipped: Vec<(PathBuf, String)>,
+    /// The last `unlabelled` training rows have no class (photos of an `unlabelled/` folder):
+    /// never validation rows, never labelled.
+    pub unlabelled: usize,
 }
 
 impl Dataset {
@@ -215,48 +217,56 @@ impl Dataset {
             DataSource::Hub => None,
         };
         let fashion = opts.name == "fashion-mnist";
-        let (mut train, mut test, mut class_names, mut sources, skipped) = match (&opts.format, dir)
-        {
-            (DataFormat::Idx, Some(dir)) => (
-                load_idx_split(dir, "train", opts)?,
-                load_idx_split(dir, "t10k", opts)?,
-                None,
-                None,
-                vec![],
-            ),
-            (DataFormat::Idx, None) => {
-                let (train, test) = load_hub(&opts.name)?;
-                (train, test, None, None, vec![])
-            }
-            (DataFormat::ImageFolder(f), Some(dir)) => {
-                let d = crate::image_folder::load(dir, f)?;
-                if d.class_names.len() != opts.classes {
-                    return Err(DataError::Config(format!(
-                        "{} has {} class folders ({}) but data.classes is {}",
-                        dir.display(),
-                        d.class_names.len(),
-                        d.class_names.join(", "),
-                        opts.classes
-                    )));
+        let (mut train, mut test, mut class_names, mut sources, skipped, unlabelled) =
+            match (&opts.format, dir) {
+                (DataFormat::Idx, Some(dir)) => (
+                    load_idx_split(dir, "train", opts)?,
+                    load_idx_split(dir, "t10k", opts)?,
+                    None,
+                    None,
+                    vec![],
+                    0,
+                ),
+                (DataFormat::Idx, None) => {
+                    let (train, test) = load_hub(&opts.name)?;
+                    (train, test, None, None, vec![], 0)
                 }
-                (
-                    d.train,
-                    d.test,
-                    Some(d.class_names),
-                    Some(d.train_sources),
-                    d.skipped,
-                )
-            }
-            (DataFormat::Cifar10, Some(dir)) => {
-                let (train, test, names) = crate::cifar::load(dir, opts.classes)?;
-                (train, test, Some(names), None, vec![])
-            }
-            (_, None) => {
-                return Err(DataError::Config(
-                    "only IDX datasets have a hub source".into(),
-                ))
-            }
-        };
+                (DataFormat::ImageFolder(f), Some(dir)) => {
+                    let d = crate::image_folder::load(dir, f)?;
+                    if d.class_names.len() != opts.classes {
+                        return Err(DataError::Config(format!(
+                            "{} has {} class folders ({}) but data.classes is {}",
+                            dir.display(),
+                            d.class_names.len(),
+                            d.class_names.join(", "),
+                            opts.classes
+                        )));
+                    }
+                    (
+                        d.train,
+                        d.test,
+                        Some(d.class_names),
+                        Some(d.train_sources),
+                        d.skipped,
+                        d.unlabelled,
+                    )
+                }
+                (DataFormat::Cifar10, Some(dir)) => {
+                    let (train, test, names) = crate::cifar::load(dir, opts.classes)?;
+                    (train, test, Some(names), None, vec![], 0)
+                }
+                (_, None) => {
+                    return Err(DataError::Config(
+                        "only IDX datasets have a hub source".into(),
+                    ))
+                }
+            };
+        if opts.train_limit.is_some() && unlabelled > 0 {
+            return Err(DataError::Config(
+                "data.train_limit does not combine with unlabelled photos (it would cut them first)"
+                    .into(),
+            ));
+        }
         if let Some(n) = opts.train_limit {
             train.truncate(n);
             if let Some(s) = sources.as_mut() {
@@ -307,6 +317,7 @@ impl Dataset {
             normalization,
             train_sources: sources,
             skipped,
+            unlabelled,
         })
     }
 
@@ -317,34 +328,25 @@ impl Dataset {
         }
     }
 
-    /// Holds `val_size` training images out for checkpoint selection: a seeded permutation, with
-    /// both parts returned in dataset order.
+    /// Holds `val_size` labelled training images out for checkpoint selection: a seeded
+    /// permutation, with both parts returned in dataset order (the unlabelled rows are in neither).
     pub fn validation_split(&self, val_size: usize, seed: u64) -> Result<(Vec<u32>, Vec<u32>)> {
-        let n = self.train.len();
+        let n = self.train.len() - self.unlabelled;
         if val_size >= n {
             return Err(DataError::Config(format!(
                 "the validation split ({val_size} images) must be smaller than the training set ({n} images)"
             )));
         }
         let mut order: Vec<u32> = (0..n as u32).collect();
-        shuffle(
+        crate::rng::shuffle(
             &mut order,
-            &mut crate::batch::rng(seed, crate::batch::Stream::Validation, 0),
+            &mut crate::rng::rng(seed, crate::rng::Stream::Validation, 0),
         );
         let mut val = order[..val_size].to_vec();
         let mut train = order[val_size..].to_vec();
         val.sort_unstable();
         train.sort_unstable();
         Ok((train, val))
-    }
-}
-
-/// Fisher-Yates with our own draw, so the order depends on the seed alone, not on a library's
-/// sampling algorithm.
-pub(crate) fn shuffle(xs: &mut [u32], rng: &mut impl RngCore) {
-    for i in (1..xs.len()).rev() {
-        let j = (rng.next_u64() % (i as u64 + 1)) as usize;
-        xs.swap(i, j);
     }
 }
 

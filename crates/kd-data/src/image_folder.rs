@@ -7,7 +7,8 @@
 //! view — the whole photo resized to `size × size`, as the seed's `Resize((224, 224))` — is what
 //! the `ImageSet` holds, fingerprints and feeds to evaluation and precompute.
 
-use crate::dataset::{shuffle, ImageSet};
+use crate::dataset::ImageSet;
+use crate::rng::shuffle;
 use crate::{DataError, Result};
 use image::imageops::FilterType;
 use image::{RgbImage, RgbaImage};
@@ -37,7 +38,13 @@ pub struct FolderOptions {
     pub split_seed: u64,
     /// Skip (and count) files that do not decode, instead of failing.
     pub skip_bad_images: bool,
+    /// Photos without a class for the transfer set [default: an `unlabelled/` folder beside the
+    /// training class folders, if there is one].
+    pub unlabelled: Option<PathBuf>,
 }
+
+/// The folder of photos without a class, beside the class folders.
+pub const UNLABELLED: &str = "unlabelled";
 
 /// An ImageFolder, decoded.
 #[derive(Debug, Clone)]
@@ -48,6 +55,8 @@ pub struct FolderData {
     pub train_sources: Vec<SourceImage>,
     /// Files that did not decode, with why (only with `skip_bad_images`).
     pub skipped: Vec<(PathBuf, String)>,
+    /// The last `unlabelled` training rows are photos without a class (label 0 as a placeholder).
+    pub unlabelled: usize,
 }
 
 const EXTENSIONS: [&str; 3] = ["jpg", "jpeg", "png"];
@@ -71,18 +80,26 @@ fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(v)
 }
 
-/// Class folders of `root` (sorted by name) and their image files (sorted by name).
+/// The image files of a folder, sorted by name.
+fn images_in(dir: &Path) -> Result<Vec<PathBuf>> {
+    Ok(sorted_entries(dir)?
+        .into_iter()
+        .filter(|p| p.is_file() && is_image(p))
+        .collect())
+}
+
+/// Class folders of `root` (sorted by name; not `unlabelled/`) and their image files.
 fn classes(root: &Path) -> Result<Vec<(String, Vec<PathBuf>)>> {
     let mut out = Vec::new();
-    for dir in sorted_entries(root)?.into_iter().filter(|p| p.is_dir()) {
+    for dir in sorted_entries(root)?
+        .into_iter()
+        .filter(|p| p.is_dir() && !p.ends_with(UNLABELLED))
+    {
         let name = dir
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let files: Vec<PathBuf> = sorted_entries(&dir)?
-            .into_iter()
-            .filter(|p| p.is_file() && is_image(p))
-            .collect();
+        let files = images_in(&dir)?;
         if files.is_empty() {
             return Err(DataError::Invalid {
                 path: dir,
@@ -246,11 +263,7 @@ pub fn load(root: &Path, opts: &FolderOptions) -> Result<FolderData> {
             let mut order: Vec<u32> = (0..files.len() as u32).collect();
             shuffle(
                 &mut order,
-                &mut crate::batch::rng(
-                    opts.split_seed,
-                    crate::batch::Stream::TestSplit,
-                    label as u64,
-                ),
+                &mut crate::rng::rng(opts.split_seed, crate::rng::Stream::TestSplit, label as u64),
             );
             let n_test = (files.len() as f64 * opts.test_fraction).round() as usize;
             let mut held: Vec<u32> = order[..n_test].to_vec();
@@ -266,8 +279,17 @@ pub fn load(root: &Path, opts: &FolderOptions) -> Result<FolderData> {
         }
         (names, train, test)
     };
+    let unlabelled = unlabelled_files(root, opts)?;
+    let mut train_files = train_files;
+    train_files.extend(unlabelled.iter().map(|f| (f.clone(), 0)));
     let mut skipped = Vec::new();
     let (train_sources, train_labels) = decode_all(&train_files, opts, &mut skipped)?;
+    // Skipped files are counted against the part they came from.
+    let unlabelled = unlabelled.len()
+        - skipped
+            .iter()
+            .filter(|(p, _)| unlabelled.contains(p))
+            .count();
     let (test_sources, test_labels) = decode_all(&test_files, opts, &mut skipped)?;
     if train_sources.is_empty() {
         return Err(DataError::Invalid {
@@ -281,7 +303,37 @@ pub fn load(root: &Path, opts: &FolderOptions) -> Result<FolderData> {
         test: image_set(&test_sources, test_labels, opts.size),
         train_sources,
         skipped,
+        unlabelled,
     })
+}
+
+/// The photos without a class: `opts.unlabelled`, else `<root>/train/unlabelled/` or
+/// `<root>/unlabelled/` if there is one.
+fn unlabelled_files(root: &Path, opts: &FolderOptions) -> Result<Vec<PathBuf>> {
+    let dir = match &opts.unlabelled {
+        Some(dir) if !dir.is_dir() => {
+            return Err(DataError::Missing {
+                dir: dir.clone(),
+                message: "data.unlabelled_dir is not a folder".into(),
+            })
+        }
+        Some(dir) => dir.clone(),
+        None => match [root.join("train").join(UNLABELLED), root.join(UNLABELLED)]
+            .into_iter()
+            .find(|d| d.is_dir())
+        {
+            Some(d) => d,
+            None => return Ok(Vec::new()),
+        },
+    };
+    let files = images_in(&dir)?;
+    if files.is_empty() {
+        return Err(DataError::Invalid {
+            path: dir,
+            message: "the folder of unlabelled photos has no images (JPEG or PNG)".into(),
+        });
+    }
+    Ok(files)
 }
 
 #[cfg(test)]
@@ -295,6 +347,7 @@ mod tests {
             test_fraction: 0.25,
             split_seed: 0,
             skip_bad_images: false,
+            unlabelled: None,
         }
     }
 
@@ -322,6 +375,61 @@ mod tests {
         write_png(&big, [10, 20, 30, 255], 100, 50);
         let s = decode(&big, 8).unwrap();
         assert_eq!((s.width, s.height), (32, 16));
+    }
+
+    #[test]
+    fn unlabelled_photos_join_the_training_rows_last() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = dir.path();
+        for (folder, n) in [
+            ("train/cat", 2),
+            ("train/dog", 1),
+            ("val/cat", 1),
+            ("val/dog", 1),
+        ] {
+            for i in 0..n {
+                write_png(
+                    &r.join(folder).join(format!("{i}.png")),
+                    [1, 2, 3, 255],
+                    4,
+                    4,
+                );
+            }
+        }
+        for i in 0..3 {
+            write_png(
+                &r.join("train/unlabelled").join(format!("u{i}.png")),
+                [9, 9, 9, 255],
+                4,
+                4,
+            );
+        }
+        let d = load(r, &opts()).unwrap();
+        assert_eq!(d.class_names, ["cat", "dog"], "unlabelled/ is not a class");
+        assert_eq!(d.train.len(), 6);
+        assert_eq!(d.unlabelled, 3);
+        assert_eq!(d.train_sources.len(), 6);
+        // Named explicitly; a missing or empty folder is refused by name.
+        let other = tempfile::tempdir().unwrap();
+        write_png(&other.path().join("x.png"), [0, 0, 0, 255], 4, 4);
+        let named = FolderOptions {
+            unlabelled: Some(other.path().to_path_buf()),
+            ..opts()
+        };
+        assert_eq!(load(r, &named).unwrap().unlabelled, 1);
+        let missing = FolderOptions {
+            unlabelled: Some(r.join("nowhere")),
+            ..opts()
+        };
+        let e = load(r, &missing).unwrap_err().to_string();
+        assert!(e.contains("nowhere") && e.contains("not a folder"), "{e}");
+        std::fs::create_dir(r.join("empty")).unwrap();
+        let empty = FolderOptions {
+            unlabelled: Some(r.join("empty")),
+            ..opts()
+        };
+        let e = load(r, &empty).unwrap_err().to_string();
+        assert!(e.contains("empty") && e.contains("no images"), "{e}");
     }
 
     #[test]

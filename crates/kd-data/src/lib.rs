@@ -12,6 +12,8 @@ pub mod fashion_mnist;
 pub mod files;
 pub mod idx;
 pub mod image_folder;
+pub mod labels;
+pub mod rng;
 
 pub use batch::{choose_view, Augment, Batch, Batches, StoredViews, View};
 pub use dataset::{DataFormat, DataSource, Dataset, ImageSet, LoadOptions, Normalization, Split};

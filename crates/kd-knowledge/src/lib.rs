@@ -19,6 +19,12 @@
 //!
 //! Version 1 files (one view) are read as before.
 //!
+//! Format version 3 (written when only some training rows carry a label, `data.labels`) is
+//! version 1 or 2 plus a label mask: `labelled` `[N]` u8, 1 where the row carries a label, and
+//! metadata `dataset.labelled` `{rows, fingerprint}` (how many, and `kd_data::labels::
+//! mask_fingerprint` of the mask). The labels of the other rows are stored as 0 and mean nothing:
+//! those rows are the unlabelled transfer set, known to the student through the logits alone.
+//!
 //! Compact storage (either version, metadata `storage`, see [`compact`]): logits in f16
 //! (`{"dtype": "f16"}`), and/or only the top k per row (`{"dtype": …, "top_k": k}`: `logits.<head>`
 //! holds the k largest, `classes.<head>` `[…, k]` u16 their classes, `rest.<head>` one logit for
@@ -38,7 +44,11 @@ use std::path::{Path, PathBuf};
 pub const FORMAT_VERSION: u32 = 1;
 /// The version of files with several views per row.
 pub const FORMAT_VERSION_VIEWS: u32 = 2;
+/// The version of files whose rows do not all carry a label (one view or several).
+pub const FORMAT_VERSION_LABELLED: u32 = 3;
 pub const VIEWS: &str = "views";
+/// The label mask of a version 3 file.
+pub const LABELLED: &str = "labelled";
 pub const METADATA_KEY: &str = "kd_knowledge";
 pub const LABELS: &str = "labels";
 
@@ -76,9 +86,43 @@ pub struct DatasetRef {
     pub classes: usize,
     /// `kd_data::ImageSet::fingerprint` of exactly these rows.
     pub fingerprint: String,
+    /// Which rows carry a label, when not all do (format version 3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub labelled: Option<LabelledRef>,
+}
+
+/// The label mask of a knowledge file whose rows do not all carry a label.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LabelledRef {
+    /// How many rows carry a label.
+    pub rows: usize,
+    /// `kd_data::labels::mask_fingerprint` of the mask.
+    pub fingerprint: String,
 }
 
 impl DatasetRef {
+    /// The training split of a dataset, with its label mask when not every row carries a label.
+    pub fn training(
+        name: &str,
+        classes: usize,
+        fingerprint: &str,
+        rows: usize,
+        mask: Option<&[u8]>,
+    ) -> Self {
+        Self {
+            name: name.to_string(),
+            split: "train".into(),
+            rows,
+            classes,
+            fingerprint: fingerprint.to_string(),
+            labelled: mask.map(|m| LabelledRef {
+                rows: m.iter().filter(|&&x| x == 1).count(),
+                fingerprint: kd_data::labels::mask_fingerprint(m),
+            }),
+        }
+    }
+
     /// The first field in which `self` differs from `expected`: its name, `self`'s value and
     /// `expected`'s.
     pub fn first_difference(
@@ -100,9 +144,25 @@ impl DatasetRef {
                 m.fingerprint.clone(),
                 e.fingerprint.clone(),
             ),
+            (
+                "dataset.labelled",
+                labelled_text(&m.labelled),
+                labelled_text(&e.labelled),
+            ),
         ]
         .into_iter()
         .find(|(_, found, want)| found != want)
+    }
+}
+
+fn labelled_text(l: &Option<LabelledRef>) -> String {
+    match l {
+        None => "every row".into(),
+        Some(l) => format!(
+            "{} rows (mask {})",
+            l.rows,
+            &l.fingerprint[..l.fingerprint.len().min(12)]
+        ),
     }
 }
 
@@ -185,21 +245,30 @@ impl Metadata {
 
 pub use kd_data::files::canonical_json;
 
+/// What a knowledge file holds per row besides the logits.
+#[derive(Debug, Clone, Copy)]
+pub struct RowData<'a> {
+    /// The dataset's labels (0 for rows without one).
+    pub labels: &'a [u32],
+    /// 1 where the row carries a label, when not all do (format version 3).
+    pub labelled: Option<&'a [u8]>,
+    /// `rows × K` view parameters, row-major, for a multi-view file.
+    pub views: Option<&'a [kd_data::View]>,
+}
+
 /// Writes a knowledge file atomically. `logits` holds one `[rows, classes]` row-major buffer per
 /// head, in the order of `meta.heads`.
 pub fn write(path: &Path, meta: &Metadata, logits: &[Vec<f32>], labels: &[u32]) -> Result<()> {
-    if meta.views.is_some() {
-        return Err(invalid(
-            path,
-            "a multi-view file is written with write_views".into(),
-        ));
-    }
-    let (n, c) = (meta.dataset.rows, meta.dataset.classes);
-    check_buffers(path, &meta.heads, n, c, logits, labels)?;
-    meta.check_storage().map_err(|m| invalid(path, m))?;
-    let json = serde_json::to_value(meta).map_err(|e| invalid(path, e.to_string()))?;
-    let tensors = head_tensors(&meta.storage(), &meta.heads, &[n], c, logits);
-    serialize(path, METADATA_KEY, &json, tensors, labels)
+    write_rows(
+        path,
+        meta,
+        logits,
+        RowData {
+            labels,
+            labelled: None,
+            views: None,
+        },
+    )
 }
 
 /// Writes a multi-view knowledge file (format version 2) atomically: `logits` holds one
@@ -211,36 +280,106 @@ pub fn write_views(
     labels: &[u32],
     views: &[kd_data::View],
 ) -> Result<()> {
-    let Some(v) = &meta.views else {
-        return Err(invalid(
-            path,
-            "write_views needs metadata with views".into(),
-        ));
-    };
-    let (n, k, c) = (meta.dataset.rows, v.count, meta.dataset.classes);
-    if meta.format_version != FORMAT_VERSION_VIEWS || k < 2 || views.len() != n * k {
+    write_rows(
+        path,
+        meta,
+        logits,
+        RowData {
+            labels,
+            labelled: None,
+            views: Some(views),
+        },
+    )
+}
+
+/// Writes any knowledge file atomically: `logits` holds one `[rows, K, classes]` buffer per
+/// head (K = 1 without views), `rows` the labels, the label mask and the views the metadata
+/// says the file has.
+pub fn write_rows(path: &Path, meta: &Metadata, logits: &[Vec<f32>], rows: RowData) -> Result<()> {
+    let (n, k, c) = (meta.dataset.rows, meta.view_count(), meta.dataset.classes);
+    if let Some(why) = layout_error(meta) {
+        return Err(invalid(path, why));
+    }
+    if rows.views.map(<[_]>::len) != meta.views.as_ref().map(|_| n * k) {
         return Err(invalid(
             path,
             format!(
-                "version {FORMAT_VERSION_VIEWS} with K >= 2 and {n}x{k} views expected, got version {}, K = {k}, {} views",
-                meta.format_version,
-                views.len()
+                "{n}x{k} views expected, got {}",
+                rows.views.map_or(0, <[_]>::len)
             ),
         ));
     }
-    // Per row: K views of C logits.
-    check_buffers(path, &meta.heads, n, k * c, logits, labels)?;
+    check_buffers(path, &meta.heads, n, k * c, logits, rows.labels)?;
+    check_mask(path, meta, rows.labelled)?;
     meta.check_storage().map_err(|m| invalid(path, m))?;
-    let ints: Vec<i32> = views.iter().flat_map(|v| v.to_ints()).collect();
-    let mut tensors = head_tensors(&meta.storage(), &meta.heads, &[n, k], c, logits);
-    tensors.push((
-        VIEWS.to_string(),
-        vec![n, k, 5],
-        Dtype::I32,
-        ints.iter().flat_map(|x| x.to_le_bytes()).collect(),
-    ));
+    let lead: Vec<usize> = if meta.views.is_some() {
+        vec![n, k]
+    } else {
+        vec![n]
+    };
+    let mut tensors = head_tensors(&meta.storage(), &meta.heads, &lead, c, logits);
+    if let Some(views) = rows.views {
+        let ints: Vec<i32> = views.iter().flat_map(|v| v.to_ints()).collect();
+        tensors.push((
+            VIEWS.to_string(),
+            vec![n, k, 5],
+            Dtype::I32,
+            ints.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        ));
+    }
+    if let Some(mask) = rows.labelled {
+        tensors.push((LABELLED.to_string(), vec![n], Dtype::U8, mask.to_vec()));
+    }
     let json = serde_json::to_value(meta).map_err(|e| invalid(path, e.to_string()))?;
-    serialize(path, METADATA_KEY, &json, tensors, labels)
+    serialize(path, METADATA_KEY, &json, tensors, rows.labels)
+}
+
+/// Why the metadata's version, views and label mask do not go together (`None`: they do).
+/// Version 1: one view, every row labelled; 2: K ≥ 2 views, every row labelled; 3: either,
+/// with a label mask.
+fn layout_error(meta: &Metadata) -> Option<String> {
+    let labelled = meta.dataset.labelled.is_some();
+    let views = meta.views.as_ref().map(|v| v.count);
+    let ok = match (meta.format_version, views) {
+        (_, Some(k)) if k < 2 => false,
+        (FORMAT_VERSION, None) | (FORMAT_VERSION_VIEWS, Some(_)) => !labelled,
+        (FORMAT_VERSION_LABELLED, _) => labelled,
+        _ => false,
+    };
+    (!ok).then(|| {
+        format!(
+            "format version {} does not go with {} view(s) and {} (version {FORMAT_VERSION}: one view; \
+             {FORMAT_VERSION_VIEWS}: two or more; {FORMAT_VERSION_LABELLED}: either, with a label mask)",
+            meta.format_version,
+            meta.view_count(),
+            if labelled { "a label mask" } else { "no label mask" }
+        )
+    })
+}
+
+/// A label mask agrees with the metadata: present exactly when it says so, one 0/1 byte per
+/// row, as many ones as it says, with its fingerprint.
+fn check_mask(path: &Path, meta: &Metadata, mask: Option<&[u8]>) -> Result<()> {
+    let n = meta.dataset.rows;
+    let why = match (&meta.dataset.labelled, mask) {
+        (None, None) => return Ok(()),
+        (None, Some(_)) => "a label mask without dataset.labelled in the metadata".to_string(),
+        (Some(_), None) => format!("dataset.labelled is set but there is no `{LABELLED}` tensor"),
+        (Some(_), Some(m)) if m.len() != n => format!("{LABELLED} has {} rows, not {n}", m.len()),
+        (Some(_), Some(m)) if m.iter().any(|&x| x > 1) => {
+            format!("{LABELLED} holds values other than 0 and 1")
+        }
+        (Some(r), Some(m)) if m.iter().filter(|&&x| x == 1).count() != r.rows => format!(
+            "{LABELLED} marks {} labelled rows, the metadata says {}",
+            m.iter().filter(|&&x| x == 1).count(),
+            r.rows
+        ),
+        (Some(r), Some(m)) if kd_data::labels::mask_fingerprint(m) != r.fingerprint => {
+            format!("{LABELLED} does not match its fingerprint in the metadata")
+        }
+        _ => return Ok(()),
+    };
+    Err(invalid(path, why))
 }
 
 /// Every head's tensors as `storage` stores them; `lead` is the shape before the class axis.
@@ -361,6 +500,40 @@ fn check_tensors(
     Ok(())
 }
 
+/// The `views` tensor of a multi-view file: `[N, K, 5]` i32, every entry a view of the file's
+/// augmentation.
+fn check_views(path: &Path, st: &SafeTensors<'_>, n: usize, v: &ViewsMeta) -> Result<()> {
+    let t = st
+        .tensor(VIEWS)
+        .map_err(|_| invalid(path, format!("no `{VIEWS}` tensor")))?;
+    if t.dtype() != Dtype::I32 || t.shape() != [n, v.count, 5] {
+        return Err(invalid(
+            path,
+            format!(
+                "{VIEWS} is {:?} {:?}, expected I32 [{n}, {}, 5]",
+                t.dtype(),
+                t.shape(),
+                v.count
+            ),
+        ));
+    }
+    let ints: Vec<i32> = i32s(t.data()).collect();
+    if let Some(i) = ints.chunks_exact(5).position(|x| {
+        kd_data::View::from_ints([x[0], x[1], x[2], x[3], x[4]], &v.augment).is_none()
+    }) {
+        return Err(invalid(
+            path,
+            format!(
+                "view {} of row {} is not a view of {:?}",
+                i % v.count,
+                i / v.count,
+                v.augment
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// A knowledge file, memory-mapped and checked: metadata present and of a known version, every
 /// head's logits `[N, C]` f32 and finite, labels `[N]` below C.
 pub struct KnowledgeFile {
@@ -438,9 +611,9 @@ impl KnowledgeFile {
             .map_err(|e| invalid(format!("metadata is not JSON: {e}")))?
             .get("format_version")
             .and_then(|v| v.as_u64());
-        if version != Some(FORMAT_VERSION as u64) && version != Some(FORMAT_VERSION_VIEWS as u64) {
+        if !matches!(version, Some(v) if (1..=FORMAT_VERSION_LABELLED as u64).contains(&v)) {
             return Err(invalid(format!(
-                "format version {} is not supported (this build reads versions {FORMAT_VERSION} and {FORMAT_VERSION_VIEWS})",
+                "format version {} is not supported (this build reads versions 1 to {FORMAT_VERSION_LABELLED})",
                 version.map_or("missing".to_string(), |v| v.to_string())
             )));
         }
@@ -449,48 +622,42 @@ impl KnowledgeFile {
         let (n, c) = (meta.dataset.rows, meta.dataset.classes);
         meta.check_storage()
             .map_err(|m| invalid(format!("storage: {m}")))?;
+        if let Some(why) = layout_error(&meta) {
+            return Err(invalid(why));
+        }
         let storage = meta.storage();
-        match (&meta.views, meta.format_version) {
-            (None, FORMAT_VERSION) => check_tensors(path, &st, &meta.heads, &storage, &[n], c)?,
-            (Some(v), FORMAT_VERSION_VIEWS) if v.count >= 2 => {
+        match &meta.views {
+            None => check_tensors(path, &st, &meta.heads, &storage, &[n], c)?,
+            Some(v) => {
                 check_tensors(path, &st, &meta.heads, &storage, &[n, v.count], c)?;
-                let t = st
-                    .tensor(VIEWS)
-                    .map_err(|_| invalid(format!("no `{VIEWS}` tensor")))?;
-                if t.dtype() != Dtype::I32 || t.shape() != [n, v.count, 5] {
-                    return Err(invalid(format!(
-                        "{VIEWS} is {:?} {:?}, expected I32 [{n}, {}, 5]",
-                        t.dtype(),
-                        t.shape(),
-                        v.count
-                    )));
-                }
-                let ints: Vec<i32> = i32s(t.data()).collect();
-                if let Some(i) = ints.chunks_exact(5).position(|x| {
-                    kd_data::View::from_ints([x[0], x[1], x[2], x[3], x[4]], &v.augment).is_none()
-                }) {
-                    return Err(invalid(format!(
-                        "view {} of row {} is not a view of {:?}",
-                        i % v.count,
-                        i / v.count,
-                        v.augment
-                    )));
-                }
-            }
-            _ => {
-                return Err(invalid(format!(
-                    "format version {} does not go with {} view(s) (version {FORMAT_VERSION}: one view; version {FORMAT_VERSION_VIEWS}: two or more)",
-                    meta.format_version,
-                    meta.view_count()
-                )))
+                check_views(path, &st, n, v)?;
             }
         }
+        let mask = match st.tensor(LABELLED) {
+            Ok(t) if t.dtype() != Dtype::U8 => {
+                return Err(invalid(format!(
+                    "{LABELLED} is {:?}, expected U8",
+                    t.dtype()
+                )))
+            }
+            Ok(t) => Some(t.data().to_vec()),
+            Err(_) => None,
+        };
+        check_mask(path, &meta, mask.as_deref())?;
         drop(st);
         Ok(Self {
             path: path.to_path_buf(),
             meta,
             bytes: mmap,
         })
+    }
+
+    /// One byte per row, 1 where the row carries a label; `None` when every row does.
+    pub fn label_mask(&self) -> Result<Option<Vec<u8>>> {
+        if self.meta.dataset.labelled.is_none() {
+            return Ok(None);
+        }
+        Ok(Some(self.view(LABELLED)?.data().to_vec()))
     }
 
     fn view(&self, name: &str) -> Result<TensorView<'_>> {

@@ -17,6 +17,7 @@ pub(crate) fn meta_for(rows: usize) -> Metadata {
             rows,
             classes: C,
             fingerprint: "abc".into(),
+            labelled: None,
         },
         teacher: TeacherRef {
             architecture: "googlenet".into(),
@@ -140,6 +141,10 @@ fn mismatches_name_the_field() {
                 ..base.clone()
             },
             "dataset.fingerprint",
+        ),
+        (
+            DatasetRef::training("fashion-mnist", C, "abc", N, Some(&[1, 0, 1, 1])),
+            "dataset.labelled",
         ),
     ];
     for (expected, field) in cases {
@@ -730,4 +735,108 @@ fn broken_compact_files_are_refused() {
         assert!(e.contains(says), "{e}");
         assert!(!p.exists());
     }
+}
+
+/// Metadata of a version 3 file: rows 1 and 3 carry no label.
+fn labelled_meta() -> (Metadata, [u8; N]) {
+    let mask = [1u8, 0, 1, 0];
+    let mut m = meta();
+    m.format_version = FORMAT_VERSION_LABELLED;
+    m.dataset = DatasetRef::training("fashion-mnist", C, "abc", N, Some(&mask));
+    (m, mask)
+}
+
+#[test]
+fn a_label_mask_round_trips_in_version_3() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("k.safetensors");
+    let (m, mask) = labelled_meta();
+    let labels = [0u32, 0, 1, 0];
+    let rows = RowData {
+        labels: &labels,
+        labelled: Some(&mask),
+        views: None,
+    };
+    write_rows(&p, &m, &[logits(0.0), logits(1.0)], rows).unwrap();
+    let k = KnowledgeFile::open(&p).unwrap();
+    assert_eq!(k.meta.format_version, 3);
+    assert_eq!(k.meta.dataset.labelled.as_ref().unwrap().rows, 2);
+    assert_eq!(k.label_mask().unwrap(), Some(mask.to_vec()));
+    k.check_dataset(&m.dataset, &labels).unwrap();
+    // A file whose every row is labelled has no mask, and says so.
+    let full = KnowledgeFile::open(&write_ok(dir.path())).unwrap();
+    assert_eq!(full.label_mask().unwrap(), None);
+    // The same rows with a multi-view layout.
+    let mut mv = m.clone();
+    mv.views = Some(ViewsMeta {
+        count: 2,
+        augment: kd_data::Augment::CropFlip { crop_padding: 2 },
+        seed: 0,
+    });
+    let shift = kd_data::View::Shift {
+        dx: 0,
+        dy: 0,
+        flip: false,
+    };
+    let views = vec![shift; N * 2];
+    let two: Vec<f32> = (0..N * 2 * C).map(|i| i as f32).collect();
+    let p2 = dir.path().join("v.safetensors");
+    let rows = RowData {
+        views: Some(&views),
+        ..rows
+    };
+    write_rows(&p2, &mv, &[two.clone(), two], rows).unwrap();
+    let k = KnowledgeFile::open(&p2).unwrap();
+    assert_eq!(
+        (k.meta.view_count(), k.label_mask().unwrap()),
+        (2, Some(mask.to_vec()))
+    );
+}
+
+#[test]
+fn label_masks_that_disagree_with_the_metadata_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (m, mask) = labelled_meta();
+    let labels = [0u32; N];
+    let try_write = |meta: &Metadata, mask: Option<&[u8]>| {
+        let p = dir.path().join("x.safetensors");
+        let rows = RowData {
+            labels: &labels,
+            labelled: mask,
+            views: None,
+        };
+        write_rows(&p, meta, &[logits(0.0), logits(1.0)], rows)
+            .unwrap_err()
+            .to_string()
+    };
+    assert!(try_write(&m, None).contains("no `labelled` tensor"));
+    assert!(try_write(&m, Some(&[1, 1, 1, 0])).contains("marks 3 labelled rows"));
+    assert!(try_write(&m, Some(&[1, 0, 2, 0])).contains("other than 0 and 1"));
+    assert!(try_write(&m, Some(&[0, 1, 0, 1])).contains("fingerprint"));
+    let v1 = Metadata {
+        format_version: FORMAT_VERSION,
+        ..m.clone()
+    };
+    assert!(try_write(&v1, Some(&mask)).contains("format version 1 does not go with"));
+    let no_mask = Metadata {
+        format_version: FORMAT_VERSION_LABELLED,
+        ..meta()
+    };
+    assert!(try_write(&no_mask, None).contains("format version 3 does not go with"));
+    // The reader checks the same: a version 3 file whose mask was changed on disk.
+    let p = dir.path().join("k.safetensors");
+    let rows = RowData {
+        labels: &labels,
+        labelled: Some(&mask),
+        views: None,
+    };
+    write_rows(&p, &m, &[logits(0.0), logits(1.0)], rows).unwrap();
+    let mut bytes = std::fs::read(&p).unwrap();
+    let header = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let json: serde_json::Value = serde_json::from_slice(&bytes[8..8 + header]).unwrap();
+    let start = json[LABELLED]["data_offsets"][0].as_u64().unwrap() as usize;
+    bytes[8 + header + start + 1] = 1;
+    std::fs::write(&p, &bytes).unwrap();
+    let e = open_err(&p);
+    assert!(e.contains("labelled") && e.contains("k.safetensors"), "{e}");
 }

@@ -10,8 +10,8 @@ use anyhow::Context as _;
 use candle_core::Device;
 use kd_knowledge::shard::{Shard, ShardMeta, ShardSpec, SHARD_FORMAT_VERSION};
 use kd_knowledge::{
-    DatasetRef, KnowledgeFile, LogitDtype, LogitStorage, Metadata, TeacherRef, Transform,
-    ViewsMeta, FORMAT_VERSION, FORMAT_VERSION_VIEWS,
+    DatasetRef, KnowledgeFile, LogitDtype, LogitStorage, Metadata, RowData, TeacherRef, Transform,
+    ViewsMeta, FORMAT_VERSION, FORMAT_VERSION_LABELLED, FORMAT_VERSION_VIEWS,
 };
 use kd_train::manifest::stage_key;
 use kd_train::stage::{threads, LoadedData, Pipeline};
@@ -243,18 +243,18 @@ impl Job {
             .map(|h| h.to_string())
             .collect();
         let meta = Metadata {
-            format_version: if views.is_some() {
-                FORMAT_VERSION_VIEWS
-            } else {
-                FORMAT_VERSION
+            format_version: match (&views, &data.label_mask) {
+                (_, Some(_)) => FORMAT_VERSION_LABELLED,
+                (Some(_), None) => FORMAT_VERSION_VIEWS,
+                (None, None) => FORMAT_VERSION,
             },
-            dataset: DatasetRef {
-                name: data.dataset.name.clone(),
-                split: "train".into(),
-                rows: data.all_rows.len(),
-                classes: data.spec.classes,
-                fingerprint: data.train_fingerprint.clone(),
-            },
+            dataset: DatasetRef::training(
+                &data.dataset.name,
+                data.spec.classes,
+                &data.train_fingerprint,
+                data.all_rows.len(),
+                data.label_mask.as_deref(),
+            ),
             teacher: TeacherRef {
                 architecture: arch,
                 checkpoint_sha256: teacher_sha,
@@ -434,12 +434,15 @@ impl Job {
                 });
             }
         }
-        kd_knowledge::write_views(
+        kd_knowledge::write_rows(
             &self.path,
             &self.meta,
             &logits,
-            &d.dataset.train.labels,
-            &views,
+            RowData {
+                labels: &d.dataset.train.labels,
+                labelled: d.label_mask.as_deref(),
+                views: Some(&views),
+            },
         )?;
         // View 0's logits, for the same sanity check and table as one view.
         let first: Vec<Vec<f32>> = logits
@@ -537,7 +540,12 @@ impl Job {
         shards: Option<usize>,
         started: Instant,
     ) -> anyhow::Result<Manifest> {
-        kd_knowledge::write(&self.path, &self.meta, logits, labels)?;
+        let rows = RowData {
+            labels,
+            labelled: self.data.label_mask.as_deref(),
+            views: None,
+        };
+        kd_knowledge::write_rows(&self.path, &self.meta, logits, rows)?;
         self.record(logits, labels, seconds, shards, started)
     }
 
@@ -562,8 +570,12 @@ impl Job {
                 )
             })?;
 
-        // How often each head agrees with the labels on the training set: a sanity check of the teacher.
+        // How often each head agrees with the labels on the labelled training rows: a sanity
+        // check of the teacher.
         let c = self.meta.dataset.classes;
+        let mask = self.data.label_mask.as_deref();
+        let labelled = |i: usize| mask.is_none_or(|m| m[i] == 1);
+        let counted = (0..rows).filter(|&i| labelled(i)).count();
         let agreement: BTreeMap<String, f64> = self
             .meta
             .heads
@@ -573,9 +585,10 @@ impl Job {
                 let hits = l
                     .chunks(c)
                     .zip(labels)
-                    .filter(|(row, &y)| argmax(row) == y as usize)
+                    .enumerate()
+                    .filter(|(i, (row, &y))| labelled(*i) && argmax(row) == y as usize)
                     .count();
-                (h.clone(), hits as f64 / rows.max(1) as f64)
+                (h.clone(), hits as f64 / counted.max(1) as f64)
             })
             .collect();
         let bytes = std::fs::metadata(path)?.len();

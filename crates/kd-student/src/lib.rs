@@ -8,6 +8,7 @@ use kd_knowledge::{DatasetRef, KnowledgeFile};
 use kd_train::config::ViewTargets;
 use kd_train::loss::{cross_entropy, kd_loss, KdWeights};
 use kd_train::stage::TrainArgs;
+use kd_train::trainer::Rows;
 use kd_train::{Manifest, PipelineArgs, TrainingStage};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -87,13 +88,13 @@ pub fn run(args: &Args) -> anyhow::Result<Manifest> {
             );
         }
         let knowledge = KnowledgeFile::open(&path)?;
-        let expected = DatasetRef {
-            name: data.dataset.name.clone(),
-            split: "train".into(),
-            rows: data.dataset.train.len(),
-            classes: data.spec.classes,
-            fingerprint: data.train_fingerprint.clone(),
-        };
+        let expected = DatasetRef::training(
+            &data.dataset.name,
+            data.spec.classes,
+            &data.train_fingerprint,
+            data.dataset.train.len(),
+            data.label_mask.as_deref(),
+        );
         knowledge.check_dataset(&expected, &data.dataset.train.labels)?;
         let used: Vec<(String, f64)> = cfg
             .head_weights
@@ -192,7 +193,20 @@ pub fn run(args: &Args) -> anyhow::Result<Manifest> {
             views: &stored,
             augment,
         }),
+        // The baseline learns from the labelled rows; the KD student from every row, the soft
+        // targets covering the unlabelled ones.
+        rows: if targets.is_some() {
+            Rows::All
+        } else {
+            Rows::Labelled
+        },
     };
+    // Which rows of the training file carry a label (f32 1/0), when not all do.
+    let labelled = data
+        .label_mask
+        .as_ref()
+        .map(|m| Tensor::from_vec(m.iter().map(|&x| x as f32).collect(), m.len(), &Device::Cpu))
+        .transpose()?;
     let manifest = match targets {
         None => stage.run(&data, |batch, heads| {
             cross_entropy(&heads[0], &batch.labels)
@@ -208,7 +222,18 @@ pub fn run(args: &Args) -> anyhow::Result<Manifest> {
                 .iter()
                 .map(|h| h.index_select(&at, 0))
                 .collect::<Result<_, _>>()?;
-            Ok(kd_loss(&heads[0], &teacher, &batch.labels, &t.weights)?.total)
+            let mask = labelled
+                .as_ref()
+                .map(|m| m.index_select(&batch.rows, 0))
+                .transpose()?;
+            Ok(kd_loss(
+                &heads[0],
+                &teacher,
+                &batch.labels,
+                mask.as_ref(),
+                &t.weights,
+            )?
+            .total)
         })?,
     };
     Ok(manifest)

@@ -1,11 +1,12 @@
 //! Stage 1, teacher: trains the teacher (GoogLeNet with two auxiliary heads) on the labels,
 //! keeps the best checkpoint on the validation split and reports its test accuracy.
 //!
-//! Loss, as the seed trains GoogLeNet: CE(main) + aux_weight · (CE(aux1) + CE(aux2)).
+//! Loss, as the seed trains GoogLeNet: CE(main) + aux_weight · (CE(aux1) + CE(aux2)). With
+//! `data.labels`, it learns from the labelled training images only.
 
-use candle_core::Tensor;
-use kd_train::loss::cross_entropy;
+use kd_train::loss::teacher_loss;
 use kd_train::stage::TrainArgs;
+use kd_train::trainer::Rows;
 use kd_train::{Manifest, PipelineArgs, TrainingStage};
 use std::collections::BTreeMap;
 
@@ -21,19 +22,6 @@ pub struct Args {
     pub train: TrainArgs,
 }
 
-/// CE of the main head plus `aux_weight` times the CE of every other head.
-pub fn teacher_loss(
-    heads: &[Tensor],
-    labels: &Tensor,
-    aux_weight: f64,
-) -> candle_core::Result<Tensor> {
-    let mut loss = cross_entropy(&heads[0], labels)?;
-    for aux in &heads[1..] {
-        loss = (loss + (cross_entropy(aux, labels)? * aux_weight)?)?;
-    }
-    Ok(loss)
-}
-
 pub fn run(args: &Args) -> anyhow::Result<Manifest> {
     let pipeline = args.pipeline.open(&args.train.sets(STAGE))?;
     let cfg = &pipeline.config.teacher;
@@ -46,6 +34,7 @@ pub fn run(args: &Args) -> anyhow::Result<Manifest> {
         train: cfg.train(&pipeline.config.data),
         settings: serde_json::json!({ "data": pipeline.data_settings(), "teacher": cfg }),
         inputs: BTreeMap::new(),
+        rows: Rows::Labelled,
     };
     let aux_weight = cfg.aux_weight;
     Ok(stage.run(&data, |batch, heads| {

@@ -67,6 +67,46 @@ pub struct DataConfig {
     /// Per-channel normalisation `(x/255 - mean) / std`; the default is the dataset's own.
     pub mean: Option<Vec<f32>>,
     pub std: Option<Vec<f32>>,
+    /// Keep the labels of only this many training images (an integer), or this share of them (a
+    /// number below 1): chosen per class, seeded by `label_seed`. The other training images
+    /// become the unlabelled transfer set: the teacher and the baseline never see them, the
+    /// precompute and the KD student do. Validation and test images keep their labels.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub labels: Option<LabelBudget>,
+    /// Seed of the choice of labelled images.
+    #[serde(default)]
+    pub label_seed: u64,
+    /// ImageFolder: photos without a class, added to the transfer set [default: the root's
+    /// `unlabelled/` folder, if there is one].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unlabelled_dir: Option<PathBuf>,
+}
+
+/// How many training images keep their label: a count, or a share of the training split.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum LabelBudget {
+    Count(usize),
+    Fraction(f64),
+}
+
+impl LabelBudget {
+    /// The number of labelled images out of `n`.
+    pub fn count(&self, n: usize) -> usize {
+        match *self {
+            LabelBudget::Count(c) => c,
+            LabelBudget::Fraction(f) => (f * n as f64).round() as usize,
+        }
+    }
+}
+
+impl std::fmt::Display for LabelBudget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LabelBudget::Count(c) => write!(f, "{c}"),
+            LabelBudget::Fraction(x) => write!(f, "{x}"),
+        }
+    }
 }
 
 /// Learning-rate schedule over all steps of a run.
@@ -100,6 +140,9 @@ pub struct TeacherConfig {
     /// Loss = CE(main) + aux_weight · (CE(aux1) + CE(aux2)), as the seed trains GoogLeNet.
     #[serde(default = "default_aux_weight")]
     pub aux_weight: f64,
+    /// Optimiser steps per epoch [default: one pass over the training split, labelled or not].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch_steps: Option<usize>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -160,6 +203,9 @@ pub struct StudentConfig {
     pub augment: bool,
     #[serde(default = "default_crop_padding")]
     pub crop_padding: usize,
+    /// Optimiser steps per epoch [default: one pass over the training split, labelled or not].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch_steps: Option<usize>,
     /// Hinton KD: loss = hard_weight · CE + soft_weight · Σ_h w_h · T² · KL(teacher_h ‖ student).
     pub temperature: f64,
     pub hard_weight: f64,
@@ -212,6 +258,9 @@ pub struct TrainSettings {
     pub weight_decay: f64,
     pub seed: u64,
     pub augment: Option<Augment>,
+    /// Optimiser steps per epoch; `None`: one pass over the rows trained on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub epoch_steps: Option<usize>,
 }
 
 impl DataConfig {
@@ -235,6 +284,7 @@ impl TeacherConfig {
             weight_decay: self.weight_decay,
             seed: self.seed,
             augment: data.augmentation(self.augment, self.crop_padding),
+            epoch_steps: self.epoch_steps,
         }
     }
 }
@@ -249,6 +299,7 @@ impl StudentConfig {
             weight_decay: self.weight_decay,
             seed: self.seed,
             augment: data.augmentation(self.augment, self.crop_padding),
+            epoch_steps: self.epoch_steps,
         }
     }
 }
@@ -271,6 +322,7 @@ impl DataConfig {
                 test_fraction: self.test_fraction,
                 split_seed: self.split_seed,
                 skip_bad_images: self.skip_bad_images,
+                unlabelled: self.unlabelled_dir.clone(),
             }),
             "cifar10" => DataFormat::Cifar10,
             other => {
@@ -454,6 +506,30 @@ impl PipelineConfig {
                  (student.augment = true replays each stored view with its own logits)"
                     .into(),
             );
+        }
+        match self.data.labels {
+            Some(LabelBudget::Fraction(f)) if !(f > 0.0 && f <= 1.0) => {
+                return Err(format!(
+                    "data.labels {f} must be a count of images or a share in (0, 1]"
+                ))
+            }
+            Some(LabelBudget::Count(0)) => return Err("data.labels must be at least 1".into()),
+            Some(_) if s.dkd_beta.is_some() => {
+                return Err(
+                    "student.dkd_beta needs every training image's label (decoupled KD splits \
+                     on the true class); it does not combine with data.labels"
+                        .into(),
+                )
+            }
+            _ => {}
+        }
+        for (key, v) in [
+            ("teacher.epoch_steps", self.teacher.epoch_steps),
+            ("student.epoch_steps", s.epoch_steps),
+        ] {
+            if v == Some(0) {
+                return Err(format!("{key} must be at least 1"));
+            }
         }
         if s.head_weights.values().all(|w| *w == 0.0) && s.soft_weight > 0.0 {
             return Err("student.head_weights must give some head a positive weight".into());

@@ -18,6 +18,28 @@ pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
     candle_nn::loss::cross_entropy(logits, labels)
 }
 
+/// Cross-entropy of the rows that carry a label (`labelled` `[b]`, 1 or 0), summed and divided
+/// by the whole batch: an unlabelled row adds nothing, and with every row labelled this is
+/// [`cross_entropy`].
+pub fn masked_cross_entropy(logits: &Tensor, labels: &Tensor, labelled: &Tensor) -> Result<Tensor> {
+    let b = logits.dim(0)?;
+    let nll = log_softmax(logits, D::Minus1)?
+        .gather(&labels.unsqueeze(1)?, 1)?
+        .squeeze(1)?
+        .neg()?;
+    (nll * labelled.to_dtype(logits.dtype())?)?.sum_all()? / b.max(1) as f64
+}
+
+/// The teacher's loss, as the seed trains GoogLeNet: CE of the main head plus `aux_weight` times
+/// the CE of every other head.
+pub fn teacher_loss(heads: &[Tensor], labels: &Tensor, aux_weight: f64) -> Result<Tensor> {
+    let mut loss = cross_entropy(&heads[0], labels)?;
+    for aux in &heads[1..] {
+        loss = (loss + (cross_entropy(aux, labels)? * aux_weight)?)?;
+    }
+    Ok(loss)
+}
+
 /// The KD objective's settings.
 #[derive(Debug, Clone, PartialEq)]
 pub struct KdWeights {
@@ -131,10 +153,13 @@ fn soft_loss(student: &Tensor, teacher: &Tensor, temperature: f64) -> Result<Ten
 }
 
 /// The KD loss of student logits `[b, c]` against one `[b, c]` logit tensor per teacher head.
+/// With `labelled` (`[b]`, 1 or 0), the hard loss counts only the rows that carry a label
+/// ([`masked_cross_entropy`]); the soft loss counts every row.
 pub fn kd_loss(
     student: &Tensor,
     teacher_heads: &[Tensor],
     labels: &Tensor,
+    labelled: Option<&Tensor>,
     w: &KdWeights,
 ) -> Result<KdLoss> {
     if teacher_heads.len() != w.heads.len() {
@@ -144,7 +169,10 @@ pub fn kd_loss(
             w.heads.len()
         );
     }
-    let hard = cross_entropy(student, labels)?;
+    let hard = match labelled {
+        None => cross_entropy(student, labels)?,
+        Some(mask) => masked_cross_entropy(student, labels, mask)?,
+    };
     let soft_per_head = teacher_heads
         .iter()
         .map(|t| {
@@ -192,7 +220,38 @@ mod tests {
         assert!((got - want).abs() <= tol, "{what}: got {got}, want {want}");
     }
 
-    /// Reference values: ../shared/reference/kd_loss_cases.json (copied to tests/reference/),
+    /// The hard loss of a batch with unlabelled rows: the labelled rows' cross-entropy summed over
+    /// the whole batch size; every row labelled is plain cross-entropy; gradients reach only the
+    /// labelled rows.
+    #[test]
+    fn masked_cross_entropy_counts_only_labelled_rows() {
+        let dev = Device::Cpu;
+        let logits = Var::new(
+            &[[1f64, 2., 0.5], [0.3, -1., 2.], [2., 2., 2.], [-1., 0., 1.]],
+            &dev,
+        )
+        .unwrap();
+        let labels = Tensor::new(&[1u32, 2, 0, 0], &dev).unwrap();
+        let scalar = |t: &Tensor| t.to_scalar::<f64>().unwrap();
+        let all = Tensor::new(&[1f64, 1., 1., 1.], &dev).unwrap();
+        let full = scalar(&masked_cross_entropy(&logits, &labels, &all).unwrap());
+        assert!((full - scalar(&cross_entropy(&logits, &labels).unwrap())).abs() < 1e-12);
+        let mask = Tensor::new(&[1f64, 0., 1., 0.], &dev).unwrap();
+        let loss = masked_cross_entropy(&logits, &labels, &mask).unwrap();
+        let rows = Tensor::new(&[0u32, 2], &dev).unwrap();
+        let kept = cross_entropy(
+            &logits.index_select(&rows, 0).unwrap(),
+            &labels.index_select(&rows, 0).unwrap(),
+        )
+        .unwrap();
+        assert!((scalar(&loss) - scalar(&kept) * 2.0 / 4.0).abs() < 1e-12);
+        let grad = loss.backward().unwrap();
+        let g = grad.get(&logits).unwrap().to_vec2::<f64>().unwrap();
+        assert!(g[1].iter().chain(&g[3]).all(|&x| x == 0.0), "{g:?}");
+        assert!(g[0].iter().any(|&x| x != 0.0));
+    }
+
+    /// Reference values: tests/reference/kd_loss_cases.json,
     /// computed in float64 with PyTorch for the formula in this module's docs:
     ///   soft_h = T**2 * F.kl_div(F.log_softmax(s/T, 1), F.softmax(t_h/T, 1), reduction="batchmean")
     ///   loss   = hard_weight * F.cross_entropy(s, y) + soft_weight * sum(w_h * soft_h)
@@ -241,7 +300,7 @@ mod tests {
                 standardize: false,
                 dkd_beta: None,
             };
-            let loss = kd_loss(student.as_tensor(), &teachers, &labels, &weights).unwrap();
+            let loss = kd_loss(student.as_tensor(), &teachers, &labels, None, &weights).unwrap();
             let scalar = |t: &Tensor| t.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap();
             close(scalar(&loss.total), f("loss"), &format!("{name} loss"));
             close(scalar(&loss.hard), f("hard"), &format!("{name} hard"));

@@ -180,7 +180,7 @@ impl Pipeline {
     /// fingerprints are inputs).
     pub fn data_settings(&self) -> serde_json::Value {
         let d = &self.config.data;
-        serde_json::json!({
+        let mut v = serde_json::json!({
             "name": d.name,
             "format": d.format,
             "classes": d.classes,
@@ -190,14 +190,19 @@ impl Pipeline {
             "test_fraction": d.test_fraction,
             "mean": d.mean,
             "std": d.std,
-        })
+        });
+        if let Some(labels) = d.labels {
+            v["labels"] = serde_json::json!(labels);
+            v["label_seed"] = d.label_seed.into();
+        }
+        v
     }
 
     pub fn load_data(&self) -> Result<LoadedData, TrainError> {
         let d = &self.config.data;
         let opts = d.load_options().map_err(TrainError::Other)?;
         let t0 = std::time::Instant::now();
-        let dataset = Dataset::load(&opts)?;
+        let mut dataset = Dataset::load(&opts)?;
         if !dataset.skipped.is_empty() {
             let shown: Vec<String> = dataset
                 .skipped
@@ -211,8 +216,23 @@ impl Pipeline {
                 shown.join("; ")
             );
         }
-        let (train_rows, val_rows) = dataset.validation_split(d.val_size, d.split_seed)?;
+        let (mut train_rows, val_rows) = dataset.validation_split(d.val_size, d.split_seed)?;
+        let train_fingerprint = dataset.train.fingerprint();
+        let labelled_rows = match d.labels {
+            None => train_rows.clone(),
+            Some(budget) => kd_data::labels::stratified(
+                &dataset.train.labels,
+                &train_rows,
+                budget.count(train_rows.len()),
+                dataset.classes,
+                d.label_seed,
+            )?,
+        };
+        let n = dataset.train.len();
+        train_rows.extend((n - dataset.unlabelled) as u32..n as u32);
         let device = Device::Cpu;
+        let label_mask = (labelled_rows.len() < train_rows.len())
+            .then(|| hide_labels(&mut dataset, &train_rows, &labelled_rows));
         let loaded = LoadedData {
             spec: InputSpec {
                 channels: dataset.train.channels,
@@ -224,14 +244,26 @@ impl Pipeline {
             train_labels: dataset.train.labels_tensor(&device)?,
             test_images: dataset.test.to_tensor(&dataset.normalization, &device)?,
             test_labels: dataset.test.labels_tensor(&device)?,
-            all_rows: (0..dataset.train.len() as u32).collect(),
+            all_rows: (0..n as u32).collect(),
             test_rows: (0..dataset.test.len() as u32).collect(),
-            train_fingerprint: dataset.train.fingerprint(),
+            train_fingerprint,
             test_fingerprint: dataset.test.fingerprint(),
             train_rows,
+            labelled_rows,
             val_rows,
+            label_mask,
             dataset,
         };
+        if let Some(mask) = &loaded.label_mask {
+            tracing::info!(
+                "data: {} of {} training images keep their label (data.labels = {}, seed {}); the other {} are the unlabelled transfer set",
+                loaded.labelled_rows.len(),
+                loaded.train_rows.len(),
+                d.labels.map_or("all".to_string(), |b| b.to_string()),
+                d.label_seed,
+                mask.iter().filter(|&&m| m == 0).count()
+            );
+        }
         tracing::info!(
             "data: {} — {} training images ({} train / {} validation), {} test, {} classes, {:.1}s",
             loaded.dataset.name,
@@ -254,9 +286,15 @@ pub struct LoadedData {
     pub train_labels: Tensor,
     pub test_images: Tensor,
     pub test_labels: Tensor,
-    /// Rows of the training file used for training / held out for validation.
+    /// Rows of the training file used for training (labelled or not) / held out for validation.
     pub train_rows: Vec<u32>,
     pub val_rows: Vec<u32>,
+    /// The training rows that carry a label (all of `train_rows` unless `data.labels` or
+    /// unlabelled photos say otherwise): what the teacher and the baseline train on.
+    pub labelled_rows: Vec<u32>,
+    /// One byte per row of the training file, 1 where the row carries a label (validation rows
+    /// do); `None` when every row does.
+    pub label_mask: Option<Vec<u8>>,
     /// Every row of the training file (what the knowledge file covers) and of the test file.
     pub all_rows: Vec<u32>,
     pub test_rows: Vec<u32>,
@@ -270,6 +308,14 @@ impl LoadedData {
             images: &self.train_images,
             labels: &self.train_labels,
             rows: &self.train_rows,
+        }
+    }
+    /// The labelled training rows.
+    pub fn labelled(&self) -> Subset<'_> {
+        Subset {
+            images: &self.train_images,
+            labels: &self.train_labels,
+            rows: &self.labelled_rows,
         }
     }
     pub fn val(&self) -> Subset<'_> {
@@ -296,11 +342,47 @@ impl LoadedData {
 
     /// The data's part of a stage's inputs.
     pub fn inputs(&self) -> BTreeMap<String, String> {
-        BTreeMap::from([
+        let mut inputs = BTreeMap::from([
             ("dataset.train".to_string(), self.train_fingerprint.clone()),
             ("dataset.test".to_string(), self.test_fingerprint.clone()),
-        ])
+        ]);
+        if let Some(f) = self.label_mask_fingerprint() {
+            inputs.insert("dataset.labelled".to_string(), f);
+        }
+        inputs
     }
+
+    /// The fingerprint of the label mask, when some training rows carry no label.
+    pub fn label_mask_fingerprint(&self) -> Option<String> {
+        self.label_mask
+            .as_deref()
+            .map(kd_data::labels::mask_fingerprint)
+    }
+
+    /// Optimiser steps in one pass over every training row, labelled or not: an epoch's length
+    /// for every stage when only some rows carry a label, so the teacher and the baseline (which
+    /// train on the labelled rows) get as many steps per epoch as the KD student.
+    pub fn steps_per_pass(&self, batch_size: usize) -> usize {
+        self.train_rows.len().div_ceil(batch_size.max(1))
+    }
+}
+
+/// Zeroes the labels of the training rows outside `labelled` (so nothing can learn from them)
+/// and returns the label mask of every row of the training file.
+fn hide_labels(dataset: &mut Dataset, train_rows: &[u32], labelled: &[u32]) -> Vec<u8> {
+    let mut mask = vec![1u8; dataset.train.len()];
+    for &r in train_rows {
+        mask[r as usize] = 0;
+    }
+    for &r in labelled {
+        mask[r as usize] = 1;
+    }
+    for (label, m) in dataset.train.labels.iter_mut().zip(&mask) {
+        if *m == 0 {
+            *label = 0;
+        }
+    }
+    mask
 }
 
 /// Threads candle's matmul and convolutions use (RAYON_NUM_THREADS, else all cores).

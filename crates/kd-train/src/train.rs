@@ -34,6 +34,9 @@ pub struct EpochMetrics {
     pub seconds: f64,
     /// Training images per second (forward, backward and update; validation not counted).
     pub images_per_sec: f64,
+    /// Training images seen in the epoch.
+    #[serde(default)]
+    pub images: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -44,6 +47,9 @@ pub struct FitReport {
     pub best_val_accuracy: f64,
     pub wall_seconds: f64,
     pub train_images_per_sec: f64,
+    /// Optimiser steps per epoch.
+    #[serde(default)]
+    pub steps_per_epoch: usize,
 }
 
 /// Accuracy and mean loss of the main head, in eval mode.
@@ -78,6 +84,7 @@ fn correct(logits: &Tensor, labels: &Tensor) -> candle_core::Result<f64> {
 }
 
 /// What to train on and where the best weights go.
+#[derive(Clone, Copy)]
 pub struct FitSpec<'a> {
     /// Shown in logs and progress bars.
     pub name: &'a str,
@@ -111,10 +118,7 @@ pub fn fit(
     let FitSpec {
         name,
         settings,
-        train,
         val,
-        normalization,
-        sources,
         checkpoint,
         ..
     } = *spec;
@@ -128,7 +132,7 @@ pub fn fit(
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     let mut opt = Adam::new(vars, AdamParams::new(settings.lr, settings.weight_decay));
-    let steps_per_epoch = train.rows.len().div_ceil(settings.batch_size);
+    let steps_per_epoch = epoch_steps(spec);
     let total_steps = steps_per_epoch * settings.epochs;
     let start = Instant::now();
     let mut report = FitReport {
@@ -137,6 +141,7 @@ pub fn fit(
         best_val_accuracy: -1.0,
         wall_seconds: 0.0,
         train_images_per_sec: 0.0,
+        steps_per_epoch,
     };
     let mut train_seconds = 0.0;
     let mut step = 0;
@@ -165,15 +170,9 @@ pub fn fit(
     }
     for epoch in first_epoch..=settings.epochs {
         let t0 = Instant::now();
-        let mut batches = Batches::new(train.images, train.labels, train.rows, settings.batch_size)
-            .shuffled(settings.seed, epoch);
-        if let Some(stored) = spec.views {
-            batches = batches.replaying(stored, settings.seed, epoch, normalization, sources);
-        } else if let Some(aug) = settings.augment {
-            batches = batches.augmented(aug, settings.seed, epoch, normalization, sources);
-        }
+        let batches = epoch_batches(spec, epoch, steps_per_epoch);
         let bar = progress(
-            batches.num_batches(),
+            steps_per_epoch,
             format!("{name} epoch {epoch}/{}", settings.epochs),
         );
         let (mut loss_sum, mut hits, mut seen) = (0.0, 0.0, 0usize);
@@ -249,6 +248,7 @@ pub fn fit(
             val_accuracy: v.accuracy,
             seconds: t0.elapsed().as_secs_f64(),
             images_per_sec: seen as f64 / train_secs,
+            images: seen,
         };
         let improved = m.val_accuracy > report.best_val_accuracy;
         tracing::info!(
@@ -278,9 +278,57 @@ pub fn fit(
         crate::resume::save(spec.resume, &progress, &model.named_tensors(), &opt.state())?;
     }
     report.wall_seconds = start.elapsed().as_secs_f64();
-    let images = (train.rows.len() * settings.epochs) as f64;
-    report.train_images_per_sec = images / train_seconds.max(1e-9);
+    let images: usize = report.epochs.iter().map(|e| e.images).sum();
+    report.train_images_per_sec = images as f64 / train_seconds.max(1e-9);
     Ok(report)
+}
+
+/// Optimiser steps per epoch: `settings.epoch_steps`, else one pass over the training rows.
+fn epoch_steps(spec: &FitSpec) -> usize {
+    let pass = spec
+        .train
+        .rows
+        .len()
+        .div_ceil(spec.settings.batch_size.max(1));
+    spec.settings.epoch_steps.unwrap_or(pass).max(1)
+}
+
+/// Pass `pass` (from 1) over the training rows: shuffled, and augmented or replaying stored
+/// views, with `pass` as the index of its random streams.
+fn pass_batches<'a>(spec: &FitSpec<'a>, pass: usize) -> Batches<'a> {
+    let (s, t) = (spec.settings, spec.train);
+    let batches = Batches::new(t.images, t.labels, t.rows, s.batch_size).shuffled(s.seed, pass);
+    match (spec.views, s.augment) {
+        (Some(stored), _) => {
+            batches.replaying(stored, s.seed, pass, spec.normalization, spec.sources)
+        }
+        (None, Some(aug)) => batches.augmented(aug, s.seed, pass, spec.normalization, spec.sources),
+        (None, None) => batches,
+    }
+}
+
+/// The `steps` batches of `epoch` (from 1): the run's steps are consecutive passes over the
+/// training rows, cut into epochs of `steps` steps. With one pass per epoch, epoch e is pass e.
+fn epoch_batches<'a>(
+    spec: &FitSpec<'a>,
+    epoch: usize,
+    steps: usize,
+) -> impl Iterator<Item = kd_data::Result<Batch>> + 'a {
+    let spec = *spec;
+    let per_pass = spec
+        .train
+        .rows
+        .len()
+        .div_ceil(spec.settings.batch_size.max(1))
+        .max(1);
+    let first = (epoch - 1) * steps;
+    let (first_pass, skip) = (first / per_pass + 1, first % per_pass);
+    (first_pass..)
+        .flat_map(move |pass| {
+            let offset = if pass == first_pass { skip } else { 0 };
+            pass_batches(&spec, pass).skip_batches(offset)
+        })
+        .take(steps)
 }
 
 /// The resume state to continue from, if there is a matching one (and `--force` was not given).
@@ -432,6 +480,7 @@ mod tests {
             weight_decay: 0.0,
             seed: 0,
             augment: None,
+            epoch_steps: None,
         };
         let dir = tempfile::tempdir().unwrap();
         let (checkpoint, resume) = (

@@ -28,6 +28,17 @@ pub struct TrainingStage<'a> {
     pub inputs: BTreeMap<String, String>,
     /// Stored views to replay instead of fresh augmentation (multi-view knowledge).
     pub views: Option<kd_data::StoredViews<'a>>,
+    /// Which training rows it learns from.
+    pub rows: Rows,
+}
+
+/// The training rows a stage learns from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rows {
+    /// The rows that carry a label (the teacher, the baseline).
+    Labelled,
+    /// Every training row, labelled or not (the KD student: its soft targets cover them all).
+    All,
 }
 
 impl TrainingStage<'_> {
@@ -59,19 +70,29 @@ impl TrainingStage<'_> {
         let checkpoint = dir.join(CHECKPOINT);
         let model = Trainable::new(self.arch, &data.spec, self.train.seed, &Device::Cpu)?;
         let parameters = model.num_parameters();
+        let mut settings = self.train.clone();
+        if settings.epoch_steps.is_none() && data.label_mask.is_some() {
+            settings.epoch_steps = Some(data.steps_per_pass(settings.batch_size));
+        }
         tracing::info!(
-            "{}: {} ({parameters} parameters), {} epochs, batch {}, lr {:e}, {} threads",
+            "{}: {} ({parameters} parameters), {} epochs{}, batch {}, lr {:e}, {} threads",
             self.stage,
             self.arch,
-            self.train.epochs,
-            self.train.batch_size,
-            self.train.lr,
+            settings.epochs,
+            settings
+                .epoch_steps
+                .map_or(String::new(), |s| format!(" of {s} steps")),
+            settings.batch_size,
+            settings.lr,
             threads()
         );
         let spec = FitSpec {
             name: self.stage,
-            settings: &self.train,
-            train: data.train(),
+            settings: &settings,
+            train: match self.rows {
+                Rows::Labelled => data.labelled(),
+                Rows::All => data.train(),
+            },
             val: data.val(),
             normalization: &data.dataset.normalization,
             sources: data.dataset.train_sources.as_deref(),
@@ -130,7 +151,7 @@ impl TrainingStage<'_> {
             self.stage.to_string(),
             self.arch.to_string(),
             parameters.to_string(),
-            format!("{}/{}", fit.best_epoch, self.train.epochs),
+            format!("{}/{}", fit.best_epoch, settings.epochs),
             format!("{:.2}%", 100.0 * fit.best_val_accuracy),
             format!("{:.2}%", 100.0 * test.accuracy),
             format!("{:.0}", fit.train_images_per_sec),
