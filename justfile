@@ -15,18 +15,10 @@ default:
 
 # Run every stage in order: `just pipeline [NAME] [FLAGS]` (a stage whose inputs and settings are unchanged is skipped)
 [group('pipeline')]
+[positional-arguments]
 pipeline *args='': data build
-    #!/usr/bin/env bash
-    set -euo pipefail
-    set -- {{args}}
-    name=fashion-mnist
-    if [ $# -gt 0 ] && [[ $1 != -* ]]; then name=$1; shift; fi
-    if [ "$name" = photos ]; then just data-photos; fi
-    start=$(date +%s)
-    for stage in kd-teacher kd-precompute kd-student "kd-student --baseline" kd-report; do
-        {{bin}}/$stage --pipeline "pipelines/$name.toml" "$@"
-    done
-    echo "pipeline $name: done in $(( $(date +%s) - start )) s; read artifacts/$name/report/report.md"
+    if [ "${1:-}" = photos ]; then just data-photos; fi
+    {{bin}}/kd-experiment pipeline "$@"
 
 # Stage 1: train the teacher (`just teacher [NAME] [FLAGS]`, e.g. `just teacher smoke --epochs 2`)
 [group('stages')]
@@ -51,91 +43,17 @@ precompute-slurm n='3' name='fashion-mnist' *args='': build
     KD_BIN="{{bin}}" deploy/slurm/submit.sh --wait {{n}} "$pipeline" artifacts -- {{args}}
     {{bin}}/kd-precompute verify --pipeline "$pipeline" {{args}}
 
-# KD student and baseline once per seed from the same knowledge file, mean ± std in the report (`just compare [NAME] seeds=3 [views=8] [storage="f16 top3 top3-f16"] [variant=e30 --epochs 30] [FLAGS]`; views=K adds augmented students: single-view KD, K-view KD, augmented baseline; storage adds KD students from compact knowledge files; variant=V tags the runs seed-<n>-V so runs with other FLAGS sit beside the default ones)
+# KD student and baseline per seed and label count, and the variants asked for, then the report: `just compare [NAME] [seeds=3] [labels="1000 5000 all"] [views=8] [storage="f16 top3-f16"] [variant=e30 -- --epochs 30]` (defaults: the pipeline's [experiment] section)
 [group('experiments')]
 [positional-arguments]
 compare *args='': data build
-    #!/usr/bin/env bash
-    set -euo pipefail
-    name=fashion-mnist; seeds=3; views=1; storage=""; variant=""; flags=()
-    if [ $# -gt 0 ] && [[ $1 != -* ]] && [[ $1 != *=* ]]; then name=$1; shift; fi
-    for a in "$@"; do
-        case "$a" in
-        seeds=*) seeds="${a#seeds=}" ;;
-        views=*) views="${a#views=}" ;;
-        storage=*) storage="${a#storage=}" ;;
-        variant=*) variant="${a#variant=}" ;;
-        *) flags+=("$a") ;;
-        esac
-    done
-    if [ -n "$variant" ] && [ -n "$storage" ]; then
-        echo "variant= and storage= together are not supported: compact-storage students are compared with the plain ones" >&2; exit 2
-    fi
-    p="pipelines/$name.toml"
-    just pipeline "$name"
-    if [ "$views" -gt 1 ]; then
-        {{bin}}/kd-precompute --pipeline "$p" --views "$views" --tag "views-$views"
-    fi
-    # Compact knowledge files: f16, top<K>, top<K>-f16 (each under runs/storage-<s>/).
-    for st in $storage; do
-        case "$st" in
-        f16) opts=(--dtype f16) ;;
-        top*-f16) k="${st#top}"; opts=(--top-k "${k%-f16}" --dtype f16) ;;
-        top*) opts=(--top-k "${st#top}") ;;
-        *) echo "storage: f16, top<K> or top<K>-f16, not $st" >&2; exit 2 ;;
-        esac
-        {{bin}}/kd-precompute --pipeline "$p" "${opts[@]}" --tag "storage-$st"
-    done
-    aug=(--set student.augment=true)
-    for s in $(seq 0 $((seeds - 1))); do
-        t="seed-$s${variant:+-$variant}"; tv="seed-$s-$variant"
-        {{bin}}/kd-student --pipeline "$p" --seed "$s" --tag "$t" "${flags[@]}"
-        {{bin}}/kd-student --pipeline "$p" --baseline --seed "$s" --tag "$t" "${flags[@]}"
-        if [ "$views" -gt 1 ]; then
-            {{bin}}/kd-student --pipeline "$p" --seed "$s" --tag "${tv}aug" "${aug[@]}" "${flags[@]}"
-            {{bin}}/kd-student --pipeline "$p" --baseline --seed "$s" --tag "${tv}aug" "${aug[@]}" "${flags[@]}"
-            {{bin}}/kd-student --pipeline "$p" --seed "$s" --tag "${tv}views$views" "${aug[@]}" \
-                --knowledge "artifacts/$name/runs/views-$views/knowledge/soft-targets.safetensors" "${flags[@]}"
-        fi
-        for st in $storage; do
-            {{bin}}/kd-student --pipeline "$p" --seed "$s" --tag "seed-$s-$st" \
-                --knowledge "artifacts/$name/runs/storage-$st/knowledge/soft-targets.safetensors" "${flags[@]}"
-        done
-    done
-    {{bin}}/kd-report --pipeline "$p"
+    {{bin}}/kd-experiment compare "$@"
 
-# KD students over a grid of temperature, hard/soft weights and teacher heads from the one knowledge file (`just sweep [NAME] [temps="1 2 4 8"] [weights="0.55:0.45 0.1:0.9"] [heads="main all"] [FLAGS]`)
+# KD students over a grid of temperature, hard/soft weights and teacher heads from the one knowledge file: `just sweep [NAME] [temps="1 2 4 8"] [weights="0.55:0.45 0.1:0.9"] [heads="main all"] [-- FLAGS]`
 [group('experiments')]
 [positional-arguments]
 sweep *args='': data build
-    #!/usr/bin/env bash
-    set -euo pipefail
-    name=fashion-mnist; temps="1 2 4 8"; weights="0.55:0.45 0.1:0.9"; heads="main all"; flags=()
-    if [ $# -gt 0 ] && [[ $1 != -* ]] && [[ $1 != *=* ]]; then name=$1; shift; fi
-    for a in "$@"; do
-        case "$a" in
-        temps=*) temps="${a#temps=}" ;;
-        weights=*) weights="${a#weights=}" ;;
-        heads=*) heads="${a#heads=}" ;;
-        *) flags+=("$a") ;;
-        esac
-    done
-    p="pipelines/$name.toml"
-    just pipeline "$name"
-    for h in $heads; do
-        case "$h" in
-        main) hw=(--set student.head_weights.main=1 --set student.head_weights.aux1=0 --set student.head_weights.aux2=0) ;;
-        all) hw=(--set student.head_weights.main=1 --set student.head_weights.aux1=0.3 --set student.head_weights.aux2=0.3) ;;
-        *) echo "heads: main or all, not $h" >&2; exit 2 ;;
-        esac
-        for w in $weights; do
-            for t in $temps; do
-                {{bin}}/kd-student --pipeline "$p" --tag "sweep-T$t-w${w/:/-}-$h" --temperature "$t" \
-                    --set "student.hard_weight=${w%%:*}" --set "student.soft_weight=${w#*:}" "${hw[@]}" "${flags[@]}"
-            done
-        done
-    done
-    {{bin}}/kd-report --pipeline "$p"
+    {{bin}}/kd-experiment sweep "$@"
 
 # The one-node SLURM cluster on this machine: `just slurm-local start|stop|status`
 [group('setup')]
@@ -222,7 +140,7 @@ build:
 
 # Run the test suite: unit and end-to-end tests on the smoke pipeline, then the SLURM test (`just test FILTER` runs the matching cargo tests only)
 [group('checks')]
-test *args='': data data-photos
+test *args='': data data-photos build
     cargo test --release --workspace {{args}}
     if [ -z "{{args}}" ]; then just test-slurm; fi
 

@@ -16,7 +16,7 @@ use kd_knowledge::{
 use kd_train::manifest::stage_key;
 use kd_train::stage::{threads, LoadedData, Pipeline};
 use kd_train::table::Table;
-use kd_train::{predict, Manifest, PipelineArgs, CHECKPOINT};
+use kd_train::{predict, KnowledgeRecord, Manifest, PipelineArgs, CHECKPOINT};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -81,7 +81,8 @@ pub struct MergeArgs {
 /// Which teacher, and how it is run.
 #[derive(clap::Args, Debug, Clone)]
 pub struct SourceArgs {
-    /// Teacher checkpoint [default: <artifacts>/<pipeline>/teacher/model.safetensors].
+    /// Teacher checkpoint [default: <artifacts>/<pipeline>/teacher/model.safetensors, or the same
+    /// tag's teacher when --tag names a run that has one].
     #[arg(long)]
     pub teacher: Option<PathBuf>,
     /// Inference batch size (overrides knowledge.batch_size; shards are cut on its batch edges).
@@ -101,8 +102,20 @@ pub struct SourceArgs {
     /// Write to <artifacts>/<pipeline>/runs/<TAG>/knowledge/ instead of knowledge/ (a second
     /// knowledge file beside the pipeline's, e.g. a multi-view one; students read it with
     /// --knowledge).
-    #[arg(long)]
+    #[arg(long, value_parser = kd_train::stage::parse_tag)]
     pub tag: Option<String>,
+}
+
+/// The precompute's settings, as its manifest records them.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct KnowledgeSettings {
+    pub data: kd_train::record::DataSettings,
+    pub teacher_arch: String,
+    pub transform: Transform,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub views: Option<ViewsMeta>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage: Option<LogitStorage>,
 }
 
 /// What a run produced.
@@ -186,7 +199,7 @@ impl Job {
         let checkpoint = source
             .teacher
             .clone()
-            .unwrap_or_else(|| pipeline.dir(TEACHER).join(CHECKPOINT));
+            .unwrap_or_else(|| pipeline.input(TEACHER, CHECKPOINT, source.tag.as_deref()));
         if !checkpoint.is_file() {
             anyhow::bail!(
                 "no teacher checkpoint at {} (run `just teacher` first, or pass --teacher)",
@@ -196,13 +209,7 @@ impl Job {
         let teacher_sha = kd_data::sha256_file(&checkpoint)?;
         let data = pipeline.load_data()?;
         let batch_size = pipeline.config.knowledge.batch_size;
-        let dir = match &source.tag {
-            Some(tag) => pipeline.dir(&format!(
-                "runs/{}/{STAGE}",
-                kd_train::stage::check_tag(tag).map_err(anyhow::Error::msg)?
-            )),
-            None => pipeline.dir(STAGE),
-        };
+        let dir = pipeline.dir(&kd_train::stage::stage_name(STAGE, source.tag.as_deref()));
         let path = dir.join(KNOWLEDGE_FILE);
         let transform = Transform {
             input: [data.spec.channels, data.spec.height, data.spec.width],
@@ -220,23 +227,27 @@ impl Job {
                 .unwrap_or(kd_data::Augment::CropFlip { crop_padding: 2 }),
             seed: k.view_seed,
         });
-        let mut settings = serde_json::json!({ "data": pipeline.data_settings(), "teacher_arch": arch, "transform": transform });
-        if let Some(v) = &views {
-            settings["views"] = serde_json::to_value(v)?;
-        }
         let storage = LogitStorage {
             dtype: LogitDtype::parse(&k.dtype)
                 .ok_or_else(|| anyhow::anyhow!("knowledge.dtype {:?}: f32 or f16", k.dtype))?,
             top_k: (k.top_k > 0).then_some(k.top_k),
         };
         let storage = (!storage.is_full_f32()).then_some(storage);
-        if let Some(s) = &storage {
-            settings["storage"] = serde_json::to_value(s)?;
-        }
-        let inputs = BTreeMap::from([
+        let settings = kd_train::record::to_json(&KnowledgeSettings {
+            data: pipeline.data_settings(),
+            teacher_arch: arch.clone(),
+            transform: transform.clone(),
+            views: views.clone(),
+            storage,
+        })?;
+        let mut inputs = BTreeMap::from([
             ("dataset.train".to_string(), data.train_fingerprint.clone()),
             ("teacher".to_string(), teacher_sha.clone()),
         ]);
+        inputs.extend(
+            data.label_mask_fingerprint()
+                .map(|f| ("dataset.labelled".to_string(), f)),
+        );
         let key = stage_key(STAGE, &settings, &inputs);
         let heads = kd_models::heads(&arch)?
             .iter()
@@ -599,20 +610,21 @@ impl Job {
             settings: self.settings.clone(),
             inputs: self.inputs.clone(),
             wall_seconds: started.elapsed().as_secs_f64(),
-            metrics: serde_json::json!({
-                "rows": rows,
-                "classes": c,
-                "heads": self.meta.heads,
-                "batch_size": self.batch_size,
-                "inference_seconds": seconds,
-                "images_per_sec": images_per_sec,
-                "bytes": bytes,
-                "bytes_per_image": bytes as f64 / rows.max(1) as f64,
-                "views": self.meta.view_count(),
-                "storage": self.meta.storage().to_string(),
-                "shards": shards,
-                "train_accuracy_per_head": agreement,
-            }),
+            metrics: serde_json::to_value(KnowledgeRecord {
+                rows,
+                classes: c,
+                heads: self.meta.heads.clone(),
+                batch_size: self.batch_size,
+                inference_seconds: seconds,
+                images_per_sec,
+                bytes,
+                bytes_per_image: bytes as f64 / rows.max(1) as f64,
+                views: self.meta.view_count(),
+                storage: self.meta.storage().to_string(),
+                shards,
+                train_accuracy_per_head: agreement.clone(),
+                labelled_rows: mask.map(|_| counted),
+            })?,
             ..Manifest::start(STAGE, &self.pipeline.name, self.key.clone())
         }
         .write(&self.dir, &[KNOWLEDGE_FILE])?;

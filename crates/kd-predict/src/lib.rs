@@ -77,7 +77,7 @@ pub fn run(args: &Args) -> anyhow::Result<Vec<Prediction>> {
     let dir = match &args.tag {
         Some(tag) => {
             kd_train::stage::check_tag(tag).map_err(anyhow::Error::msg)?;
-            pipeline.root.join("runs").join(tag).join(&args.model)
+            pipeline.dir(&kd_train::stage::stage_name(&args.model, Some(tag)))
         }
         None => pipeline.dir(&args.model),
     };
@@ -94,18 +94,11 @@ pub fn run(args: &Args) -> anyhow::Result<Vec<Prediction>> {
             pipeline.name
         ),
     })?;
-    // The architecture it was trained as: `teacher.arch`, `student.arch` (KD) or `arch`
-    // (baseline), as each stage records its settings.
-    let settings = &manifest.settings;
-    let arch = [
-        &settings["teacher"]["arch"],
-        &settings["student"]["arch"],
-        &settings["arch"],
-    ]
-    .into_iter()
-    .find_map(|v| v.as_str())
-    .with_context(|| format!("{}: its manifest records no architecture", dir.display()))?
-    .to_string();
+    // The architecture it was trained as, from its training record.
+    let arch = manifest
+        .training()
+        .with_context(|| format!("{}: not a trained model's manifest", dir.display()))?
+        .architecture;
     let classes = class_names(&dir.join(CLASS_INDICES))?;
     let (spec, norm) = input_contract(&pipeline, classes.len())?;
     let files = image_files(&args.inputs)?;

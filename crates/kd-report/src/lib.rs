@@ -2,8 +2,12 @@
 //! parameters, size on disk, inference speed, training time — and their validation curves.
 //! Writes `report.md` and `curves.svg`.
 
+pub mod labels;
 pub mod runs;
+pub mod seeds;
+pub mod stats;
 pub mod svg;
+pub mod sweep;
 
 use anyhow::Context;
 use candle_core::Device;
@@ -13,7 +17,8 @@ use kd_train::stage::layout::{
 };
 use kd_train::stage::threads;
 use kd_train::table::Table;
-use kd_train::{evaluate, FitReport, Manifest, PipelineArgs};
+use kd_train::{evaluate, LoadedData, Manifest, Pipeline, PipelineArgs};
+use runs::Runs;
 use std::collections::BTreeMap;
 use std::time::Instant;
 
@@ -47,88 +52,184 @@ pub struct ModelResult {
     pub val_accuracy_per_epoch: Vec<f64>,
 }
 
+/// The three models of the comparison: stage folder and name in the report.
+const MODELS: [(&str, &str); 3] = [
+    (TEACHER, "teacher"),
+    (STUDENT_KD, "student, distilled (KD)"),
+    (STUDENT_BASELINE, "student, labels only"),
+];
+
+/// The report's sections beyond the three models: seeds, labels, sweep (markdown, charts).
+struct Sections {
+    seeds: Option<(String, seeds::Seeds)>,
+    labels: Option<(String, String, Vec<labels::LabelPoint>)>,
+    sweep: Option<(String, String, sweep::Sweep)>,
+}
+
+impl Sections {
+    fn of(runs: &Runs, data: &LoadedData) -> Self {
+        Self {
+            seeds: seeds::seeds_section(runs),
+            labels: labels::labels_section(runs, data.train_rows.len()),
+            sweep: sweep::sweep_section(runs),
+        }
+    }
+
+    fn markdown(&self) -> String {
+        [
+            self.labels.as_ref().map(|s| s.0.as_str()),
+            self.seeds.as_ref().map(|s| s.0.as_str()),
+            self.sweep.as_ref().map(|s| s.0.as_str()),
+        ]
+        .into_iter()
+        .flatten()
+        .collect()
+    }
+
+    /// The charts to write beside the report (file, SVG); a chart without its section is
+    /// removed.
+    fn charts(&self) -> [(&'static str, Option<&str>); 2] {
+        [
+            (
+                labels::LABELS_FILE,
+                self.labels.as_ref().map(|s| s.1.as_str()),
+            ),
+            (sweep::SWEEP_FILE, self.sweep.as_ref().map(|s| s.1.as_str())),
+        ]
+    }
+}
+
 pub fn run(args: &Args) -> anyhow::Result<Manifest> {
     let started = Instant::now();
     let pipeline = args.pipeline.open(&[])?;
     let data = pipeline.load_data()?;
-    let cfg = &pipeline.config;
-    let models = [
-        (TEACHER, "teacher", cfg.teacher.arch.as_str()),
-        (
-            STUDENT_KD,
-            "student, distilled (KD)",
-            cfg.student.arch.as_str(),
-        ),
-        (
-            STUDENT_BASELINE,
-            "student, labels only",
-            cfg.student.arch.as_str(),
-        ),
-    ];
-    let mut manifests = BTreeMap::new();
-    let mut inputs = BTreeMap::from([("dataset.test".to_string(), data.test_fingerprint.clone())]);
-    for (stage, _, _) in models.iter().chain([&(KNOWLEDGE, "", "")]) {
-        let dir = pipeline.dir(stage);
-        let m = Manifest::read(&dir).with_context(|| {
-            format!(
-                "the {stage} stage has not run yet (run `just {}`)",
-                just_recipe(stage)
-            )
-        })?;
-        inputs.insert(format!("{stage}.key"), m.key.clone());
-        for (file, sha) in &m.outputs {
-            inputs.insert(format!("{stage}/{file}"), sha.clone());
-        }
-        manifests.insert(stage.to_string(), m);
-    }
-    // The tagged runs of `just compare` and `just sweep`, summarised below.
-    let tagged = runs::find(&pipeline.root);
-    for r in &tagged {
-        inputs.insert(
-            format!("{}/{}/{}.key", runs::RUNS, r.tag, r.stage),
-            r.manifest.key.clone(),
-        );
-    }
+    let runs = Runs::find(&pipeline.root);
+    let inputs = inputs(&pipeline, &data, &runs)?;
     let settings = serde_json::json!({ "batch_size": args.batch_size });
     let key = stage_key(STAGE, &settings, &inputs);
     let dir = pipeline.dir(STAGE);
     if let Some(m) = pipeline.up_to_date(STAGE, &dir, &key, &settings, &inputs) {
         return Ok(m);
     }
+    let results = measure(&pipeline, &data, &runs, args.batch_size)?;
+    let sections = Sections::of(&runs, &data);
+    let headline = sections.seeds.as_ref().and_then(|s| s.1.headline());
+    let mut markdown = render(
+        &pipeline,
+        &data,
+        &results,
+        &runs,
+        args.batch_size,
+        headline.as_deref(),
+    )?;
+    // The experiments go before the settings, which close the report.
+    let at = markdown.find("## Settings").unwrap_or(markdown.len());
+    markdown.insert_str(at, &sections.markdown());
+    let mut outputs = vec![REPORT_FILE, CURVES_FILE];
+    kd_data::write_atomic_bytes(
+        &dir.join(CURVES_FILE),
+        curves(&pipeline, &results).as_bytes(),
+    )?;
+    for (file, chart) in sections.charts() {
+        match chart {
+            Some(svg) => {
+                kd_data::write_atomic_bytes(&dir.join(file), svg.as_bytes())?;
+                outputs.push(file);
+            }
+            None => {
+                let _ = std::fs::remove_file(dir.join(file));
+            }
+        }
+    }
+    kd_data::write_atomic_bytes(&dir.join(REPORT_FILE), markdown.as_bytes())?;
+    let kd_gain = results[1].test_accuracy - results[2].test_accuracy;
+    let manifest = Manifest {
+        settings,
+        inputs,
+        wall_seconds: started.elapsed().as_secs_f64(),
+        metrics: serde_json::json!({
+            "models": results,
+            "kd_minus_baseline": kd_gain,
+            "seeds": sections.seeds.map(|s| s.1),
+            "labels": sections.labels.map(|s| s.2),
+            "sweep": sections.sweep.map(|s| s.2),
+        }),
+        ..Manifest::start(STAGE, &pipeline.name, key)
+    }
+    .write(&dir, &outputs)?;
+    println!(
+        "\n{}\nKD - baseline: {:+.2} points of test accuracy\nwrote {}",
+        models_table(&results, args.batch_size).to_markdown(),
+        100.0 * kd_gain,
+        dir.join(REPORT_FILE).display()
+    );
+    Ok(manifest)
+}
 
+/// What the report depends on: the test set, and the key and outputs of every run it reads
+/// (the pipeline's stages must have run).
+fn inputs(
+    pipeline: &Pipeline,
+    data: &LoadedData,
+    runs: &Runs,
+) -> anyhow::Result<BTreeMap<String, String>> {
+    let mut inputs = BTreeMap::from([("dataset.test".to_string(), data.test_fingerprint.clone())]);
+    for stage in [TEACHER, KNOWLEDGE, STUDENT_KD, STUDENT_BASELINE] {
+        let m = runs.at(stage).map(|r| &r.manifest).with_context(|| {
+            format!(
+                "the {stage} stage has not run yet, or its manifest in {} does not read (run `just {} {}`)",
+                pipeline.dir(stage).display(),
+                just_recipe(stage),
+                pipeline.name
+            )
+        })?;
+        for (file, sha) in &m.outputs {
+            inputs.insert(format!("{stage}/{file}"), sha.clone());
+        }
+    }
+    for r in &runs.all {
+        inputs.insert(format!("{}.key", r.dir), r.manifest.key.clone());
+    }
+    Ok(inputs)
+}
+
+/// The three models: test accuracy and inference speed measured here, training numbers from
+/// their manifests.
+fn measure(
+    pipeline: &Pipeline,
+    data: &LoadedData,
+    runs: &Runs,
+    batch: usize,
+) -> anyhow::Result<Vec<ModelResult>> {
     let mut results = Vec::new();
-    for (stage, name, arch) in models {
-        let m = &manifests[stage];
+    for (stage, name) in MODELS {
+        let run = runs.at(stage).context("checked by inputs")?;
+        let record = run.train.as_ref().context("a training stage")?;
+        let arch = &record.architecture;
         let checkpoint = pipeline.dir(stage).join(CHECKPOINT);
         let model = kd_models::load_frozen(arch, &data.spec, &checkpoint, &Device::Cpu)?;
         // One warm-up batch, then the whole test set at the measured batch size.
+        let warm = &data.test_rows[..data.test_rows.len().min(batch)];
         evaluate(
             model.as_ref(),
             kd_train::Subset {
-                rows: &data.test_rows[..data.test_rows.len().min(args.batch_size)],
+                rows: warm,
                 ..data.test()
             },
-            args.batch_size,
+            batch,
         )?;
-        let eval = evaluate(model.as_ref(), data.test(), args.batch_size)?;
-        let fit: FitReport =
-            serde_json::from_value(m.metrics["fit"].clone()).with_context(|| {
-                format!(
-                    "{}: no training metrics",
-                    Manifest::path(&pipeline.dir(stage)).display()
-                )
-            })?;
+        let eval = evaluate(model.as_ref(), data.test(), batch)?;
         results.push(ModelResult {
             name: name.to_string(),
             stage: stage.to_string(),
-            architecture: arch.to_string(),
+            architecture: arch.clone(),
             parameters: kd_models::num_parameters(arch, &data.spec)?,
             checkpoint_bytes: std::fs::metadata(&checkpoint)?.len(),
             test_accuracy: eval.accuracy,
             inference_images_per_sec: eval.images_per_sec,
-            training_seconds: m.wall_seconds,
-            training_images_per_sec: fit.train_images_per_sec,
-            val_accuracy_per_epoch: fit.epochs.iter().map(|e| e.val_accuracy).collect(),
+            training_seconds: run.manifest.wall_seconds,
+            training_images_per_sec: record.fit.train_images_per_sec,
+            val_accuracy_per_epoch: record.fit.epochs.iter().map(|e| e.val_accuracy).collect(),
         });
         tracing::info!(
             "report: {name}: test accuracy {:.2}%, {:.0} img/s",
@@ -136,7 +237,11 @@ pub fn run(args: &Args) -> anyhow::Result<Manifest> {
             eval.images_per_sec
         );
     }
+    Ok(results)
+}
 
+/// Validation accuracy per epoch of the three models, as SVG.
+fn curves(pipeline: &Pipeline, results: &[ModelResult]) -> String {
     let series: Vec<svg::Series> = results
         .iter()
         .zip(svg::COLOURS)
@@ -149,69 +254,15 @@ pub fn run(args: &Args) -> anyhow::Result<Manifest> {
                 .enumerate()
                 .map(|(i, a)| ((i + 1) as f64, *a))
                 .collect(),
+            errors: vec![],
         })
         .collect();
-    let chart = svg::line_chart(
+    svg::line_chart(
         &format!("Validation accuracy — {}", pipeline.name),
         "epoch",
         "validation accuracy",
         &series,
-    );
-    let seeds = runs::seeds_section(&tagged);
-    let sweep = runs::sweep_section(&tagged);
-    let over_seeds = seeds.as_ref().and_then(|s| runs::seeds_headline(&s.1));
-    let mut markdown = render(
-        &pipeline,
-        &data,
-        &results,
-        &manifests,
-        args.batch_size,
-        over_seeds.as_deref(),
-    )?;
-    // The tagged runs go before the settings, which close the report.
-    let at = markdown.find("## Settings").unwrap_or(markdown.len());
-    let extra: String = [
-        seeds.as_ref().map(|s| s.0.clone()),
-        sweep.as_ref().map(|s| s.0.clone()),
-    ]
-    .into_iter()
-    .flatten()
-    .collect();
-    markdown.insert_str(at, &extra);
-    kd_data::write_atomic_bytes(&dir.join(CURVES_FILE), chart.as_bytes())?;
-    let mut outputs = vec![REPORT_FILE, CURVES_FILE];
-    match &sweep {
-        Some((_, chart, _)) => {
-            kd_data::write_atomic_bytes(&dir.join(runs::SWEEP_FILE), chart.as_bytes())?;
-            outputs.push(runs::SWEEP_FILE);
-        }
-        None => {
-            let _ = std::fs::remove_file(dir.join(runs::SWEEP_FILE));
-        }
-    }
-    kd_data::write_atomic_bytes(&dir.join(REPORT_FILE), markdown.as_bytes())?;
-
-    let kd_gain = results[1].test_accuracy - results[2].test_accuracy;
-    let manifest = Manifest {
-        settings,
-        inputs,
-        wall_seconds: started.elapsed().as_secs_f64(),
-        metrics: serde_json::json!({
-            "models": results,
-            "kd_minus_baseline": kd_gain,
-            "seeds": seeds.map(|s| s.1),
-            "sweep": sweep.map(|s| s.2),
-        }),
-        ..Manifest::start(STAGE, &pipeline.name, key)
-    }
-    .write(&dir, &outputs)?;
-    println!(
-        "\n{}\nKD - baseline: {:+.2} points of test accuracy\nwrote {}",
-        models_table(&results, args.batch_size).to_markdown(),
-        100.0 * kd_gain,
-        dir.join(REPORT_FILE).display()
-    );
-    Ok(manifest)
+    )
 }
 
 fn just_recipe(stage: &str) -> &str {
@@ -253,7 +304,7 @@ fn render(
     pipeline: &kd_train::Pipeline,
     data: &kd_train::LoadedData,
     results: &[ModelResult],
-    manifests: &BTreeMap<String, Manifest>,
+    runs: &Runs,
     batch: usize,
     over_seeds: Option<&str>,
 ) -> anyhow::Result<String> {
@@ -313,36 +364,24 @@ fn render(
     }
     md += &curve.to_markdown();
     md += "\n## Stage wall times\n\n";
-    let mut times = Table::new(&["stage", "wall time", "throughput"]);
-    let mut total = 0.0;
-    for stage in [TEACHER, KNOWLEDGE, STUDENT_KD, STUDENT_BASELINE] {
-        let m = &manifests[stage];
-        total += m.wall_seconds;
-        let ips = m.metrics["fit"]["train_images_per_sec"]
-            .as_f64()
-            .or(m.metrics["images_per_sec"].as_f64());
-        let throughput = match (ips, m.metrics["shards"].as_u64()) {
-            (Some(ips), _) => format!("{ips:.0} img/s"),
-            // Merged from an array job's shards: the time is the merge's, the speed the engine's.
-            (None, Some(n)) => format!("merged from {n} shards"),
-            (None, None) => "-".into(),
-        };
-        times.row(&[stage.to_string(), duration(m.wall_seconds), throughput]);
-    }
-    times.row(&["total".to_string(), duration(total), String::new()]);
-    md += &times.to_markdown();
-    let k = &manifests[KNOWLEDGE].metrics;
+    md += &wall_times(runs).to_markdown();
+    let k = runs
+        .at(KNOWLEDGE)
+        .context("checked by inputs")?
+        .manifest
+        .knowledge()?;
     md += &format!(
         "\n## Knowledge file\n\n`{}/{}`: the teacher's logits for {} training images, heads {}, {:.1} MiB \
-         (the teacher's main head agrees with {:.2}% of the training labels).\n\n",
+         (the teacher's main head agrees with {:.2}% of the {}training labels).\n\n",
         KNOWLEDGE,
         kd_train::stage::layout::KNOWLEDGE_FILE,
-        group(k["rows"].as_u64().unwrap_or(0) as usize),
-        k["heads"].as_array().map(|h| h.iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join(", ")).unwrap_or_default(),
-        k["bytes"].as_f64().unwrap_or(0.0) / (1 << 20) as f64,
-        100.0 * k["train_accuracy_per_head"]["main"].as_f64().unwrap_or(0.0),
+        group(k.rows),
+        k.heads.join(", "),
+        k.bytes as f64 / (1 << 20) as f64,
+        100.0 * k.train_accuracy_per_head.get("main").copied().unwrap_or(0.0),
+        k.labelled_rows.map_or(String::new(), |n| format!("{} labelled ", group(n))),
     );
-    md += &runs::knowledge_table(&pipeline.root).to_markdown();
+    md += &runs.knowledge_table().to_markdown();
     md += "\n";
     md += &format!(
         "## Settings\n\nThe resolved pipeline (`pipelines/{}.toml` with any overrides):\n\n```toml\n{}```\n",
@@ -350,6 +389,32 @@ fn render(
         toml::to_string(&pipeline.config).context("rendering the settings")?
     );
     Ok(md)
+}
+
+/// Each of the pipeline's stages: its wall time and throughput.
+fn wall_times(runs: &Runs) -> Table {
+    let mut times = Table::new(&["stage", "wall time", "throughput"]);
+    let mut total = 0.0;
+    for run in [TEACHER, KNOWLEDGE, STUDENT_KD, STUDENT_BASELINE]
+        .iter()
+        .filter_map(|s| runs.at(s))
+    {
+        let m = &run.manifest;
+        total += m.wall_seconds;
+        let throughput = match (&run.train, m.knowledge()) {
+            (Some(t), _) => format!("{:.0} img/s", t.fit.train_images_per_sec),
+            (None, Ok(k)) => match (k.images_per_sec, k.shards) {
+                (Some(ips), _) => format!("{ips:.0} img/s"),
+                // Merged from an array job's shards: the time is the merge's, the speed the engine's.
+                (None, Some(n)) => format!("merged from {n} shards"),
+                (None, None) => "-".into(),
+            },
+            (None, Err(_)) => "-".into(),
+        };
+        times.row(&[run.dir.clone(), duration(m.wall_seconds), throughput]);
+    }
+    times.row(&["total".to_string(), duration(total), String::new()]);
+    times
 }
 
 fn duration(seconds: f64) -> String {
@@ -370,7 +435,7 @@ fn duration(seconds: f64) -> String {
     }
 }
 
-fn group(n: usize) -> String {
+pub(crate) fn group(n: usize) -> String {
     let s = n.to_string();
     let mut out = String::new();
     for (i, ch) in s.chars().enumerate() {

@@ -1,10 +1,12 @@
 //! A line chart as standalone SVG: validation accuracy per epoch, one line per model.
 
-/// One line: a name, a colour and `(x, y)` points.
+/// One line: a name, a colour and `(x, y)` points, with an error bar of ± `errors[i]` at
+/// point i when `errors` is not empty.
 pub struct Series {
     pub name: String,
     pub colour: &'static str,
     pub points: Vec<(f64, f64)>,
+    pub errors: Vec<f64>,
 }
 
 pub const COLOURS: [&str; 8] = [
@@ -13,13 +15,40 @@ pub const COLOURS: [&str; 8] = [
 
 /// Renders `series` with axes, ticks and a legend. `y` values are fractions, shown as percent.
 pub fn line_chart(title: &str, x_label: &str, y_label: &str, series: &[Series]) -> String {
+    chart(title, x_label, y_label, series, false)
+}
+
+/// [`line_chart`] with a logarithmic x axis (counts spanning decades), ticked at the data's x.
+pub fn log_x_chart(title: &str, x_label: &str, y_label: &str, series: &[Series]) -> String {
+    let logged: Vec<Series> = series
+        .iter()
+        .map(|s| Series {
+            name: s.name.clone(),
+            colour: s.colour,
+            points: s.points.iter().map(|&(x, y)| (x.log10(), y)).collect(),
+            errors: s.errors.clone(),
+        })
+        .collect();
+    chart(title, x_label, y_label, &logged, true)
+}
+
+fn chart(title: &str, x_label: &str, y_label: &str, series: &[Series], log_x: bool) -> String {
     let (w, h) = (720.0, 420.0);
     let (left, right, top, bottom) = (70.0, 180.0, 40.0, 50.0);
     let all: Vec<(f64, f64)> = series
         .iter()
-        .flat_map(|s| s.points.iter().copied())
+        .flat_map(|s| {
+            let e = |i: usize| s.errors.get(i).copied().unwrap_or(0.0);
+            s.points
+                .iter()
+                .enumerate()
+                .flat_map(move |(i, &(x, y))| [(x, y - e(i)), (x, y + e(i))])
+        })
         .collect();
-    let x_max = all.iter().map(|p| p.0).fold(1.0, f64::max);
+    let x_max = all
+        .iter()
+        .map(|p| p.0)
+        .fold(if log_x { f64::NEG_INFINITY } else { 1.0 }, f64::max);
     let x_min = all
         .iter()
         .map(|p| p.0)
@@ -39,7 +68,12 @@ pub fn line_chart(title: &str, x_label: &str, y_label: &str, series: &[Series]) 
     if y_max - y_min < 0.02 {
         y_max = (y_min + 0.02).min(1.0);
     }
-    let px = |x: f64| left + (x - x_min) / (x_max - x_min).max(1.0) * (w - left - right);
+    let span = if log_x {
+        (x_max - x_min).max(1e-9)
+    } else {
+        (x_max - x_min).max(1.0)
+    };
+    let px = |x: f64| left + (x - x_min) / span * (w - left - right);
     let py = |y: f64| top + (y_max - y) / (y_max - y_min) * (h - top - bottom);
     let mut svg = format!(
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" viewBox=\"0 0 {w} {h}\" font-family=\"sans-serif\" font-size=\"12\">\n\
@@ -73,8 +107,13 @@ pub fn line_chart(title: &str, x_label: &str, y_label: &str, series: &[Series]) 
             .collect();
     }
     for x in xs {
+        let shown = if log_x {
+            crate::group(10f64.powf(x).round() as usize)
+        } else {
+            x.to_string()
+        };
         svg += &format!(
-            "<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">{x}</text>\n",
+            "<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">{shown}</text>\n",
             px(x),
             h - bottom + 18.0
         );
@@ -104,13 +143,22 @@ pub fn line_chart(title: &str, x_label: &str, y_label: &str, series: &[Series]) 
             s.colour,
             pts.join(" ")
         );
-        for &(x, y) in &s.points {
+        for (i, &(x, y)) in s.points.iter().enumerate() {
             svg += &format!(
                 "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"3\" fill=\"{}\"/>\n",
                 px(x),
                 py(y),
                 s.colour
             );
+            if let Some(&e) = s.errors.get(i).filter(|e| **e > 0.0) {
+                svg += &format!(
+                    "<line x1=\"{x:.1}\" x2=\"{x:.1}\" y1=\"{:.1}\" y2=\"{:.1}\" stroke=\"{}\"/>\n",
+                    py(y - e),
+                    py(y + e),
+                    s.colour,
+                    x = px(x)
+                );
+            }
         }
         let ly = top + 20.0 * i as f64 + 10.0;
         svg += &format!(
@@ -142,6 +190,7 @@ mod tests {
             name: name.into(),
             colour: c,
             points: vec![(1.0, 0.8), (2.0, 0.85), (3.0, 0.9)],
+            errors: vec![],
         };
         let svg = line_chart(
             "t",
@@ -160,8 +209,27 @@ mod tests {
                 name: "x".into(),
                 colour: COLOURS[2],
                 points: vec![(1.0, 0.5)],
+                errors: vec![],
             }],
         );
         assert!(!one.contains("NaN") && !one.contains("inf"));
+        // A log-scale axis ticked at the data's counts, with error bars.
+        let log = log_x_chart(
+            "t",
+            "labels",
+            "acc",
+            &[Series {
+                name: "b".into(),
+                colour: COLOURS[0],
+                points: vec![(1000.0, 0.8), (5000.0, 0.85), (55000.0, 0.9)],
+                errors: vec![0.01, 0.0, 0.02],
+            }],
+        );
+        assert!(log.contains(">1,000<") && log.contains(">55,000<"), "{log}");
+        assert_eq!(
+            log.matches("<line x1").count() - one.matches("<line x1").count(),
+            2
+        );
+        assert!(!log.contains("NaN"));
     }
 }

@@ -24,7 +24,8 @@ pub struct Args {
     pub pipeline: PipelineArgs,
     #[command(flatten)]
     pub train: TrainArgs,
-    /// Knowledge file [default: <artifacts>/<pipeline>/knowledge/soft-targets.safetensors].
+    /// Knowledge file [default: <artifacts>/<pipeline>/knowledge/soft-targets.safetensors, or the
+    /// same tag's knowledge file when --tag names a run that has one].
     #[arg(long, conflicts_with = "baseline")]
     pub knowledge: Option<PathBuf>,
     /// Train on the labels alone (the control).
@@ -36,15 +37,10 @@ pub struct Args {
     /// Write to <artifacts>/<pipeline>/runs/<TAG>/<stage>/ instead of <stage>/: one of several
     /// runs of the same stage (`just compare` tags its runs seed-0, seed-1, ...; `just sweep`
     /// tags its grid points). Letters, digits and . _ - = only.
-    #[arg(long, value_parser = parse_tag)]
+    #[arg(long, value_parser = kd_train::stage::parse_tag)]
     pub tag: Option<String>,
-}
-
-/// Where tagged runs go, under the pipeline's artifacts.
-pub const RUNS: &str = "runs";
-
-fn parse_tag(s: &str) -> Result<String, String> {
-    kd_train::stage::check_tag(s).map(String::from)
+    #[command(flatten)]
+    pub run: kd_train::RunRecord,
 }
 
 /// The teacher's logits for every training row and stored view, one `[N * K, C]` tensor per head
@@ -72,15 +68,20 @@ pub fn run(args: &Args) -> anyhow::Result<Manifest> {
     let mut inputs = BTreeMap::new();
     let mut stored: Vec<kd_data::View> = Vec::new();
     let mut replay: Option<kd_data::Augment> = None;
+    let mut knowledge_path = None;
     let (stage, settings, targets) = if args.baseline {
         // What decides the baseline: not the KD settings, so changing them does not retrain it.
-        let settings = serde_json::json!({ "data": pipeline.data_settings(), "arch": cfg.arch, "train": train });
+        let settings = kd_train::record::to_json(&kd_train::record::BaselineSettings {
+            data: pipeline.data_settings(),
+            arch: cfg.arch.clone(),
+            train: train.clone(),
+        })?;
         (STAGE_BASELINE, settings, None)
     } else {
         let path = args
             .knowledge
             .clone()
-            .unwrap_or_else(|| pipeline.dir(KNOWLEDGE).join(KNOWLEDGE_FILE));
+            .unwrap_or_else(|| pipeline.input(KNOWLEDGE, KNOWLEDGE_FILE, args.tag.as_deref()));
         if !path.is_file() {
             anyhow::bail!(
                 "no knowledge file at {} (run `just precompute` first, or pass --knowledge)",
@@ -147,6 +148,7 @@ pub fn run(args: &Args) -> anyhow::Result<Manifest> {
             (None, false) => None,
         };
         inputs.insert("knowledge".to_string(), kd_data::sha256_file(&path)?);
+        knowledge_path = Some(path.display().to_string());
         tracing::info!(
             "student: distilling from {} (teacher {}, heads {}), T = {}, hard/soft {}/{}{}",
             path.display(),
@@ -172,7 +174,10 @@ pub fn run(args: &Args) -> anyhow::Result<Manifest> {
             standardize: cfg.standardize_logits,
             dkd_beta: cfg.dkd_beta,
         };
-        let settings = serde_json::json!({ "data": pipeline.data_settings(), "student": cfg });
+        let settings = kd_train::record::to_json(&kd_train::record::KdSettings {
+            data: pipeline.data_settings(),
+            student: cfg.clone(),
+        })?;
         let targets = SoftTargets {
             heads,
             views: k as u32,
@@ -180,10 +185,10 @@ pub fn run(args: &Args) -> anyhow::Result<Manifest> {
         };
         (STAGE_KD, settings, Some(targets))
     };
-    let tagged = args.tag.as_ref().map(|t| format!("{RUNS}/{t}/{stage}"));
+    let name = kd_train::stage::stage_name(stage, args.tag.as_deref());
     let stage = TrainingStage {
         pipeline: &pipeline,
-        stage: tagged.as_deref().unwrap_or(stage),
+        stage: &name,
         arch: &cfg.arch,
         train,
         settings,
@@ -200,6 +205,15 @@ pub fn run(args: &Args) -> anyhow::Result<Manifest> {
         } else {
             Rows::Labelled
         },
+        run: kd_train::RunRecord {
+            // A KD student is held against the baseline of its own tag unless told otherwise.
+            control: args.run.control.clone().or_else(|| {
+                (!args.baseline)
+                    .then(|| kd_train::stage::stage_name(STAGE_BASELINE, args.tag.as_deref()))
+            }),
+            ..args.run.clone()
+        },
+        knowledge: knowledge_path,
     };
     // Which rows of the training file carry a label (f32 1/0), when not all do.
     let labelled = data

@@ -20,21 +20,34 @@ pub struct Args {
     pub pipeline: PipelineArgs,
     #[command(flatten)]
     pub train: TrainArgs,
+    /// Write to <artifacts>/<pipeline>/runs/<TAG>/teacher/ instead of teacher/ (a second teacher
+    /// beside the pipeline's, e.g. one trained on fewer labels; a precompute with the same tag
+    /// reads it). Letters, digits and . _ - = only.
+    #[arg(long, value_parser = kd_train::stage::parse_tag)]
+    pub tag: Option<String>,
+    #[command(flatten)]
+    pub run: kd_train::RunRecord,
 }
 
 pub fn run(args: &Args) -> anyhow::Result<Manifest> {
     let pipeline = args.pipeline.open(&args.train.sets(STAGE))?;
     let cfg = &pipeline.config.teacher;
     let data = pipeline.load_data()?;
+    let name = kd_train::stage::stage_name(STAGE, args.tag.as_deref());
     let stage = TrainingStage {
         views: None,
         pipeline: &pipeline,
-        stage: STAGE,
+        stage: &name,
         arch: &cfg.arch,
         train: cfg.train(&pipeline.config.data),
-        settings: serde_json::json!({ "data": pipeline.data_settings(), "teacher": cfg }),
+        settings: kd_train::record::to_json(&kd_train::record::TeacherSettings {
+            data: pipeline.data_settings(),
+            teacher: cfg.clone(),
+        })?,
         inputs: BTreeMap::new(),
         rows: Rows::Labelled,
+        run: args.run.clone(),
+        knowledge: None,
     };
     let aux_weight = cfg.aux_weight;
     Ok(stage.run(&data, |batch, heads| {

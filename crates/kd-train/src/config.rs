@@ -24,6 +24,9 @@ pub struct PipelineConfig {
     #[serde(default)]
     pub knowledge: KnowledgeConfig,
     pub student: StudentConfig,
+    /// What `just compare` and `just sweep` run (`kd-experiment`).
+    #[serde(default)]
+    pub experiment: crate::experiment::ExperimentConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -249,7 +252,7 @@ impl ViewTargets {
 }
 
 /// What the training loop needs, whichever model it trains.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainSettings {
     pub epochs: usize,
     pub batch_size: usize,
@@ -259,7 +262,7 @@ pub struct TrainSettings {
     pub seed: u64,
     pub augment: Option<Augment>,
     /// Optimiser steps per epoch; `None`: one pass over the rows trained on.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub epoch_steps: Option<usize>,
 }
 
@@ -535,7 +538,7 @@ impl PipelineConfig {
             return Err("student.head_weights must give some head a positive weight".into());
         }
         self.data.load_options()?;
-        Ok(())
+        self.experiment.validate()
     }
 }
 
@@ -551,6 +554,7 @@ fn section_error(root: &toml::Table) -> Option<String> {
         .or_else(|| check::<TeacherConfig>(root, "teacher"))
         .or_else(|| check::<KnowledgeConfig>(root, "knowledge"))
         .or_else(|| check::<StudentConfig>(root, "student"))
+        .or_else(|| check::<crate::experiment::ExperimentConfig>(root, "experiment"))
 }
 
 /// `section.key=value`: the value is TOML (`4`, `"cosine"`, `true`, `[1, 2]`), or a bare string.

@@ -3,10 +3,12 @@
 
 pub mod cli;
 pub mod config;
+pub mod experiment;
 pub mod interrupt;
 pub mod loss;
 pub mod manifest;
 pub mod optim;
+pub mod record;
 pub mod resume;
 pub mod stage;
 pub mod table;
@@ -15,6 +17,7 @@ pub mod trainer;
 
 pub use config::{PipelineConfig, TrainSettings};
 pub use manifest::Manifest;
+pub use record::{KnowledgeRecord, RunRecord, TrainRecord};
 pub use stage::{LoadedData, Pipeline, PipelineArgs};
 pub use train::{
     evaluate, fit, predict, predict_batches, save_checkpoint, Eval, FitReport, FitSpec, Subset,

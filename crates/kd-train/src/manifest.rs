@@ -21,6 +21,9 @@ pub struct Manifest {
     /// Output file (relative to the manifest) → SHA-256.
     pub outputs: BTreeMap<String, String>,
     pub seed: Option<u64>,
+    /// Where the run sits in an experiment (variant, control); not part of the key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run: Option<crate::RunRecord>,
     pub threads: usize,
     pub version: String,
     pub wall_seconds: f64,
@@ -52,6 +55,7 @@ impl Manifest {
             inputs: BTreeMap::new(),
             outputs: BTreeMap::new(),
             seed: None,
+            run: None,
             threads: candle_core::utils::get_num_threads(),
             version: env!("CARGO_PKG_VERSION").to_string(),
             wall_seconds: 0.0,

@@ -17,6 +17,8 @@ pub mod layout {
     pub const STUDENT_KD: &str = "student-kd";
     pub const STUDENT_BASELINE: &str = "student-baseline";
     pub const REPORT: &str = "report";
+    /// Tagged runs of any stage: `runs/<tag>/<stage>/`.
+    pub const RUNS: &str = "runs";
     /// The checkpoint file of every training stage.
     pub const CHECKPOINT: &str = "model.safetensors";
     pub const KNOWLEDGE_FILE: &str = "soft-targets.safetensors";
@@ -37,6 +39,20 @@ pub fn check_tag(s: &str) -> Result<&str, String> {
         Err(format!(
             "tag {s:?}: letters, digits and . _ - = only (not starting with a dot), e.g. seed-1"
         ))
+    }
+}
+
+/// `check_tag` for clap.
+pub fn parse_tag(s: &str) -> Result<String, String> {
+    check_tag(s).map(String::from)
+}
+
+/// A stage's folder under the pipeline's artifacts: `<stage>`, or `runs/<tag>/<stage>` for a
+/// tagged run.
+pub fn stage_name(stage: &str, tag: Option<&str>) -> String {
+    match tag {
+        Some(t) => format!("{}/{t}/{stage}", layout::RUNS),
+        None => stage.to_string(),
     }
 }
 
@@ -147,6 +163,23 @@ impl Pipeline {
         self.root.join(stage)
     }
 
+    /// The file a tagged stage reads from an upstream stage: the same tag's, when that tagged
+    /// run has it, else the pipeline's own (`<stage>/<file>`).
+    pub fn input(&self, stage: &str, file: &str, tag: Option<&str>) -> PathBuf {
+        let own = self.dir(stage).join(file);
+        match tag {
+            Some(t) => {
+                let tagged = self.dir(&stage_name(stage, Some(t))).join(file);
+                if tagged.is_file() {
+                    tagged
+                } else {
+                    own
+                }
+            }
+            None => own,
+        }
+    }
+
     /// The manifest in `dir` if the stage need not run again (and `--force` was not given).
     /// Logs why a stage runs (or that it is skipped, and why).
     pub fn up_to_date(
@@ -176,26 +209,22 @@ impl Pipeline {
         }
     }
 
-    /// The data settings that change a result (where the files live does not: their
-    /// fingerprints are inputs).
-    pub fn data_settings(&self) -> serde_json::Value {
+    /// The data settings that change a result.
+    pub fn data_settings(&self) -> crate::record::DataSettings {
         let d = &self.config.data;
-        let mut v = serde_json::json!({
-            "name": d.name,
-            "format": d.format,
-            "classes": d.classes,
-            "val_size": d.val_size,
-            "split_seed": d.split_seed,
-            "image_size": d.image_size,
-            "test_fraction": d.test_fraction,
-            "mean": d.mean,
-            "std": d.std,
-        });
-        if let Some(labels) = d.labels {
-            v["labels"] = serde_json::json!(labels);
-            v["label_seed"] = d.label_seed.into();
+        crate::record::DataSettings {
+            name: d.name.clone(),
+            format: d.format.clone(),
+            classes: d.classes,
+            val_size: d.val_size,
+            split_seed: d.split_seed,
+            image_size: d.image_size,
+            test_fraction: d.test_fraction,
+            mean: d.mean.clone(),
+            std: d.std.clone(),
+            labels: d.labels,
+            label_seed: d.labels.map(|_| d.label_seed),
         }
-        v
     }
 
     pub fn load_data(&self) -> Result<LoadedData, TrainError> {

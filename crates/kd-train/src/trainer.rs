@@ -30,6 +30,10 @@ pub struct TrainingStage<'a> {
     pub views: Option<kd_data::StoredViews<'a>>,
     /// Which training rows it learns from.
     pub rows: Rows,
+    /// Where the run sits in an experiment.
+    pub run: crate::RunRecord,
+    /// The knowledge file a KD student learns from, as recorded.
+    pub knowledge: Option<String>,
 }
 
 /// The training rows a stage learns from.
@@ -42,6 +46,24 @@ pub enum Rows {
 }
 
 impl TrainingStage<'_> {
+    /// The run record to write: none for a run outside any experiment.
+    fn run_record(&self) -> Option<crate::RunRecord> {
+        (self.run != crate::RunRecord::default()).then(|| self.run.clone())
+    }
+
+    /// An up-to-date run's manifest, with this run's experiment record if that changed (the
+    /// record is not part of the key: the same training, filed under another variant).
+    fn relabel(&self, mut m: Manifest) -> Result<Manifest, TrainError> {
+        if m.run == self.run_record() {
+            return Ok(m);
+        }
+        m.run = self.run_record();
+        let dir = self.pipeline.dir(self.stage);
+        let outputs: Vec<String> = m.outputs.keys().cloned().collect();
+        let outputs: Vec<&str> = outputs.iter().map(String::as_str).collect();
+        m.write(&dir, &outputs)
+    }
+
     /// The freshness key, and the manifest if the stage is up to date.
     pub fn check(&self, data: &LoadedData) -> (String, BTreeMap<String, String>, Option<Manifest>) {
         let mut inputs = data.inputs();
@@ -64,7 +86,7 @@ impl TrainingStage<'_> {
         let started = std::time::Instant::now();
         let (key, inputs, fresh) = self.check(data);
         if let Some(m) = fresh {
-            return Ok(m);
+            return self.relabel(m);
         }
         let dir = self.pipeline.dir(self.stage);
         let checkpoint = dir.join(CHECKPOINT);
@@ -118,18 +140,23 @@ impl TrainingStage<'_> {
         // The test set is read once, by the checkpoint that validation chose.
         let best = load_frozen(self.arch, &data.spec, &checkpoint, &Device::Cpu)?;
         let test = evaluate(best.as_ref(), data.test(), 256)?;
-        let metrics = serde_json::json!({
-            "architecture": self.arch,
-            "parameters": parameters,
-            "fit": fit,
-            "test_accuracy": test.accuracy,
-            "test_loss": test.loss,
-            "test_images": test.images,
-        });
+        let record = crate::TrainRecord {
+            architecture: self.arch.to_string(),
+            parameters,
+            fit: fit.clone(),
+            test_accuracy: test.accuracy,
+            test_loss: test.loss,
+            test_images: test.images,
+            labelled_images: data.label_mask.as_ref().map(|_| data.labelled_rows.len()),
+            knowledge: self.knowledge.clone(),
+        };
+        let metrics =
+            serde_json::to_value(&record).map_err(|e| TrainError::Other(e.to_string()))?;
         let manifest = Manifest {
             settings: self.settings.clone(),
             inputs,
             seed: Some(self.train.seed),
+            run: self.run_record(),
             wall_seconds: started.elapsed().as_secs_f64(),
             metrics,
             ..Manifest::start(self.stage, &self.pipeline.name, key)
