@@ -16,7 +16,7 @@ default:
 # Run every stage in order: `just pipeline [NAME] [FLAGS]` (a stage whose inputs and settings are unchanged is skipped)
 [group('pipeline')]
 [positional-arguments]
-pipeline *args='': data build
+pipeline *args='': data build python-env
     if [ "${1:-}" = photos ]; then just data-photos; fi
     {{bin}}/kd-experiment pipeline "$@"
 
@@ -82,6 +82,10 @@ predict *args='': build
     if [ $# -gt 0 ] && [ -f "pipelines/$1.toml" ]; then name=$1; shift; fi
     {{bin}}/kd-predict --pipeline "pipelines/$name.toml" "$@"
 
+# Stage 5: the distilled student (or `--model student-baseline|teacher`) as ONNX, run by ONNX Runtime on the test set -> artifacts/<name>/export/<model>.onnx
+[group('stages')]
+export *args='': python-env (_stage "kd-export" args)
+
 # Runs one stage binary: the first argument, if it is not a flag, names the pipeline.
 [private]
 _stage binary *args='': build
@@ -133,6 +137,12 @@ data-photos seed='0':
     rm -rf "$out" && mv "$tmp" "$out"
     echo "data/photos: $n photos, $(find $out/train -name '*.png' | wc -l) train / $(find $out/val -name '*.png' | wc -l) val"
 
+# The Python the exported models are checked with: onnx, onnxruntime, safetensors, numpy in .venv/
+[group('setup')]
+python-env:
+    [ -x .venv/bin/python ] || python3 -m venv .venv
+    .venv/bin/python -c 'import onnx, onnxruntime, safetensors, numpy' 2>/dev/null || .venv/bin/pip install --quiet -r crates/kd-export/python/requirements.txt
+
 # Build the stage binaries (release: the tests use the same profile)
 [group('setup')]
 build:
@@ -140,7 +150,7 @@ build:
 
 # Run the test suite: unit and end-to-end tests on the smoke pipeline, then the SLURM test (`just test FILTER` runs the matching cargo tests only)
 [group('checks')]
-test *args='': data data-photos build
+test *args='': data data-photos build python-env
     cargo test --release --workspace {{args}}
     if [ -z "{{args}}" ]; then just test-slurm; fi
 

@@ -60,6 +60,25 @@ pub fn student(root: &Path, extra: &[&str]) -> anyhow::Result<Manifest> {
     ))?)
 }
 
+/// The Python with onnx and onnxruntime that `just python-env` installs.
+pub fn python() -> PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python");
+    assert!(
+        p.is_file(),
+        "{}: missing (run `just python-env`)",
+        p.display()
+    );
+    p
+}
+
+/// `kd-export` with the ONNX Runtime check required.
+pub fn export(root: &Path, extra: &[&str]) -> anyhow::Result<Manifest> {
+    let mut argv = flags("kd-export", root, extra);
+    argv.extend(["--check".into(), "always".into(), "--python".into()]);
+    argv.push(python().display().to_string());
+    kd_export::run(&kd_export::Args::try_parse_from(argv)?)
+}
+
 pub fn report(root: &Path, extra: &[&str]) -> anyhow::Result<Manifest> {
     kd_report::run(&kd_report::Args::try_parse_from(flags(
         "kd-report",

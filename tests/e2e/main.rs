@@ -4,6 +4,7 @@
 
 mod compact;
 mod experiments;
+mod export;
 mod fixture;
 mod hostile;
 mod labels;

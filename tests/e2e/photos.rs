@@ -158,6 +158,19 @@ fn every_stage_runs_on_real_photos_at_224_px() {
         vec![0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2]
     );
     assert_eq!(k.meta.transform.input, [3, 224, 224]);
+    // Both 224-px architectures as ONNX, run by ONNX Runtime on the test photos as by candle.
+    let python = crate::fixture::python().display().to_string();
+    for (model, heads, arch) in [
+        ("teacher", &["main", "aux1", "aux2"][..], "googlenet-224"),
+        ("student-kd", &["main"][..], "student-seed"),
+    ] {
+        let argv = args(
+            "kd-export",
+            &["--model", model, "--check", "always", "--python", &python],
+        );
+        let m = kd_export::run(&kd_export::Args::try_parse_from(argv).unwrap()).unwrap();
+        assert_eq!(crate::export::checked(&m, heads).architecture, arch);
+    }
 }
 
 fn teacher_params_for(classes: usize) -> usize {

@@ -37,7 +37,7 @@ pub struct Args {
 
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Command {
-    /// Every stage in order: teacher, precompute, KD student, baseline, report.
+    /// Every stage in order: teacher, precompute, KD student, baseline, export, report.
     Pipeline,
     /// The pipeline, then per label count and seed the KD student and the baseline (and the
     /// augmented and compact-storage variants `[experiment]` asks for), then the report.

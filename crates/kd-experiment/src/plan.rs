@@ -62,6 +62,9 @@ pub fn plan(args: &Args, pipeline: &Pipeline) -> anyhow::Result<Vec<Step>> {
         }
         Command::Sweep => p.sweep(),
     }
+    // The distilled student as ONNX, checked by ONNX Runtime when a Python has it; then the
+    // report, which shows it.
+    p.step("kd-export", vec![]);
     p.step("kd-report", vec![]);
     Ok(p.steps)
 }

@@ -79,6 +79,25 @@ impl Conv {
         })
     }
 
+    /// This convolution and its ReLU in an inference graph, weights named `<name>.weight` and
+    /// `<name>.bias` (a zero bias when it has none).
+    pub fn export_relu(
+        &self,
+        g: &mut crate::graph::GraphBuilder,
+        x: &str,
+        name: &str,
+    ) -> Result<String> {
+        let w = g.weight(&format!("{name}.weight"), &self.weight)?;
+        let bias = match &self.bias {
+            Some(b) => b.clone(),
+            None => Tensor::zeros(self.cout, self.weight.dtype(), self.weight.device())?,
+        };
+        let b = g.weight(&format!("{name}.bias"), &bias)?;
+        let g_ = &self.geometry;
+        let z = g.conv(x, &w, &b, (g_.kernel, g_.stride, g_.padding));
+        Ok(g.relu(&z))
+    }
+
     /// `[c_in, batch, h, w]` → `[c_out, batch, oh, ow]`.
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let (z, dims) = self.matmul(xs)?;

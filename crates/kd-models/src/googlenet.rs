@@ -8,6 +8,7 @@
 //! Tensor names follow the PyTorch state dict (`inception3a.branch2.1.conv.weight`, ...).
 
 use crate::conv::swap_batch_and_channels;
+use crate::graph::{GraphBuilder, InferenceGraph};
 use crate::init::{Dropout, DropoutRng};
 use crate::layers::{linear, BasicConv, Dense, InitScheme};
 use crate::pool::Pool2d;
@@ -138,6 +139,19 @@ impl Inception {
         let b4 = chain(std::slice::from_ref(&self.branch4), &pooled)?;
         Tensor::cat(&[b1, b2, b3, b4], 0)
     }
+
+    fn export(&self, g: &mut GraphBuilder, x: &str, name: &str) -> Result<String> {
+        let b1 = self.branch1.export(g, x, &format!("{name}.branch1"))?;
+        let b2 = self.branch2[0].export(g, x, &format!("{name}.branch2.0"))?;
+        let b2 = self.branch2[1].export(g, &b2, &format!("{name}.branch2.1"))?;
+        let b3 = self.branch3[0].export(g, x, &format!("{name}.branch3.0"))?;
+        let b3 = self.branch3[1].export(g, &b3, &format!("{name}.branch3.1"))?;
+        let pooled = g.pool(x, Pool2d::max(3, 1).padding(1));
+        let b4 = self
+            .branch4
+            .export(g, &pooled, &format!("{name}.branch4.1"))?;
+        Ok(g.concat(&[b1, b2, b3, b4]))
+    }
 }
 
 /// Auxiliary classifier: avg-pool → 1×1 conv → flatten → dropout → fc+ReLU → dropout → fc.
@@ -180,6 +194,15 @@ impl AuxHead {
             .apply(&self.fc1)?
             .relu()?;
         self.dropout.forward_t(&xs, train)?.apply(&self.fc2)
+    }
+
+    fn export(&self, g: &mut GraphBuilder, x: &str, name: &str) -> Result<String> {
+        let pooled = g.pool(x, self.pool);
+        let z = self.conv.export(g, &pooled, &format!("{name}.conv"))?;
+        let flat = g.flatten(&z);
+        let hidden = self.fc1.export(g, &flat, &format!("{name}.fc1"))?;
+        let hidden = g.relu(&hidden);
+        self.fc2.export(g, &hidden, &format!("{name}.fc2"))
     }
 }
 
@@ -280,5 +303,32 @@ impl Classifier for GoogLeNet {
         let xs = xs.mean(3)?.mean(2)?.t()?;
         let main = self.dropout.forward_t(&xs, train)?.apply(&self.fc)?;
         Ok([vec![main], aux].concat())
+    }
+
+    fn inference_graph(&self, input: &str) -> Result<InferenceGraph> {
+        let mut g = GraphBuilder::new(input);
+        let pool = Pool2d::max(3, 2).ceil();
+        let mut x = self.stem[0].export(&mut g, input, "conv1")?;
+        if self.imagenet_stem {
+            x = g.pool(&x, pool);
+        }
+        x = self.stem[1].export(&mut g, &x, "conv2")?;
+        x = self.stem[2].export(&mut g, &x, "conv3")?;
+        x = g.pool(&x, pool);
+        let mut outputs = Vec::with_capacity(3);
+        for (i, (block, name)) in self.blocks.iter().zip(BLOCK_NAMES).enumerate() {
+            x = block.export(&mut g, &x, name)?;
+            match i {
+                1 | 6 => x = g.pool(&x, pool),
+                2 => outputs.push(("aux1".to_string(), self.aux1.export(&mut g, &x, "aux1")?)),
+                5 => outputs.push(("aux2".to_string(), self.aux2.export(&mut g, &x, "aux2")?)),
+                _ => {}
+            }
+        }
+        let pooled = g.global_average_pool(&x);
+        let flat = g.flatten(&pooled);
+        let main = self.fc.export(&mut g, &flat, "fc")?;
+        outputs.insert(0, ("main".to_string(), main));
+        Ok(g.finish(outputs))
     }
 }

@@ -54,6 +54,24 @@ pub struct Dense {
     macs_per_row: usize,
 }
 
+impl Dense {
+    /// This layer in an inference graph, weights named `<name>.weight` and `<name>.bias`.
+    pub fn export(
+        &self,
+        g: &mut crate::graph::GraphBuilder,
+        x: &str,
+        name: &str,
+    ) -> Result<String> {
+        let w = g.weight(&format!("{name}.weight"), self.inner.weight())?;
+        let bias = self
+            .inner
+            .bias()
+            .ok_or_else(|| candle_core::Error::Msg(format!("{name} has no bias")))?;
+        let b = g.weight(&format!("{name}.bias"), bias)?;
+        Ok(g.linear(x, &w, &b))
+    }
+}
+
 impl Module for Dense {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         crate::macs::add(self.macs_per_row * xs.dim(0)?);
@@ -116,6 +134,23 @@ impl BasicConv {
             _ => None,
         };
         Ok(Self { conv, norm, folded })
+    }
+
+    /// The block in an inference graph: convolution (with its BatchNorm folded in) and ReLU.
+    /// A BatchNorm block must come from a loaded model, whose BatchNorm is folded.
+    pub fn export(
+        &self,
+        g: &mut crate::graph::GraphBuilder,
+        x: &str,
+        name: &str,
+    ) -> Result<String> {
+        match (&self.folded, &self.norm) {
+            (Some(folded), _) => folded.export_relu(g, x, &format!("{name}.conv")),
+            (None, None) => self.conv.export_relu(g, x, &format!("{name}.conv")),
+            (None, Some(_)) => candle_core::bail!(
+                "{name}: BatchNorm is folded only in a loaded model; export a checkpoint"
+            ),
+        }
     }
 
     /// Dropout-free, but BatchNorm uses batch statistics only when `train` is true.

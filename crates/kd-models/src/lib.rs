@@ -10,6 +10,7 @@
 
 pub mod conv;
 pub mod googlenet;
+pub mod graph;
 pub mod init;
 pub mod layers;
 pub mod macs;
@@ -31,6 +32,9 @@ pub trait Classifier: Send + Sync {
     fn heads(&self) -> &'static [&'static str];
     /// Logits `[batch, classes]` of every head. Dropout is active only when `train` is true.
     fn forward_t(&self, xs: &Tensor, train: bool) -> candle_core::Result<Vec<Tensor>>;
+    /// The eval-mode computation as a graph of standard operators, input `input` (NCHW), one
+    /// output per head, named as [`Classifier::heads`].
+    fn inference_graph(&self, input: &str) -> candle_core::Result<graph::InferenceGraph>;
 }
 
 /// The input a model is built for.

@@ -100,4 +100,16 @@ impl Classifier for StudentCnn {
         let xs = self.dropout.forward_t(&xs, train)?;
         Ok(vec![xs.apply(&self.fc)?])
     }
+
+    fn inference_graph(&self, input: &str) -> Result<crate::graph::InferenceGraph> {
+        let mut g = crate::graph::GraphBuilder::new(input);
+        let mut x = input.to_string();
+        for (i, conv) in self.convs.iter().enumerate() {
+            let z = conv.export_relu(&mut g, &x, &format!("conv{}", i + 1))?;
+            x = g.pool(&z, self.pool);
+        }
+        let flat = g.flatten(&x);
+        let main = self.fc.export(&mut g, &flat, "fc")?;
+        Ok(g.finish(vec![("main".into(), main)]))
+    }
 }

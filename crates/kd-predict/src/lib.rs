@@ -11,9 +11,9 @@ use anyhow::Context;
 use candle_core::{Device, Tensor, D};
 use kd_data::{DataFormat, Dataset, ImageSet, Normalization};
 use kd_models::InputSpec;
-use kd_train::stage::layout::{CHECKPOINT, CLASS_INDICES, STUDENT_BASELINE, STUDENT_KD, TEACHER};
+use kd_train::stage::layout::{CHECKPOINT, CLASS_INDICES};
+use kd_train::stage::TrainedModel;
 use kd_train::{Manifest, PipelineArgs, Subset};
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 /// Classify image files with a trained model of a pipeline.
@@ -25,9 +25,9 @@ pub struct Args {
     /// Image files (PNG, JPEG) or folders of them (searched recursively, in name order).
     #[arg(required = true, value_name = "IMAGE_OR_FOLDER")]
     pub inputs: Vec<PathBuf>,
-    /// Which model: student-kd (the distilled student), student-baseline or teacher.
-    #[arg(long, default_value = STUDENT_KD)]
-    pub model: String,
+    /// Which model: the distilled student, the baseline or the teacher.
+    #[arg(long, value_enum, default_value_t = TrainedModel::StudentKd)]
+    pub model: TrainedModel,
     /// A tagged run of that model (`runs/<TAG>/<model>/`, e.g. seed-1).
     #[arg(long)]
     pub tag: Option<String>,
@@ -64,23 +64,17 @@ pub struct Prediction {
 const EXTENSIONS: [&str; 3] = ["png", "jpg", "jpeg"];
 
 pub fn run(args: &Args) -> anyhow::Result<Vec<Prediction>> {
-    if ![STUDENT_KD, STUDENT_BASELINE, TEACHER].contains(&args.model.as_str()) {
-        anyhow::bail!(
-            "--model {:?}: one of {STUDENT_KD}, {STUDENT_BASELINE}, {TEACHER}",
-            args.model
-        );
-    }
     if args.top == 0 || args.batch_size == 0 {
         anyhow::bail!("--top and --batch-size must be at least 1");
     }
     let pipeline = args.pipeline.open(&[])?;
-    let dir = match &args.tag {
-        Some(tag) => {
-            kd_train::stage::check_tag(tag).map_err(anyhow::Error::msg)?;
-            pipeline.dir(&kd_train::stage::stage_name(&args.model, Some(tag)))
-        }
-        None => pipeline.dir(&args.model),
-    };
+    if let Some(tag) = &args.tag {
+        kd_train::stage::check_tag(tag).map_err(anyhow::Error::msg)?;
+    }
+    let dir = pipeline.dir(&kd_train::stage::stage_name(
+        args.model.stage(),
+        args.tag.as_deref(),
+    ));
     let manifest = Manifest::read(&dir).with_context(|| match &args.tag {
         Some(tag) => format!(
             "no {} of a run tagged {tag} in {}",
@@ -99,7 +93,7 @@ pub fn run(args: &Args) -> anyhow::Result<Vec<Prediction>> {
         .training()
         .with_context(|| format!("{}: not a trained model's manifest", dir.display()))?
         .architecture;
-    let classes = class_names(&dir.join(CLASS_INDICES))?;
+    let classes = kd_train::stage::class_names(&dir.join(CLASS_INDICES))?;
     let (spec, norm) = input_contract(&pipeline, classes.len())?;
     let files = image_files(&args.inputs)?;
     let model = kd_models::load_frozen(&arch, &spec, &dir.join(CHECKPOINT), &Device::Cpu)?;
@@ -187,26 +181,6 @@ fn top_k(probs: &[f32], k: usize, classes: &[String]) -> Vec<Scored> {
 }
 
 /// Class names in index order from a model's `class_indices.json` (`{"0": "T-shirt/top", …}`).
-fn class_names(path: &Path) -> anyhow::Result<Vec<String>> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("{}: cannot read the class names", path.display()))?;
-    let map: BTreeMap<String, String> = serde_json::from_str(&text)
-        .with_context(|| format!("{}: not a class index", path.display()))?;
-    let mut names = vec![None; map.len()];
-    for (k, v) in map {
-        let i: usize = k
-            .parse()
-            .ok()
-            .filter(|&i| i < names.len())
-            .with_context(|| format!("{}: class index {k:?} out of range", path.display()))?;
-        names[i] = Some(v);
-    }
-    names
-        .into_iter()
-        .collect::<Option<Vec<_>>>()
-        .with_context(|| format!("{}: class indices are not 0..n", path.display()))
-}
-
 /// The model's input shape and the normalisation it was trained with. Photos in class folders
 /// have both in the pipeline file; other formats need the dataset (its image size, and the
 /// normalisation measured on its training set unless the pipeline file gives one).
@@ -342,21 +316,5 @@ mod tests {
         let got: Vec<(usize, &str)> = top.iter().map(|s| (s.index, s.class.as_str())).collect();
         assert_eq!(got, [(1, "b"), (2, "c"), (0, "a")]);
         assert_eq!(top_k(&[1.0], 5, &names[..1]).len(), 1);
-    }
-
-    #[test]
-    fn class_names_must_be_zero_to_n() {
-        let dir = std::env::temp_dir().join(format!("kd-predict-classes-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let p = dir.join("class_indices.json");
-        std::fs::write(&p, r#"{"1": "b", "0": "a"}"#).unwrap();
-        assert_eq!(class_names(&p).unwrap(), ["a", "b"]);
-        std::fs::write(&p, r#"{"0": "a", "2": "c"}"#).unwrap();
-        let e = format!("{:#}", class_names(&p).unwrap_err());
-        assert!(
-            e.contains("class_indices.json") && e.contains("\"2\""),
-            "{e}"
-        );
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -13,7 +13,7 @@ use anyhow::Context;
 use candle_core::Device;
 use kd_train::manifest::stage_key;
 use kd_train::stage::layout::{
-    CHECKPOINT, KNOWLEDGE, REPORT, STUDENT_BASELINE, STUDENT_KD, TEACHER,
+    CHECKPOINT, EXPORT, KNOWLEDGE, REPORT, STUDENT_BASELINE, STUDENT_KD, TEACHER,
 };
 use kd_train::stage::threads;
 use kd_train::table::Table;
@@ -122,6 +122,10 @@ pub fn run(args: &Args) -> anyhow::Result<Manifest> {
         args.batch_size,
         headline.as_deref(),
     )?;
+    let at = markdown
+        .find("## Validation accuracy")
+        .unwrap_or(markdown.len());
+    markdown.insert_str(at, &deploy_section(&pipeline, &results[1]));
     // The experiments go before the settings, which close the report.
     let at = markdown.find("## Settings").unwrap_or(markdown.len());
     markdown.insert_str(at, &sections.markdown());
@@ -190,7 +194,58 @@ fn inputs(
     for r in &runs.all {
         inputs.insert(format!("{}.key", r.dir), r.manifest.key.clone());
     }
+    if let Ok(m) = Manifest::read_at(&deploy_manifest(pipeline)) {
+        inputs.insert(format!("{EXPORT}/{STUDENT_KD}.key"), m.key);
+    }
     Ok(inputs)
+}
+
+/// The export of the distilled student, if `kd-export` has run.
+fn deploy_manifest(pipeline: &Pipeline) -> std::path::PathBuf {
+    Manifest::named(&pipeline.dir(EXPORT), STUDENT_KD)
+}
+
+/// The distilled student as ONNX: file, size, ONNX Runtime's accuracy and speed next to ours.
+fn deploy_section(pipeline: &Pipeline, kd: &ModelResult) -> String {
+    let Ok(r) = Manifest::read_at(&deploy_manifest(pipeline)).and_then(|m| m.export()) else {
+        return format!(
+            "## Deploy\n\nNot exported yet: `just export {}` writes the distilled student as ONNX.\n\n",
+            pipeline.name
+        );
+    };
+    let file = format!("{EXPORT}/{}", r.file);
+    let mut md = format!(
+        "## Deploy\n\n`{file}` ({:.1} KiB, ONNX opset {}): input `pixels` float32 [batch, {}, {}, {}], values \
+         0–255 (the normalisation is in the graph), output `main`, the logits of the {} classes \
+         named in its metadata. ",
+        r.bytes as f64 / 1024.0,
+        r.opset,
+        r.input[0],
+        r.input[1],
+        r.input[2],
+        r.classes.len()
+    );
+    match &r.runtime {
+        None => md += "It was not run by ONNX Runtime (no Python with onnxruntime when it was exported: `just python-env`).\n\n",
+        Some(rt) => {
+            let worst = rt.heads.values().map(|h| h.max_abs_diff).fold(0f32, f32::max);
+            md += &format!(
+                "ONNX Runtime {} ({} threads) on the {} test images: **{:.2}% test accuracy** \
+                 (this report: {:.2}%; largest logit difference from ours {worst:.1e}).\n\n",
+                rt.onnxruntime,
+                rt.threads,
+                group(rt.test_images),
+                100.0 * rt.test_accuracy,
+                100.0 * kd.test_accuracy,
+            );
+            let mut t = Table::new(&["runtime", "latency, batch 1 (ms/image)", "throughput, batch 256 (img/s)"]);
+            t.row(&[format!("ONNX Runtime {}", rt.onnxruntime), format!("{:.3}", rt.latency_ms_batch1), format!("{:.0}", rt.throughput_batch256)]);
+            t.row(&["candle (ours)".into(), format!("{:.3}", rt.candle_latency_ms_batch1), format!("{:.0}", rt.candle_throughput_batch256)]);
+            md += &t.to_markdown();
+            md += "\n";
+        }
+    }
+    md
 }
 
 /// The three models: test accuracy and inference speed measured here, training numbers from

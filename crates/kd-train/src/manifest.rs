@@ -67,8 +67,18 @@ impl Manifest {
         dir.join(MANIFEST)
     }
 
+    /// The manifest of one of several runs sharing a folder: `<dir>/<name>.manifest.json`.
+    pub fn named(dir: &Path, name: &str) -> PathBuf {
+        dir.join(format!("{name}.{MANIFEST}"))
+    }
+
     pub fn read(dir: &Path) -> Result<Self, TrainError> {
-        let path = Self::path(dir);
+        Self::read_at(&Self::path(dir))
+    }
+
+    /// Reads the manifest file `path` (its outputs are relative to its folder).
+    pub fn read_at(path: &Path) -> Result<Self, TrainError> {
+        let path = path.to_path_buf();
         let text = std::fs::read_to_string(&path)
             .map_err(|e| TrainError::file(&path, format!("cannot read: {e}")))?;
         serde_json::from_str(&text)
@@ -76,14 +86,21 @@ impl Manifest {
     }
 
     /// Writes `manifest.json` atomically, after hashing the listed outputs.
-    pub fn write(mut self, dir: &Path, outputs: &[&str]) -> Result<Self, TrainError> {
+    pub fn write(self, dir: &Path, outputs: &[&str]) -> Result<Self, TrainError> {
+        self.write_at(&Self::path(dir), outputs)
+    }
+
+    /// Writes the manifest file `path` atomically, after hashing the listed outputs (relative
+    /// to its folder).
+    pub fn write_at(mut self, path: &Path, outputs: &[&str]) -> Result<Self, TrainError> {
+        let dir = path.parent().unwrap_or(Path::new("."));
         self.outputs = outputs
             .iter()
             .map(|f| Ok((f.to_string(), kd_data::sha256_file(&dir.join(f))?)))
             .collect::<Result<_, TrainError>>()?;
         let text =
             serde_json::to_string_pretty(&self).map_err(|e| TrainError::Other(e.to_string()))?;
-        kd_data::write_atomic_bytes(&Self::path(dir), (text + "\n").as_bytes())?;
+        kd_data::write_atomic_bytes(path, (text + "\n").as_bytes())?;
         Ok(self)
     }
 
@@ -95,7 +112,18 @@ impl Manifest {
         settings: &serde_json::Value,
         inputs: &BTreeMap<String, String>,
     ) -> Option<String> {
-        let Ok(m) = Self::read(dir) else {
+        Self::staleness_at(&Self::path(dir), key, settings, inputs)
+    }
+
+    /// [`Manifest::staleness`] of the manifest file `path`.
+    pub fn staleness_at(
+        path: &Path,
+        key: &str,
+        settings: &serde_json::Value,
+        inputs: &BTreeMap<String, String>,
+    ) -> Option<String> {
+        let dir = path.parent().unwrap_or(Path::new("."));
+        let Ok(m) = Self::read_at(path) else {
             return Some("no previous run".into());
         };
         if m.key == key {

@@ -95,6 +95,48 @@ pub struct KnowledgeRecord {
     pub labelled_rows: Option<usize>,
 }
 
+/// How ONNX Runtime's outputs agree with ours on one head.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct HeadAgreement {
+    /// The largest |ONNX Runtime − candle| over every logit of the test set.
+    pub max_abs_diff: f32,
+    /// Test images whose top-1 class differs between the two.
+    pub top1_disagreements: usize,
+}
+
+/// What the check found.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct RuntimeCheck {
+    pub onnx: String,
+    pub onnxruntime: String,
+    pub threads: usize,
+    pub test_images: usize,
+    /// Test accuracy of the main head, as ONNX Runtime computes it and as candle does.
+    pub test_accuracy: f64,
+    pub candle_test_accuracy: f64,
+    pub heads: BTreeMap<String, HeadAgreement>,
+    /// Median latency of one image at batch 1, and images per second at batch 256.
+    pub latency_ms_batch1: f64,
+    pub throughput_batch256: f64,
+    pub candle_latency_ms_batch1: f64,
+    pub candle_throughput_batch256: f64,
+}
+
+/// What the export stage records.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ExportRecord {
+    pub file: String,
+    pub bytes: u64,
+    pub architecture: String,
+    pub opset: i64,
+    pub heads: Vec<String>,
+    /// `[C, H, W]` of one image.
+    pub input: [usize; 3],
+    pub classes: Vec<String>,
+    /// ONNX Runtime's run on the test set, held against ours; `None` when it was not run.
+    pub runtime: Option<RuntimeCheck>,
+}
+
 /// Where a run sits in an experiment: its seed, the variant it belongs to and the runs it is
 /// held against. Set from the stage's flags (`kd-experiment` passes them); not part of the
 /// freshness key, so relabelling a run does not retrain it.
@@ -145,6 +187,11 @@ impl crate::Manifest {
                 self.stage, self.pipeline
             ))
         })
+    }
+
+    /// The metrics as the export stage's record.
+    pub fn export(&self) -> Result<ExportRecord, TrainError> {
+        self.metrics_as("the export stage's")
     }
 
     /// The metrics as the precompute stage's record.

@@ -17,6 +17,8 @@ pub mod layout {
     pub const STUDENT_KD: &str = "student-kd";
     pub const STUDENT_BASELINE: &str = "student-baseline";
     pub const REPORT: &str = "report";
+    /// Exported models (`kd-export`).
+    pub const EXPORT: &str = "export";
     /// Tagged runs of any stage: `runs/<tag>/<stage>/`.
     pub const RUNS: &str = "runs";
     /// The checkpoint file of every training stage.
@@ -40,6 +42,58 @@ pub fn check_tag(s: &str) -> Result<&str, String> {
             "tag {s:?}: letters, digits and . _ - = only (not starting with a dot), e.g. seed-1"
         ))
     }
+}
+
+/// A trained model of a pipeline, by the stage that trained it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+pub enum TrainedModel {
+    /// The distilled student (`student-kd/`).
+    #[value(name = "student-kd", alias = "student")]
+    StudentKd,
+    /// The student trained on labels alone (`student-baseline/`).
+    #[value(name = "student-baseline", alias = "baseline")]
+    StudentBaseline,
+    /// The teacher (`teacher/`).
+    Teacher,
+}
+
+impl TrainedModel {
+    /// The stage folder that holds it.
+    pub fn stage(self) -> &'static str {
+        match self {
+            TrainedModel::StudentKd => layout::STUDENT_KD,
+            TrainedModel::StudentBaseline => layout::STUDENT_BASELINE,
+            TrainedModel::Teacher => layout::TEACHER,
+        }
+    }
+}
+
+impl std::fmt::Display for TrainedModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.stage())
+    }
+}
+
+/// The class names of a trained model, from the `class_indices.json` beside its checkpoint
+/// (`{"0": "T-shirt/top", ...}`), in index order.
+pub fn class_names(path: &std::path::Path) -> Result<Vec<String>, TrainError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| TrainError::file(path, format!("cannot read the class names: {e}")))?;
+    let map: BTreeMap<String, String> = serde_json::from_str(&text)
+        .map_err(|e| TrainError::file(path, format!("not a class index: {e}")))?;
+    let mut names = vec![None; map.len()];
+    for (k, v) in map {
+        let i = k
+            .parse::<usize>()
+            .ok()
+            .filter(|&i| i < names.len())
+            .ok_or_else(|| TrainError::file(path, format!("class index {k:?} out of range")))?;
+        names[i] = Some(v);
+    }
+    names
+        .into_iter()
+        .collect::<Option<Vec<_>>>()
+        .ok_or_else(|| TrainError::file(path, "class indices are not 0..n"))
 }
 
 /// `check_tag` for clap.
@@ -190,17 +244,29 @@ impl Pipeline {
         settings: &serde_json::Value,
         inputs: &BTreeMap<String, String>,
     ) -> Option<Manifest> {
+        self.up_to_date_at(stage, &Manifest::path(dir), key, settings, inputs)
+    }
+
+    /// [`Pipeline::up_to_date`] for the manifest file `path`.
+    pub fn up_to_date_at(
+        &self,
+        stage: &str,
+        path: &std::path::Path,
+        key: &str,
+        settings: &serde_json::Value,
+        inputs: &BTreeMap<String, String>,
+    ) -> Option<Manifest> {
         if self.force {
             tracing::info!("{stage}: running (--force)");
             return None;
         }
-        match Manifest::staleness(dir, key, settings, inputs) {
+        match Manifest::staleness_at(path, key, settings, inputs) {
             None => {
                 tracing::info!(
                     "{stage}: up to date — same inputs and settings as the run recorded in {}; skipped (--force reruns it)",
-                    Manifest::path(dir).display()
+                    path.display()
                 );
-                Manifest::read(dir).ok()
+                Manifest::read_at(path).ok()
             }
             Some(why) => {
                 tracing::info!("{stage}: running — {why}");
@@ -417,4 +483,23 @@ fn hide_labels(dataset: &mut Dataset, train_rows: &[u32], labelled: &[u32]) -> V
 /// Threads candle's matmul and convolutions use (RAYON_NUM_THREADS, else all cores).
 pub fn threads() -> usize {
     candle_core::utils::get_num_threads()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn class_names_must_be_zero_to_n() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("class_indices.json");
+        std::fs::write(&p, r#"{"1": "b", "0": "a"}"#).unwrap();
+        assert_eq!(class_names(&p).unwrap(), ["a", "b"]);
+        std::fs::write(&p, r#"{"0": "a", "2": "c"}"#).unwrap();
+        let e = class_names(&p).unwrap_err().to_string();
+        assert!(
+            e.contains("class_indices.json") && e.contains("\"2\""),
+            "{e}"
+        );
+    }
 }
