@@ -96,7 +96,9 @@ fn bad_exports_are_named() {
     std::fs::write(&ckpt, &bytes).unwrap();
     let e = format!("{:#}", export(r, &["--model", "teacher"]).unwrap_err());
     assert!(
-        e.contains("teacher/model.safetensors") && e.contains("does not match its manifest"),
+        e.contains("teacher/model.safetensors")
+            && e.contains("does not match")
+            && e.contains("teacher/manifest.json"),
         "{e}"
     );
     assert!(!r.join("smoke/export/teacher.onnx").exists());

@@ -154,8 +154,14 @@ fn broken_inputs_are_refused_and_nothing_on_disk_changes() {
         ),
     ];
     for (name, bytes, want) in spoiled {
-        let p = s.join(name);
+        // A producer that vouched for broken bytes: the hash checks out, the reader refuses.
+        let dir = s.join(name.trim_end_matches(".safetensors"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join(name);
         std::fs::write(&p, bytes).unwrap();
+        kd_train::Manifest::start("knowledge", "smoke", "k".into())
+            .write(&dir, &[name])
+            .unwrap();
         let ps = p.display().to_string();
         cases.push((
             name,
@@ -167,8 +173,14 @@ fn broken_inputs_are_refused_and_nothing_on_disk_changes() {
 
     // A truncated checkpoint, and one of the wrong architecture.
     let ckpt = std::fs::read(r.join("smoke/teacher/model.safetensors")).unwrap();
-    let cut = s.join("cut-teacher.safetensors");
+    let cut_dir = s.join("cut");
+    std::fs::create_dir_all(&cut_dir).unwrap();
+    let cut = cut_dir.join("cut-teacher.safetensors");
     std::fs::write(&cut, &ckpt[..ckpt.len() - 4096]).unwrap();
+    // Vouched for by a manifest, so the checkpoint reader is what refuses it.
+    kd_train::Manifest::start("teacher", "smoke", "k".into())
+        .write(&cut_dir, &["cut-teacher.safetensors"])
+        .unwrap();
     cases.push((
         "ckpt-cut",
         "cut-teacher.safetensors".into(),
@@ -187,7 +199,7 @@ fn broken_inputs_are_refused_and_nothing_on_disk_changes() {
     cases.push((
         "key",
         "smoke.toml".into(),
-        "[teacher]: unknown field `epoch`",
+        "teacher.epoch: unknown field `epoch`",
         teacher(r, &["--force", "--set", "teacher.epoch=2"]),
     ));
     cases.push((

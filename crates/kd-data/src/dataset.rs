@@ -261,6 +261,7 @@ impl Dataset {
                     ))
                 }
             };
+        check_shapes(&train, &test, dir)?;
         if opts.train_limit.is_some() && unlabelled > 0 {
             return Err(DataError::Config(
                 "data.train_limit does not combine with unlabelled photos (it would cut them first)"
@@ -348,6 +349,26 @@ impl Dataset {
         train.sort_unstable();
         Ok((train, val))
     }
+}
+
+/// The training and test images must have one shape, or no model fits both.
+fn check_shapes(train: &ImageSet, test: &ImageSet, dir: Option<&Path>) -> Result<()> {
+    let shape = |s: &ImageSet| (s.channels, s.height, s.width);
+    if shape(train) == shape(test) || test.is_empty() {
+        return Ok(());
+    }
+    let show = |s: &ImageSet| {
+        format!(
+            "{}x{}x{} (channels x height x width)",
+            s.channels, s.height, s.width
+        )
+    };
+    Err(DataError::Config(format!(
+        "{}: the training images are {} but the test images are {}; both splits must have one shape",
+        dir.map_or("the dataset".into(), |d| d.display().to_string()),
+        show(train),
+        show(test)
+    )))
 }
 
 fn find_file(dir: &Path, stem: &str) -> Result<PathBuf> {

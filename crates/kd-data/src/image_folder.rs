@@ -297,6 +297,25 @@ pub fn load(root: &Path, opts: &FolderOptions) -> Result<FolderData> {
             message: "no training image could be read".into(),
         });
     }
+    // Skipped files may take a class's last training image with them.
+    if let Some((c, name)) = class_names.iter().enumerate().find(|(c, _)| {
+        !train_labels
+            .iter()
+            .take(train_sources.len() - unlabelled)
+            .any(|l| *l as usize == *c)
+    }) {
+        return Err(DataError::Invalid {
+            path: root.to_path_buf(),
+            message: format!(
+                "class {name:?} (index {c}) has no readable training image left{}",
+                if skipped.is_empty() {
+                    ""
+                } else {
+                    " after skipping the files that do not decode"
+                }
+            ),
+        });
+    }
     Ok(FolderData {
         class_names,
         train: image_set(&train_sources, train_labels, opts.size),

@@ -75,25 +75,8 @@ fn source(pipeline: &Pipeline, args: &Args) -> anyhow::Result<Source> {
         )
     })?;
     let record = manifest.training()?;
-    let path = dir.join(CHECKPOINT);
-    let sha = kd_data::sha256_file(&path)?;
-    match manifest.outputs.get(CHECKPOINT) {
-        Some(recorded) if *recorded == sha => {}
-        recorded => anyhow::bail!(
-            "{} does not match its manifest {} (SHA-256 {}, recorded {}): it was changed after \
-             the run that wrote it; rerun `just {} {}`",
-            path.display(),
-            Manifest::path(&dir).display(),
-            &sha[..12],
-            recorded.map_or("none", |r| &r[..r.len().min(12)]),
-            match args.model {
-                TrainedModel::StudentKd => "student",
-                TrainedModel::StudentBaseline => "baseline",
-                TrainedModel::Teacher => "teacher",
-            },
-            pipeline.name
-        ),
-    }
+    let rerun = format!("just {} {}", args.model.recipe(), pipeline.name);
+    let sha = kd_train::verify::verified(&dir.join(CHECKPOINT), &rerun)?;
     Ok(Source {
         dir,
         record,
@@ -128,6 +111,8 @@ pub fn run(args: &Args) -> anyhow::Result<Manifest> {
     inputs.extend(data.inputs());
     let key = stage_key(EXPORT, &settings, &inputs);
     let label = format!("export {}", args.model);
+    let _lock =
+        kd_train::verify::RunLock::acquire_named(&out_dir, &format!(".{}.lock", args.model))?;
     if let Some(m) = pipeline.up_to_date_at(&label, &manifest_path, &key, &settings, &inputs) {
         return Ok(m);
     }

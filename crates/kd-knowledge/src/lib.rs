@@ -331,7 +331,9 @@ pub fn write_rows(path: &Path, meta: &Metadata, logits: &[Vec<f32>], rows: RowDa
         tensors.push((LABELLED.to_string(), vec![n], Dtype::U8, mask.to_vec()));
     }
     let json = serde_json::to_value(meta).map_err(|e| invalid(path, e.to_string()))?;
-    serialize(path, METADATA_KEY, &json, tensors, rows.labels)
+    serialize(path, METADATA_KEY, &json, tensors, rows.labels, |bytes| {
+        Ok(KnowledgeFile::from_bytes(path, bytes)?.into_bytes())
+    })
 }
 
 /// Why the metadata's version, views and label mask do not go together (`None`: they do).
@@ -428,13 +430,15 @@ fn check_buffers(
 }
 
 /// A knowledge file's or shard's tensors plus `labels` (`[n]` u32) and one metadata entry,
-/// serialised and written atomically. The same inputs always give the same bytes.
+/// serialised, validated by `check` as its reader will, and only then written atomically: an
+/// invalid file never replaces a good one. The same inputs always give the same bytes.
 fn serialize(
     path: &Path,
     key: &str,
     json: &serde_json::Value,
     mut tensors: Vec<compact::Buffer>,
     labels: &[u32],
+    check: impl FnOnce(Vec<u8>) -> Result<Vec<u8>>,
 ) -> Result<()> {
     tensors.push((
         LABELS.into(),
@@ -452,6 +456,7 @@ fn serialize(
     let info = HashMap::from([(key.to_string(), canonical_json(json))]);
     let bytes =
         safetensors::serialize(views, Some(info)).map_err(|e| invalid(path, e.to_string()))?;
+    let bytes = check(bytes)?;
     kd_data::write_atomic_bytes(path, &bytes)?;
     Ok(())
 }
@@ -658,6 +663,14 @@ impl KnowledgeFile {
             return Ok(None);
         }
         Ok(Some(self.view(LABELLED)?.data().to_vec()))
+    }
+
+    /// The file's bytes.
+    pub fn into_bytes(self) -> Vec<u8> {
+        match self.bytes {
+            Bytes::Owned(b) => b,
+            Bytes::Mapped(m) => m.to_vec(),
+        }
     }
 
     fn view(&self, name: &str) -> Result<TensorView<'_>> {

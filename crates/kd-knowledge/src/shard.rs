@@ -142,7 +142,10 @@ pub fn write_shard(
         k.dataset.classes,
         logits,
     );
-    serialize(path, SHARD_METADATA_KEY, &json, tensors, labels)
+    serialize(path, SHARD_METADATA_KEY, &json, tensors, labels, |bytes| {
+        Shard::from_bytes(path, &bytes)?;
+        Ok(bytes)
+    })
 }
 
 /// A shard read into memory and checked: metadata of a known version, tensors of the declared
@@ -159,10 +162,15 @@ pub struct Shard {
 impl Shard {
     pub fn open(path: &Path) -> Result<Self> {
         let bytes = std::fs::read(path).map_err(|e| invalid(path, format!("cannot read: {e}")))?;
-        let st = SafeTensors::deserialize(&bytes)
+        Self::from_bytes(path, &bytes)
+    }
+
+    /// A shard held in memory; `path` only names it in errors. Validated as [`Shard::open`].
+    pub fn from_bytes(path: &Path, bytes: &[u8]) -> Result<Self> {
+        let st = SafeTensors::deserialize(bytes)
             .map_err(|e| invalid(path, format!("not a valid safetensors file: {e}")))?;
         let (_, header) =
-            SafeTensors::read_metadata(&bytes).map_err(|e| invalid(path, e.to_string()))?;
+            SafeTensors::read_metadata(bytes).map_err(|e| invalid(path, e.to_string()))?;
         let json = header
             .metadata()
             .as_ref()

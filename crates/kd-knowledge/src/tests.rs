@@ -288,14 +288,41 @@ fn broken_files_are_refused_with_a_reason() {
         Some(meta_json(&meta())),
     );
     cases.push(("label-range", "row 2"));
+    // The writer refuses non-finite logits before anything is written...
     let mut nan = logits(0.0);
     nan[4] = f32::NAN;
-    write(&d.join("nan"), &meta(), &[nan, logits(1.0)], &LABELS_OK).unwrap();
+    let e = write(
+        &d.join("nan"),
+        &meta(),
+        &[nan.clone(), logits(1.0)],
+        &LABELS_OK,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("non-finite logit at row 1, class 1"), "{e}");
+    assert!(!d.join("nan").exists());
+    // ... and the reader refuses such a file made elsewhere.
+    let f32_tensor = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+    raw(
+        &d.join("nan"),
+        vec![
+            ("logits.main", Dtype::F32, vec![N, C], f32_tensor(&nan)),
+            (
+                "logits.aux1",
+                Dtype::F32,
+                vec![N, C],
+                f32_tensor(&logits(1.0)),
+            ),
+            (
+                "labels",
+                Dtype::U32,
+                vec![N],
+                LABELS_OK.iter().flat_map(|l| l.to_le_bytes()).collect(),
+            ),
+        ],
+        Some(meta_json(&meta())),
+    );
     cases.push(("nan", "non-finite logit at row 1, class 1"));
-    let mut inf = logits(1.0);
-    inf[0] = f32::INFINITY;
-    write(&d.join("inf"), &meta(), &[logits(0.0), inf], &LABELS_OK).unwrap();
-    cases.push(("inf", "non-finite"));
     for (name, want) in cases {
         let e = open_err(&d.join(name));
         assert!(e.contains(want), "{name}: {e}");

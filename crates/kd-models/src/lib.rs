@@ -59,6 +59,8 @@ pub const ARCHITECTURES: [&str; 5] = [
 pub enum ModelError {
     #[error("unknown architecture {0:?} (known: {list})", list = ARCHITECTURES.join(", "))]
     UnknownArchitecture(String),
+    #[error("{0}")]
+    Input(String),
     #[error("checkpoint {path}: {message}")]
     Checkpoint { path: PathBuf, message: String },
     #[error(transparent)]
@@ -136,6 +138,23 @@ impl Trainable {
             .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
             .collect()
     }
+}
+
+/// Refuses an input the architecture cannot take (too small for its convolutions and pools, or
+/// a channel count it was not built for), before any training: one zero image goes through it.
+pub fn check_input(arch: &str, spec: &InputSpec) -> Result<()> {
+    let model = Trainable::new(arch, spec, 0, &Device::Cpu)?;
+    let x = Tensor::zeros(
+        (1, spec.channels, spec.height, spec.width),
+        DType::F32,
+        &Device::Cpu,
+    )?;
+    model.model.forward_t(&x, false).map(drop).map_err(|e| {
+        ModelError::Input(format!(
+            "{arch} does not take {}x{}x{} images (channels x height x width): {e}",
+            spec.channels, spec.height, spec.width
+        ))
+    })
 }
 
 /// Parameter count of `arch` for `spec`, without training anything.

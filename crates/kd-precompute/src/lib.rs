@@ -145,6 +145,7 @@ pub fn run(args: &Args) -> anyhow::Result<Output> {
     match &args.command {
         Some(Command::Merge(m)) => {
             let job = Job::prepare(&m.pipeline, &m.source)?;
+            let _lock = kd_train::verify::RunLock::acquire(&job.dir)?;
             merge::run(&job, m.shards, started).map(|m| Output::Knowledge(Box::new(m)))
         }
         Some(Command::Verify(v)) => {
@@ -155,9 +156,11 @@ pub fn run(args: &Args) -> anyhow::Result<Output> {
             let choice = sharding::choose(&args.sharding, &|k| std::env::var(k).ok())?;
             let job = Job::prepare(&args.pipeline, &args.source)?;
             match choice {
-                ShardChoice::Whole => job
-                    .run_whole(started)
-                    .map(|m| Output::Knowledge(Box::new(m))),
+                ShardChoice::Whole => {
+                    let _lock = kd_train::verify::RunLock::acquire(&job.dir)?;
+                    job.run_whole(started)
+                        .map(|m| Output::Knowledge(Box::new(m)))
+                }
                 ShardChoice::Shard { spec, source } => job.run_shard(spec, &source),
             }
         }
@@ -200,14 +203,13 @@ impl Job {
             .teacher
             .clone()
             .unwrap_or_else(|| pipeline.input(TEACHER, CHECKPOINT, source.tag.as_deref()));
-        if !checkpoint.is_file() {
-            anyhow::bail!(
-                "no teacher checkpoint at {} (run `just teacher` first, or pass --teacher)",
-                checkpoint.display()
-            );
-        }
-        let teacher_sha = kd_data::sha256_file(&checkpoint)?;
+        let rerun = match &source.tag {
+            Some(t) => format!("just teacher {} --tag {t}", pipeline.name),
+            None => format!("just teacher {}", pipeline.name),
+        };
+        let teacher_sha = kd_train::verify::verified(&checkpoint, &rerun)?;
         let data = pipeline.load_data()?;
+        kd_models::check_input(&arch, &data.spec)?;
         let batch_size = pipeline.config.knowledge.batch_size;
         let dir = pipeline.dir(&kd_train::stage::stage_name(STAGE, source.tag.as_deref()));
         let path = dir.join(KNOWLEDGE_FILE);
@@ -360,13 +362,7 @@ impl Job {
             return self.run_views(&v, started);
         }
         let (logits, seconds) = self.infer(&self.data.all_rows, "precompute")?;
-        self.finish(
-            &logits,
-            &self.data.dataset.train.labels,
-            Some(seconds),
-            None,
-            started,
-        )
+        self.commit(&logits, None, Some(seconds), None, started)
     }
 
     /// K views per image: view 0 as it is, views 1.. drawn by the student's augmentation from
@@ -417,60 +413,8 @@ impl Job {
             }
         }
         let seconds = t0.elapsed().as_secs_f64();
-        let (w, h) = (d.spec.width as u32, d.spec.height as u32);
-        let mut views = Vec::with_capacity(n * k);
-        for &row in &d.all_rows {
-            let source = match &d.dataset.train_sources {
-                Some(s) => (s[row as usize].width, s[row as usize].height),
-                None => (w, h),
-            };
-            for j in 0..k {
-                views.push(if j == 0 {
-                    match v.augment {
-                        kd_data::Augment::CropFlip { .. } => kd_data::View::Shift {
-                            dx: 0,
-                            dy: 0,
-                            flip: false,
-                        },
-                        kd_data::Augment::ResizedCropFlip { .. } => kd_data::View::Crop {
-                            x: 0,
-                            y: 0,
-                            w: source.0,
-                            h: source.1,
-                            flip: false,
-                        },
-                    }
-                } else {
-                    v.augment.view(v.seed, j, row, source)
-                });
-            }
-        }
-        kd_knowledge::write_rows(
-            &self.path,
-            &self.meta,
-            &logits,
-            RowData {
-                labels: &d.dataset.train.labels,
-                labelled: d.label_mask.as_deref(),
-                views: Some(&views),
-            },
-        )?;
-        // View 0's logits, for the same sanity check and table as one view.
-        let first: Vec<Vec<f32>> = logits
-            .iter()
-            .map(|l| {
-                l.chunks_exact(k * c)
-                    .flat_map(|r| r[..c].to_vec())
-                    .collect()
-            })
-            .collect();
-        self.record(
-            &first,
-            &d.dataset.train.labels,
-            Some(seconds),
-            None,
-            started,
-        )
+        let views = stored_views(d, v);
+        self.commit(&logits, Some(&views), Some(seconds), None, started)
     }
 
     /// One shard: skipped when a valid shard for the same data, teacher and cut is there.
@@ -541,23 +485,55 @@ impl Job {
         })
     }
 
-    /// Writes the knowledge file from all rows' logits, reads it back as a student will, and
-    /// records the stage's manifest.
-    fn finish(
+    /// Commits the knowledge file: the logits must be finite (else the teacher is named and
+    /// nothing on disk changes); the previous manifest goes first, then the file (validated before
+    /// it replaces the old one), read back as a student will, then the new manifest. `logits`
+    /// hold K views per row when `views` are given.
+    pub(crate) fn commit(
         &self,
         logits: &[Vec<f32>],
-        labels: &[u32],
+        views: Option<&[kd_data::View]>,
         seconds: Option<f64>,
         shards: Option<usize>,
         started: Instant,
     ) -> anyhow::Result<Manifest> {
+        self.check_finite(logits)?;
+        remove_manifest(&self.dir)?;
+        let labels = &self.data.dataset.train.labels;
         let rows = RowData {
             labels,
             labelled: self.data.label_mask.as_deref(),
-            views: None,
+            views,
         };
         kd_knowledge::write_rows(&self.path, &self.meta, logits, rows)?;
-        self.record(logits, labels, seconds, shards, started)
+        // View 0's logits, for the sanity check and the table.
+        let (k, c) = (self.meta.view_count(), self.meta.dataset.classes);
+        let first: Vec<Vec<f32>> = logits
+            .iter()
+            .map(|l| {
+                l.chunks_exact(k * c)
+                    .flat_map(|r| r[..c].to_vec())
+                    .collect()
+            })
+            .collect();
+        self.record(&first, labels, seconds, shards, started)
+    }
+
+    /// Refuses logits that are not all finite, naming the teacher, the head and the row.
+    fn check_finite(&self, logits: &[Vec<f32>]) -> anyhow::Result<()> {
+        let per_row = self.meta.view_count() * self.meta.dataset.classes;
+        for (head, l) in self.meta.heads.iter().zip(logits) {
+            if let Some(i) = l.iter().position(|x| !x.is_finite()) {
+                anyhow::bail!(
+                    "the teacher {} gives a non-finite logit ({}) on head {head}, training row {}: \
+                     its weights are not usable; nothing was written",
+                    self.checkpoint.display(),
+                    l[i],
+                    i / per_row.max(1)
+                );
+            }
+        }
+        Ok(())
     }
 
     /// Reads the knowledge file just written back as a student will, and records the stage's
@@ -654,6 +630,47 @@ impl Job {
         ]);
         println!("\n{}\nwrote {}", t.to_markdown(), path.display());
         Ok(manifest)
+    }
+}
+
+/// The view parameters of every training row: view 0 the image as it is, views 1.. drawn by
+/// the augmentation from the view seed (view j of row r is `augment.view(seed, j, r, ...)`).
+fn stored_views(d: &LoadedData, v: &ViewsMeta) -> Vec<kd_data::View> {
+    let (w, h) = (d.spec.width as u32, d.spec.height as u32);
+    let mut views = Vec::with_capacity(d.all_rows.len() * v.count);
+    for &row in &d.all_rows {
+        let source = match &d.dataset.train_sources {
+            Some(s) => (s[row as usize].width, s[row as usize].height),
+            None => (w, h),
+        };
+        views.push(match v.augment {
+            kd_data::Augment::CropFlip { .. } => kd_data::View::Shift {
+                dx: 0,
+                dy: 0,
+                flip: false,
+            },
+            kd_data::Augment::ResizedCropFlip { .. } => kd_data::View::Crop {
+                x: 0,
+                y: 0,
+                w: source.0,
+                h: source.1,
+                flip: false,
+            },
+        });
+        views.extend((1..v.count).map(|j| v.augment.view(v.seed, j, row, source)));
+    }
+    views
+}
+
+/// Removes a stage's manifest before its outputs are replaced: until the new one is written, no
+/// manifest vouches for the folder.
+fn remove_manifest(dir: &Path) -> anyhow::Result<()> {
+    match std::fs::remove_file(Manifest::path(dir)) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(anyhow::anyhow!(
+            "{}: cannot replace: {e}",
+            Manifest::path(dir).display()
+        )),
+        _ => Ok(()),
     }
 }
 

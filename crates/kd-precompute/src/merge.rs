@@ -83,5 +83,9 @@ pub fn run(job: &Job, count: Option<usize>, started: Instant) -> anyhow::Result<
         dir.display()
     );
     let (logits, labels) = merge(&dir, &shards, &job.meta, job.batch_size, count)?;
-    job.finish(&logits, &labels, None, Some(count), started)
+    anyhow::ensure!(
+        labels == job.data.dataset.train.labels,
+        "the shards' labels are not this pipeline's training labels"
+    );
+    job.commit(&logits, None, None, Some(count), started)
 }

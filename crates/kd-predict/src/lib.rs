@@ -75,28 +75,11 @@ pub fn run(args: &Args) -> anyhow::Result<Vec<Prediction>> {
         args.model.stage(),
         args.tag.as_deref(),
     ));
-    let manifest = Manifest::read(&dir).with_context(|| match &args.tag {
-        Some(tag) => format!(
-            "no {} of a run tagged {tag} in {}",
-            args.model,
-            dir.display()
-        ),
-        None => format!(
-            "no trained {} in {} (run the pipeline first: `just pipeline {}`)",
-            args.model,
-            dir.display(),
-            pipeline.name
-        ),
-    })?;
-    // The architecture it was trained as, from its training record.
-    let arch = manifest
-        .training()
-        .with_context(|| format!("{}: not a trained model's manifest", dir.display()))?
-        .architecture;
-    let classes = kd_train::stage::class_names(&dir.join(CLASS_INDICES))?;
+    let (arch, classes) = trained(&pipeline, args, &dir)?;
     let (spec, norm) = input_contract(&pipeline, classes.len())?;
     let files = image_files(&args.inputs)?;
-    let model = kd_models::load_frozen(&arch, &spec, &dir.join(CHECKPOINT), &Device::Cpu)?;
+    let checkpoint = dir.join(CHECKPOINT);
+    let model = kd_models::load_frozen(&arch, &spec, &checkpoint, &Device::Cpu)?;
     tracing::info!(
         "{}: {arch} from {}, {} image(s), input {}x{}x{}",
         args.model,
@@ -109,6 +92,7 @@ pub fn run(args: &Args) -> anyhow::Result<Vec<Prediction>> {
 
     let mut out = Vec::with_capacity(files.len());
     for chunk in files.chunks(args.batch_size) {
+        kd_train::interrupt::check("classifying")?;
         let set = read_images(chunk, &spec)?;
         let images = set.to_tensor(&norm, &Device::Cpu)?;
         let labels = set.labels_tensor(&Device::Cpu)?;
@@ -127,6 +111,12 @@ pub fn run(args: &Args) -> anyhow::Result<Vec<Prediction>> {
             .into_iter()
             .next()
             .context("the model returned no output")?;
+        if main.iter().any(|x| !x.is_finite()) {
+            anyhow::bail!(
+                "{}: the model gives non-finite outputs (its weights are not usable; retrain it)",
+                checkpoint.display()
+            );
+        }
         let logits = Tensor::from_vec(main, (chunk.len(), spec.classes), &Device::Cpu)?;
         let probs = candle_nn::ops::softmax(&logits, D::Minus1)?.to_vec2::<f32>()?;
         for ((file, p), l) in chunk.iter().zip(probs).zip(logits.to_vec2::<f32>()?) {
@@ -138,6 +128,36 @@ pub fn run(args: &Args) -> anyhow::Result<Vec<Prediction>> {
         }
     }
     Ok(out)
+}
+
+/// The model's architecture and class names, from the manifest of the run that trained it,
+/// whose checkpoint hash the file on disk must match.
+fn trained(
+    pipeline: &kd_train::Pipeline,
+    args: &Args,
+    dir: &Path,
+) -> anyhow::Result<(String, Vec<String>)> {
+    let manifest = Manifest::read(dir).with_context(|| match &args.tag {
+        Some(tag) => format!(
+            "no {} of a run tagged {tag} in {}",
+            args.model,
+            dir.display()
+        ),
+        None => format!(
+            "no trained {} in {} (run the pipeline first: `just pipeline {}`)",
+            args.model,
+            dir.display(),
+            pipeline.name
+        ),
+    })?;
+    let arch = manifest
+        .training()
+        .with_context(|| format!("{}: not a trained model's manifest", dir.display()))?
+        .architecture;
+    let rerun = format!("just {} {}", args.model.recipe(), pipeline.name);
+    kd_train::verify::verified(&dir.join(CHECKPOINT), &rerun)?;
+    let classes = kd_train::stage::class_names(&dir.join(CLASS_INDICES))?;
+    Ok((arch, classes))
 }
 
 /// Prints the predictions: `file  class 97.1%  other 2.0% …`, or JSON lines.
@@ -224,42 +244,64 @@ fn input_contract(
 
 /// The files to classify: each file as given, each folder's image files recursively, in name
 /// order.
+/// The image files named or found under the named folders (recursively, in name order). A
+/// folder reached twice (a symlink loop, or two links to one folder) is listed once, and each
+/// file is classified once however many paths lead to it.
 fn image_files(inputs: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
-    fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> anyhow::Result<()> {
-        let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
-            .with_context(|| format!("{}: cannot list", dir.display()))?
-            .map(|e| e.map(|e| e.path()))
-            .collect::<Result<_, _>>()
-            .with_context(|| format!("{}: cannot list", dir.display()))?;
-        entries.sort();
-        for p in entries {
-            if p.is_dir() {
-                walk(&p, out)?;
-            } else if p
-                .extension()
-                .and_then(|e| e.to_str())
-                .is_some_and(|e| EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
-            {
-                out.push(p);
-            }
-        }
-        Ok(())
-    }
+    let mut seen = std::collections::HashSet::new();
     let mut files = Vec::new();
     for input in inputs {
         if input.is_dir() {
             let before = files.len();
-            walk(input, &mut files)?;
+            walk(input, &mut seen, &mut files)?;
             if files.len() == before {
                 anyhow::bail!("{}: no PNG or JPEG files in this folder", input.display());
             }
         } else if input.exists() {
-            files.push(input.clone());
+            if seen.insert(canonical(input)?) {
+                files.push(input.clone());
+            }
         } else {
             anyhow::bail!("{}: no such file or folder", input.display());
         }
     }
     Ok(files)
+}
+
+fn canonical(p: &Path) -> anyhow::Result<PathBuf> {
+    std::fs::canonicalize(p).with_context(|| format!("{}: cannot resolve", p.display()))
+}
+
+/// Adds the image files under `dir` to `out`, entering each real folder and listing each real
+/// file once (`seen` holds their canonical paths); stops on a signal.
+fn walk(
+    dir: &Path,
+    seen: &mut std::collections::HashSet<PathBuf>,
+    out: &mut Vec<PathBuf>,
+) -> anyhow::Result<()> {
+    if !seen.insert(canonical(dir)?) {
+        return Ok(());
+    }
+    kd_train::interrupt::check("listing the input folders")?;
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("{}: cannot list", dir.display()))?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("{}: cannot list", dir.display()))?;
+    entries.sort();
+    for p in entries {
+        if p.is_dir() {
+            walk(&p, seen, out)?;
+        } else if p
+            .extension()
+            .and_then(|e| e.to_str())
+            .is_some_and(|e| EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
+            && seen.insert(canonical(&p)?)
+        {
+            out.push(p);
+        }
+    }
+    Ok(())
 }
 
 /// Reads and transforms images to the model's input (labels 0: unknown).

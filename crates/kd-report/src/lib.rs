@@ -108,6 +108,7 @@ pub fn run(args: &Args) -> anyhow::Result<Manifest> {
     let settings = serde_json::json!({ "batch_size": args.batch_size });
     let key = stage_key(STAGE, &settings, &inputs);
     let dir = pipeline.dir(STAGE);
+    let _lock = kd_train::verify::RunLock::acquire(&dir)?;
     if let Some(m) = pipeline.up_to_date(STAGE, &dir, &key, &settings, &inputs) {
         return Ok(m);
     }
@@ -187,7 +188,10 @@ fn inputs(
                 pipeline.name
             )
         })?;
+        // Every file it stands on must still be the bytes its manifest recorded.
         for (file, sha) in &m.outputs {
+            let rerun = format!("just {} {}", just_recipe(stage), pipeline.name);
+            kd_train::verify::verified(&pipeline.dir(stage).join(file), &rerun)?;
             inputs.insert(format!("{stage}/{file}"), sha.clone());
         }
     }
@@ -364,7 +368,11 @@ fn render(
     over_seeds: Option<&str>,
 ) -> anyhow::Result<String> {
     let (teacher, kd, base) = (&results[0], &results[1], &results[2]);
-    let s = &pipeline.config.student;
+    let kd_run = runs.at(STUDENT_KD).context("checked by inputs")?;
+    let s = kd_run
+        .manifest
+        .settings_as::<kd_train::record::KdSettings>()?
+        .student;
     let mut md = format!(
         "# Distillation report: `{}`\n\n\
          Dataset **{}**: {} training images ({} for training, {} held out for validation), {} test images, {} classes. \
@@ -381,6 +389,7 @@ fn render(
     );
     md += "## Models\n\n";
     md += &models_table(results, batch).to_markdown();
+    md += &whose_knowledge(runs, kd_run);
     md += &format!(
         "\n**Distillation − baseline: {:+.2} points** of test accuracy ({:.2}% vs {:.2}%; same student, schedule and seed; \
          KD with T = {}, hard/soft = {}/{}, head weights {}).{}\n\n\
@@ -444,6 +453,24 @@ fn render(
         toml::to_string(&pipeline.config).context("rendering the settings")?
     );
     Ok(md)
+}
+
+/// A warning when the distilled student did not learn from this pipeline's teacher (a knowledge
+/// file passed with `--knowledge`): the teacher it did learn from, found through the hashes.
+fn whose_knowledge(runs: &Runs, kd: &runs::Run) -> String {
+    match runs.teacher_of(kd) {
+        Some(t) if t.dir == TEACHER => String::new(),
+        Some(t) => format!(
+            "\n**Note:** the distilled student learned from the knowledge of `{}` ({:.2}% test \
+             accuracy), not from this pipeline's teacher above.\n",
+            t.dir,
+            100.0 * t.test_accuracy()
+        ),
+        None => "\n**Note:** the distilled student learned from a knowledge file that is not \
+                 this pipeline's (`student-kd/manifest.json` names it): its teacher is not among \
+                 this pipeline's runs.\n"
+            .to_string(),
+    }
 }
 
 /// Each of the pipeline's stages: its wall time and throughput.

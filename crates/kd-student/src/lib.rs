@@ -82,12 +82,8 @@ pub fn run(args: &Args) -> anyhow::Result<Manifest> {
             .knowledge
             .clone()
             .unwrap_or_else(|| pipeline.input(KNOWLEDGE, KNOWLEDGE_FILE, args.tag.as_deref()));
-        if !path.is_file() {
-            anyhow::bail!(
-                "no knowledge file at {} (run `just precompute` first, or pass --knowledge)",
-                path.display()
-            );
-        }
+        let rerun = format!("just precompute {}", pipeline.name);
+        let knowledge_sha = kd_train::verify::verified(&path, &rerun)?;
         let knowledge = KnowledgeFile::open(&path)?;
         let expected = DatasetRef::training(
             &data.dataset.name,
@@ -147,7 +143,7 @@ pub fn run(args: &Args) -> anyhow::Result<Manifest> {
             }
             (None, false) => None,
         };
-        inputs.insert("knowledge".to_string(), kd_data::sha256_file(&path)?);
+        inputs.insert("knowledge".to_string(), knowledge_sha);
         knowledge_path = Some(path.display().to_string());
         tracing::info!(
             "student: distilling from {} (teacher {}, heads {}), T = {}, hard/soft {}/{}{}",

@@ -126,10 +126,13 @@ fn ctrl_c_stops_at_a_batch_boundary_and_resume_continues() {
         "{err}"
     );
     assert!(stage_dir(root.path()).join("resume.safetensors").exists());
+    // The best weights so far stay, uncommitted: no checkpoint or manifest claims the run.
+    let dir = stage_dir(root.path());
     assert!(
-        stage_dir(root.path()).join("model.safetensors").exists(),
-        "the last good checkpoint stays"
+        dir.join("best.partial.safetensors").exists(),
+        "the best epoch so far stays"
     );
+    assert!(!dir.join("model.safetensors").exists() && !dir.join("manifest.json").exists());
     finish(command(root.path(), &["--resume"]));
     assert!(std::fs::read(stage_dir(root.path()).join("model.safetensors")).unwrap() == *ref_bytes);
     assert_eq!(metrics(root.path()), metrics(ref_root.path()));

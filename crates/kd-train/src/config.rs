@@ -409,26 +409,28 @@ fn default_knowledge_batch() -> usize {
 impl PipelineConfig {
     /// Reads a pipeline file and applies `--set key=value` overrides, then checks the values.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
+            path: path.to_path_buf(),
+            message: format!("cannot read: {e}"),
+        })?;
+        Self::parse(&text, overrides, path)
+    }
+
+    /// A pipeline file's text with `--set` overrides; `path` names it in errors.
+    pub fn parse(text: &str, overrides: &[String], path: &Path) -> Result<Self, ConfigError> {
         let file_err = |message: String| ConfigError::File {
             path: path.to_path_buf(),
             message,
         };
-        let text =
-            std::fs::read_to_string(path).map_err(|e| file_err(format!("cannot read: {e}")))?;
         let mut value: toml::Table = text
             .parse()
             .map_err(|e: toml::de::Error| file_err(e.message().to_string()))?;
         for arg in overrides {
             apply_override(&mut value, arg)?;
         }
-        let config: Self =
-            toml::Value::Table(value.clone())
-                .try_into()
-                .map_err(|e: toml::de::Error| {
-                    // Name the section: deserialising the whole file does not say which one failed.
-                    let section = section_error(&value).unwrap_or_else(|| e.message().to_string());
-                    file_err(section)
-                })?;
+        // The path of the value that does not fit (`teacher.epochs: invalid value ...`).
+        let config: Self = serde_path_to_error::deserialize(toml::Value::Table(value))
+            .map_err(|e| file_err(format!("{}: {}", e.path(), e.inner().message())))?;
         config.validate().map_err(file_err)?;
         Ok(config)
     }
@@ -453,7 +455,27 @@ impl PipelineConfig {
                 return Err(format!("{key} must be at least 1"));
             }
         }
+        for (key, v) in [
+            ("teacher.epochs", self.teacher.epochs),
+            ("student.epochs", self.student.epochs),
+        ] {
+            if v > MAX_EPOCHS {
+                return Err(format!("{key} {v} is more than {MAX_EPOCHS}"));
+            }
+        }
+        for (key, arch) in [
+            ("teacher.arch", &self.teacher.arch),
+            ("student.arch", &self.student.arch),
+        ] {
+            kd_models::heads(arch).map_err(|e| format!("{key}: {e}"))?;
+        }
         let s = &self.student;
+        if s.hard_weight == 0.0 && s.soft_weight == 0.0 {
+            return Err(
+                "student.hard_weight and student.soft_weight are both 0: the student would learn nothing"
+                    .into(),
+            );
+        }
         let rates = [
             ("teacher.lr", self.teacher.lr),
             ("student.lr", s.lr),
@@ -542,20 +564,8 @@ impl PipelineConfig {
     }
 }
 
-/// The first section that does not deserialise, as `[section]: why`.
-fn section_error(root: &toml::Table) -> Option<String> {
-    fn check<T: serde::de::DeserializeOwned>(root: &toml::Table, name: &str) -> Option<String> {
-        let v = root.get(name)?.clone();
-        v.try_into::<T>()
-            .err()
-            .map(|e| format!("[{name}]: {}", e.message()))
-    }
-    check::<DataConfig>(root, "data")
-        .or_else(|| check::<TeacherConfig>(root, "teacher"))
-        .or_else(|| check::<KnowledgeConfig>(root, "knowledge"))
-        .or_else(|| check::<StudentConfig>(root, "student"))
-        .or_else(|| check::<crate::experiment::ExperimentConfig>(root, "experiment"))
-}
+/// The most epochs a run may ask for (a guard against typos that would overflow the step count).
+pub const MAX_EPOCHS: usize = 1_000_000;
 
 /// `section.key=value`: the value is TOML (`4`, `"cosine"`, `true`, `[1, 2]`), or a bare string.
 fn apply_override(root: &mut toml::Table, arg: &str) -> Result<(), ConfigError> {

@@ -14,6 +14,7 @@ pub mod stage;
 pub mod table;
 pub mod train;
 pub mod trainer;
+pub mod verify;
 
 pub use config::{PipelineConfig, TrainSettings};
 pub use manifest::Manifest;

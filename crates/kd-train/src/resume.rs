@@ -71,7 +71,12 @@ pub fn save(
 
 /// Reads a state written by [`save`].
 pub fn load(path: &Path) -> Result<ResumeState, TrainError> {
-    let bad = |m: String| TrainError::file(path, format!("not a usable resume state: {m}"));
+    let bad = |m: String| {
+        TrainError::file(
+            path,
+            format!("not a usable resume state: {m} (delete it, or pass --force to start over)"),
+        )
+    };
     let bytes = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
     let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(e.to_string()))?;
     let (_, header) =

@@ -58,6 +58,15 @@ pub enum TrainedModel {
 }
 
 impl TrainedModel {
+    /// The `just` recipe that trains it.
+    pub fn recipe(self) -> &'static str {
+        match self {
+            TrainedModel::StudentKd => "student",
+            TrainedModel::StudentBaseline => "baseline",
+            TrainedModel::Teacher => "teacher",
+        }
+    }
+
     /// The stage folder that holds it.
     pub fn stage(self) -> &'static str {
         match self {

@@ -384,6 +384,7 @@ pub fn evaluate(
     let t0 = Instant::now();
     let (mut hits, mut loss, mut n) = (0.0, 0.0, 0usize);
     for batch in Batches::new(set.images, set.labels, set.rows, batch_size) {
+        crate::interrupt::check("evaluating")?;
         let batch = batch?;
         let heads = model.forward_t(&batch.images, false)?;
         hits += correct(&heads[0], &batch.labels)?;
@@ -427,6 +428,11 @@ pub fn predict_batches(
     let bar = progress(batches.num_batches(), label.to_string());
     let mut out: Vec<Vec<f32>> = Vec::new();
     for batch in batches {
+        crate::interrupt::check(if label.is_empty() {
+            "predicting"
+        } else {
+            label
+        })?;
         let heads = model.forward_t(&batch?.images, false)?;
         if out.is_empty() {
             out = vec![Vec::new(); heads.len()];

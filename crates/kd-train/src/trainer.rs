@@ -13,6 +13,9 @@ use kd_models::{load_frozen, Trainable};
 use std::collections::BTreeMap;
 
 pub use crate::resume::RESUME_FILE;
+
+/// The best weights of a run in progress, committed as `model.safetensors` when it finishes.
+pub const PARTIAL_CHECKPOINT: &str = "best.partial.safetensors";
 pub use crate::stage::layout::{CHECKPOINT, CLASS_INDICES};
 
 /// One training stage's identity and settings.
@@ -77,21 +80,73 @@ impl TrainingStage<'_> {
     }
 
     /// Trains with `loss_fn(batch, heads)`, keeps the best-on-validation weights, measures them
-    /// once on the test set, and writes the checkpoint and `manifest.json`.
+    /// once on the test set, and commits the checkpoint and `manifest.json` together. One run at
+    /// a time writes the stage's folder; until the commit, the previous run's checkpoint and
+    /// manifest stay as they were (the best weights so far are kept in `best.partial.safetensors`).
     pub fn run(
         &self,
         data: &LoadedData,
         loss_fn: impl FnMut(&Batch, &[Tensor]) -> candle_core::Result<Tensor>,
     ) -> Result<Manifest, TrainError> {
         let started = std::time::Instant::now();
+        let dir = self.pipeline.dir(self.stage);
+        let _lock = crate::verify::RunLock::acquire(&dir)?;
         let (key, inputs, fresh) = self.check(data);
         if let Some(m) = fresh {
             return self.relabel(m);
         }
-        let dir = self.pipeline.dir(self.stage);
-        let checkpoint = dir.join(CHECKPOINT);
+        let partial = dir.join(PARTIAL_CHECKPOINT);
+        kd_models::check_input(self.arch, &data.spec)?;
         let model = Trainable::new(self.arch, &data.spec, self.train.seed, &Device::Cpu)?;
-        let parameters = model.num_parameters();
+        let settings = self.settings_for(data, model.num_parameters());
+        let spec = FitSpec {
+            name: self.stage,
+            settings: &settings,
+            train: match self.rows {
+                Rows::Labelled => data.labelled(),
+                Rows::All => data.train(),
+            },
+            val: data.val(),
+            normalization: &data.dataset.normalization,
+            sources: data.dataset.train_sources.as_deref(),
+            views: self.views,
+            checkpoint: &partial,
+            resume: &dir.join(RESUME_FILE),
+            key: &key,
+            restart: self.pipeline.force,
+            require_resume: self.pipeline.resume,
+        };
+        let fit = fit(&model, &spec, loss_fn)?;
+        // The test set is read once, by the checkpoint that validation chose.
+        let best = load_frozen(self.arch, &data.spec, &partial, &Device::Cpu)?;
+        let test = evaluate(best.as_ref(), data.test(), 256)?;
+        let record = crate::TrainRecord {
+            architecture: self.arch.to_string(),
+            parameters: model.num_parameters(),
+            fit,
+            test_accuracy: test.accuracy,
+            test_loss: test.loss,
+            test_images: test.images,
+            labelled_images: data.label_mask.as_ref().map(|_| data.labelled_rows.len()),
+            knowledge: self.knowledge.clone(),
+        };
+        let manifest = Manifest {
+            settings: self.settings.clone(),
+            inputs,
+            seed: Some(self.train.seed),
+            run: self.run_record(),
+            wall_seconds: started.elapsed().as_secs_f64(),
+            metrics: crate::record::to_json(&record)?,
+            ..Manifest::start(self.stage, &self.pipeline.name, key)
+        };
+        let manifest = commit(&dir, data, manifest)?;
+        self.print_summary(&record, &settings, &dir);
+        Ok(manifest)
+    }
+
+    /// The loop's settings: an epoch of as many steps as a pass over every training row when
+    /// only some carry a label. Logs what is about to train.
+    fn settings_for(&self, data: &LoadedData, parameters: usize) -> crate::TrainSettings {
         let mut settings = self.train.clone();
         if settings.epoch_steps.is_none() && data.label_mask.is_some() {
             settings.epoch_steps = Some(data.steps_per_pass(settings.batch_size));
@@ -108,62 +163,15 @@ impl TrainingStage<'_> {
             settings.lr,
             threads()
         );
-        let spec = FitSpec {
-            name: self.stage,
-            settings: &settings,
-            train: match self.rows {
-                Rows::Labelled => data.labelled(),
-                Rows::All => data.train(),
-            },
-            val: data.val(),
-            normalization: &data.dataset.normalization,
-            sources: data.dataset.train_sources.as_deref(),
-            views: self.views,
-            checkpoint: &checkpoint,
-            resume: &dir.join(RESUME_FILE),
-            key: &key,
-            restart: self.pipeline.force,
-            require_resume: self.pipeline.resume,
-        };
-        // The class index map, as the seed writes it: {"0": "daisy", ...}.
-        let classes: serde_json::Map<String, serde_json::Value> = data
-            .dataset
-            .class_names
-            .iter()
-            .enumerate()
-            .map(|(i, n)| (i.to_string(), serde_json::Value::String(n.clone())))
-            .collect();
-        let text =
-            serde_json::to_string_pretty(&classes).map_err(|e| TrainError::Other(e.to_string()))?;
-        kd_data::write_atomic_bytes(&dir.join(CLASS_INDICES), text.as_bytes())?;
-        let fit = fit(&model, &spec, loss_fn)?;
-        // The test set is read once, by the checkpoint that validation chose.
-        let best = load_frozen(self.arch, &data.spec, &checkpoint, &Device::Cpu)?;
-        let test = evaluate(best.as_ref(), data.test(), 256)?;
-        let record = crate::TrainRecord {
-            architecture: self.arch.to_string(),
-            parameters,
-            fit: fit.clone(),
-            test_accuracy: test.accuracy,
-            test_loss: test.loss,
-            test_images: test.images,
-            labelled_images: data.label_mask.as_ref().map(|_| data.labelled_rows.len()),
-            knowledge: self.knowledge.clone(),
-        };
-        let metrics =
-            serde_json::to_value(&record).map_err(|e| TrainError::Other(e.to_string()))?;
-        let manifest = Manifest {
-            settings: self.settings.clone(),
-            inputs,
-            seed: Some(self.train.seed),
-            run: self.run_record(),
-            wall_seconds: started.elapsed().as_secs_f64(),
-            metrics,
-            ..Manifest::start(self.stage, &self.pipeline.name, key)
-        }
-        .write(&dir, &[CHECKPOINT, CLASS_INDICES])?;
-        // Done and recorded: the resume state has served its purpose.
-        let _ = std::fs::remove_file(dir.join(RESUME_FILE));
+        settings
+    }
+
+    fn print_summary(
+        &self,
+        r: &crate::TrainRecord,
+        settings: &crate::TrainSettings,
+        dir: &std::path::Path,
+    ) {
         let mut t = Table::new(&[
             "stage",
             "model",
@@ -177,19 +185,55 @@ impl TrainingStage<'_> {
         t.row(&[
             self.stage.to_string(),
             self.arch.to_string(),
-            parameters.to_string(),
-            format!("{}/{}", fit.best_epoch, settings.epochs),
-            format!("{:.2}%", 100.0 * fit.best_val_accuracy),
-            format!("{:.2}%", 100.0 * test.accuracy),
-            format!("{:.0}", fit.train_images_per_sec),
-            format!("{:.1}s", fit.wall_seconds),
+            r.parameters.to_string(),
+            format!("{}/{}", r.fit.best_epoch, settings.epochs),
+            format!("{:.2}%", 100.0 * r.fit.best_val_accuracy),
+            format!("{:.2}%", 100.0 * r.test_accuracy),
+            format!("{:.0}", r.fit.train_images_per_sec),
+            format!("{:.1}s", r.fit.wall_seconds),
         ]);
         println!(
             "\n{}\nwrote {} and {}",
             t.to_markdown(),
-            checkpoint.display(),
-            Manifest::path(&dir).display()
+            dir.join(CHECKPOINT).display(),
+            Manifest::path(dir).display()
         );
-        Ok(manifest)
     }
+}
+
+/// Commits a finished run: the previous manifest goes first (from here until the new one is
+/// written, no manifest vouches for the folder, so no stage reads it), then the checkpoint and
+/// the class index map take their places, then the manifest naming their hashes.
+fn commit(
+    dir: &std::path::Path,
+    data: &LoadedData,
+    manifest: Manifest,
+) -> Result<Manifest, TrainError> {
+    match std::fs::remove_file(Manifest::path(dir)) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(TrainError::file(
+                &Manifest::path(dir),
+                format!("cannot replace: {e}"),
+            ))
+        }
+        _ => {}
+    }
+    let checkpoint = dir.join(CHECKPOINT);
+    std::fs::rename(dir.join(PARTIAL_CHECKPOINT), &checkpoint)
+        .map_err(|e| TrainError::file(&checkpoint, format!("cannot commit the checkpoint: {e}")))?;
+    // The class index map, as the seed writes it: {"0": "daisy", ...}.
+    let classes: serde_json::Map<String, serde_json::Value> = data
+        .dataset
+        .class_names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (i.to_string(), serde_json::Value::String(n.clone())))
+        .collect();
+    let text =
+        serde_json::to_string_pretty(&classes).map_err(|e| TrainError::Other(e.to_string()))?;
+    kd_data::write_atomic_bytes(&dir.join(CLASS_INDICES), text.as_bytes())?;
+    let manifest = manifest.write(dir, &[CHECKPOINT, CLASS_INDICES])?;
+    // Done and recorded: the resume state has served its purpose.
+    let _ = std::fs::remove_file(dir.join(RESUME_FILE));
+    Ok(manifest)
 }
