@@ -169,7 +169,7 @@ bench *args='': data build
     if [ $# -gt 0 ] && [[ $1 != -* ]]; then name=$1; shift; fi
     {{bin}}/kd-bench --pipeline "pipelines/$name.toml" "$@"
 
-# Fuzz the IDX reader and the knowledge-file reader (`just fuzz 600` = 10 minutes each); needs cargo-fuzz
+# Fuzz the IDX reader, the knowledge-file reader and the pipeline-file parser (`just fuzz 600` = 10 minutes each); installs cargo-fuzz
 [group('checks')]
 fuzz seconds='60':
     #!/usr/bin/env bash
@@ -177,7 +177,7 @@ fuzz seconds='60':
     command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
     cd fuzz
     # Stable Rust: coverage-guided libFuzzer without a sanitizer (-s none).
-    for target in idx knowledge; do
+    for target in idx knowledge pipeline; do
         cargo fuzz run -s none -O "$target" "corpus/$target" -- -max_total_time={{seconds}} -max_len=4096 -print_final_stats=1
     done
 

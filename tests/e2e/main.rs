@@ -2,6 +2,7 @@
 //! End-to-end: the real stages, in process, on the smoke pipeline (600 real Fashion-MNIST
 //! training images, 200 test images). Needs the dataset (`just data`).
 
+mod between;
 mod compact;
 mod experiments;
 mod export;

@@ -355,6 +355,48 @@ fn the_fuzz_seed_is_a_valid_knowledge_file() {
     assert_eq!(k.logits("main", &Device::Cpu).unwrap().dims(), &[3, 2]);
 }
 
+/// The corpus also holds a two-view file and a version 3 file with a label mask (written by
+/// [`write_fuzz_seeds`]), so the fuzzer starts from every layout the reader accepts.
+#[test]
+fn the_fuzz_seeds_cover_views_and_label_masks() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus/knowledge");
+    let views = KnowledgeFile::open(&dir.join("valid-views.safetensors")).unwrap();
+    assert_eq!((views.meta.format_version, views.meta.view_count()), (2, 2));
+    let masked = KnowledgeFile::open(&dir.join("valid-labelled.safetensors")).unwrap();
+    assert_eq!(masked.meta.format_version, 3);
+    assert!(masked.label_mask().unwrap().is_some());
+}
+
+/// Writes the view and label-mask fuzz seeds (`cargo test --release --workspace --lib write_fuzz_seeds -- --ignored`).
+#[test]
+#[ignore]
+fn write_fuzz_seeds() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus/knowledge");
+    let two: Vec<f32> = (0..N * 2 * C).map(|i| i as f32 * 0.25).collect();
+    let views = [shift(0, 0, false), shift(1, -1, true)].repeat(N);
+    write_views(
+        &dir.join("valid-views.safetensors"),
+        &views_meta(2),
+        &[two.clone(), two],
+        &LABELS_OK,
+        &views,
+    )
+    .unwrap();
+    let (m, mask) = labelled_meta();
+    let rows = RowData {
+        labels: &[0, 0, 1, 0],
+        labelled: Some(&mask),
+        views: None,
+    };
+    write_rows(
+        &dir.join("valid-labelled.safetensors"),
+        &m,
+        &[logits(0.0), logits(1.0)],
+        rows,
+    )
+    .unwrap();
+}
+
 fn views_meta(k: usize) -> Metadata {
     Metadata {
         format_version: FORMAT_VERSION_VIEWS,
