@@ -3,8 +3,8 @@
 //! resident memory is its own), with the median and spread of several repetitions.
 //!
 //! Writes `artifacts/bench/bench.md` and `bench.json`. No timing is asserted anywhere: these are
-//! numbers to read and compare, side by side, with the PyTorch figures measured on the same
-//! machine (`../shared/reference/PYTORCH-REFERENCE.md`).
+//! numbers to read. Comparisons with another library are measured side by side in one run, never
+//! taken from remembered figures.
 
 use anyhow::Context;
 use candle_core::{DType, Device, Tensor};
@@ -41,65 +41,38 @@ pub struct Args {
     pub only: Option<String>,
 }
 
-/// What each measurement is, and PyTorch 2.15's figure for the same work on this machine with
-/// the default pipeline's models with the plain `googlenet` teacher (student-cnn, batch 128,
-/// precompute batch 256; `../shared/reference/PYTORCH-REFERENCE.md` and the performance issue),
-/// where one exists; [`pytorch_figure`] gives the one for another teacher.
-pub const MEASUREMENTS: [(&str, &str, Option<f64>); 8] = [
+/// What each measurement is: its name and what it times.
+pub const MEASUREMENTS: [(&str, &str); 8] = [
     (
         "data-load",
         "data loading: read, verify, decode, fingerprint, normalise (every image)",
-        None,
     ),
     (
         "data",
         "data pipeline: shuffle, augment, batch (teacher batch)",
-        None,
     ),
-    (
-        "teacher-step",
-        "teacher training step (all heads)",
-        Some(236.0),
-    ),
+    ("teacher-step", "teacher training step (all heads)"),
     (
         "precompute",
         "precompute: teacher inference, all heads (knowledge batch)",
-        Some(481.0),
     ),
     (
         "student-kd-step",
         "student training step from the knowledge file (KD)",
-        Some(3850.0),
     ),
     (
         "student-baseline-step",
         "student training step, labels only",
-        Some(2950.0),
     ),
     (
         "online-kd-step",
         "online distillation: teacher forward + student KD step",
-        Some(436.0),
     ),
     (
         "teacher-eval",
         "teacher evaluation forward (knowledge batch, from variables)",
-        None,
     ),
 ];
-
-/// PyTorch's figure for a measurement with this teacher: [`MEASUREMENTS`] holds the plain
-/// `googlenet`'s; for `googlenet-bn` the reference has the training step (with crop + flip,
-/// channels-last) and precompute, not online distillation; other teachers have none.
-pub fn pytorch_figure(name: &str, plain: Option<f64>, teacher: &str) -> Option<f64> {
-    let uses_teacher = matches!(name, "teacher-step" | "precompute" | "online-kd-step");
-    match (uses_teacher, teacher, name) {
-        (false, _, _) | (true, "googlenet", _) => plain,
-        (true, "googlenet-bn", "teacher-step") => Some(321.0),
-        (true, "googlenet-bn", "precompute") => Some(930.0),
-        _ => None,
-    }
-}
 
 /// One measurement's samples.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -432,7 +405,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     }
     let exe = std::env::current_exe()?;
     let mut results = Vec::new();
-    for (name, what, _) in MEASUREMENTS {
+    for (name, what) in MEASUREMENTS {
         tracing::info!("bench: {what}");
         let mut cmd = std::process::Command::new(&exe);
         cmd.args([
@@ -472,27 +445,19 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
 }
 
 fn render(args: &Args, p: &Pipeline, results: &[Measurement]) -> String {
-    // PyTorch's figures are for the default pipeline's models and batch sizes only.
-    let default_pipeline = p.name == "fashion-mnist";
     let mut t = Table::new(&[
         "measurement",
         "img/s (median)",
         "spread (min–max)",
-        "PyTorch img/s",
-        "ratio",
         "split, ms per batch (median)",
         "peak RSS",
     ]);
     let mut gflops = Vec::new();
     for m in results {
-        let (what, torch) = MEASUREMENTS
+        let what = MEASUREMENTS
             .iter()
-            .find(|(n, _, _)| *n == m.name)
-            .map(|(_, w, t)| {
-                let torch = pytorch_figure(&m.name, *t, &p.config.teacher.arch);
-                (*w, torch.filter(|_| default_pipeline))
-            })
-            .unwrap_or((m.name.as_str(), None));
+            .find(|(n, _)| *n == m.name)
+            .map_or(m.name.as_str(), |(_, w)| *w);
         let ips = m.images_per_sec();
         let med = median(&ips);
         let lo = ips.iter().cloned().fold(f64::INFINITY, f64::min);
@@ -507,8 +472,6 @@ fn render(args: &Args, p: &Pipeline, results: &[Measurement]) -> String {
             what.to_string(),
             format!("{med:.0}"),
             format!("{lo:.0}–{hi:.0}"),
-            torch.map_or("—".into(), |x| format!("{x:.0}")),
-            torch.map_or("—".into(), |x| format!("{:.2}×", med / x)),
             split.join(", "),
             format!("{:.0} MiB", m.peak_rss_kib as f64 / 1024.0),
         ]);
@@ -540,17 +503,11 @@ fn render(args: &Args, p: &Pipeline, results: &[Measurement]) -> String {
         ));
     }
     if let (Some(kd), Some(online)) = (med("student-kd-step"), med("online-kd-step")) {
-        let torch = if default_pipeline && p.config.teacher.arch == "googlenet" {
-            " (PyTorch: 3,850 / 436 = 8.8×)"
-        } else {
-            ""
-        };
-        ratios.push(format!("- the cache buys {:.1}×: KD from the knowledge file / online distillation (teacher forward on every batch){torch}", kd / online));
+        ratios.push(format!("- the cache buys {:.1}×: KD from the knowledge file / online distillation (teacher forward on every batch)", kd / online));
     }
     format!(
         "# Benchmarks: `{}`\n\n`just bench` on {} threads: medians of {} repetitions of {} batches, after a warm-up; each measurement runs in its own process (its peak RSS is its own). \
-         Real images of `{}`; teacher `{}` (batch {}), student `{}` (batch {}), precompute batch {}. PyTorch figures (default pipeline only): PyTorch 2.15 (CPU, 2 threads) on this machine, same models \
-         (`../shared/reference/PYTORCH-REFERENCE.md`; the baseline step's is on random data).\n\n{}\n{}\n\nAchieved arithmetic (multiply-adds counted as 2; training = 3 × forward): {}.\n",
+         Real images of `{}`; teacher `{}` (batch {}), student `{}` (batch {}), precompute batch {}.\n\n{}\n{}\n\nAchieved arithmetic (multiply-adds counted as 2; training = 3 × forward): {}.\n",
         p.name,
         threads(),
         args.reps,
@@ -565,33 +522,4 @@ fn render(args: &Args, p: &Pipeline, results: &[Measurement]) -> String {
         ratios.join("\n"),
         gflops.join("; ")
     )
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn pytorch_figures_follow_the_teacher() {
-        let plain = |name: &str| {
-            MEASUREMENTS
-                .iter()
-                .find(|(n, _, _)| *n == name)
-                .and_then(|(_, _, t)| *t)
-        };
-        for name in [
-            "teacher-step",
-            "precompute",
-            "online-kd-step",
-            "student-kd-step",
-        ] {
-            assert_eq!(pytorch_figure(name, plain(name), "googlenet"), plain(name));
-        }
-        let bn = |name: &str| pytorch_figure(name, plain(name), "googlenet-bn");
-        assert_eq!(bn("teacher-step"), Some(321.0));
-        assert_eq!(bn("precompute"), Some(930.0));
-        assert_eq!(bn("online-kd-step"), None);
-        assert_eq!(bn("student-kd-step"), Some(3850.0));
-        assert_eq!(pytorch_figure("precompute", Some(481.0), "resnet"), None);
-    }
 }

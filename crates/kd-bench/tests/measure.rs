@@ -18,7 +18,7 @@ fn every_measurement_runs_and_reports() {
         "1",
     ])
     .unwrap();
-    for (name, _, _) in kd_bench::MEASUREMENTS {
+    for (name, _) in kd_bench::MEASUREMENTS {
         let m = kd_bench::measure(&args, name).unwrap_or_else(|e| panic!("{name}: {e:#}"));
         assert_eq!(m.name, name);
         assert_eq!(m.seconds.len(), 2, "{name}");

@@ -2,7 +2,7 @@
 //! a run of 3,073-byte records — one label byte, then a 32×32 image as 1,024 red, 1,024 green
 //! and 1,024 blue bytes (already planar).
 
-use crate::dataset::ImageSet;
+use crate::image_set::ImageSet;
 use crate::{DataError, Result};
 use std::path::Path;
 

@@ -7,7 +7,7 @@
 //! view — the whole photo resized to `size × size`, as the seed's `Resize((224, 224))` — is what
 //! the `ImageSet` holds, fingerprints and feeds to evaluation and precompute.
 
-use crate::dataset::ImageSet;
+use crate::image_set::ImageSet;
 use crate::rng::shuffle;
 use crate::{DataError, Result};
 use image::imageops::FilterType;

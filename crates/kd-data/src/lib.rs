@@ -12,6 +12,7 @@ pub mod fashion_mnist;
 pub mod files;
 pub mod idx;
 pub mod image_folder;
+pub mod image_set;
 pub mod labels;
 pub mod rng;
 

@@ -12,7 +12,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tenso
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
-use crate::layers::{inits, InitScheme};
+use crate::init::{inits, InitScheme};
 
 /// A square 2-D convolution with bias, applied to `[c_in, batch, h, w]` activations.
 #[derive(Debug, Clone)]

@@ -2,7 +2,7 @@
 //! comes from ChaCha streams derived from the run's seed.
 
 use candle_core::{DType, Device, Result, Shape, Tensor, Var};
-use candle_nn::init::NormalOrUniform;
+use candle_nn::init::{FanInOut, NonLinearity, NormalOrUniform};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, VarBuilder, VarMap};
 use rand::{RngCore, SeedableRng};
@@ -256,5 +256,46 @@ mod tests {
             .forward_t(&xs, false)
             .unwrap();
         assert_eq!(v(&e), v(&xs));
+    }
+}
+
+/// How a model's weights start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InitScheme {
+    /// The seed's GoogLeNet: convolutions Kaiming-normal (fan-out, ReLU), linear layers
+    /// N(0, 0.01), biases zero.
+    Seed,
+    /// PyTorch's defaults: weights and biases U(±1/√fan_in).
+    Torch,
+}
+
+pub fn inits(scheme: InitScheme, fan_in: usize, conv: bool) -> (Init, Init) {
+    let bound = 1.0 / (fan_in as f64).sqrt();
+    match (scheme, conv) {
+        (InitScheme::Seed, true) => (
+            Init::Kaiming {
+                dist: NormalOrUniform::Normal,
+                fan: FanInOut::FanOut,
+                non_linearity: NonLinearity::ReLU,
+            },
+            Init::Const(0.0),
+        ),
+        (InitScheme::Seed, false) => (
+            Init::Randn {
+                mean: 0.0,
+                stdev: 0.01,
+            },
+            Init::Const(0.0),
+        ),
+        (InitScheme::Torch, _) => (
+            Init::Uniform {
+                lo: -bound,
+                up: bound,
+            },
+            Init::Uniform {
+                lo: -bound,
+                up: bound,
+            },
+        ),
     }
 }

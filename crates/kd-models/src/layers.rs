@@ -1,51 +1,10 @@
 //! Building blocks: convolutions and linear layers with an explicit initialisation scheme.
 
 use crate::conv::Conv;
+pub use crate::init::{inits, InitScheme};
 use crate::norm::BatchNormRelu;
 use candle_core::{Result, Tensor};
-use candle_nn::init::{FanInOut, NonLinearity, NormalOrUniform};
-use candle_nn::{Init, Linear, Module, VarBuilder};
-
-/// How a model's weights start.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum InitScheme {
-    /// The seed's GoogLeNet: convolutions Kaiming-normal (fan-out, ReLU), linear layers
-    /// N(0, 0.01), biases zero.
-    Seed,
-    /// PyTorch's defaults: weights and biases U(±1/√fan_in).
-    Torch,
-}
-
-pub(crate) fn inits(scheme: InitScheme, fan_in: usize, conv: bool) -> (Init, Init) {
-    let bound = 1.0 / (fan_in as f64).sqrt();
-    match (scheme, conv) {
-        (InitScheme::Seed, true) => (
-            Init::Kaiming {
-                dist: NormalOrUniform::Normal,
-                fan: FanInOut::FanOut,
-                non_linearity: NonLinearity::ReLU,
-            },
-            Init::Const(0.0),
-        ),
-        (InitScheme::Seed, false) => (
-            Init::Randn {
-                mean: 0.0,
-                stdev: 0.01,
-            },
-            Init::Const(0.0),
-        ),
-        (InitScheme::Torch, _) => (
-            Init::Uniform {
-                lo: -bound,
-                up: bound,
-            },
-            Init::Uniform {
-                lo: -bound,
-                up: bound,
-            },
-        ),
-    }
-}
+use candle_nn::{Linear, Module, VarBuilder};
 
 /// A fully connected layer (candle's `Linear`) that counts its multiply-adds.
 #[derive(Debug, Clone)]

@@ -241,9 +241,9 @@ mod tests {
 
     #[test]
     fn parameter_counts_match_the_reference() {
-        // ../shared/reference/MODELS.md (counted in PyTorch).
+        // docs/reference/models.md (counted in PyTorch).
         assert_eq!(num_parameters("googlenet", &FASHION).unwrap(), 538_330);
-        // PYTORCH-REFERENCE.md: the BatchNorm teacher (torchvision's BasicConv2d blocks).
+        // docs/reference/models.md: the BatchNorm teacher (torchvision's BasicConv2d blocks).
         assert_eq!(num_parameters("googlenet-bn", &FASHION).unwrap(), 540_214);
         assert_eq!(num_parameters("student-cnn", &FASHION).unwrap(), 20_490);
         assert_eq!(

@@ -247,7 +247,7 @@ impl ExperimentConfig {
             ));
         }
         if !self.variant.is_empty() {
-            crate::stage::check_tag(&self.variant)
+            crate::layout::check_tag(&self.variant)
                 .map_err(|e| format!("experiment.variant: {e}"))?;
         }
         Ok(())

@@ -2,7 +2,7 @@
 //! stages after it read back as the same types, never by string keys.
 
 use crate::config::{LabelBudget, StudentConfig, TeacherConfig, TrainSettings};
-use crate::train::FitReport;
+use crate::metrics::FitReport;
 use crate::TrainError;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;

@@ -3,8 +3,8 @@
 //! far — everything an interrupted run needs to finish bit-identical to one never interrupted.
 //! (Shuffles and augmentation are drawn per (seed, epoch), so they need no state.)
 
+use crate::metrics::FitReport;
 use crate::optim::AdamState;
-use crate::train::FitReport;
 use crate::TrainError;
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};

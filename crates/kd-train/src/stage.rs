@@ -1,6 +1,7 @@
 //! What a stage binary needs before it trains: its pipeline, its folder, its data.
 
 use crate::config::PipelineConfig;
+pub use crate::layout::{self, check_tag, parse_tag, stage_name};
 use crate::manifest::Manifest;
 use crate::train::Subset;
 use crate::TrainError;
@@ -9,40 +10,6 @@ use kd_data::Dataset;
 use kd_models::InputSpec;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-
-/// Where each stage writes, under `<artifacts>/<pipeline>/`: the layout every stage agrees on.
-pub mod layout {
-    pub const TEACHER: &str = "teacher";
-    pub const KNOWLEDGE: &str = "knowledge";
-    pub const STUDENT_KD: &str = "student-kd";
-    pub const STUDENT_BASELINE: &str = "student-baseline";
-    pub const REPORT: &str = "report";
-    /// Exported models (`kd-export`).
-    pub const EXPORT: &str = "export";
-    /// Tagged runs of any stage: `runs/<tag>/<stage>/`.
-    pub const RUNS: &str = "runs";
-    /// The checkpoint file of every training stage.
-    pub const CHECKPOINT: &str = "model.safetensors";
-    pub const KNOWLEDGE_FILE: &str = "soft-targets.safetensors";
-    /// Class index → class name, next to every checkpoint (as the seed writes it).
-    pub const CLASS_INDICES: &str = "class_indices.json";
-}
-
-/// A run tag (`runs/<tag>/<stage>/`): letters, digits and `. _ - =`, not starting with a dot.
-pub fn check_tag(s: &str) -> Result<&str, String> {
-    let ok = !s.is_empty()
-        && s.len() <= 100
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || "._-=".contains(c))
-        && !s.starts_with('.');
-    if ok {
-        Ok(s)
-    } else {
-        Err(format!(
-            "tag {s:?}: letters, digits and . _ - = only (not starting with a dot), e.g. seed-1"
-        ))
-    }
-}
 
 /// A trained model of a pipeline, by the stage that trained it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
@@ -70,7 +37,7 @@ impl TrainedModel {
     /// The stage folder that holds it.
     pub fn stage(self) -> &'static str {
         match self {
-            TrainedModel::StudentKd => layout::STUDENT_KD,
+            TrainedModel::StudentKd => crate::layout::STUDENT_KD,
             TrainedModel::StudentBaseline => layout::STUDENT_BASELINE,
             TrainedModel::Teacher => layout::TEACHER,
         }
@@ -103,20 +70,6 @@ pub fn class_names(path: &std::path::Path) -> Result<Vec<String>, TrainError> {
         .into_iter()
         .collect::<Option<Vec<_>>>()
         .ok_or_else(|| TrainError::file(path, "class indices are not 0..n"))
-}
-
-/// `check_tag` for clap.
-pub fn parse_tag(s: &str) -> Result<String, String> {
-    check_tag(s).map(String::from)
-}
-
-/// A stage's folder under the pipeline's artifacts: `<stage>`, or `runs/<tag>/<stage>` for a
-/// tagged run.
-pub fn stage_name(stage: &str, tag: Option<&str>) -> String {
-    match tag {
-        Some(t) => format!("{}/{t}/{stage}", layout::RUNS),
-        None => stage.to_string(),
-    }
 }
 
 /// Flags every stage takes.
