@@ -244,157 +244,219 @@ fn forward_macs(model: &dyn Classifier, data: &LoadedData) -> anyhow::Result<u64
 pub fn measure(args: &Args, name: &str) -> anyhow::Result<Measurement> {
     let p = args.pipeline.open(&[])?;
     let data = p.load_data()?;
-    let (t, s) = (&p.config.teacher, &p.config.student);
-    let dev = Device::Cpu;
-    let (tb, sb, kb) = (t.batch_size, s.batch_size, p.config.knowledge.batch_size);
-    let mut macs = 0;
-    let (images, (seconds, split)) = match name {
-        "data-load" => (
-            data.dataset.train.len() + data.dataset.test.len(),
-            time_reps(
-                &Args {
-                    batches: 1,
-                    ..args.clone()
-                },
-                |_| {
-                    let (_, s) = timed(|| Ok(p.load_data()?))?;
-                    Ok(vec![("load", s)])
-                },
-            )?,
-        ),
-        "data" => (
-            tb * args.batches,
-            time_reps(args, |i| {
-                let r = rows(&data, i * tb, tb);
-                let (_, s) = timed(|| batch(&data, &r, true, i as u64))?;
-                Ok(vec![("batch", s)])
-            })?,
-        ),
-        "teacher-step" => {
-            let model = Trainable::new(&t.arch, &data.spec, t.seed, &dev)?;
-            macs = forward_macs(model.model.as_ref(), &data)?;
-            let mut opt = optimiser(&model, t.lr)?;
-            (
-                tb * args.batches,
-                time_reps(args, |i| {
-                    let b = batch(&data, &rows(&data, i * tb, tb), t.augment, i as u64)?;
-                    let (loss, f) = timed(|| {
-                        let heads = model.model.forward_t(&b.images, true)?;
-                        let loss = kd_train::loss::teacher_loss(&heads, &b.labels, t.aux_weight)?;
-                        loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
-                        Ok(loss)
-                    })?;
-                    let (grads, bw) = timed(|| Ok(loss.backward()?))?;
-                    let ((), o) = timed(|| Ok(opt.step(&grads)?))?;
-                    Ok(vec![("forward", f), ("backward", bw), ("optimiser", o)])
-                })?,
-            )
+    let b = Bench {
+        args,
+        p: &p,
+        data: &data,
+    };
+    let timing = match name {
+        "data-load" => b.data_load()?,
+        "data" => b.data_pipeline()?,
+        "teacher-step" => b.teacher_step()?,
+        "precompute" | "teacher-eval" => b.inference(name == "precompute")?,
+        "student-kd-step" | "student-baseline-step" | "online-kd-step" => b.student_step(name)?,
+        other => anyhow::bail!("unknown measurement {other:?}"),
+    };
+    Ok(Measurement {
+        name: name.to_string(),
+        images_per_rep: timing.images,
+        seconds: timing.seconds,
+        split: timing.split,
+        forward_macs_per_image: timing.macs,
+        peak_rss_kib: peak_rss_kib(),
+    })
+}
+
+/// One measurement's timings: images per repetition, seconds per repetition and their split,
+/// and the model's multiply-adds per image (0 when no model).
+struct Timing {
+    images: usize,
+    seconds: Vec<f64>,
+    split: Split,
+    macs: u64,
+}
+
+/// What every measurement needs: the flags, the pipeline and its data.
+struct Bench<'a> {
+    args: &'a Args,
+    p: &'a Pipeline,
+    data: &'a LoadedData,
+}
+
+impl Bench<'_> {
+    fn timing(images: usize, (seconds, split): (Vec<f64>, Split), macs: u64) -> Timing {
+        Timing {
+            images,
+            seconds,
+            split,
+            macs,
         }
-        "precompute" | "teacher-eval" => {
-            let model: Box<dyn Classifier> = if name == "precompute" {
-                frozen_teacher(&p, &data)?
-            } else {
-                Trainable::new(&t.arch, &data.spec, 0, &dev)?.model
+    }
+
+    fn data_load(&self) -> anyhow::Result<Timing> {
+        let d = &self.data.dataset;
+        let one_batch = Args {
+            batches: 1,
+            ..self.args.clone()
+        };
+        let t = time_reps(&one_batch, |_| {
+            let (_, s) = timed(|| Ok(self.p.load_data()?))?;
+            Ok(vec![("load", s)])
+        })?;
+        Ok(Self::timing(d.train.len() + d.test.len(), t, 0))
+    }
+
+    fn data_pipeline(&self) -> anyhow::Result<Timing> {
+        let tb = self.p.config.teacher.batch_size;
+        let t = time_reps(self.args, |i| {
+            let r = rows(self.data, i * tb, tb);
+            let (_, s) = timed(|| batch(self.data, &r, true, i as u64))?;
+            Ok(vec![("batch", s)])
+        })?;
+        Ok(Self::timing(tb * self.args.batches, t, 0))
+    }
+
+    fn teacher_step(&self) -> anyhow::Result<Timing> {
+        let (t, data) = (&self.p.config.teacher, self.data);
+        let tb = t.batch_size;
+        let model = Trainable::new(&t.arch, &data.spec, t.seed, &Device::Cpu)?;
+        let macs = forward_macs(model.model.as_ref(), data)?;
+        let mut opt = optimiser(&model, t.lr)?;
+        let timings = time_reps(self.args, |i| {
+            let b = batch(data, &rows(data, i * tb, tb), t.augment, i as u64)?;
+            let (loss, f) = timed(|| {
+                let heads = model.model.forward_t(&b.images, true)?;
+                let loss = kd_train::loss::teacher_loss(&heads, &b.labels, t.aux_weight)?;
+                loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+                Ok(loss)
+            })?;
+            let (grads, bw) = timed(|| Ok(loss.backward()?))?;
+            let ((), o) = timed(|| Ok(opt.step(&grads)?))?;
+            Ok(vec![("forward", f), ("backward", bw), ("optimiser", o)])
+        })?;
+        Ok(Self::timing(tb * self.args.batches, timings, macs))
+    }
+
+    /// The teacher's forward at the knowledge batch: loaded from its checkpoint (`frozen`, as
+    /// the precompute runs it) or built from variables (as evaluation during training).
+    fn inference(&self, frozen: bool) -> anyhow::Result<Timing> {
+        let (p, data) = (self.p, self.data);
+        let kb = p.config.knowledge.batch_size;
+        let model: Box<dyn Classifier> = if frozen {
+            frozen_teacher(p, data)?
+        } else {
+            Trainable::new(&p.config.teacher.arch, &data.spec, 0, &Device::Cpu)?.model
+        };
+        let macs = forward_macs(model.as_ref(), data)?;
+        let timings = time_reps(self.args, |i| {
+            kd_train::interrupt::check("measuring")?;
+            let r = rows(data, i * kb, kb);
+            let subset = kd_train::Subset {
+                rows: &r,
+                ..data.train()
             };
-            macs = forward_macs(model.as_ref(), &data)?;
-            (
-                kb * args.batches,
-                time_reps(args, |i| {
-                    let r = rows(&data, i * kb, kb);
-                    let subset = kd_train::Subset {
-                        rows: &r,
-                        ..data.train()
-                    };
-                    let (_, s) = timed(|| Ok(kd_train::predict(model.as_ref(), subset, kb, "")?))?;
-                    Ok(vec![("forward", s)])
-                })?,
-            )
-        }
-        "student-kd-step" | "student-baseline-step" | "online-kd-step" => {
-            let model = Trainable::new(&s.arch, &data.spec, s.seed, &dev)?;
-            macs = forward_macs(model.model.as_ref(), &data)?;
-            let mut opt = optimiser(&model, s.lr)?;
-            let used: Vec<(String, f64)> = s
-                .head_weights
-                .iter()
-                .filter(|(_, w)| **w > 0.0)
-                .map(|(h, w)| (h.clone(), *w))
-                .collect();
-            let heads: Vec<String> = used.iter().map(|(h, _)| h.clone()).collect();
-            let weights = KdWeights {
+            let (_, s) = timed(|| Ok(kd_train::predict(model.as_ref(), subset, kb, "")?))?;
+            Ok(vec![("forward", s)])
+        })?;
+        Ok(Self::timing(kb * self.args.batches, timings, macs))
+    }
+
+    /// A student step: from the knowledge file, on labels alone, or online (the teacher's
+    /// forward on every batch).
+    fn student_step(&self, name: &str) -> anyhow::Result<Timing> {
+        let (p, data, s) = (self.p, self.data, &self.p.config.student);
+        let sb = s.batch_size;
+        let model = Trainable::new(&s.arch, &data.spec, s.seed, &Device::Cpu)?;
+        let macs = forward_macs(model.model.as_ref(), data)?;
+        let mut opt = optimiser(&model, s.lr)?;
+        let targets = Targets::new(p, data, name)?;
+        let baseline = name == "student-baseline-step";
+        let timings = time_reps(self.args, |i| {
+            kd_train::interrupt::check("measuring")?;
+            let b = batch(data, &rows(data, i * sb, sb), s.augment, i as u64)?;
+            let mut parts = Vec::new();
+            let teacher = targets.of(&b, &mut parts)?;
+            let (loss, f) = timed(|| {
+                let out = model.model.forward_t(&b.images, true)?;
+                let loss = if baseline {
+                    cross_entropy(&out[0], &b.labels)?
+                } else {
+                    kd_loss(&out[0], &teacher, &b.labels, None, &targets.weights)?.total
+                };
+                loss.to_scalar::<f32>()?;
+                Ok(loss)
+            })?;
+            let (grads, bw) = timed(|| Ok(loss.backward()?))?;
+            let ((), o) = timed(|| Ok(opt.step(&grads)?))?;
+            parts.extend([("forward", f), ("backward", bw), ("optimiser", o)]);
+            Ok(parts)
+        })?;
+        Ok(Self::timing(sb * self.args.batches, timings, macs))
+    }
+}
+
+/// Where a student step's soft targets come from: the knowledge file (cached), the teacher run on
+/// the batch (online), or nowhere (the baseline).
+struct Targets {
+    heads: Vec<String>,
+    weights: KdWeights,
+    cached: Vec<Tensor>,
+    teacher: Option<Box<dyn Classifier>>,
+}
+
+impl Targets {
+    fn new(p: &Pipeline, data: &LoadedData, name: &str) -> anyhow::Result<Self> {
+        let s = &p.config.student;
+        let used: Vec<(String, f64)> = s
+            .head_weights
+            .iter()
+            .filter(|(_, w)| **w > 0.0)
+            .map(|(h, w)| (h.clone(), *w))
+            .collect();
+        let heads: Vec<String> = used.iter().map(|(h, _)| h.clone()).collect();
+        Ok(Self {
+            cached: match name {
+                "student-kd-step" => knowledge(p, data, &heads)?,
+                _ => vec![],
+            },
+            teacher: match name {
+                "online-kd-step" => Some(frozen_teacher(p, data)?),
+                _ => None,
+            },
+            weights: KdWeights {
                 temperature: s.temperature,
                 hard: s.hard_weight,
                 soft: s.soft_weight,
                 heads: used.iter().map(|(_, w)| *w).collect(),
                 standardize: s.standardize_logits,
                 dkd_beta: s.dkd_beta,
-            };
-            let cached = if name == "student-kd-step" {
-                knowledge(&p, &data, &heads)?
-            } else {
-                vec![]
-            };
-            let teacher = if name == "online-kd-step" {
-                Some(frozen_teacher(&p, &data)?)
-            } else {
-                None
-            };
-            let all_heads: Vec<&str> = teacher
-                .as_ref()
-                .map(|t| t.heads().to_vec())
-                .unwrap_or_default();
-            (
-                sb * args.batches,
-                time_reps(args, |i| {
-                    let b = batch(&data, &rows(&data, i * sb, sb), s.augment, i as u64)?;
-                    let mut parts = Vec::new();
-                    let targets: Vec<Tensor> = match &teacher {
-                        Some(t) => {
-                            let (out, tf) = timed(|| Ok(t.forward_t(&b.images, false)?))?;
-                            parts.push(("teacher", tf));
-                            heads
-                                .iter()
-                                .map(|h| {
-                                    all_heads
-                                        .iter()
-                                        .position(|x| x == h)
-                                        .map(|i| out[i].clone())
-                                })
-                                .collect::<Option<Vec<_>>>()
-                                .context("the teacher lacks a head the student's settings use")?
-                        }
-                        None => cached
-                            .iter()
-                            .map(|c| c.index_select(&b.rows, 0))
-                            .collect::<Result<_, _>>()?,
-                    };
-                    let (loss, f) = timed(|| {
-                        let out = model.model.forward_t(&b.images, true)?;
-                        let loss = if name == "student-baseline-step" {
-                            cross_entropy(&out[0], &b.labels)?
-                        } else {
-                            kd_loss(&out[0], &targets, &b.labels, None, &weights)?.total
-                        };
-                        loss.to_scalar::<f32>()?;
-                        Ok(loss)
-                    })?;
-                    let (grads, bw) = timed(|| Ok(loss.backward()?))?;
-                    let ((), o) = timed(|| Ok(opt.step(&grads)?))?;
-                    parts.extend([("forward", f), ("backward", bw), ("optimiser", o)]);
-                    Ok(parts)
-                })?,
-            )
-        }
-        other => anyhow::bail!("unknown measurement {other:?}"),
-    };
-    Ok(Measurement {
-        name: name.to_string(),
-        images_per_rep: images,
-        seconds,
-        split,
-        forward_macs_per_image: macs,
-        peak_rss_kib: peak_rss_kib(),
-    })
+            },
+            heads,
+        })
+    }
+
+    /// The batch's soft targets (timing the teacher's forward into `parts` when online).
+    fn of(
+        &self,
+        b: &kd_data::Batch,
+        parts: &mut Vec<(&'static str, f64)>,
+    ) -> anyhow::Result<Vec<Tensor>> {
+        let Some(t) = &self.teacher else {
+            return Ok(self
+                .cached
+                .iter()
+                .map(|c| c.index_select(&b.rows, 0))
+                .collect::<Result<_, _>>()?);
+        };
+        let (out, tf) = timed(|| Ok(t.forward_t(&b.images, false)?))?;
+        parts.push(("teacher", tf));
+        let all = t.heads();
+        self.heads
+            .iter()
+            .map(|h| all.iter().position(|x| x == h).map(|i| out[i].clone()))
+            .collect::<Option<Vec<_>>>()
+            .context("the teacher lacks a head the student's settings use")
+    }
 }
 
 /// Runs every measurement in a child process and writes the tables.

@@ -185,7 +185,7 @@ fn properties(
     which: TrainedModel,
 ) -> anyhow::Result<Vec<(String, String)>> {
     let spec = &data.spec;
-    let photos = pipeline.config.data.format == "image-folder";
+    let photos = pipeline.config.data.format == kd_train::config::Format::ImageFolder;
     let resize = if photos {
         format!("decode the image (alpha composited on white, grey to RGB), resize the whole image to {}x{} (bilinear)", spec.width, spec.height)
     } else {

@@ -808,3 +808,5 @@ pub mod shard;
 
 #[cfg(test)]
 mod tests;
+
+pub mod targets;

@@ -230,8 +230,10 @@ impl Job {
             seed: k.view_seed,
         });
         let storage = LogitStorage {
-            dtype: LogitDtype::parse(&k.dtype)
-                .ok_or_else(|| anyhow::anyhow!("knowledge.dtype {:?}: f32 or f16", k.dtype))?,
+            dtype: match k.dtype {
+                kd_train::config::Precision::F32 => LogitDtype::F32,
+                kd_train::config::Precision::F16 => LogitDtype::F16,
+            },
             top_k: (k.top_k > 0).then_some(k.top_k),
         };
         let storage = (!storage.is_full_f32()).then_some(storage);

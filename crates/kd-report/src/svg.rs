@@ -32,144 +32,187 @@ pub fn log_x_chart(title: &str, x_label: &str, y_label: &str, series: &[Series])
     chart(title, x_label, y_label, &logged, true)
 }
 
-fn chart(title: &str, x_label: &str, y_label: &str, series: &[Series], log_x: bool) -> String {
-    let (w, h) = (720.0, 420.0);
-    let (left, right, top, bottom) = (70.0, 180.0, 40.0, 50.0);
-    let all: Vec<(f64, f64)> = series
-        .iter()
-        .flat_map(|s| {
-            let e = |i: usize| s.errors.get(i).copied().unwrap_or(0.0);
-            s.points
-                .iter()
-                .enumerate()
-                .flat_map(move |(i, &(x, y))| [(x, y - e(i)), (x, y + e(i))])
-        })
-        .collect();
-    let x_max = all
-        .iter()
-        .map(|p| p.0)
-        .fold(if log_x { f64::NEG_INFINITY } else { 1.0 }, f64::max);
-    let x_min = all
-        .iter()
-        .map(|p| p.0)
-        .fold(f64::INFINITY, f64::min)
-        .min(x_max);
-    let (mut y_min, mut y_max) = all
-        .iter()
-        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), p| {
-            (lo.min(p.1), hi.max(p.1))
-        });
-    if !y_min.is_finite() {
-        (y_min, y_max) = (0.0, 1.0);
-    }
-    // Whole percentage points around the data, at least 2 points tall.
-    y_min = ((y_min * 100.0).floor() - 1.0).max(0.0) / 100.0;
-    y_max = ((y_max * 100.0).ceil() + 1.0).min(100.0) / 100.0;
-    if y_max - y_min < 0.02 {
-        y_max = (y_min + 0.02).min(1.0);
-    }
-    let span = if log_x {
-        (x_max - x_min).max(1e-9)
-    } else {
-        (x_max - x_min).max(1.0)
-    };
-    let px = |x: f64| left + (x - x_min) / span * (w - left - right);
-    let py = |y: f64| top + (y_max - y) / (y_max - y_min) * (h - top - bottom);
-    let mut svg = format!(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" viewBox=\"0 0 {w} {h}\" font-family=\"sans-serif\" font-size=\"12\">\n\
-         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
-         <text x=\"{}\" y=\"22\" font-size=\"15\" text-anchor=\"middle\">{}</text>\n",
-        (left + w - right) / 2.0,
-        escape(title)
-    );
-    let ticks = 5;
-    for i in 0..=ticks {
-        let y = y_min + (y_max - y_min) * i as f64 / ticks as f64;
-        svg += &format!(
-            "<line x1=\"{left}\" x2=\"{}\" y1=\"{py:.1}\" y2=\"{py:.1}\" stroke=\"#ddd\"/><text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{:.1}%</text>\n",
-            w - right,
-            left - 6.0,
-            py(y) + 4.0,
-            100.0 * y,
-            py = py(y)
-        );
-    }
-    // Ticks at the data's own x values when there are few of them (a sweep's temperatures),
-    // else at whole numbers (epochs).
-    let mut xs: Vec<f64> = all.iter().map(|p| p.0).collect();
-    xs.sort_by(f64::total_cmp);
-    xs.dedup();
-    if xs.len() > 12 {
-        let step = (x_max / 10.0).ceil().max(1.0) as usize;
-        xs = (1..=x_max as usize)
-            .step_by(step)
-            .map(|x| x as f64)
+/// The canvas: size, margins, and the data's ranges mapped onto it.
+struct Frame {
+    w: f64,
+    h: f64,
+    left: f64,
+    right: f64,
+    top: f64,
+    bottom: f64,
+    x_min: f64,
+    x_span: f64,
+    y_min: f64,
+    y_max: f64,
+}
+
+impl Frame {
+    /// The frame around every point of `series`, its error bars included: whole percentage points
+    /// around the data, at least 2 points tall.
+    fn around(series: &[Series], log_x: bool) -> (Self, Vec<f64>) {
+        let all: Vec<(f64, f64)> = series
+            .iter()
+            .flat_map(|s| {
+                let e = |i: usize| s.errors.get(i).copied().unwrap_or(0.0);
+                s.points
+                    .iter()
+                    .enumerate()
+                    .flat_map(move |(i, &(x, y))| [(x, y - e(i)), (x, y + e(i))])
+            })
             .collect();
-    }
-    for x in xs {
-        let shown = if log_x {
-            crate::group(10f64.powf(x).round() as usize)
-        } else {
-            x.to_string()
+        let floor = if log_x { f64::NEG_INFINITY } else { 1.0 };
+        let x_max = all.iter().map(|p| p.0).fold(floor, f64::max);
+        let x_min = all
+            .iter()
+            .map(|p| p.0)
+            .fold(f64::INFINITY, f64::min)
+            .min(x_max);
+        let (mut y_min, mut y_max) = all
+            .iter()
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), p| {
+                (lo.min(p.1), hi.max(p.1))
+            });
+        if !y_min.is_finite() {
+            (y_min, y_max) = (0.0, 1.0);
+        }
+        y_min = ((y_min * 100.0).floor() - 1.0).max(0.0) / 100.0;
+        y_max = ((y_max * 100.0).ceil() + 1.0).min(100.0) / 100.0;
+        if y_max - y_min < 0.02 {
+            y_max = (y_min + 0.02).min(1.0);
+        }
+        let x_span = (x_max - x_min).max(if log_x { 1e-9 } else { 1.0 });
+        let frame = Self {
+            w: 720.0,
+            h: 420.0,
+            left: 70.0,
+            right: 180.0,
+            top: 40.0,
+            bottom: 50.0,
+            x_min,
+            x_span,
+            y_min,
+            y_max,
         };
-        svg += &format!(
-            "<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">{shown}</text>\n",
-            px(x),
-            h - bottom + 18.0
-        );
+        // Ticks at the data's own x values when there are few of them (a sweep's temperatures,
+        // label counts), else at whole numbers (epochs).
+        let mut xs: Vec<f64> = all.iter().map(|p| p.0).collect();
+        xs.sort_by(f64::total_cmp);
+        xs.dedup();
+        if xs.len() > 12 {
+            let step = (x_max / 10.0).ceil().max(1.0) as usize;
+            xs = (1..=x_max as usize)
+                .step_by(step)
+                .map(|x| x as f64)
+                .collect();
+        }
+        (frame, xs)
     }
-    svg += &format!(
-        "<line x1=\"{left}\" x2=\"{left}\" y1=\"{top}\" y2=\"{}\" stroke=\"black\"/><line x1=\"{left}\" x2=\"{}\" y1=\"{}\" y2=\"{}\" stroke=\"black\"/>\n\
-         <text x=\"{}\" y=\"{}\" text-anchor=\"middle\">{}</text>\n\
-         <text transform=\"translate(18 {}) rotate(-90)\" text-anchor=\"middle\">{}</text>\n",
-        h - bottom,
-        w - right,
-        h - bottom,
-        h - bottom,
-        (left + w - right) / 2.0,
-        h - 12.0,
-        escape(x_label),
-        (top + h - bottom) / 2.0,
-        escape(y_label)
-    );
-    for (i, s) in series.iter().enumerate() {
+
+    fn px(&self, x: f64) -> f64 {
+        self.left + (x - self.x_min) / self.x_span * (self.w - self.left - self.right)
+    }
+
+    fn py(&self, y: f64) -> f64 {
+        self.top + (self.y_max - y) / (self.y_max - self.y_min) * (self.h - self.top - self.bottom)
+    }
+
+    /// The title, the y grid and its labels, the x ticks, the axes and their labels.
+    fn axes(&self, title: &str, x_label: &str, y_label: &str, xs: &[f64], log_x: bool) -> String {
+        let (w, h, left, right, top, bottom) =
+            (self.w, self.h, self.left, self.right, self.top, self.bottom);
+        let mut svg = format!(
+            "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" viewBox=\"0 0 {w} {h}\" font-family=\"sans-serif\" font-size=\"12\">\n\
+             <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+             <text x=\"{}\" y=\"22\" font-size=\"15\" text-anchor=\"middle\">{}</text>\n",
+            (left + w - right) / 2.0,
+            escape(title)
+        );
+        for i in 0..=5 {
+            let y = self.y_min + (self.y_max - self.y_min) * i as f64 / 5.0;
+            svg += &format!(
+                "<line x1=\"{left}\" x2=\"{}\" y1=\"{py:.1}\" y2=\"{py:.1}\" stroke=\"#ddd\"/><text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{:.1}%</text>\n",
+                w - right,
+                left - 6.0,
+                self.py(y) + 4.0,
+                100.0 * y,
+                py = self.py(y)
+            );
+        }
+        for &x in xs {
+            let shown = if log_x {
+                crate::group(10f64.powf(x).round() as usize)
+            } else {
+                x.to_string()
+            };
+            svg += &format!(
+                "<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">{shown}</text>\n",
+                self.px(x),
+                h - bottom + 18.0
+            );
+        }
+        svg + &format!(
+            "<line x1=\"{left}\" x2=\"{left}\" y1=\"{top}\" y2=\"{}\" stroke=\"black\"/><line x1=\"{left}\" x2=\"{}\" y1=\"{}\" y2=\"{}\" stroke=\"black\"/>\n\
+             <text x=\"{}\" y=\"{}\" text-anchor=\"middle\">{}</text>\n\
+             <text transform=\"translate(18 {}) rotate(-90)\" text-anchor=\"middle\">{}</text>\n",
+            h - bottom,
+            w - right,
+            h - bottom,
+            h - bottom,
+            (left + w - right) / 2.0,
+            h - 12.0,
+            escape(x_label),
+            (top + h - bottom) / 2.0,
+            escape(y_label)
+        )
+    }
+
+    /// One series: its line, its points with their error bars, and its legend entry (row `i`).
+    fn series(&self, i: usize, s: &Series) -> String {
         let pts: Vec<String> = s
             .points
             .iter()
-            .map(|&(x, y)| format!("{:.1},{:.1}", px(x), py(y)))
+            .map(|&(x, y)| format!("{:.1},{:.1}", self.px(x), self.py(y)))
             .collect();
-        svg += &format!(
+        let mut svg = format!(
             "<polyline fill=\"none\" stroke=\"{}\" stroke-width=\"2\" points=\"{}\"/>\n",
             s.colour,
             pts.join(" ")
         );
-        for (i, &(x, y)) in s.points.iter().enumerate() {
+        for (j, &(x, y)) in s.points.iter().enumerate() {
             svg += &format!(
                 "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"3\" fill=\"{}\"/>\n",
-                px(x),
-                py(y),
+                self.px(x),
+                self.py(y),
                 s.colour
             );
-            if let Some(&e) = s.errors.get(i).filter(|e| **e > 0.0) {
+            if let Some(&e) = s.errors.get(j).filter(|e| **e > 0.0) {
                 svg += &format!(
                     "<line x1=\"{x:.1}\" x2=\"{x:.1}\" y1=\"{:.1}\" y2=\"{:.1}\" stroke=\"{}\"/>\n",
-                    py(y - e),
-                    py(y + e),
+                    self.py(y - e),
+                    self.py(y + e),
                     s.colour,
-                    x = px(x)
+                    x = self.px(x)
                 );
             }
         }
-        let ly = top + 20.0 * i as f64 + 10.0;
-        svg += &format!(
+        let (ly, lx) = (self.top + 20.0 * i as f64 + 10.0, self.w - self.right);
+        svg + &format!(
             "<line x1=\"{}\" x2=\"{}\" y1=\"{ly}\" y2=\"{ly}\" stroke=\"{}\" stroke-width=\"3\"/><text x=\"{}\" y=\"{}\">{}</text>\n",
-            w - right + 15.0,
-            w - right + 40.0,
+            lx + 15.0,
+            lx + 40.0,
             s.colour,
-            w - right + 46.0,
+            lx + 46.0,
             ly + 4.0,
             escape(&s.name)
-        );
+        )
+    }
+}
+
+fn chart(title: &str, x_label: &str, y_label: &str, series: &[Series], log_x: bool) -> String {
+    let (frame, xs) = Frame::around(series, log_x);
+    let mut svg = frame.axes(title, x_label, y_label, &xs, log_x);
+    for (i, s) in series.iter().enumerate() {
+        svg += &frame.series(i, s);
     }
     svg + "</svg>\n"
 }

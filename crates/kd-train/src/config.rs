@@ -37,11 +37,11 @@ pub struct DataConfig {
     #[serde(default = "default_dataset")]
     pub name: String,
     /// `idx` (MNIST's format), `image-folder` (photos in class folders) or `cifar10` (binary).
-    #[serde(default = "default_format")]
-    pub format: String,
+    #[serde(default)]
+    pub format: Format,
     /// `dir` (a folder in MNIST format) or `hub` (download through candle-datasets).
-    #[serde(default = "default_source")]
-    pub source: String,
+    #[serde(default)]
+    pub source: Source,
     #[serde(default = "default_dir")]
     pub dir: PathBuf,
     #[serde(default = "default_classes")]
@@ -83,6 +83,39 @@ pub struct DataConfig {
     /// `unlabelled/` folder, if there is one].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unlabelled_dir: Option<PathBuf>,
+}
+
+/// How the dataset's files are laid out.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Format {
+    /// MNIST's IDX files.
+    #[default]
+    Idx,
+    /// Photos in one folder per class.
+    ImageFolder,
+    /// CIFAR-10's binary batches.
+    Cifar10,
+}
+
+/// Where the dataset comes from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    /// A folder (`data.dir`).
+    #[default]
+    Dir,
+    /// The Hugging Face hub, through candle-datasets (needs the internet).
+    Hub,
+}
+
+/// How the knowledge file stores logits.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    F32,
+    F16,
 }
 
 /// How many training images keep their label: a count, or a share of the training split.
@@ -162,15 +195,11 @@ pub struct KnowledgeConfig {
     #[serde(default)]
     pub view_seed: u64,
     /// Precision of the stored logits: "f32" or "f16".
-    #[serde(default = "f32_name")]
-    pub dtype: String,
+    #[serde(default)]
+    pub dtype: Precision,
     /// Keep only the k largest logits per row (plus one for the rest); 0 keeps all.
     #[serde(default)]
     pub top_k: usize,
-}
-
-fn f32_name() -> String {
-    "f32".into()
 }
 
 fn one() -> usize {
@@ -183,7 +212,7 @@ impl Default for KnowledgeConfig {
             batch_size: default_knowledge_batch(),
             views: 1,
             view_seed: 0,
-            dtype: f32_name(),
+            dtype: Precision::F32,
             top_k: 0,
         }
     }
@@ -270,9 +299,9 @@ impl DataConfig {
     /// The training augmentation of this kind of data.
     /// The training augmentation for this kind of data, if `on`.
     pub fn augmentation(&self, on: bool, crop_padding: usize) -> Option<Augment> {
-        on.then(|| match self.format.as_str() {
-            "image-folder" => Augment::resized_crop(self.image_size),
-            _ => Augment::CropFlip { crop_padding },
+        on.then(|| match self.format {
+            Format::ImageFolder => Augment::resized_crop(self.image_size),
+            Format::Idx | Format::Cifar10 => Augment::CropFlip { crop_padding },
         })
     }
 }
@@ -309,30 +338,20 @@ impl StudentConfig {
 
 impl DataConfig {
     pub fn load_options(&self) -> Result<LoadOptions, String> {
-        let source = match self.source.as_str() {
-            "dir" => DataSource::Dir(self.dir.clone()),
-            "hub" => DataSource::Hub,
-            other => {
-                return Err(format!(
-                    "data.source {other:?} is neither \"dir\" nor \"hub\""
-                ))
-            }
+        let source = match self.source {
+            Source::Dir => DataSource::Dir(self.dir.clone()),
+            Source::Hub => DataSource::Hub,
         };
-        let format = match self.format.as_str() {
-            "idx" => DataFormat::Idx,
-            "image-folder" => DataFormat::ImageFolder(FolderOptions {
+        let format = match self.format {
+            Format::Idx => DataFormat::Idx,
+            Format::ImageFolder => DataFormat::ImageFolder(FolderOptions {
                 size: self.image_size,
                 test_fraction: self.test_fraction,
                 split_seed: self.split_seed,
                 skip_bad_images: self.skip_bad_images,
                 unlabelled: self.unlabelled_dir.clone(),
             }),
-            "cifar10" => DataFormat::Cifar10,
-            other => {
-                return Err(format!(
-                    "data.format {other:?} is not one of \"idx\", \"image-folder\", \"cifar10\""
-                ))
-            }
+            Format::Cifar10 => DataFormat::Cifar10,
         };
         if !(0.0..1.0).contains(&self.test_fraction) {
             return Err(format!(
@@ -369,17 +388,11 @@ impl DataConfig {
 fn default_dataset() -> String {
     "fashion-mnist".into()
 }
-fn default_format() -> String {
-    "idx".into()
-}
 fn default_image_size() -> usize {
     224
 }
 fn default_test_fraction() -> f64 {
     0.2
-}
-fn default_source() -> String {
-    "dir".into()
 }
 fn default_dir() -> PathBuf {
     PathBuf::from(kd_data::fashion_mnist::DEBIAN_DIR)
@@ -437,45 +450,46 @@ impl PipelineConfig {
 
     /// Refuses values no run can use, naming the key.
     pub fn validate(&self) -> Result<(), String> {
+        self.check_counts()?;
+        self.check_numbers()?;
+        self.check_models()?;
+        self.check_combinations()?;
+        self.data.load_options()?;
+        self.experiment.validate()
+    }
+
+    /// Epochs, batch sizes, views, classes, sizes: at least 1 (and epochs not absurd).
+    fn check_counts(&self) -> Result<(), String> {
+        let (t, s, d) = (&self.teacher, &self.student, &self.data);
         let positive = [
-            ("teacher.epochs", self.teacher.epochs),
-            ("teacher.batch_size", self.teacher.batch_size),
-            ("student.epochs", self.student.epochs),
-            ("student.batch_size", self.student.batch_size),
+            ("teacher.epochs", t.epochs),
+            ("teacher.batch_size", t.batch_size),
+            ("student.epochs", s.epochs),
+            ("student.batch_size", s.batch_size),
             ("knowledge.batch_size", self.knowledge.batch_size),
             ("knowledge.views", self.knowledge.views),
-            ("data.classes", self.data.classes),
-            ("data.image_size", self.data.image_size),
-            ("data.val_size", self.data.val_size),
-            ("data.train_limit", self.data.train_limit.unwrap_or(1)),
-            ("data.test_limit", self.data.test_limit.unwrap_or(1)),
+            ("data.classes", d.classes),
+            ("data.image_size", d.image_size),
+            ("data.val_size", d.val_size),
+            ("data.train_limit", d.train_limit.unwrap_or(1)),
+            ("data.test_limit", d.test_limit.unwrap_or(1)),
+            ("teacher.epoch_steps", t.epoch_steps.unwrap_or(1)),
+            ("student.epoch_steps", s.epoch_steps.unwrap_or(1)),
         ];
-        for (key, v) in positive {
-            if v == 0 {
-                return Err(format!("{key} must be at least 1"));
-            }
+        if let Some((key, _)) = positive.iter().find(|(_, v)| *v == 0) {
+            return Err(format!("{key} must be at least 1"));
         }
-        for (key, v) in [
-            ("teacher.epochs", self.teacher.epochs),
-            ("student.epochs", self.student.epochs),
-        ] {
+        for (key, v) in [("teacher.epochs", t.epochs), ("student.epochs", s.epochs)] {
             if v > MAX_EPOCHS {
                 return Err(format!("{key} {v} is more than {MAX_EPOCHS}"));
             }
         }
-        for (key, arch) in [
-            ("teacher.arch", &self.teacher.arch),
-            ("student.arch", &self.student.arch),
-        ] {
-            kd_models::heads(arch).map_err(|e| format!("{key}: {e}"))?;
-        }
+        Ok(())
+    }
+
+    /// Rates positive, weights zero or more, all finite.
+    fn check_numbers(&self) -> Result<(), String> {
         let s = &self.student;
-        if s.hard_weight == 0.0 && s.soft_weight == 0.0 {
-            return Err(
-                "student.hard_weight and student.soft_weight are both 0: the student would learn nothing"
-                    .into(),
-            );
-        }
         let rates = [
             ("teacher.lr", self.teacher.lr),
             ("student.lr", s.lr),
@@ -507,13 +521,33 @@ impl PipelineConfig {
                 return Err(format!("{key} must be zero or more, not {v}"));
             }
         }
-        let k = &self.knowledge;
-        if !matches!(k.dtype.as_str(), "f32" | "f16") {
-            return Err(format!(
-                "knowledge.dtype must be \"f32\" or \"f16\", not {:?}",
-                k.dtype
-            ));
+        Ok(())
+    }
+
+    /// Known architectures, and a student that learns something.
+    fn check_models(&self) -> Result<(), String> {
+        for (key, arch) in [
+            ("teacher.arch", &self.teacher.arch),
+            ("student.arch", &self.student.arch),
+        ] {
+            kd_models::heads(arch).map_err(|e| format!("{key}: {e}"))?;
         }
+        let s = &self.student;
+        if s.hard_weight == 0.0 && s.soft_weight == 0.0 {
+            return Err(
+                "student.hard_weight and student.soft_weight are both 0: the student would learn nothing"
+                    .into(),
+            );
+        }
+        if s.head_weights.values().all(|w| *w == 0.0) && s.soft_weight > 0.0 {
+            return Err("student.head_weights must give some head a positive weight".into());
+        }
+        Ok(())
+    }
+
+    /// Settings that are fine alone but not together.
+    fn check_combinations(&self) -> Result<(), String> {
+        let (s, k) = (&self.student, &self.knowledge);
         if k.top_k >= self.data.classes && k.top_k > 0 {
             return Err(format!(
                 "knowledge.top_k {} must be below data.classes ({}); 0 keeps every class",
@@ -533,34 +567,17 @@ impl PipelineConfig {
             );
         }
         match self.data.labels {
-            Some(LabelBudget::Fraction(f)) if !(f > 0.0 && f <= 1.0) => {
-                return Err(format!(
-                    "data.labels {f} must be a count of images or a share in (0, 1]"
-                ))
-            }
-            Some(LabelBudget::Count(0)) => return Err("data.labels must be at least 1".into()),
-            Some(_) if s.dkd_beta.is_some() => {
-                return Err(
-                    "student.dkd_beta needs every training image's label (decoupled KD splits \
-                     on the true class); it does not combine with data.labels"
-                        .into(),
-                )
-            }
-            _ => {}
+            Some(LabelBudget::Fraction(f)) if !(f > 0.0 && f <= 1.0) => Err(format!(
+                "data.labels {f} must be a count of images or a share in (0, 1]"
+            )),
+            Some(LabelBudget::Count(0)) => Err("data.labels must be at least 1".into()),
+            Some(_) if s.dkd_beta.is_some() => Err(
+                "student.dkd_beta needs every training image's label (decoupled KD splits \
+                 on the true class); it does not combine with data.labels"
+                    .into(),
+            ),
+            _ => Ok(()),
         }
-        for (key, v) in [
-            ("teacher.epoch_steps", self.teacher.epoch_steps),
-            ("student.epoch_steps", s.epoch_steps),
-        ] {
-            if v == Some(0) {
-                return Err(format!("{key} must be at least 1"));
-            }
-        }
-        if s.head_weights.values().all(|w| *w == 0.0) && s.soft_weight > 0.0 {
-            return Err("student.head_weights must give some head a positive weight".into());
-        }
-        self.data.load_options()?;
-        self.experiment.validate()
     }
 }
 

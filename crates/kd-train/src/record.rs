@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DataSettings {
     pub name: String,
-    pub format: String,
+    pub format: crate::config::Format,
     pub classes: usize,
     pub val_size: usize,
     pub split_seed: u64,

@@ -242,7 +242,7 @@ impl Pipeline {
         let d = &self.config.data;
         crate::record::DataSettings {
             name: d.name.clone(),
-            format: d.format.clone(),
+            format: d.format,
             classes: d.classes,
             val_size: d.val_size,
             split_seed: d.split_seed,

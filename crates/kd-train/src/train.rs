@@ -67,152 +67,240 @@ pub struct FitSpec<'a> {
 }
 
 /// Trains `model` with `loss_fn(batch, heads) -> scalar loss`, evaluates on `val` after every
-/// epoch and writes the best weights to `checkpoint` (atomically) whenever they improve.
-/// A non-finite loss stops the run; the last good checkpoint stays.
+/// epoch and writes the best weights to `checkpoint` (atomically) whenever they improve, and the
+/// resume state after every epoch. A non-finite loss stops the run; the last good checkpoint
+/// stays. The loop schedules; [`Trainer`] does the steps, the epoch's end and the saving.
 pub fn fit(
     model: &Trainable,
     spec: &FitSpec,
     mut loss_fn: impl FnMut(&Batch, &[Tensor]) -> candle_core::Result<Tensor>,
 ) -> Result<FitReport, TrainError> {
-    let FitSpec {
-        name,
-        settings,
-        val,
-        checkpoint,
-        ..
-    } = *spec;
-    let vars: Vec<_> = model
-        .vars
-        .varmap
-        .data()
-        .lock()
-        .map_err(|_| TrainError::Other("poisoned".into()))?
-        .iter()
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    let mut opt = Adam::new(vars, AdamParams::new(settings.lr, settings.weight_decay));
-    let steps_per_epoch = epoch_steps(spec);
-    let total_steps = steps_per_epoch * settings.epochs;
     let start = Instant::now();
-    let mut report = FitReport {
-        epochs: vec![],
-        best_epoch: 0,
-        best_val_accuracy: -1.0,
-        wall_seconds: 0.0,
-        train_images_per_sec: 0.0,
-        steps_per_epoch,
-    };
-    let mut train_seconds = 0.0;
-    let mut step = 0;
-    let mut first_epoch = 1;
-    if let Some(state) = resume_state(spec)? {
+    let mut t = Trainer::new(model, spec)?;
+    let first_epoch = t.resume()?;
+    for epoch in first_epoch..=spec.settings.epochs {
+        let t0 = Instant::now();
+        let sums = t.train_epoch(epoch, &mut loss_fn)?;
+        let train_secs = t0.elapsed().as_secs_f64();
+        t.end_epoch(epoch, sums, train_secs, t0)?;
+        t.save_resume(epoch)?;
+    }
+    let mut report = t.report;
+    report.wall_seconds = start.elapsed().as_secs_f64();
+    let images: usize = report.epochs.iter().map(|e| e.images).sum();
+    report.train_images_per_sec = images as f64 / t.train_seconds.max(1e-9);
+    Ok(report)
+}
+
+/// An epoch's running sums: loss × images, correct predictions, images.
+#[derive(Default)]
+struct Sums {
+    loss: f64,
+    hits: f64,
+    seen: usize,
+}
+
+/// A run in progress: the model, its optimiser, where it stands in the schedule, and its report.
+struct Trainer<'a> {
+    model: &'a Trainable,
+    spec: &'a FitSpec<'a>,
+    opt: Adam,
+    steps_per_epoch: usize,
+    total_steps: usize,
+    step: usize,
+    train_seconds: f64,
+    report: FitReport,
+}
+
+impl<'a> Trainer<'a> {
+    fn new(model: &'a Trainable, spec: &'a FitSpec<'a>) -> Result<Self, TrainError> {
+        let settings = spec.settings;
+        let vars: Vec<_> = model
+            .vars
+            .varmap
+            .data()
+            .lock()
+            .map_err(|_| TrainError::Other("poisoned".into()))?
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let steps_per_epoch = epoch_steps(spec);
+        Ok(Self {
+            model,
+            spec,
+            opt: Adam::new(vars, AdamParams::new(settings.lr, settings.weight_decay)),
+            steps_per_epoch,
+            total_steps: steps_per_epoch * settings.epochs,
+            step: 0,
+            train_seconds: 0.0,
+            report: FitReport {
+                epochs: vec![],
+                best_epoch: 0,
+                best_val_accuracy: -1.0,
+                wall_seconds: 0.0,
+                train_images_per_sec: 0.0,
+                steps_per_epoch,
+            },
+        })
+    }
+
+    /// Loads a matching resume state, if there is one; the first epoch to train.
+    fn resume(&mut self) -> Result<usize, TrainError> {
+        let Some(state) = resume_state(self.spec)? else {
+            return Ok(1);
+        };
+        let path = self.spec.resume;
         let p = state.progress;
         for (name, t) in &state.weights {
-            let var = opt_var(model, name)?;
-            var.set(t)?;
+            opt_var(self.model, name)?.set(t)?;
         }
-        opt.load_state(state.adam)
-            .map_err(|e| TrainError::file(spec.resume, e))?;
-        model.dropout.set_word_pos(
-            p.dropout_word_pos
-                .parse()
-                .map_err(|_| TrainError::file(spec.resume, "bad dropout position"))?,
-        );
+        self.opt
+            .load_state(state.adam)
+            .map_err(|e| TrainError::file(path, e))?;
+        let pos = p
+            .dropout_word_pos
+            .parse()
+            .map_err(|_| TrainError::file(path, "bad dropout position"))?;
+        self.model.dropout.set_word_pos(pos);
         tracing::info!(
-            "{name}: resuming after epoch {}/{} from {}",
+            "{}: resuming after epoch {}/{} from {}",
+            self.spec.name,
             p.epoch,
-            settings.epochs,
-            spec.resume.display()
+            self.spec.settings.epochs,
+            path.display()
         );
-        (first_epoch, step, train_seconds, report) =
-            (p.epoch + 1, p.step, p.train_seconds, p.report);
+        (self.step, self.train_seconds, self.report) = (p.step, p.train_seconds, p.report);
+        Ok(p.epoch + 1)
     }
-    for epoch in first_epoch..=settings.epochs {
+
+    /// One epoch of steps, with a progress bar (or, without a terminal, a line every tenth of
+    /// an epoch); stops on a signal.
+    fn train_epoch(
+        &mut self,
+        epoch: usize,
+        loss_fn: &mut impl FnMut(&Batch, &[Tensor]) -> candle_core::Result<Tensor>,
+    ) -> Result<Sums, TrainError> {
+        let (name, epochs) = (self.spec.name, self.spec.settings.epochs);
         let t0 = Instant::now();
-        let batches = epoch_batches(spec, epoch, steps_per_epoch);
         let bar = progress(
-            steps_per_epoch,
-            format!("{name} epoch {epoch}/{}", settings.epochs),
+            self.steps_per_epoch,
+            format!("{name} epoch {epoch}/{epochs}"),
         );
-        let (mut loss_sum, mut hits, mut seen) = (0.0, 0.0, 0usize);
-        for batch in batches {
+        let mut sums = Sums::default();
+        for batch in epoch_batches(self.spec, epoch, self.steps_per_epoch) {
             if crate::interrupt::requested() {
                 bar.abandon();
-                let done = epoch - 1;
-                let how = if done > 0 {
-                    format!("epoch {done} is saved in {}; run the same command again (or add --resume) to continue from it", spec.resume.display())
-                } else {
-                    "no epoch was complete, so nothing is saved to resume from".to_string()
-                };
-                return Err(TrainError::Interrupted(format!(
-                    "{name}: interrupted during epoch {epoch}; {how}"
-                )));
+                return Err(self.interrupted(epoch));
             }
             let batch = batch?;
-            let lr = learning_rate(settings.schedule, settings.lr, step, total_steps);
-            opt.set_lr(lr);
-            let heads = model.model.forward_t(&batch.images, true)?;
-            let loss = loss_fn(&batch, &heads)?;
-            let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            if !value.is_finite() {
+            if let Err(e) = self.step(&batch, loss_fn, &mut sums, epoch) {
                 bar.abandon();
-                let kept = if report.best_epoch > 0 {
-                    format!(
-                        "the checkpoint of epoch {} is kept at {}",
-                        report.best_epoch,
-                        checkpoint.display()
-                    )
-                } else {
-                    "no checkpoint was written yet".to_string()
-                };
-                return Err(TrainError::Diverged(format!(
-                    "{name}: the loss became {value} at epoch {epoch}, step {step} (lr {lr:.3e}); {kept}; try a lower learning rate"
-                )));
+                return Err(e);
             }
-            opt.step(&loss.backward()?)?;
-            loss_sum += value * batch.len as f64;
-            hits += correct(&heads[0], &batch.labels)?;
-            seen += batch.len;
-            step += 1;
             bar.inc(1);
-            let secs = t0.elapsed().as_secs_f64();
             let status = format!(
                 "loss {:.4} {:.0} img/s",
-                loss_sum / seen as f64,
-                seen as f64 / secs
+                sums.loss / sums.seen as f64,
+                sums.seen as f64 / t0.elapsed().as_secs_f64()
             );
-            // Without a terminal there is no bar: log progress every tenth of an epoch instead.
             let done = bar.position() as usize;
-            if bar.is_hidden()
-                && done.is_multiple_of(steps_per_epoch.div_ceil(10).max(1))
-                && done < steps_per_epoch
-            {
+            let every = self.steps_per_epoch.div_ceil(10).max(1);
+            if bar.is_hidden() && done.is_multiple_of(every) && done < self.steps_per_epoch {
                 tracing::info!(
-                    "{name} epoch {epoch}/{}: {done}/{steps_per_epoch} batches, {status}",
-                    settings.epochs
+                    "{name} epoch {epoch}/{epochs}: {done}/{} batches, {status}",
+                    self.steps_per_epoch
                 );
             }
             bar.set_message(status);
         }
         bar.finish_and_clear();
-        let train_secs = t0.elapsed().as_secs_f64();
-        train_seconds += train_secs;
-        let v = evaluate(model.model.as_ref(), val, settings.batch_size.max(256))?;
+        Ok(sums)
+    }
+
+    /// One optimiser step on `batch`; a non-finite loss stops the run.
+    fn step(
+        &mut self,
+        batch: &Batch,
+        loss_fn: &mut impl FnMut(&Batch, &[Tensor]) -> candle_core::Result<Tensor>,
+        sums: &mut Sums,
+        epoch: usize,
+    ) -> Result<(), TrainError> {
+        let s = self.spec.settings;
+        let lr = learning_rate(s.schedule, s.lr, self.step, self.total_steps);
+        self.opt.set_lr(lr);
+        let heads = self.model.model.forward_t(&batch.images, true)?;
+        let loss = loss_fn(batch, &heads)?;
+        let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        if !value.is_finite() {
+            let kept = if self.report.best_epoch > 0 {
+                format!(
+                    "the checkpoint of epoch {} is kept at {}",
+                    self.report.best_epoch,
+                    self.spec.checkpoint.display()
+                )
+            } else {
+                "no checkpoint was written yet".to_string()
+            };
+            return Err(TrainError::Diverged(format!(
+                "{}: the loss became {value} at epoch {epoch}, step {} (lr {lr:.3e}); {kept}; try a lower learning rate",
+                self.spec.name, self.step
+            )));
+        }
+        self.opt.step(&loss.backward()?)?;
+        sums.loss += value * batch.len as f64;
+        sums.hits += correct(&heads[0], &batch.labels)?;
+        sums.seen += batch.len;
+        self.step += 1;
+        Ok(())
+    }
+
+    fn interrupted(&self, epoch: usize) -> TrainError {
+        let done = epoch - 1;
+        let how = if done > 0 {
+            format!(
+                "epoch {done} is saved in {}; run the same command again (or add --resume) to continue from it",
+                self.spec.resume.display()
+            )
+        } else {
+            "no epoch was complete, so nothing is saved to resume from".to_string()
+        };
+        TrainError::Interrupted(format!(
+            "{}: interrupted during epoch {epoch}; {how}",
+            self.spec.name
+        ))
+    }
+
+    /// Validation, the epoch's metrics and log line, and the checkpoint when it improved.
+    fn end_epoch(
+        &mut self,
+        epoch: usize,
+        sums: Sums,
+        train_secs: f64,
+        t0: Instant,
+    ) -> Result<(), TrainError> {
+        let s = self.spec.settings;
+        self.train_seconds += train_secs;
+        let v = evaluate(
+            self.model.model.as_ref(),
+            self.spec.val,
+            s.batch_size.max(256),
+        )?;
         let m = EpochMetrics {
             epoch,
-            lr: learning_rate(settings.schedule, settings.lr, step, total_steps),
-            train_loss: loss_sum / seen.max(1) as f64,
-            train_accuracy: hits / seen.max(1) as f64,
+            lr: learning_rate(s.schedule, s.lr, self.step, self.total_steps),
+            train_loss: sums.loss / sums.seen.max(1) as f64,
+            train_accuracy: sums.hits / sums.seen.max(1) as f64,
             val_loss: v.loss,
             val_accuracy: v.accuracy,
             seconds: t0.elapsed().as_secs_f64(),
-            images_per_sec: seen as f64 / train_secs,
-            images: seen,
+            images_per_sec: sums.seen as f64 / train_secs,
+            images: sums.seen,
         };
-        let improved = m.val_accuracy > report.best_val_accuracy;
+        let improved = m.val_accuracy > self.report.best_val_accuracy;
         tracing::info!(
-            "{name} epoch {epoch}/{}: loss {:.4}, train acc {:.2}%, val acc {:.2}%, val loss {:.4}, {:.0} img/s{}",
-            settings.epochs,
+            "{} epoch {epoch}/{}: loss {:.4}, train acc {:.2}%, val acc {:.2}%, val loss {:.4}, {:.0} img/s{}",
+            self.spec.name,
+            s.epochs,
             m.train_loss,
             100.0 * m.train_accuracy,
             100.0 * m.val_accuracy,
@@ -221,25 +309,27 @@ pub fn fit(
             if improved { " (best so far, saved)" } else { "" }
         );
         if improved {
-            report.best_epoch = epoch;
-            report.best_val_accuracy = m.val_accuracy;
-            save_checkpoint(checkpoint, &model.named_tensors())?;
+            self.report.best_epoch = epoch;
+            self.report.best_val_accuracy = m.val_accuracy;
+            save_checkpoint(self.spec.checkpoint, &self.model.named_tensors())?;
         }
-        report.epochs.push(m);
-        let progress = Progress {
-            key: spec.key.to_string(),
-            epoch,
-            step,
-            dropout_word_pos: model.dropout.word_pos().to_string(),
-            train_seconds,
-            report: report.clone(),
-        };
-        crate::resume::save(spec.resume, &progress, &model.named_tensors(), &opt.state())?;
+        self.report.epochs.push(m);
+        Ok(())
     }
-    report.wall_seconds = start.elapsed().as_secs_f64();
-    let images: usize = report.epochs.iter().map(|e| e.images).sum();
-    report.train_images_per_sec = images as f64 / train_seconds.max(1e-9);
-    Ok(report)
+
+    /// Everything a resumed run needs to continue bit for bit, after a complete epoch.
+    fn save_resume(&self, epoch: usize) -> Result<(), TrainError> {
+        let progress = Progress {
+            key: self.spec.key.to_string(),
+            epoch,
+            step: self.step,
+            dropout_word_pos: self.model.dropout.word_pos().to_string(),
+            train_seconds: self.train_seconds,
+            report: self.report.clone(),
+        };
+        let weights = self.model.named_tensors();
+        crate::resume::save(self.spec.resume, &progress, &weights, &self.opt.state())
+    }
 }
 
 /// Optimiser steps per epoch: `settings.epoch_steps`, else one pass over the training rows.
