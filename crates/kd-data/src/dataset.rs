@@ -98,92 +98,13 @@ impl Dataset {
             DataSource::Dir(dir) => Some(dir.as_path()),
             DataSource::Hub => None,
         };
-        let fashion = opts.name == "fashion-mnist";
-        let (mut train, mut test, mut class_names, mut sources, skipped, unlabelled) =
-            match (&opts.format, dir) {
-                (DataFormat::Idx, Some(dir)) => (
-                    load_idx_split(dir, "train", opts)?,
-                    load_idx_split(dir, "t10k", opts)?,
-                    None,
-                    None,
-                    vec![],
-                    0,
-                ),
-                (DataFormat::Idx, None) => {
-                    let (train, test) = load_hub(&opts.name)?;
-                    (train, test, None, None, vec![], 0)
-                }
-                (DataFormat::ImageFolder(f), Some(dir)) => {
-                    let d = crate::image_folder::load(dir, f)?;
-                    if d.class_names.len() != opts.classes {
-                        return Err(DataError::Config(format!(
-                            "{} has {} class folders ({}) but data.classes is {}",
-                            dir.display(),
-                            d.class_names.len(),
-                            d.class_names.join(", "),
-                            opts.classes
-                        )));
-                    }
-                    (
-                        d.train,
-                        d.test,
-                        Some(d.class_names),
-                        Some(d.train_sources),
-                        d.skipped,
-                        d.unlabelled,
-                    )
-                }
-                (DataFormat::Cifar10, Some(dir)) => {
-                    let (train, test, names) = crate::cifar::load(dir, opts.classes)?;
-                    (train, test, Some(names), None, vec![], 0)
-                }
-                (_, None) => {
-                    return Err(DataError::Config(
-                        "only IDX datasets have a hub source".into(),
-                    ))
-                }
-            };
-        check_shapes(&train, &test, dir)?;
-        if opts.train_limit.is_some() && unlabelled > 0 {
-            return Err(DataError::Config(
-                "data.train_limit does not combine with unlabelled photos (it would cut them first)"
-                    .into(),
-            ));
-        }
-        if let Some(n) = opts.train_limit {
-            train.truncate(n);
-            if let Some(s) = sources.as_mut() {
-                s.truncate(n);
-            }
-        }
-        if let Some(n) = opts.test_limit {
-            test.truncate(n);
-        }
-        let normalization = match (&opts.normalization, &opts.format) {
-            (Some(n), _) => n.clone(),
-            (None, DataFormat::Idx) if fashion => Normalization {
-                mean: vec![fashion_mnist::MEAN],
-                std: vec![fashion_mnist::STD],
-            },
-            (None, DataFormat::ImageFolder(_)) => Normalization {
-                mean: vec![0.5; 3],
-                std: vec![0.5; 3],
-            },
-            (None, _) => Normalization::measure(&train),
-        };
-        if normalization.mean.len() != train.channels || normalization.std.len() != train.channels {
-            return Err(DataError::Config(format!(
-                "the normalisation has {} means and {} stds for {} channels",
-                normalization.mean.len(),
-                normalization.std.len(),
-                train.channels
-            )));
-        }
-        if fashion
-            && opts.format == DataFormat::Idx
-            && opts.classes == fashion_mnist::CLASS_NAMES.len()
-        {
-            class_names = Some(
+        let mut raw = Raw::read(opts, dir)?;
+        check_shapes(&raw.train, &raw.test, dir)?;
+        raw.limit(opts)?;
+        let normalization = normalization_for(opts, &raw.train)?;
+        let fashion = opts.name == "fashion-mnist" && opts.format == DataFormat::Idx;
+        if fashion && opts.classes == fashion_mnist::CLASS_NAMES.len() {
+            raw.class_names = Some(
                 fashion_mnist::CLASS_NAMES
                     .iter()
                     .map(|s| s.to_string())
@@ -193,14 +114,15 @@ impl Dataset {
         Ok(Self {
             name: opts.name.clone(),
             classes: opts.classes,
-            class_names: class_names
+            class_names: raw
+                .class_names
                 .unwrap_or_else(|| (0..opts.classes).map(|c| c.to_string()).collect()),
-            train,
-            test,
+            train: raw.train,
+            test: raw.test,
             normalization,
-            train_sources: sources,
-            skipped,
-            unlabelled,
+            train_sources: raw.sources,
+            skipped: raw.skipped,
+            unlabelled: raw.unlabelled,
         })
     }
 
@@ -231,6 +153,120 @@ impl Dataset {
         train.sort_unstable();
         Ok((train, val))
     }
+}
+
+/// The splits as read, before limits and normalisation.
+struct Raw {
+    train: ImageSet,
+    test: ImageSet,
+    class_names: Option<Vec<String>>,
+    sources: Option<Vec<SourceImage>>,
+    skipped: Vec<(PathBuf, String)>,
+    unlabelled: usize,
+}
+
+impl Raw {
+    fn plain(train: ImageSet, test: ImageSet, class_names: Option<Vec<String>>) -> Self {
+        Self {
+            train,
+            test,
+            class_names,
+            sources: None,
+            skipped: vec![],
+            unlabelled: 0,
+        }
+    }
+
+    /// Reads the splits in `opts.format` from `dir` (or the hub).
+    fn read(opts: &LoadOptions, dir: Option<&Path>) -> Result<Self> {
+        Ok(match (&opts.format, dir) {
+            (DataFormat::Idx, Some(dir)) => Self::plain(
+                load_idx_split(dir, "train", opts)?,
+                load_idx_split(dir, "t10k", opts)?,
+                None,
+            ),
+            (DataFormat::Idx, None) => {
+                let (train, test) = load_hub(&opts.name)?;
+                Self::plain(train, test, None)
+            }
+            (DataFormat::ImageFolder(f), Some(dir)) => {
+                let d = crate::image_folder::load(dir, f)?;
+                if d.class_names.len() != opts.classes {
+                    return Err(DataError::Config(format!(
+                        "{} has {} class folders ({}) but data.classes is {}",
+                        dir.display(),
+                        d.class_names.len(),
+                        d.class_names.join(", "),
+                        opts.classes
+                    )));
+                }
+                Self {
+                    train: d.train,
+                    test: d.test,
+                    class_names: Some(d.class_names),
+                    sources: Some(d.train_sources),
+                    skipped: d.skipped,
+                    unlabelled: d.unlabelled,
+                }
+            }
+            (DataFormat::Cifar10, Some(dir)) => {
+                let (train, test, names) = crate::cifar::load(dir, opts.classes)?;
+                Self::plain(train, test, Some(names))
+            }
+            (_, None) => {
+                return Err(DataError::Config(
+                    "only IDX datasets have a hub source".into(),
+                ))
+            }
+        })
+    }
+
+    /// Keeps the first `train_limit` / `test_limit` images.
+    fn limit(&mut self, opts: &LoadOptions) -> Result<()> {
+        if opts.train_limit.is_some() && self.unlabelled > 0 {
+            return Err(DataError::Config(
+                "data.train_limit does not combine with unlabelled photos (it would cut them first)"
+                    .into(),
+            ));
+        }
+        if let Some(n) = opts.train_limit {
+            self.train.truncate(n);
+            if let Some(s) = self.sources.as_mut() {
+                s.truncate(n);
+            }
+        }
+        if let Some(n) = opts.test_limit {
+            self.test.truncate(n);
+        }
+        Ok(())
+    }
+}
+
+/// The normalisation: the one given, Fashion-MNIST's constants, the seed's (0.5, 0.5) for
+/// photos, else measured on the training images; one mean and std per channel.
+fn normalization_for(opts: &LoadOptions, train: &ImageSet) -> Result<Normalization> {
+    let fashion = opts.name == "fashion-mnist";
+    let n = match (&opts.normalization, &opts.format) {
+        (Some(n), _) => n.clone(),
+        (None, DataFormat::Idx) if fashion => Normalization {
+            mean: vec![fashion_mnist::MEAN],
+            std: vec![fashion_mnist::STD],
+        },
+        (None, DataFormat::ImageFolder(_)) => Normalization {
+            mean: vec![0.5; 3],
+            std: vec![0.5; 3],
+        },
+        (None, _) => Normalization::measure(train),
+    };
+    if n.mean.len() != train.channels || n.std.len() != train.channels {
+        return Err(DataError::Config(format!(
+            "the normalisation has {} means and {} stds for {} channels",
+            n.mean.len(),
+            n.std.len(),
+            train.channels
+        )));
+    }
+    Ok(n)
 }
 
 /// The training and test images must have one shape, or no model fits both.

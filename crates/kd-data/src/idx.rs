@@ -58,44 +58,7 @@ fn parse<'a, R: BufRead + 'a>(
         Box::new(buffered)
     };
 
-    let mut magic = [0u8; 4];
-    read_header(&mut reader, &mut magic, path, "magic number")?;
-    let expected_magic = [0, 0, UBYTE, rank as u8];
-    if magic[..2] != [0, 0] || magic[3] == 0 {
-        return Err(DataError::invalid(
-            path,
-            format!(
-                "wrong magic number 0x{} (expected 0x{}: IDX, unsigned bytes, {rank} dimension(s))",
-                crate::files::hex(&magic),
-                crate::files::hex(&expected_magic)
-            ),
-        ));
-    }
-    if magic[2] != UBYTE {
-        return Err(DataError::invalid(
-            path,
-            format!(
-                "IDX element type 0x{:02x} is not supported (only unsigned bytes, 0x08)",
-                magic[2]
-            ),
-        ));
-    }
-    if magic[3] as usize != rank {
-        return Err(DataError::invalid(
-            path,
-            format!("has {} dimension(s), expected {rank}", magic[3]),
-        ));
-    }
-    let mut dims = Vec::with_capacity(rank);
-    for i in 0..rank {
-        let mut b = [0u8; 4];
-        read_header(&mut reader, &mut b, path, &format!("dimension {i}"))?;
-        let d = u32::from_be_bytes(b) as usize;
-        if d == 0 {
-            return Err(DataError::invalid(path, format!("dimension {i} is zero")));
-        }
-        dims.push(d);
-    }
+    let dims = read_dims(&mut reader, path, rank)?;
     let expected = dims
         .iter()
         .try_fold(1usize, |acc, &d| acc.checked_mul(d))
@@ -125,6 +88,49 @@ fn parse<'a, R: BufRead + 'a>(
         ));
     }
     Ok(IdxArray { dims, data })
+}
+
+/// The magic number (unsigned bytes, `rank` dimensions) and the dimensions, none zero.
+fn read_dims(reader: &mut dyn Read, path: &Path, rank: usize) -> Result<Vec<usize>> {
+    let mut magic = [0u8; 4];
+    read_header(reader, &mut magic, path, "magic number")?;
+    let expected_magic = [0, 0, UBYTE, rank as u8];
+    if magic[..2] != [0, 0] || magic[3] == 0 {
+        return Err(DataError::invalid(
+            path,
+            format!(
+                "wrong magic number 0x{} (expected 0x{}: IDX, unsigned bytes, {rank} dimension(s))",
+                crate::files::hex(&magic),
+                crate::files::hex(&expected_magic)
+            ),
+        ));
+    }
+    if magic[2] != UBYTE {
+        return Err(DataError::invalid(
+            path,
+            format!(
+                "IDX element type 0x{:02x} is not supported (only unsigned bytes, 0x08)",
+                magic[2]
+            ),
+        ));
+    }
+    if magic[3] as usize != rank {
+        return Err(DataError::invalid(
+            path,
+            format!("has {} dimension(s), expected {rank}", magic[3]),
+        ));
+    }
+    let mut dims = Vec::with_capacity(rank);
+    for i in 0..rank {
+        let mut b = [0u8; 4];
+        read_header(reader, &mut b, path, &format!("dimension {i}"))?;
+        let d = u32::from_be_bytes(b) as usize;
+        if d == 0 {
+            return Err(DataError::invalid(path, format!("dimension {i} is zero")));
+        }
+        dims.push(d);
+    }
+    Ok(dims)
 }
 
 fn read_header(reader: &mut dyn Read, buf: &mut [u8], path: &Path, what: &str) -> Result<()> {

@@ -214,70 +214,84 @@ fn image_set(sources: &[SourceImage], labels: Vec<u32>, size: usize) -> ImageSet
     }
 }
 
+/// Class names, training files and test files with their labels.
+type Split = (Vec<String>, Vec<(PathBuf, u32)>, Vec<(PathBuf, u32)>);
+
+/// The seed's layout: `<root>/train/<class>/` and `<root>/val/<class>/` (or `test/`); the test
+/// classes must be among the training classes.
+fn seed_layout(root: &Path) -> Result<Split> {
+    let train_dir = root.join("train");
+    let train = classes(&train_dir)?;
+    let names: Vec<String> = train.iter().map(|(n, _)| n.clone()).collect();
+    let test_dir = ["val", "test"]
+        .iter()
+        .map(|d| root.join(d))
+        .find(|d| d.is_dir())
+        .ok_or_else(|| DataError::Missing {
+            dir: root.to_path_buf(),
+            message: "has train/ but neither val/ nor test/".into(),
+        })?;
+    let mut test_files = Vec::new();
+    for (name, files) in classes(&test_dir)? {
+        let label = names
+            .iter()
+            .position(|n| *n == name)
+            .ok_or_else(|| DataError::Invalid {
+                path: test_dir.join(&name),
+                message: format!(
+                    "class {name:?} is not among the training classes ({})",
+                    names.join(", ")
+                ),
+            })?;
+        test_files.extend(files.into_iter().map(|f| (f, label as u32)));
+    }
+    let train_files = train
+        .into_iter()
+        .enumerate()
+        .flat_map(|(label, (_, files))| files.into_iter().map(move |f| (f, label as u32)))
+        .collect();
+    Ok((names, train_files, test_files))
+}
+
+/// One root of class folders: `data.test_fraction` of each class held out for the test split,
+/// chosen with the split seed.
+fn single_root(root: &Path, opts: &FolderOptions) -> Result<Split> {
+    if !(0.0..1.0).contains(&opts.test_fraction) {
+        return Err(DataError::Config(format!(
+            "data.test_fraction {} must be in [0, 1)",
+            opts.test_fraction
+        )));
+    }
+    let all = classes(root)?;
+    let names = all.iter().map(|(n, _)| n.clone()).collect();
+    let (mut train, mut test) = (Vec::new(), Vec::new());
+    for (label, (_, files)) in all.into_iter().enumerate() {
+        let mut order: Vec<u32> = (0..files.len() as u32).collect();
+        shuffle(
+            &mut order,
+            &mut crate::rng::rng(opts.split_seed, crate::rng::Stream::TestSplit, label as u64),
+        );
+        let n_test = (files.len() as f64 * opts.test_fraction).round() as usize;
+        let mut held: Vec<u32> = order[..n_test].to_vec();
+        held.sort_unstable();
+        for (i, f) in files.into_iter().enumerate() {
+            let dst = if held.binary_search(&(i as u32)).is_ok() {
+                &mut test
+            } else {
+                &mut train
+            };
+            dst.push((f, label as u32));
+        }
+    }
+    Ok((names, train, test))
+}
+
 /// Loads an ImageFolder root.
 pub fn load(root: &Path, opts: &FolderOptions) -> Result<FolderData> {
-    let train_dir = root.join("train");
-    let (class_names, train_files, test_files) = if train_dir.is_dir() {
-        let train = classes(&train_dir)?;
-        let names: Vec<String> = train.iter().map(|(n, _)| n.clone()).collect();
-        let test_dir = ["val", "test"]
-            .iter()
-            .map(|d| root.join(d))
-            .find(|d| d.is_dir())
-            .ok_or_else(|| DataError::Missing {
-                dir: root.to_path_buf(),
-                message: "has train/ but neither val/ nor test/".into(),
-            })?;
-        let mut test_files = Vec::new();
-        for (name, files) in classes(&test_dir)? {
-            let label =
-                names
-                    .iter()
-                    .position(|n| *n == name)
-                    .ok_or_else(|| DataError::Invalid {
-                        path: test_dir.join(&name),
-                        message: format!(
-                            "class {name:?} is not among the training classes ({})",
-                            names.join(", ")
-                        ),
-                    })?;
-            test_files.extend(files.into_iter().map(|f| (f, label as u32)));
-        }
-        let train_files = train
-            .into_iter()
-            .enumerate()
-            .flat_map(|(label, (_, files))| files.into_iter().map(move |f| (f, label as u32)))
-            .collect::<Vec<_>>();
-        (names, train_files, test_files)
+    let (class_names, train_files, test_files) = if root.join("train").is_dir() {
+        seed_layout(root)?
     } else {
-        if !(0.0..1.0).contains(&opts.test_fraction) {
-            return Err(DataError::Config(format!(
-                "data.test_fraction {} must be in [0, 1)",
-                opts.test_fraction
-            )));
-        }
-        let all = classes(root)?;
-        let names = all.iter().map(|(n, _)| n.clone()).collect();
-        let (mut train, mut test) = (Vec::new(), Vec::new());
-        for (label, (_, files)) in all.into_iter().enumerate() {
-            let mut order: Vec<u32> = (0..files.len() as u32).collect();
-            shuffle(
-                &mut order,
-                &mut crate::rng::rng(opts.split_seed, crate::rng::Stream::TestSplit, label as u64),
-            );
-            let n_test = (files.len() as f64 * opts.test_fraction).round() as usize;
-            let mut held: Vec<u32> = order[..n_test].to_vec();
-            held.sort_unstable();
-            for (i, f) in files.into_iter().enumerate() {
-                let dst = if held.binary_search(&(i as u32)).is_ok() {
-                    &mut test
-                } else {
-                    &mut train
-                };
-                dst.push((f, label as u32));
-            }
-        }
-        (names, train, test)
+        single_root(root, opts)?
     };
     let unlabelled = unlabelled_files(root, opts)?;
     let mut train_files = train_files;

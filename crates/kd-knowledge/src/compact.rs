@@ -232,54 +232,74 @@ pub(crate) fn check(
     let Some(k) = storage.top_k else {
         return Ok(());
     };
-    let cname = classes_name(head);
-    let picked: Vec<u16> = tensor(&cname, Dtype::U16, &shape)?
+    let picked: Vec<u16> = tensor(&classes_name(head), Dtype::U16, &shape)?
         .data()
         .chunks_exact(2)
         .map(|b| u16::from_le_bytes([b[0], b[1]]))
         .collect();
-    let rname = rest_name(head);
     let rest = storage
         .dtype
-        .values(tensor(&rname, storage.dtype.dtype(), lead)?.data());
-    let rows_per_image = per_row / k;
-    let at = |r: usize| format!("row {}", r / rows_per_image.max(1));
-    for (r, ((v, c), &rest)) in values
-        .chunks_exact(k)
-        .zip(picked.chunks_exact(k))
-        .zip(&rest)
-        .enumerate()
-    {
-        if let Some(&bad) = c.iter().find(|&&c| c as usize >= classes) {
-            return Err(invalid(
-                path,
-                format!("{cname} at {} has class {bad}, not below {classes}", at(r)),
-            ));
-        }
-        if (1..k).any(|i| c[..i].contains(&c[i])) {
-            return Err(invalid(
-                path,
-                format!("{cname} at {} repeats a class", at(r)),
-            ));
-        }
-        if v.windows(2).any(|w| w[0] < w[1]) {
-            return Err(invalid(
-                path,
-                format!("{name} at {} is not in descending order", at(r)),
-            ));
-        }
-        if !rest.is_finite() || rest > v[k - 1] {
-            return Err(invalid(
-                path,
-                format!(
-                    "{rname} at {} is {rest}, above the smallest stored logit {}",
-                    at(r),
+        .values(tensor(&rest_name(head), storage.dtype.dtype(), lead)?.data());
+    let top = TopK {
+        head,
+        k,
+        classes,
+        rows_per_image: per_row / k,
+    };
+    top.check(&values, &picked, &rest)
+        .map_err(|m| invalid(path, m))
+}
+
+/// A top-k head's stored rows, for their checks.
+struct TopK<'a> {
+    head: &'a str,
+    k: usize,
+    classes: usize,
+    rows_per_image: usize,
+}
+
+impl TopK<'_> {
+    /// Every stored row: classes below C and distinct, values descending, the rest logit finite
+    /// and not above the smallest stored one; else what is wrong, and where.
+    fn check(
+        &self,
+        values: &[f32],
+        picked: &[u16],
+        rest: &[f32],
+    ) -> std::result::Result<(), String> {
+        let (k, classes) = (self.k, self.classes);
+        let (name, cname, rname) = (
+            crate::logits_name(self.head),
+            classes_name(self.head),
+            rest_name(self.head),
+        );
+        for (r, ((v, c), &rest)) in values
+            .chunks_exact(k)
+            .zip(picked.chunks_exact(k))
+            .zip(rest)
+            .enumerate()
+        {
+            let at = format!("row {}", r / self.rows_per_image.max(1));
+            if let Some(&bad) = c.iter().find(|&&c| c as usize >= classes) {
+                return Err(format!(
+                    "{cname} at {at} has class {bad}, not below {classes}"
+                ));
+            }
+            if (1..k).any(|i| c[..i].contains(&c[i])) {
+                return Err(format!("{cname} at {at} repeats a class"));
+            }
+            if v.windows(2).any(|w| w[0] < w[1]) {
+                return Err(format!("{name} at {at} is not in descending order"));
+            }
+            if !rest.is_finite() || rest > v[k - 1] {
+                return Err(format!(
+                    "{rname} at {at} is {rest}, above the smallest stored logit {}",
                     v[k - 1]
-                ),
-            ));
+                ));
+            }
         }
+        Ok(())
     }
-    Ok(())
 }
 
 /// One head's logits as full rows of `classes` f32 values (rebuilt for top-k).

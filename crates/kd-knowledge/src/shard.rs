@@ -307,80 +307,98 @@ pub fn merge(
     if shards.is_empty() {
         return Err(MergeError::Empty(dir.to_path_buf()));
     }
-    let rows = expected.dataset.rows;
     for s in shards {
-        let m = &s.meta;
-        let k = &m.knowledge;
-        let mismatch = |field: &'static str, found: String, want: String| MergeError::Mismatch {
-            path: s.path.clone(),
-            what: "this pipeline's data and teacher".into(),
-            field,
-            found,
-            expected: want,
-        };
-        let e = expected;
-        if let Some((field, found, want)) = k.dataset.first_difference(&e.dataset) {
-            return Err(mismatch(field, found, want));
-        }
-        let fields: [(&'static str, String, String); 4] = [
-            (
-                "teacher.architecture",
-                k.teacher.architecture.clone(),
-                e.teacher.architecture.clone(),
-            ),
-            (
-                "teacher.checkpoint_sha256",
-                k.teacher.checkpoint_sha256.clone(),
-                e.teacher.checkpoint_sha256.clone(),
-            ),
-            ("heads", k.heads.join(", "), e.heads.join(", ")),
-            (
-                "batch_size",
-                m.batch_size.to_string(),
-                batch_size.to_string(),
-            ),
-        ];
-        for (field, found, want) in fields {
-            if found != want {
-                return Err(mismatch(field, found, want));
-            }
-        }
-        if k.transform != e.transform {
-            return Err(mismatch(
-                "transform",
-                format!("{:?}", k.transform),
-                format!("{:?}", e.transform),
-            ));
-        }
-        if k.format_version != e.format_version {
-            return Err(mismatch(
-                "format_version",
-                k.format_version.to_string(),
-                e.format_version.to_string(),
-            ));
-        }
-        if m.shard.count != count {
-            return Err(mismatch(
-                "shard count",
-                m.shard.count.to_string(),
-                count.to_string(),
-            ));
-        }
-        let want = m.shard.rows(rows, batch_size);
-        if (m.start..m.end) != want {
-            return Err(mismatch(
-                "row range",
-                format!("{}..{}", m.start, m.end),
-                format!(
-                    "{}..{} (shard {} cut with batch {batch_size})",
-                    want.start, want.end, m.shard
-                ),
-            ));
-        }
+        check_shard(s, expected, batch_size, count)?;
     }
-    let mut by_index: Vec<Option<&Shard>> = vec![None; count];
+    let sorted = by_index(dir, shards, count)?;
+    // Every shard holds exactly the rows its index and count give (checked above), each index
+    // is there once, and the ranges of indices 0..count tile 0..rows: every row exactly once.
+    let (rows, c) = (expected.dataset.rows, expected.dataset.classes);
+    let mut logits = vec![Vec::with_capacity(rows * c); expected.heads.len()];
+    let mut labels = Vec::with_capacity(rows);
+    for s in &sorted {
+        for (out, l) in logits.iter_mut().zip(&s.logits) {
+            out.extend_from_slice(l);
+        }
+        labels.extend_from_slice(&s.labels);
+    }
+    Ok((logits, labels))
+}
+
+/// A shard is for this pipeline's data and teacher, cut with this batch size into `count`
+/// shards, and holds exactly the rows its index gives; else the first field that differs.
+fn check_shard(
+    s: &Shard,
+    e: &Metadata,
+    batch_size: usize,
+    count: usize,
+) -> std::result::Result<(), MergeError> {
+    let (m, k) = (&s.meta, &s.meta.knowledge);
+    let mismatch = |field: &'static str, found: String, want: String| MergeError::Mismatch {
+        path: s.path.clone(),
+        what: "this pipeline's data and teacher".into(),
+        field,
+        found,
+        expected: want,
+    };
+    if let Some((field, found, want)) = k.dataset.first_difference(&e.dataset) {
+        return Err(mismatch(field, found, want));
+    }
+    let want = m.shard.rows(e.dataset.rows, batch_size);
+    let fields: [(&'static str, String, String); 8] = [
+        (
+            "teacher.architecture",
+            k.teacher.architecture.clone(),
+            e.teacher.architecture.clone(),
+        ),
+        (
+            "teacher.checkpoint_sha256",
+            k.teacher.checkpoint_sha256.clone(),
+            e.teacher.checkpoint_sha256.clone(),
+        ),
+        ("heads", k.heads.join(", "), e.heads.join(", ")),
+        (
+            "batch_size",
+            m.batch_size.to_string(),
+            batch_size.to_string(),
+        ),
+        (
+            "transform",
+            format!("{:?}", k.transform),
+            format!("{:?}", e.transform),
+        ),
+        (
+            "format_version",
+            k.format_version.to_string(),
+            e.format_version.to_string(),
+        ),
+        ("shard count", m.shard.count.to_string(), count.to_string()),
+        (
+            "row range",
+            format!("{}..{}", m.start, m.end),
+            format!(
+                "{}..{} (shard {} cut with batch {batch_size})",
+                want.start, want.end, m.shard
+            ),
+        ),
+    ];
+    match fields.into_iter().find(|(_, found, want)| found != want) {
+        // A row range that matches is printed without the explanation.
+        Some(("row range", _, _)) if (m.start..m.end) == want => Ok(()),
+        Some((field, found, want)) => Err(mismatch(field, found, want)),
+        None => Ok(()),
+    }
+}
+
+/// The shards in index order: each of 0..count exactly once.
+fn by_index<'a>(
+    dir: &Path,
+    shards: &'a [Shard],
+    count: usize,
+) -> std::result::Result<Vec<&'a Shard>, MergeError> {
+    let mut slots: Vec<Option<&Shard>> = vec![None; count];
     for s in shards {
-        let slot = &mut by_index[s.meta.shard.index];
+        let slot = &mut slots[s.meta.shard.index];
         if let Some(other) = slot {
             return Err(MergeError::Duplicate {
                 a: other.path.clone(),
@@ -391,7 +409,7 @@ pub fn merge(
         }
         *slot = Some(s);
     }
-    let missing: Vec<usize> = (0..count).filter(|&i| by_index[i].is_none()).collect();
+    let missing: Vec<usize> = (0..count).filter(|&i| slots[i].is_none()).collect();
     if !missing.is_empty() {
         return Err(MergeError::Missing {
             dir: dir.to_path_buf(),
@@ -399,19 +417,7 @@ pub fn merge(
             count,
         });
     }
-    // Every shard holds exactly the rows its index and count give (checked above), each index
-    // is there once, and the ranges of indices 0..count tile 0..rows: every row exactly once.
-    let sorted: Vec<&Shard> = by_index.into_iter().flatten().collect();
-    let c = expected.dataset.classes;
-    let mut logits = vec![Vec::with_capacity(rows * c); expected.heads.len()];
-    let mut labels = Vec::with_capacity(rows);
-    for s in &sorted {
-        for (out, l) in logits.iter_mut().zip(&s.logits) {
-            out.extend_from_slice(l);
-        }
-        labels.extend_from_slice(&s.labels);
-    }
-    Ok((logits, labels))
+    Ok(slots.into_iter().flatten().collect())
 }
 
 #[cfg(test)]

@@ -118,6 +118,25 @@ pub struct KnowledgeSettings {
     pub storage: Option<LogitStorage>,
 }
 
+impl SourceArgs {
+    /// The flags as `--set knowledge.*` overrides.
+    fn overrides(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .batch_size
+            .iter()
+            .map(|b| format!("knowledge.batch_size={b}"))
+            .collect();
+        v.extend(self.views.map(|k| format!("knowledge.views={k}")));
+        v.extend(
+            self.dtype
+                .as_ref()
+                .map(|d| format!("knowledge.dtype={d:?}")),
+        );
+        v.extend(self.top_k.map(|k| format!("knowledge.top_k={k}")));
+        v
+    }
+}
+
 /// What a run produced.
 #[derive(Debug)]
 pub enum Output {
@@ -184,20 +203,7 @@ pub struct Job {
 
 impl Job {
     pub fn prepare(args: &PipelineArgs, source: &SourceArgs) -> anyhow::Result<Self> {
-        let mut extra: Vec<String> = source
-            .batch_size
-            .iter()
-            .map(|b| format!("knowledge.batch_size={b}"))
-            .collect();
-        extra.extend(source.views.map(|k| format!("knowledge.views={k}")));
-        extra.extend(
-            source
-                .dtype
-                .as_ref()
-                .map(|d| format!("knowledge.dtype={d:?}")),
-        );
-        extra.extend(source.top_k.map(|k| format!("knowledge.top_k={k}")));
-        let pipeline = args.open(&extra)?;
+        let pipeline = args.open(&source.overrides())?;
         let arch = pipeline.config.teacher.arch.clone();
         let checkpoint = source
             .teacher
@@ -210,86 +216,34 @@ impl Job {
         let teacher_sha = kd_train::verify::verified(&checkpoint, &rerun)?;
         let data = pipeline.load_data()?;
         kd_models::check_input(&arch, &data.spec)?;
-        let batch_size = pipeline.config.knowledge.batch_size;
         let dir = pipeline.dir(&kd_train::stage::stage_name(STAGE, source.tag.as_deref()));
-        let path = dir.join(KNOWLEDGE_FILE);
-        let transform = Transform {
-            input: [data.spec.channels, data.spec.height, data.spec.width],
-            normalization: data.dataset.normalization.clone(),
-            augmentation: "none".into(),
-        };
-        // Several views: the augmentation the student would use, drawn from the view seed.
-        let k = &pipeline.config.knowledge;
-        let views = (k.views > 1).then(|| ViewsMeta {
-            count: k.views,
-            augment: pipeline
-                .config
-                .data
-                .augmentation(true, pipeline.config.student.crop_padding)
-                .unwrap_or(kd_data::Augment::CropFlip { crop_padding: 2 }),
-            seed: k.view_seed,
-        });
-        let storage = LogitStorage {
-            dtype: match k.dtype {
-                kd_train::config::Precision::F32 => LogitDtype::F32,
-                kd_train::config::Precision::F16 => LogitDtype::F16,
-            },
-            top_k: (k.top_k > 0).then_some(k.top_k),
-        };
-        let storage = (!storage.is_full_f32()).then_some(storage);
+        let meta = metadata(&pipeline, &data, &arch, teacher_sha.clone())?;
         let settings = kd_train::record::to_json(&KnowledgeSettings {
             data: pipeline.data_settings(),
-            teacher_arch: arch.clone(),
-            transform: transform.clone(),
-            views: views.clone(),
-            storage,
+            teacher_arch: arch,
+            transform: meta.transform.clone(),
+            views: meta.views.clone(),
+            storage: meta.storage,
         })?;
         let mut inputs = BTreeMap::from([
             ("dataset.train".to_string(), data.train_fingerprint.clone()),
-            ("teacher".to_string(), teacher_sha.clone()),
+            ("teacher".to_string(), teacher_sha),
         ]);
         inputs.extend(
             data.label_mask_fingerprint()
                 .map(|f| ("dataset.labelled".to_string(), f)),
         );
-        let key = stage_key(STAGE, &settings, &inputs);
-        let heads = kd_models::heads(&arch)?
-            .iter()
-            .map(|h| h.to_string())
-            .collect();
-        let meta = Metadata {
-            format_version: match (&views, &data.label_mask) {
-                (_, Some(_)) => FORMAT_VERSION_LABELLED,
-                (Some(_), None) => FORMAT_VERSION_VIEWS,
-                (None, None) => FORMAT_VERSION,
-            },
-            dataset: DatasetRef::training(
-                &data.dataset.name,
-                data.spec.classes,
-                &data.train_fingerprint,
-                data.all_rows.len(),
-                data.label_mask.as_deref(),
-            ),
-            teacher: TeacherRef {
-                architecture: arch,
-                checkpoint_sha256: teacher_sha,
-            },
-            heads,
-            transform,
-            views,
-            storage,
-        };
         Ok(Self {
+            key: stage_key(STAGE, &settings, &inputs),
+            batch_size: pipeline.config.knowledge.batch_size,
+            path: dir.join(KNOWLEDGE_FILE),
             pipeline,
             data,
             checkpoint,
-            batch_size,
             dir,
-            path,
             meta,
             settings,
             inputs,
-            key,
         })
     }
 
@@ -558,14 +512,46 @@ impl Job {
                     path.display()
                 )
             })?;
+        let (agreement, counted) = self.agreement(logits, labels);
+        let bytes = std::fs::metadata(path)?.len();
+        // A merge does not know how long the shards took (their files hold no timings; the
+        // engine's logs do), so it records no speed.
+        let images_per_sec = seconds.map(|s| (rows * self.meta.view_count()) as f64 / s.max(1e-9));
+        let record = KnowledgeRecord {
+            rows,
+            classes: self.meta.dataset.classes,
+            heads: self.meta.heads.clone(),
+            batch_size: self.batch_size,
+            inference_seconds: seconds,
+            images_per_sec,
+            bytes,
+            bytes_per_image: bytes as f64 / rows.max(1) as f64,
+            views: self.meta.view_count(),
+            storage: self.meta.storage().to_string(),
+            shards,
+            train_accuracy_per_head: agreement,
+            labelled_rows: self.data.label_mask.as_ref().map(|_| counted),
+        };
+        let manifest = Manifest {
+            settings: self.settings.clone(),
+            inputs: self.inputs.clone(),
+            wall_seconds: started.elapsed().as_secs_f64(),
+            metrics: serde_json::to_value(&record)?,
+            ..Manifest::start(STAGE, &self.pipeline.name, self.key.clone())
+        }
+        .write(&self.dir, &[KNOWLEDGE_FILE])?;
+        print_summary(path, &record);
+        Ok(manifest)
+    }
 
-        // How often each head agrees with the labels on the labelled training rows: a sanity
-        // check of the teacher.
+    /// How often each head's arg-max agrees with the labels on the labelled training rows (a
+    /// sanity check of the teacher), and how many rows that is.
+    fn agreement(&self, logits: &[Vec<f32>], labels: &[u32]) -> (BTreeMap<String, f64>, usize) {
         let c = self.meta.dataset.classes;
         let mask = self.data.label_mask.as_deref();
         let labelled = |i: usize| mask.is_none_or(|m| m[i] == 1);
-        let counted = (0..rows).filter(|&i| labelled(i)).count();
-        let agreement: BTreeMap<String, f64> = self
+        let counted = (0..self.meta.dataset.rows).filter(|&i| labelled(i)).count();
+        let per_head = self
             .meta
             .heads
             .iter()
@@ -580,59 +566,65 @@ impl Job {
                 (h.clone(), hits as f64 / counted.max(1) as f64)
             })
             .collect();
-        let bytes = std::fs::metadata(path)?.len();
-        // A merge does not know how long the shards took (their files hold no timings; the
-        // engine's logs do), so it records no speed.
-        let images_per_sec = seconds.map(|s| (rows * self.meta.view_count()) as f64 / s.max(1e-9));
-        let manifest = Manifest {
-            settings: self.settings.clone(),
-            inputs: self.inputs.clone(),
-            wall_seconds: started.elapsed().as_secs_f64(),
-            metrics: serde_json::to_value(KnowledgeRecord {
-                rows,
-                classes: c,
-                heads: self.meta.heads.clone(),
-                batch_size: self.batch_size,
-                inference_seconds: seconds,
-                images_per_sec,
-                bytes,
-                bytes_per_image: bytes as f64 / rows.max(1) as f64,
-                views: self.meta.view_count(),
-                storage: self.meta.storage().to_string(),
-                shards,
-                train_accuracy_per_head: agreement.clone(),
-                labelled_rows: mask.map(|_| counted),
-            })?,
-            ..Manifest::start(STAGE, &self.pipeline.name, self.key.clone())
-        }
-        .write(&self.dir, &[KNOWLEDGE_FILE])?;
-
-        let mut t = Table::new(&[
-            "rows",
-            "heads",
-            "train acc (main)",
-            "img/s",
-            "inference",
-            "file size",
-        ]);
-        t.row(&[
-            rows.to_string(),
-            self.meta.heads.join(", "),
-            format!(
-                "{:.2}%",
-                100.0 * agreement.get("main").copied().unwrap_or(0.0)
-            ),
-            images_per_sec.map_or("-".into(), |v| format!("{v:.0}")),
-            match (seconds, shards) {
-                (Some(s), _) => format!("{s:.1}s"),
-                (None, Some(n)) => format!("{n} shards"),
-                (None, None) => "-".into(),
-            },
-            format!("{:.1} MiB", bytes as f64 / (1 << 20) as f64),
-        ]);
-        println!("\n{}\nwrote {}", t.to_markdown(), path.display());
-        Ok(manifest)
+        (per_head, counted)
     }
+}
+
+/// The knowledge file's metadata for this pipeline's data and settings and this teacher.
+fn metadata(
+    pipeline: &Pipeline,
+    data: &LoadedData,
+    arch: &str,
+    teacher_sha: String,
+) -> anyhow::Result<Metadata> {
+    let transform = Transform {
+        input: [data.spec.channels, data.spec.height, data.spec.width],
+        normalization: data.dataset.normalization.clone(),
+        augmentation: "none".into(),
+    };
+    // Several views: the augmentation the student would use, drawn from the view seed.
+    let k = &pipeline.config.knowledge;
+    let views = (k.views > 1).then(|| ViewsMeta {
+        count: k.views,
+        augment: pipeline
+            .config
+            .data
+            .augmentation(true, pipeline.config.student.crop_padding)
+            .unwrap_or(kd_data::Augment::CropFlip { crop_padding: 2 }),
+        seed: k.view_seed,
+    });
+    let storage = LogitStorage {
+        dtype: match k.dtype {
+            kd_train::config::Precision::F32 => LogitDtype::F32,
+            kd_train::config::Precision::F16 => LogitDtype::F16,
+        },
+        top_k: (k.top_k > 0).then_some(k.top_k),
+    };
+    Ok(Metadata {
+        format_version: match (&views, &data.label_mask) {
+            (_, Some(_)) => FORMAT_VERSION_LABELLED,
+            (Some(_), None) => FORMAT_VERSION_VIEWS,
+            (None, None) => FORMAT_VERSION,
+        },
+        dataset: DatasetRef::training(
+            &data.dataset.name,
+            data.spec.classes,
+            &data.train_fingerprint,
+            data.all_rows.len(),
+            data.label_mask.as_deref(),
+        ),
+        teacher: TeacherRef {
+            architecture: arch.to_string(),
+            checkpoint_sha256: teacher_sha,
+        },
+        heads: kd_models::heads(arch)?
+            .iter()
+            .map(|h| h.to_string())
+            .collect(),
+        transform,
+        views,
+        storage: (!storage.is_full_f32()).then_some(storage),
+    })
 }
 
 /// The view parameters of every training row: view 0 the image as it is, views 1.. drawn by
@@ -674,6 +666,38 @@ fn remove_manifest(dir: &Path) -> anyhow::Result<()> {
         )),
         _ => Ok(()),
     }
+}
+
+/// The precompute's numbers as a table.
+fn print_summary(path: &Path, r: &KnowledgeRecord) {
+    let mut t = Table::new(&[
+        "rows",
+        "heads",
+        "train acc (main)",
+        "img/s",
+        "inference",
+        "file size",
+    ]);
+    t.row(&[
+        r.rows.to_string(),
+        r.heads.join(", "),
+        format!(
+            "{:.2}%",
+            100.0
+                * r.train_accuracy_per_head
+                    .get("main")
+                    .copied()
+                    .unwrap_or(0.0)
+        ),
+        r.images_per_sec.map_or("-".into(), |v| format!("{v:.0}")),
+        match (r.inference_seconds, r.shards) {
+            (Some(s), _) => format!("{s:.1}s"),
+            (None, Some(n)) => format!("{n} shards"),
+            (None, None) => "-".into(),
+        },
+        format!("{:.1} MiB", r.bytes as f64 / (1 << 20) as f64),
+    ]);
+    println!("\n{}\nwrote {}", t.to_markdown(), path.display());
 }
 
 fn argmax(row: &[f32]) -> usize {

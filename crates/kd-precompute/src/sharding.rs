@@ -50,53 +50,10 @@ pub fn choose(
     if args.no_shard {
         return Ok(ShardChoice::Whole);
     }
-    let err = |m: String| ShardError(m);
-    let number = |name: &str| -> Result<Option<usize>, ShardError> {
-        match env(name) {
-            None => Ok(None),
-            Some(v) => v
-                .trim()
-                .parse::<usize>()
-                .map(Some)
-                .map_err(|_| err(format!("{name}={v:?} is not a whole number"))),
-        }
-    };
-    // (what the source said, index, number of shards if it says)
-    let mut sources: Vec<(String, usize, Option<usize>)> = Vec::new();
-    if let Some(s) = args.shard {
-        sources.push((format!("--shard {s}"), s.index, Some(s.count)));
-    }
-    if let Some(id) = number("SLURM_ARRAY_TASK_ID")? {
-        if args.shards.is_some() {
-            sources.push((format!("SLURM_ARRAY_TASK_ID={id}"), id, None));
-        } else {
-            let min = number("SLURM_ARRAY_TASK_MIN")?.unwrap_or(0);
-            let step = number("SLURM_ARRAY_TASK_STEP")?.unwrap_or(1).max(1);
-            let count = number("SLURM_ARRAY_TASK_COUNT")?.ok_or_else(|| {
-                err(format!(
-                    "SLURM_ARRAY_TASK_ID={id} is set but SLURM_ARRAY_TASK_COUNT is not: pass --shards N"
-                ))
-            })?;
-            let said = format!(
-                "SLURM_ARRAY_TASK_ID={id}, SLURM_ARRAY_TASK_MIN={min}, SLURM_ARRAY_TASK_COUNT={count}"
-            );
-            if id < min || (id - min) % step != 0 {
-                return Err(err(format!(
-                    "{said}: not a task of a contiguous array; submit with --array=0-(N-1), or pass --shards N to use the task id as the index"
-                )));
-            }
-            sources.push((said, (id - min) / step, Some(count)));
-        }
-    }
-    if let Some(i) = number("JOB_COMPLETION_INDEX")? {
-        sources.push((format!("JOB_COMPLETION_INDEX={i}"), i, None));
-    }
-    if let Some(i) = number("AWS_BATCH_JOB_ARRAY_INDEX")? {
-        sources.push((format!("AWS_BATCH_JOB_ARRAY_INDEX={i}"), i, None));
-    }
+    let sources = sources(args, env)?;
     if sources.is_empty() {
         return match args.shards {
-            Some(n) => Err(err(format!(
+            Some(n) => Err(ShardError(format!(
                 "--shards {n} but no shard index: pass --shard I/{n}, or run as an array task (SLURM_ARRAY_TASK_ID, JOB_COMPLETION_INDEX or AWS_BATCH_JOB_ARRAY_INDEX)"
             ))),
             None => Ok(ShardChoice::Whole),
@@ -106,11 +63,13 @@ pub fn choose(
     for (said, index, count) in sources {
         let count = match (count, args.shards) {
             (Some(c), Some(n)) if c != n => {
-                return Err(err(format!("{said} says {c} shards but --shards says {n}")))
+                return Err(ShardError(format!(
+                    "{said} says {c} shards but --shards says {n}"
+                )))
             }
             (Some(c), _) | (None, Some(c)) => c,
             (None, None) => {
-                return Err(err(format!(
+                return Err(ShardError(format!(
                     "{said} gives the shard index but not the number of shards: pass --shards N"
                 )))
             }
@@ -123,18 +82,69 @@ pub fn choose(
             .iter()
             .map(|(s, i, c)| format!("{s} (shard {i}/{c})"))
             .collect();
-        return Err(err(format!(
+        return Err(ShardError(format!(
             "conflicting shard sources: {}; keep one (--no-shard computes the whole file)",
             all.join(" vs ")
         )));
     }
-    let spec = ShardSpec::new(index, count).map_err(|e| err(format!("{first_said}: {e}")))?;
+    let spec =
+        ShardSpec::new(index, count).map_err(|e| ShardError(format!("{first_said}: {e}")))?;
     let source = resolved
         .iter()
         .map(|(s, _, _)| s.as_str())
         .collect::<Vec<_>>()
         .join(" and ");
     Ok(ShardChoice::Shard { spec, source })
+}
+
+/// Everything that names a shard: `--shard`, and the job engines' environment variables, as
+/// (what it said, the index, the number of shards if it says).
+fn sources(
+    args: &ShardArgs,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Vec<(String, usize, Option<usize>)>, ShardError> {
+    let number = |name: &str| -> Result<Option<usize>, ShardError> {
+        match env(name) {
+            None => Ok(None),
+            Some(v) => v
+                .trim()
+                .parse::<usize>()
+                .map(Some)
+                .map_err(|_| ShardError(format!("{name}={v:?} is not a whole number"))),
+        }
+    };
+    let mut sources = Vec::new();
+    if let Some(s) = args.shard {
+        sources.push((format!("--shard {s}"), s.index, Some(s.count)));
+    }
+    if let Some(id) = number("SLURM_ARRAY_TASK_ID")? {
+        if args.shards.is_some() {
+            sources.push((format!("SLURM_ARRAY_TASK_ID={id}"), id, None));
+        } else {
+            let min = number("SLURM_ARRAY_TASK_MIN")?.unwrap_or(0);
+            let step = number("SLURM_ARRAY_TASK_STEP")?.unwrap_or(1).max(1);
+            let count = number("SLURM_ARRAY_TASK_COUNT")?.ok_or_else(|| {
+                ShardError(format!(
+                    "SLURM_ARRAY_TASK_ID={id} is set but SLURM_ARRAY_TASK_COUNT is not: pass --shards N"
+                ))
+            })?;
+            let said = format!(
+                "SLURM_ARRAY_TASK_ID={id}, SLURM_ARRAY_TASK_MIN={min}, SLURM_ARRAY_TASK_COUNT={count}"
+            );
+            if id < min || (id - min) % step != 0 {
+                return Err(ShardError(format!(
+                    "{said}: not a task of a contiguous array; submit with --array=0-(N-1), or pass --shards N to use the task id as the index"
+                )));
+            }
+            sources.push((said, (id - min) / step, Some(count)));
+        }
+    }
+    for name in ["JOB_COMPLETION_INDEX", "AWS_BATCH_JOB_ARRAY_INDEX"] {
+        if let Some(i) = number(name)? {
+            sources.push((format!("{name}={i}"), i, None));
+        }
+    }
+    Ok(sources)
 }
 
 #[cfg(test)]

@@ -409,6 +409,20 @@ fn render(
     md += &format!(
         "## Validation accuracy per epoch\n\n![validation accuracy per epoch]({CURVES_FILE})\n\n"
     );
+    md += &curve_table(results).to_markdown();
+    md += "\n## Stage wall times\n\n";
+    md += &wall_times(runs).to_markdown();
+    md += &knowledge_section(runs)?;
+    md += &format!(
+        "## Settings\n\nThe resolved pipeline (`pipelines/{}.toml` with any overrides):\n\n```toml\n{}```\n",
+        pipeline.name,
+        toml::to_string(&pipeline.config).context("rendering the settings")?
+    );
+    Ok(md)
+}
+
+/// Validation accuracy per epoch of the three models.
+fn curve_table(results: &[ModelResult]) -> Table {
     let epochs = results
         .iter()
         .map(|r| r.val_accuracy_per_epoch.len())
@@ -426,15 +440,17 @@ fn render(
         }));
         curve.row(&row);
     }
-    md += &curve.to_markdown();
-    md += "\n## Stage wall times\n\n";
-    md += &wall_times(runs).to_markdown();
+    curve
+}
+
+/// The pipeline's knowledge file, and every knowledge file's size.
+fn knowledge_section(runs: &Runs) -> anyhow::Result<String> {
     let k = runs
         .at(KNOWLEDGE)
         .context("checked by inputs")?
         .manifest
         .knowledge()?;
-    md += &format!(
+    let mut md = format!(
         "\n## Knowledge file\n\n`{}/{}`: the teacher's logits for {} training images, heads {}, {:.1} MiB \
          (the teacher's main head agrees with {:.2}% of the {}training labels).\n\n",
         KNOWLEDGE,
@@ -447,11 +463,6 @@ fn render(
     );
     md += &runs.knowledge_table().to_markdown();
     md += "\n";
-    md += &format!(
-        "## Settings\n\nThe resolved pipeline (`pipelines/{}.toml` with any overrides):\n\n```toml\n{}```\n",
-        pipeline.name,
-        toml::to_string(&pipeline.config).context("rendering the settings")?
-    );
     Ok(md)
 }
 
