@@ -389,6 +389,7 @@ fn load_hub(name: &str) -> Result<(ImageSet, ImageSet)> {
 mod tests {
     use super::*;
     use crate::idx::encode_idx;
+    use candle_core::Device;
 
     fn write_set(dir: &Path, prefix: &str, n: usize, labels: &[u8]) {
         let images: Vec<u8> = (0..n * 4 * 4).map(|i| (i * 7 % 256) as u8).collect();
