@@ -134,3 +134,74 @@ fn every_stage_trains_on_its_rows_with_the_same_steps() {
         "{e}"
     );
 }
+
+/// Photos without a class (`train/unlabelled/`) join the transfer set: the knowledge file covers
+/// them and marks them unlabelled; the teacher and the baseline do not see them.
+#[test]
+fn unlabelled_photos_join_the_transfer_set() {
+    let data = tempfile::tempdir().unwrap();
+    let d = data.path();
+    for (folder, n, shade) in [
+        ("train/dark", 6, 30u8),
+        ("train/light", 6, 220),
+        ("val/dark", 2, 40),
+        ("val/light", 2, 210),
+        ("train/unlabelled", 4, 120),
+    ] {
+        for i in 0..n {
+            let p = d.join(folder).join(format!("{i}.png"));
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            image::RgbImage::from_pixel(32, 32, image::Rgb([shade + i as u8, shade, shade]))
+                .save(&p)
+                .unwrap();
+        }
+    }
+    let root = tempfile::tempdir().unwrap();
+    let r = root.path();
+    let dir = d.to_str().unwrap();
+    let sets = [
+        "--data-dir",
+        dir,
+        "--set",
+        "data.format=\"image-folder\"",
+        "--set",
+        "data.name=\"shades\"",
+        "--set",
+        "data.classes=2",
+        "--set",
+        "data.image_size=28",
+        "--set",
+        "data.val_size=2",
+        "--set",
+        "data.train_limit=5",
+    ];
+    // A limit that would cut the labelled photos (and the unlabelled after them): refused.
+    let e = format!("{:#}", teacher(r, &sets).unwrap_err());
+    assert!(
+        e.contains("data.train_limit 5 would cut the 12 labelled photos"),
+        "{e}"
+    );
+    let sets = &sets[..sets.len() - 2];
+    let t = teacher(r, sets).unwrap();
+    assert_eq!(
+        t.training().unwrap().labelled_images,
+        Some(10),
+        "12 labelled photos, 2 for validation"
+    );
+    // Batch 50: one step per epoch for every stage (a pass over the 14 training rows), which
+    // for the teacher is its 10 labelled rows.
+    assert_eq!(images_per_epoch(&t), vec![10]);
+    assert_eq!(t.training().unwrap().fit.steps_per_epoch, 1);
+    precompute(r, sets).unwrap();
+    let file = KnowledgeFile::open(&r.join("smoke/knowledge/soft-targets.safetensors")).unwrap();
+    assert_eq!(file.meta.dataset.rows, 16);
+    let mask = file.label_mask().unwrap().unwrap();
+    assert_eq!(
+        mask,
+        [vec![1u8; 12], vec![0u8; 4]].concat(),
+        "the unlabelled photos come last"
+    );
+    let kd = student(r, sets).unwrap();
+    assert_eq!(images_per_epoch(&kd), vec![14, 14]);
+    assert_eq!(kd.training().unwrap().fit.steps_per_epoch, 1);
+}

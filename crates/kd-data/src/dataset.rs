@@ -223,11 +223,15 @@ impl Raw {
 
     /// Keeps the first `train_limit` / `test_limit` images.
     fn limit(&mut self, opts: &LoadOptions) -> Result<()> {
-        if opts.train_limit.is_some() && self.unlabelled > 0 {
-            return Err(DataError::Config(
-                "data.train_limit does not combine with unlabelled photos (it would cut them first)"
-                    .into(),
-            ));
+        let labelled = self.train.len() - self.unlabelled;
+        if let (Some(n), true) = (opts.train_limit, self.unlabelled > 0) {
+            if n < labelled {
+                return Err(DataError::Config(format!(
+                    "data.train_limit {n} would cut the {labelled} labelled photos, and the \
+                     unlabelled photos that follow them: it does not combine with an unlabelled folder"
+                )));
+            }
+            return Ok(());
         }
         if let Some(n) = opts.train_limit {
             self.train.truncate(n);
