@@ -36,9 +36,19 @@ pub fn verified_by(file: &Path, manifest: &Path, rerun: &str) -> Result<String, 
             ),
         )
     })?;
+    let t0 = std::time::Instant::now();
     let sha = kd_data::sha256_file(file)?;
     match m.outputs.get(&name) {
-        Some(recorded) if *recorded == sha => Ok(sha),
+        Some(recorded) if *recorded == sha => {
+            let mib = std::fs::metadata(file).map_or(0.0, |m| m.len() as f64 / (1 << 20) as f64);
+            tracing::info!(
+                "verified {} against {} ({mib:.1} MiB hashed in {:.0} ms)",
+                file.display(),
+                manifest.display(),
+                1e3 * t0.elapsed().as_secs_f64()
+            );
+            Ok(sha)
+        }
         Some(recorded) => Err(TrainError::file(
             file,
             format!(
