@@ -109,33 +109,9 @@ data:
 
 # Build data/photos: 5 classes of real photographs from Debian's tuxpaint-stamps-default, seeded train/val split
 [group('setup')]
-data-photos seed='0':
-    #!/usr/bin/env bash
-    set -euo pipefail
-    stamps=/usr/share/tuxpaint/stamps
-    if [ ! -d "$stamps/animals/birds" ]; then
-        echo "installing Debian's tuxpaint-stamps-default (real photographs, PNG with alpha)"
-        sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
-        $sudo apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq tuxpaint-stamps-default
-    fi
-    out=data/photos; stamp="$out/.built-from-seed-{{seed}}"
-    [ -f "$stamp" ] && exit 0
-    tmp=$(mktemp -d data/.photos.XXXXXX 2>/dev/null || { mkdir -p data; mktemp -d data/.photos.XXXXXX; })
-    n=0
-    for pair in birds:animals/birds flowers:plants/flowers fruit:food/fruit mammals:animals/mammals vegetables:food/vegetables; do
-        class=${pair%%:*}; src="$stamps/${pair#*:}"
-        mkdir -p "$tmp/train/$class" "$tmp/val/$class"
-        for f in $(ls "$src"/*.png | sort); do
-            # One photo in five goes to val, chosen by a hash of (seed, class, file): seeded, stable.
-            h=$(printf '%s/%s/%s' "{{seed}}" "$class" "$(basename "$f")" | sha256sum | cut -c1-8)
-            if [ $(( 16#$h % 5 )) -eq 0 ]; then split=val; else split=train; fi
-            cp "$f" "$tmp/$split/$class/"; n=$((n + 1))
-        done
-    done
-    touch "$tmp/.built-from-seed-{{seed}}"
-    rm -rf "$out" && mv "$tmp" "$out"
-    echo "data/photos: $n photos, $(find $out/train -name '*.png' | wc -l) train / $(find $out/val -name '*.png' | wc -l) val"
+data-photos seed='0': build
+    [ -d /usr/share/tuxpaint/stamps/animals/birds ] || { sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"; $sudo apt-get update -qq; DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq tuxpaint-stamps-default; }
+    {{bin}}/kd-photos /usr/share/tuxpaint/stamps data/photos {{seed}}
 
 # The Python the exported models are checked with: onnx, onnxruntime, safetensors, numpy in .venv/
 [group('setup')]

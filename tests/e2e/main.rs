@@ -15,4 +15,5 @@ mod predict;
 mod refusals;
 mod reproducible;
 mod shards;
+mod standalone;
 mod views;

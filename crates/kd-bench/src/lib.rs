@@ -406,14 +406,7 @@ struct Targets {
 
 impl Targets {
     fn new(p: &Pipeline, data: &LoadedData, name: &str) -> anyhow::Result<Self> {
-        let s = &p.config.student;
-        let used: Vec<(String, f64)> = s
-            .head_weights
-            .iter()
-            .filter(|(_, w)| **w > 0.0)
-            .map(|(h, w)| (h.clone(), *w))
-            .collect();
-        let heads: Vec<String> = used.iter().map(|(h, _)| h.clone()).collect();
+        let (heads, weights) = KdWeights::of(&p.config.student);
         Ok(Self {
             cached: match name {
                 "student-kd-step" => knowledge(p, data, &heads)?,
@@ -423,14 +416,7 @@ impl Targets {
                 "online-kd-step" => Some(frozen_teacher(p, data)?),
                 _ => None,
             },
-            weights: KdWeights {
-                temperature: s.temperature,
-                hard: s.hard_weight,
-                soft: s.soft_weight,
-                heads: used.iter().map(|(_, w)| *w).collect(),
-                standardize: s.standardize_logits,
-                dkd_beta: s.dkd_beta,
-            },
+            weights,
             heads,
         })
     }

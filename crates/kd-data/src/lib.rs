@@ -14,6 +14,7 @@ pub mod idx;
 pub mod image_folder;
 pub mod image_set;
 pub mod labels;
+pub mod photos;
 pub mod rng;
 
 pub use batch::{choose_view, Augment, Batch, Batches, StoredViews, View};

@@ -8,6 +8,7 @@
 //! In this layout a 1×1 convolution needs no im2col at all (`cols` is `x` itself) and the output
 //! comes out in the layout the next layer reads, so no transposes sit between layers.
 
+use crate::cpu::contiguous;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, WithDType};
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
@@ -267,13 +268,6 @@ impl Col2Im {
                 }
             });
         Ok(dx)
-    }
-}
-
-pub(crate) fn contiguous<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((start, end)) => Ok(&s.as_slice::<T>()?[start..end]),
-        None => candle_core::bail!("im2col expects a contiguous input"),
     }
 }
 

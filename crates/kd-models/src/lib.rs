@@ -9,6 +9,7 @@
 //! | `student-seed` | the seed's `Studentmodel` at 224×224 | 41,029 (5 classes) |
 
 pub mod conv;
+mod cpu;
 pub mod googlenet;
 pub mod graph;
 pub mod init;

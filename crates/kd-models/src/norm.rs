@@ -8,7 +8,8 @@
 //! `dβ = Σg`, `dγ = Σg·ẑ`, `dz = γ/(n√(σ² + ε))·(n·g − dβ − ẑ·dγ)`. Evaluation mode uses the
 //! running statistics and folds them into a per-channel scale and shift.
 
-use crate::conv::{contiguous, BiasRelu};
+use crate::conv::BiasRelu;
+use crate::cpu::contiguous;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor, Var, WithDType};
 use candle_nn::{Init, VarBuilder};
 use rayon::prelude::*;

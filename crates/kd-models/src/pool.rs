@@ -6,6 +6,7 @@
 //! op that routes each output gradient to its window's arg-max (first maximum, as PyTorch) or
 //! spreads it evenly over the window.
 
+use crate::cpu::contiguous;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
@@ -246,13 +247,6 @@ struct Geometry {
     w: usize,
     oh: usize,
     ow: usize,
-}
-
-fn contiguous<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((start, end)) => Ok(&s.as_slice::<T>()?[start..end]),
-        None => candle_core::bail!("pool2d expects a contiguous input"),
-    }
 }
 
 impl CustomOp1 for Pool2d {

@@ -91,13 +91,7 @@ fn distil(args: &Args, pipeline: &Pipeline, data: &LoadedData) -> anyhow::Result
         .clone()
         .unwrap_or_else(|| pipeline.input(KNOWLEDGE, KNOWLEDGE_FILE, args.tag.as_deref()));
     let knowledge_sha = verify::verified(&path, &format!("just precompute {}", pipeline.name))?;
-    let used: Vec<(String, f64)> = cfg
-        .head_weights
-        .iter()
-        .filter(|(_, w)| **w > 0.0)
-        .map(|(h, w)| (h.clone(), *w))
-        .collect();
-    let head_names: Vec<String> = used.iter().map(|(h, _)| h.clone()).collect();
+    let (head_names, weights) = KdWeights::of(cfg);
     let expected = DatasetRef::training(
         &data.dataset.name,
         data.spec.classes,
@@ -117,15 +111,7 @@ fn distil(args: &Args, pipeline: &Pipeline, data: &LoadedData) -> anyhow::Result
         choice,
     )?;
     let replay = replay_plan(&targets, train.augment.is_some());
-    describe(&path, &targets, &used, cfg);
-    let weights = KdWeights {
-        temperature: cfg.temperature,
-        hard: cfg.hard_weight,
-        soft: cfg.soft_weight,
-        heads: used.iter().map(|(_, w)| *w).collect(),
-        standardize: cfg.standardize_logits,
-        dkd_beta: cfg.dkd_beta,
-    };
+    describe(&path, &targets, &head_names, &weights, cfg);
     let name = stage_name(STAGE_KD, args.tag.as_deref());
     let stage = TrainingStage {
         pipeline,
@@ -186,7 +172,7 @@ fn replay_plan(t: &SoftTargets, augments: bool) -> Option<kd_data::Augment> {
 }
 
 /// Logs what the student distils from and how.
-fn describe(path: &Path, t: &SoftTargets, used: &[(String, f64)], cfg: &StudentConfig) {
+fn describe(path: &Path, t: &SoftTargets, heads: &[String], w: &KdWeights, cfg: &StudentConfig) {
     if cfg.view_targets == ViewTargets::Mean {
         tracing::info!("student: learning from the mean of the teacher's logits over the stored views of each image (view_targets = mean)");
     }
@@ -194,7 +180,9 @@ fn describe(path: &Path, t: &SoftTargets, used: &[(String, f64)], cfg: &StudentC
         "student: distilling from {} (teacher {}, heads {}), T = {}, hard/soft {}/{}{}",
         path.display(),
         t.teacher_architecture,
-        used.iter()
+        heads
+            .iter()
+            .zip(&w.heads)
             .map(|(h, w)| format!("{h}×{w}"))
             .collect::<Vec<_>>()
             .join(" + "),

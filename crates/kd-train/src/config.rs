@@ -154,31 +154,62 @@ pub enum Schedule {
     Constant,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TeacherConfig {
-    pub arch: String,
-    pub epochs: usize,
-    pub batch_size: usize,
-    pub lr: f64,
-    #[serde(default = "cosine")]
-    pub schedule: Schedule,
-    #[serde(default)]
-    pub weight_decay: f64,
-    #[serde(default)]
-    pub seed: u64,
-    /// Augment while training: random crop (padding `crop_padding`) + flip for small images,
-    /// RandomResizedCrop + flip for photos.
-    #[serde(default)]
-    pub augment: bool,
-    #[serde(default = "default_crop_padding")]
-    pub crop_padding: usize,
-    /// Loss = CE(main) + aux_weight · (CE(aux1) + CE(aux2)), as the seed trains GoogLeNet.
-    #[serde(default = "default_aux_weight")]
-    pub aux_weight: f64,
-    /// Optimiser steps per epoch [default: one pass over the training split, labelled or not].
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub epoch_steps: Option<usize>,
+/// The settings every training section holds (`[teacher]`, `[student]`), declared once: the
+/// section's own fields follow, and `train()` turns them into the loop's [`TrainSettings`].
+macro_rules! training_section {
+    ($(#[$meta:meta])* pub struct $name:ident { $($(#[$fmeta:meta])* pub $field:ident: $ty:ty,)* }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        pub struct $name {
+            pub arch: String,
+            pub epochs: usize,
+            pub batch_size: usize,
+            pub lr: f64,
+            #[serde(default = "cosine")]
+            pub schedule: Schedule,
+            #[serde(default)]
+            pub weight_decay: f64,
+            #[serde(default)]
+            pub seed: u64,
+            /// Augment while training: random crop (padding `crop_padding`) + flip for small
+            /// images, RandomResizedCrop + flip for photos.
+            #[serde(default)]
+            pub augment: bool,
+            #[serde(default = "default_crop_padding")]
+            pub crop_padding: usize,
+            /// Optimiser steps per epoch [default: one pass over the training split, labelled or
+            /// not].
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            pub epoch_steps: Option<usize>,
+            $($(#[$fmeta])* pub $field: $ty,)*
+        }
+
+        impl $name {
+            /// What the training loop needs from this section.
+            pub fn train(&self, data: &DataConfig) -> TrainSettings {
+                TrainSettings {
+                    epochs: self.epochs,
+                    batch_size: self.batch_size,
+                    lr: self.lr,
+                    schedule: self.schedule,
+                    weight_decay: self.weight_decay,
+                    seed: self.seed,
+                    augment: data.augmentation(self.augment, self.crop_padding),
+                    epoch_steps: self.epoch_steps,
+                }
+            }
+        }
+    };
+}
+
+training_section! {
+    /// `[teacher]`.
+    pub struct TeacherConfig {
+        /// Loss = CE(main) + aux_weight · (CE(aux1) + CE(aux2)), as the seed trains GoogLeNet.
+        #[serde(default = "default_aux_weight")]
+        pub aux_weight: f64,
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -218,45 +249,29 @@ impl Default for KnowledgeConfig {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct StudentConfig {
-    pub arch: String,
-    pub epochs: usize,
-    pub batch_size: usize,
-    pub lr: f64,
-    #[serde(default = "cosine")]
-    pub schedule: Schedule,
-    #[serde(default)]
-    pub weight_decay: f64,
-    #[serde(default)]
-    pub seed: u64,
-    #[serde(default)]
-    pub augment: bool,
-    #[serde(default = "default_crop_padding")]
-    pub crop_padding: usize,
-    /// Optimiser steps per epoch [default: one pass over the training split, labelled or not].
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub epoch_steps: Option<usize>,
-    /// Hinton KD: loss = hard_weight · CE + soft_weight · Σ_h w_h · T² · KL(teacher_h ‖ student).
-    pub temperature: f64,
-    pub hard_weight: f64,
-    pub soft_weight: f64,
-    /// Weight of each teacher head's soft targets, by head name (`main`, `aux1`, `aux2`).
-    pub head_weights: BTreeMap<String, f64>,
-    /// A student without augmentation reading a K-view knowledge file: the teacher's logits for
-    /// view 0 (`first`, the image as it is) or averaged over the K views (`mean`: the teacher's
-    /// test-time-augmentation ensemble). An augmenting student always replays the stored views.
-    #[serde(default, skip_serializing_if = "ViewTargets::is_first")]
-    pub view_targets: ViewTargets,
-    /// Z-score the student's and the teacher's logits before the temperature in the soft loss
-    /// (logit standardisation: match the shape of the teacher's answer, not its scale).
-    #[serde(default, skip_serializing_if = "is_false")]
-    pub standardize_logits: bool,
-    /// Decoupled KD: each head's soft loss is `TCKD + dkd_beta · NCKD` instead of the KL (which
-    /// is `TCKD + (1 − p_target) · NCKD`); unset keeps Hinton's KL.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub dkd_beta: Option<f64>,
+training_section! {
+    /// `[student]`.
+    pub struct StudentConfig {
+        /// Hinton KD: loss = hard_weight · CE + soft_weight · Σ_h w_h · T² · KL(teacher_h ‖ student).
+        pub temperature: f64,
+        pub hard_weight: f64,
+        pub soft_weight: f64,
+        /// Weight of each teacher head's soft targets, by head name (`main`, `aux1`, `aux2`).
+        pub head_weights: BTreeMap<String, f64>,
+        /// A student without augmentation reading a K-view knowledge file: the teacher's logits for
+        /// view 0 (`first`, the image as it is) or averaged over the K views (`mean`: the teacher's
+        /// test-time-augmentation ensemble). An augmenting student always replays the stored views.
+        #[serde(default, skip_serializing_if = "ViewTargets::is_first")]
+        pub view_targets: ViewTargets,
+        /// Z-score the student's and the teacher's logits before the temperature in the soft loss
+        /// (logit standardisation: match the shape of the teacher's answer, not its scale).
+        #[serde(default, skip_serializing_if = "is_false")]
+        pub standardize_logits: bool,
+        /// Decoupled KD: each head's soft loss is `TCKD + dkd_beta · NCKD` instead of the KL (which
+        /// is `TCKD + (1 − p_target) · NCKD`); unset keeps Hinton's KL.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub dkd_beta: Option<f64>,
+    }
 }
 
 fn is_false(b: &bool) -> bool {
@@ -303,36 +318,6 @@ impl DataConfig {
             Format::ImageFolder => Augment::resized_crop(self.image_size),
             Format::Idx | Format::Cifar10 => Augment::CropFlip { crop_padding },
         })
-    }
-}
-
-impl TeacherConfig {
-    pub fn train(&self, data: &DataConfig) -> TrainSettings {
-        TrainSettings {
-            epochs: self.epochs,
-            batch_size: self.batch_size,
-            lr: self.lr,
-            schedule: self.schedule,
-            weight_decay: self.weight_decay,
-            seed: self.seed,
-            augment: data.augmentation(self.augment, self.crop_padding),
-            epoch_steps: self.epoch_steps,
-        }
-    }
-}
-
-impl StudentConfig {
-    pub fn train(&self, data: &DataConfig) -> TrainSettings {
-        TrainSettings {
-            epochs: self.epochs,
-            batch_size: self.batch_size,
-            lr: self.lr,
-            schedule: self.schedule,
-            weight_decay: self.weight_decay,
-            seed: self.seed,
-            augment: data.augmentation(self.augment, self.crop_padding),
-            epoch_steps: self.epoch_steps,
-        }
     }
 }
 

@@ -57,6 +57,28 @@ pub struct KdWeights {
     pub dkd_beta: Option<f64>,
 }
 
+impl KdWeights {
+    /// A student's KD settings: the teacher heads it learns from (those with a positive weight,
+    /// by name) and the weights of its loss.
+    pub fn of(s: &crate::config::StudentConfig) -> (Vec<String>, Self) {
+        let used: Vec<(&String, f64)> = s
+            .head_weights
+            .iter()
+            .filter(|(_, w)| **w > 0.0)
+            .map(|(h, w)| (h, *w))
+            .collect();
+        let weights = Self {
+            temperature: s.temperature,
+            hard: s.hard_weight,
+            soft: s.soft_weight,
+            heads: used.iter().map(|(_, w)| *w).collect(),
+            standardize: s.standardize_logits,
+            dkd_beta: s.dkd_beta,
+        };
+        (used.into_iter().map(|(h, _)| h.clone()).collect(), weights)
+    }
+}
+
 /// The KD loss and its parts (scalars), for logging.
 #[derive(Debug, Clone)]
 pub struct KdLoss {
