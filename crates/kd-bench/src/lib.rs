@@ -6,6 +6,8 @@
 //! numbers to read. Comparisons with another library are measured side by side in one run, never
 //! taken from remembered figures.
 
+pub mod pytorch;
+
 use anyhow::Context;
 use candle_core::{DType, Device, Tensor};
 use clap::Parser;
@@ -39,6 +41,13 @@ pub struct Args {
     /// Run one measurement in this process and print it as JSON (used by the parent run).
     #[arg(long, hide = true)]
     pub only: Option<String>,
+    /// Measure PyTorch's side too, with this Python (it must have torch: `just bench-pytorch`),
+    /// alternating with ours, `--rounds` times.
+    #[arg(long, value_name = "PYTHON")]
+    pub pytorch: Option<PathBuf>,
+    /// Alternating rounds of ours and PyTorch's measurements (with --pytorch).
+    #[arg(long, default_value_t = 2)]
+    pub rounds: usize,
 }
 
 /// What each measurement is: its name and what it times.
@@ -89,7 +98,7 @@ pub struct Measurement {
 }
 
 impl Measurement {
-    fn images_per_sec(&self) -> Vec<f64> {
+    pub fn images_per_sec(&self) -> Vec<f64> {
         self.seconds
             .iter()
             .map(|s| self.images_per_rep as f64 / s)
@@ -116,6 +125,48 @@ fn peak_rss_kib() -> u64 {
                 .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
         })
         .unwrap_or(0)
+}
+
+/// One of our measurements in a child process of its own (its peak memory is its own).
+fn ours(args: &Args, name: &str) -> anyhow::Result<Measurement> {
+    let mut cmd = std::process::Command::new(std::env::current_exe()?);
+    cmd.args(["--only", name, "--reps", &args.reps.to_string(), "--batches", &args.batches.to_string()])
+        .arg("--pipeline")
+        .arg(&args.pipeline.pipeline)
+        .arg("--artifacts")
+        .arg(&args.pipeline.artifacts);
+    for s in &args.pipeline.overrides {
+        cmd.args(["--set", s]);
+    }
+    let out = cmd.stderr(std::process::Stdio::inherit()).output()?;
+    if !out.status.success() {
+        anyhow::bail!("measurement {name} failed");
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().last().context("no output")?;
+    serde_json::from_str(line).with_context(|| format!("measurement {name}: {line}"))
+}
+
+/// Ours and PyTorch's, alternating, `--rounds` times; the table and the matrix-product limit.
+fn side_by_side(args: &Args, p: &Pipeline, python: &std::path::Path) -> anyhow::Result<String> {
+    let data = &p.config.data.dir;
+    let teacher = &p.config.teacher.arch;
+    let (mut mine, mut theirs) = (Vec::new(), Vec::new());
+    for round in 1..=args.rounds {
+        for (name, layouts) in pytorch::COMPARED {
+            tracing::info!("bench: round {round}/{}: {name}, ours then PyTorch", args.rounds);
+            mine.push(ours(args, name)?);
+            for layout in layouts.iter() {
+                theirs.push(pytorch::theirs(args, python, data, teacher, name, layout)?);
+            }
+        }
+    }
+    Ok(format!(
+        "\n## Side by side with PyTorch\n\nThe same models, batches and data, {} alternating rounds (ours, then PyTorch NCHW and channels-last), {} threads each; img/s as median (range) over every repetition of every round.\n\n{}\n",
+        args.rounds,
+        threads(),
+        pytorch::table(&mine, &theirs).to_markdown()
+    ))
 }
 
 /// Seconds per repetition of each named part of a step.
@@ -451,37 +502,17 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string(&measure(args, name)?)?);
         return Ok(());
     }
-    let exe = std::env::current_exe()?;
     let mut results = Vec::new();
     for (name, what) in MEASUREMENTS {
         tracing::info!("bench: {what}");
-        let mut cmd = std::process::Command::new(&exe);
-        cmd.args([
-            "--only",
-            name,
-            "--reps",
-            &args.reps.to_string(),
-            "--batches",
-            &args.batches.to_string(),
-        ])
-        .arg("--pipeline")
-        .arg(&args.pipeline.pipeline)
-        .arg("--artifacts")
-        .arg(&args.pipeline.artifacts);
-        for s in &args.pipeline.overrides {
-            cmd.args(["--set", s]);
-        }
-        let out = cmd.stderr(std::process::Stdio::inherit()).output()?;
-        if !out.status.success() {
-            anyhow::bail!("measurement {name} failed");
-        }
-        let text = String::from_utf8_lossy(&out.stdout);
-        let line = text.lines().last().context("no output")?;
-        let m: Measurement =
-            serde_json::from_str(line).with_context(|| format!("measurement {name}: {line}"))?;
-        results.push(m);
+        results.push(ours(args, name)?);
     }
-    let md = render(args, &args.pipeline.open(&[])?, &results);
+    let pipeline = args.pipeline.open(&[])?;
+    let mut md = render(args, &pipeline, &results);
+    if let Some(python) = &args.pytorch {
+        md += &side_by_side(args, &pipeline, python)?;
+    }
+
     std::fs::create_dir_all(&args.out)?;
     kd_data::write_atomic_bytes(&args.out.join("bench.md"), md.as_bytes())?;
     kd_data::write_atomic_bytes(

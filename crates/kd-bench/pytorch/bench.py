@@ -1,0 +1,207 @@
+"""PyTorch's side of `just bench --pytorch`: the same measurements as kd-bench, on the same data,
+with the same models (docs/reference/models.md), so the two are compared side by side in one run.
+
+    python bench.py --data DIR --only NAME [--teacher googlenet-bn] [--threads 2] [--reps 9]
+                    [--batches 5] [--layout nchw|channels-last]
+
+Prints one JSON object: the measurement's name, the layout, images per repetition and the seconds
+of every repetition (after one warm-up), as kd-bench does for its own.
+
+Measurements: `teacher-step` (forward of all heads, the seed's loss CE + 0.3 aux CEs, backward,
+Adam; batch 128), `precompute` (eval forward of all heads, batch 256), `student-kd-step` (student
+forward, Hinton KD against cached teacher logits, backward, Adam; batch 128).
+"""
+
+import argparse
+import gzip
+import json
+import struct
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def read_idx(path):
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    ndim = data[3]
+    dims = struct.unpack(">" + "I" * ndim, data[4 : 4 + 4 * ndim])
+    return torch.frombuffer(bytearray(data[4 + 4 * ndim :]), dtype=torch.uint8).reshape(dims)
+
+
+class BasicConv(nn.Module):
+    """Conv + ReLU, or conv without bias + BatchNorm (eps 0.001) + ReLU."""
+
+    def __init__(self, cin, cout, k, s=1, p=0, bn=False):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, k, s, p, bias=not bn)
+        self.bn = nn.BatchNorm2d(cout, eps=0.001) if bn else None
+
+    def forward(self, x):
+        x = self.conv(x)
+        return F.relu(self.bn(x) if self.bn is not None else x)
+
+
+class Inception(nn.Module):
+    def __init__(self, cin, c1, c3r, c3, c5r, c5, pp, bn):
+        super().__init__()
+        self.b1 = BasicConv(cin, c1, 1, bn=bn)
+        self.b2 = nn.Sequential(BasicConv(cin, c3r, 1, bn=bn), BasicConv(c3r, c3, 3, p=1, bn=bn))
+        self.b3 = nn.Sequential(BasicConv(cin, c5r, 1, bn=bn), BasicConv(c5r, c5, 5, p=2, bn=bn))
+        self.b4 = nn.Sequential(nn.MaxPool2d(3, 1, 1), BasicConv(cin, pp, 1, bn=bn))
+
+    def forward(self, x):
+        return torch.cat([self.b1(x), self.b2(x), self.b3(x), self.b4(x)], 1)
+
+
+class Aux(nn.Module):
+    def __init__(self, cin, classes, bn):
+        super().__init__()
+        self.pool = nn.AvgPool2d(3, 2)
+        self.conv = BasicConv(cin, 32, 1, bn=bn)
+        self.fc1 = nn.Linear(288, 256)
+        self.fc2 = nn.Linear(256, classes)
+
+    def forward(self, x):
+        x = torch.flatten(self.conv(self.pool(x)), 1)
+        x = F.relu(self.fc1(F.dropout(x, 0.5, self.training)))
+        return self.fc2(F.dropout(x, 0.5, self.training))
+
+
+BLOCKS = [
+    (16, 24, 32, 4, 8, 8),
+    (32, 32, 48, 8, 24, 16),
+    (48, 24, 52, 4, 12, 16),
+    (40, 28, 56, 6, 16, 16),
+    (32, 32, 64, 6, 16, 16),
+    (28, 36, 72, 8, 16, 16),
+    (64, 40, 80, 8, 32, 32),
+    (64, 40, 80, 8, 32, 32),
+    (96, 48, 96, 12, 32, 32),
+]
+
+
+class GoogLeNet(nn.Module):
+    """`googlenet` / `googlenet-bn`: the seed's GoogLeNet, channels / 4, 28x28 stem, aux heads."""
+
+    def __init__(self, bn, classes=10):
+        super().__init__()
+        self.stem = nn.Sequential(
+            BasicConv(1, 16, 3, p=1, bn=bn), BasicConv(16, 16, 1, bn=bn), BasicConv(16, 48, 3, p=1, bn=bn)
+        )
+        self.pool = nn.MaxPool2d(3, 2, ceil_mode=True)
+        cin, blocks = 48, []
+        for c in BLOCKS:
+            blocks.append(Inception(cin, *c, bn))
+            cin = c[0] + c[2] + c[4] + c[5]
+        self.blocks = nn.ModuleList(blocks)
+        self.aux1 = Aux(128, classes, bn)
+        self.aux2 = Aux(132, classes, bn)
+        self.fc = nn.Linear(256, classes)
+
+    def forward(self, x):
+        x = self.pool(self.stem(x))
+        aux = []
+        for i, b in enumerate(self.blocks):
+            x = b(x)
+            if i in (1, 6):
+                x = self.pool(x)
+            elif i == 2:
+                aux.append(self.aux1(x))
+            elif i == 5:
+                aux.append(self.aux2(x))
+        x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+        return [self.fc(F.dropout(x, 0.4, self.training))] + aux
+
+
+class Student(nn.Module):
+    """`student-cnn`: 20,490 parameters."""
+
+    def __init__(self, classes=10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 16, 3, padding=1)
+        self.conv2 = nn.Conv2d(16, 32, 3, padding=1)
+        self.fc = nn.Linear(32 * 7 * 7, classes)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        return self.fc(F.dropout(torch.flatten(x, 1), 0.4, self.training))
+
+
+def kd_loss(student, teacher, labels, t=1.0, hard=0.55, soft=0.45):
+    kl = F.kl_div(F.log_softmax(student / t, 1), F.log_softmax(teacher / t, 1), reduction="batchmean", log_target=True)
+    return hard * F.cross_entropy(student, labels) + soft * t * t * kl
+
+
+def timed_reps(args, step):
+    step(0)
+    seconds = []
+    for r in range(args.reps):
+        t0 = time.perf_counter()
+        for b in range(args.batches):
+            step(1 + r * args.batches + b)
+        seconds.append(time.perf_counter() - t0)
+    return seconds
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--data", required=True)
+    p.add_argument("--only", required=True)
+    p.add_argument("--teacher", default="googlenet-bn")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--reps", type=int, default=9)
+    p.add_argument("--batches", type=int, default=5)
+    p.add_argument("--layout", default="nchw", choices=["nchw", "channels-last"])
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    images = read_idx(f"{a.data}/train-images-idx3-ubyte.gz").float().div(255).sub(0.2860).div(0.3530).unsqueeze(1)
+    labels = read_idx(f"{a.data}/train-labels-idx1-ubyte.gz").long()
+    fmt = torch.channels_last if a.layout == "channels-last" else torch.contiguous_format
+    bs = 256 if a.only == "precompute" else 128
+
+    def batch(i):
+        lo = (i * bs) % (len(images) - bs)
+        return images[lo : lo + bs].contiguous(memory_format=fmt), labels[lo : lo + bs]
+
+    if a.only in ("teacher-step", "precompute"):
+        model = GoogLeNet(bn=a.teacher == "googlenet-bn").to(memory_format=fmt)
+    elif a.only == "student-kd-step":
+        model = Student().to(memory_format=fmt)
+        cached = torch.randn(len(images), 10)
+    else:
+        raise SystemExit(f"unknown measurement {a.only}")
+
+    if a.only == "precompute":
+        model.eval()
+
+        def step(i):
+            with torch.no_grad():
+                model(batch(i)[0])
+
+    else:
+        model.train()
+        opt = torch.optim.Adam(model.parameters(), 1e-3)
+
+        def step(i):
+            x, y = batch(i)
+            out = model(x)
+            if a.only == "teacher-step":
+                loss = F.cross_entropy(out[0], y) + 0.3 * sum(F.cross_entropy(o, y) for o in out[1:])
+            else:
+                lo = (i * bs) % (len(images) - bs)
+                loss = kd_loss(out, cached[lo : lo + bs], y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+    seconds = timed_reps(a, step)
+    print(json.dumps({"name": a.only, "layout": a.layout, "images_per_rep": bs * a.batches, "seconds": seconds}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+//! `kd-bench --pytorch PYTHON`: PyTorch's side of the comparison, measured in the same invocation
+//! and on the same data as ours (`pytorch/bench.py`, the same models and batches), the two run
+//! alternately so that both see the same machine; the ratio comes with both spreads.
+
+use crate::{median, Args, Measurement};
+use anyhow::Context;
+use kd_train::table::Table;
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+const SCRIPT: &str = include_str!("../pytorch/bench.py");
+
+/// Our measurements with a PyTorch counterpart, and the layouts PyTorch is run in.
+pub const COMPARED: [(&str, &[&str]); 3] = [
+    ("teacher-step", &["nchw", "channels-last"]),
+    ("precompute", &["nchw", "channels-last"]),
+    ("student-kd-step", &["nchw"]),
+];
+
+/// One PyTorch measurement, as the script prints it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Theirs {
+    pub name: String,
+    pub layout: String,
+    pub images_per_rep: usize,
+    pub seconds: Vec<f64>,
+}
+
+impl Theirs {
+    fn images_per_sec(&self) -> Vec<f64> {
+        self.seconds.iter().map(|s| self.images_per_rep as f64 / s).collect()
+    }
+}
+
+/// Runs `bench.py` for one measurement and layout.
+pub fn theirs(args: &Args, python: &Path, data: &Path, teacher: &str, name: &str, layout: &str) -> anyhow::Result<Theirs> {
+    let script = std::env::temp_dir().join(format!("kd-bench-{}.py", std::process::id()));
+    std::fs::write(&script, SCRIPT)?;
+    let out = std::process::Command::new(python)
+        .arg(&script)
+        .arg("--data")
+        .arg(data)
+        .args(["--only", name, "--layout", layout, "--teacher", teacher])
+        .args(["--threads", &kd_train::stage::threads().to_string()])
+        .args(["--reps", &args.reps.to_string(), "--batches", &args.batches.to_string()])
+        .output()
+        .with_context(|| format!("starting {}", python.display()))?;
+    let _ = std::fs::remove_file(&script);
+    if !out.status.success() {
+        anyhow::bail!(
+            "PyTorch's {name} ({layout}) failed: {}",
+            String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or("")
+        );
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(text.lines().last().unwrap_or("")).with_context(|| format!("reading {text}"))
+}
+
+/// The side-by-side table: ours and PyTorch's images per second (median and range), and ours
+/// over the best PyTorch layout.
+pub fn table(ours: &[Measurement], theirs: &[Theirs]) -> Table {
+    let mut t = Table::new(&[
+        "measurement",
+        "ours img/s",
+        "PyTorch NCHW",
+        "PyTorch channels-last",
+        "ours / best PyTorch",
+    ]);
+    let show = |xs: &[f64]| {
+        let lo = xs.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = xs.iter().copied().fold(0.0, f64::max);
+        format!("{:.0} ({lo:.0}–{hi:.0})", median(xs))
+    };
+    for (name, _) in COMPARED {
+        let mine: Vec<f64> = ours
+            .iter()
+            .filter(|m| m.name == name)
+            .flat_map(|m| m.images_per_sec())
+            .collect();
+        let of = |layout: &str| -> Vec<f64> {
+            theirs
+                .iter()
+                .filter(|t| t.name == name && t.layout == layout)
+                .flat_map(Theirs::images_per_sec)
+                .collect()
+        };
+        let (nchw, cl) = (of("nchw"), of("channels-last"));
+        let best = [median(&nchw), median(&cl)]
+            .into_iter()
+            .filter(|x| x.is_finite())
+            .fold(f64::NAN, f64::max);
+        let cell = |xs: &[f64]| if xs.is_empty() { "—".to_string() } else { show(xs) };
+        t.row(&[
+            name.to_string(),
+            cell(&mine),
+            cell(&nchw),
+            cell(&cl),
+            format!("{:.2}×", median(&mine) / best),
+        ]);
+    }
+    t
+}
