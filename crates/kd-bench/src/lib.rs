@@ -130,11 +130,18 @@ fn peak_rss_kib() -> u64 {
 /// One of our measurements in a child process of its own (its peak memory is its own).
 fn ours(args: &Args, name: &str) -> anyhow::Result<Measurement> {
     let mut cmd = std::process::Command::new(std::env::current_exe()?);
-    cmd.args(["--only", name, "--reps", &args.reps.to_string(), "--batches", &args.batches.to_string()])
-        .arg("--pipeline")
-        .arg(&args.pipeline.pipeline)
-        .arg("--artifacts")
-        .arg(&args.pipeline.artifacts);
+    cmd.args([
+        "--only",
+        name,
+        "--reps",
+        &args.reps.to_string(),
+        "--batches",
+        &args.batches.to_string(),
+    ])
+    .arg("--pipeline")
+    .arg(&args.pipeline.pipeline)
+    .arg("--artifacts")
+    .arg(&args.pipeline.artifacts);
     for s in &args.pipeline.overrides {
         cmd.args(["--set", s]);
     }
@@ -154,7 +161,10 @@ fn side_by_side(args: &Args, p: &Pipeline, python: &std::path::Path) -> anyhow::
     let (mut mine, mut theirs) = (Vec::new(), Vec::new());
     for round in 1..=args.rounds {
         for (name, layouts) in pytorch::COMPARED {
-            tracing::info!("bench: round {round}/{}: {name}, ours then PyTorch", args.rounds);
+            tracing::info!(
+                "bench: round {round}/{}: {name}, ours then PyTorch",
+                args.rounds
+            );
             mine.push(ours(args, name)?);
             for layout in layouts.iter() {
                 theirs.push(pytorch::theirs(args, python, data, teacher, name, layout)?);

@@ -28,12 +28,22 @@ pub struct Theirs {
 
 impl Theirs {
     fn images_per_sec(&self) -> Vec<f64> {
-        self.seconds.iter().map(|s| self.images_per_rep as f64 / s).collect()
+        self.seconds
+            .iter()
+            .map(|s| self.images_per_rep as f64 / s)
+            .collect()
     }
 }
 
 /// Runs `bench.py` for one measurement and layout.
-pub fn theirs(args: &Args, python: &Path, data: &Path, teacher: &str, name: &str, layout: &str) -> anyhow::Result<Theirs> {
+pub fn theirs(
+    args: &Args,
+    python: &Path,
+    data: &Path,
+    teacher: &str,
+    name: &str,
+    layout: &str,
+) -> anyhow::Result<Theirs> {
     let script = std::env::temp_dir().join(format!("kd-bench-{}.py", std::process::id()));
     std::fs::write(&script, SCRIPT)?;
     let out = std::process::Command::new(python)
@@ -42,18 +52,27 @@ pub fn theirs(args: &Args, python: &Path, data: &Path, teacher: &str, name: &str
         .arg(data)
         .args(["--only", name, "--layout", layout, "--teacher", teacher])
         .args(["--threads", &kd_train::stage::threads().to_string()])
-        .args(["--reps", &args.reps.to_string(), "--batches", &args.batches.to_string()])
+        .args([
+            "--reps",
+            &args.reps.to_string(),
+            "--batches",
+            &args.batches.to_string(),
+        ])
         .output()
         .with_context(|| format!("starting {}", python.display()))?;
     let _ = std::fs::remove_file(&script);
     if !out.status.success() {
         anyhow::bail!(
             "PyTorch's {name} ({layout}) failed: {}",
-            String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or("")
+            String::from_utf8_lossy(&out.stderr)
+                .lines()
+                .last()
+                .unwrap_or("")
         );
     }
     let text = String::from_utf8_lossy(&out.stdout);
-    serde_json::from_str(text.lines().last().unwrap_or("")).with_context(|| format!("reading {text}"))
+    serde_json::from_str(text.lines().last().unwrap_or(""))
+        .with_context(|| format!("reading {text}"))
 }
 
 /// The side-by-side table: ours and PyTorch's images per second (median and range), and ours
@@ -89,7 +108,13 @@ pub fn table(ours: &[Measurement], theirs: &[Theirs]) -> Table {
             .into_iter()
             .filter(|x| x.is_finite())
             .fold(f64::NAN, f64::max);
-        let cell = |xs: &[f64]| if xs.is_empty() { "—".to_string() } else { show(xs) };
+        let cell = |xs: &[f64]| {
+            if xs.is_empty() {
+                "—".to_string()
+            } else {
+                show(xs)
+            }
+        };
         t.row(&[
             name.to_string(),
             cell(&mine),

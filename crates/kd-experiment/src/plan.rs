@@ -175,7 +175,12 @@ impl Planner<'_> {
                 let sets = vec!["--set".to_string(), format!("data.labels={n}")];
                 let mut args = sets.clone();
                 args.extend(["--tag".into(), name.clone()]);
-                if let Some(e) = self.cfg.labels_teacher_epochs {
+                if let Some(e) = self
+                    .cfg
+                    .labels_teacher_epochs
+                    .as_ref()
+                    .and_then(|t| t.of(n))
+                {
                     args.extend(["--epochs".into(), e.to_string()]);
                 }
                 args.extend(record_flags(Study::Seeds, &name, None, None));

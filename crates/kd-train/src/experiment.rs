@@ -15,9 +15,10 @@ pub struct ExperimentConfig {
     #[serde(default = "every_label")]
     pub labels: Vec<LabelCount>,
     /// Epochs of a teacher trained on fewer labels (an epoch is as many steps as one pass over
-    /// the whole training split) [default: teacher.epochs].
+    /// the whole training split): one number for every count, or a table by count
+    /// (`{ 1000 = 4, 5000 = 12 }`) [default: teacher.epochs].
     #[serde(default)]
-    pub labels_teacher_epochs: Option<usize>,
+    pub labels_teacher_epochs: Option<TeacherEpochs>,
     /// K > 1 adds augmented students: the augmented baseline, single-view KD and K-view KD.
     #[serde(default = "one")]
     pub views: usize,
@@ -42,6 +43,24 @@ impl Default for ExperimentConfig {
             storage: vec![],
             variant: String::new(),
             sweep: SweepConfig::default(),
+        }
+    }
+}
+
+/// The teacher's epochs on fewer labels: the same for every count, or by count.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum TeacherEpochs {
+    Every(usize),
+    PerCount(std::collections::BTreeMap<String, usize>),
+}
+
+impl TeacherEpochs {
+    /// The epochs for a teacher on `labels` labelled images, if set for that count.
+    pub fn of(&self, labels: usize) -> Option<usize> {
+        match self {
+            TeacherEpochs::Every(e) => Some(*e),
+            TeacherEpochs::PerCount(m) => m.get(&labels.to_string()).copied(),
         }
     }
 }
@@ -231,7 +250,19 @@ impl ExperimentConfig {
         if self.labels.is_empty() {
             return Err("experiment.labels must name at least one label count (or \"all\")".into());
         }
-        if self.views == 0 || self.labels_teacher_epochs == Some(0) {
+        let teacher_epochs = match &self.labels_teacher_epochs {
+            Some(TeacherEpochs::Every(e)) => vec![*e],
+            Some(TeacherEpochs::PerCount(m)) => m.values().copied().collect(),
+            None => vec![],
+        };
+        if let Some(TeacherEpochs::PerCount(m)) = &self.labels_teacher_epochs {
+            if let Some(k) = m.keys().find(|k| k.parse::<usize>().is_err()) {
+                return Err(format!(
+                    "experiment.labels_teacher_epochs: \"{k}\" is not a label count (a table by count: {{ 1000 = 4, 5000 = 12 }})"
+                ));
+            }
+        }
+        if self.views == 0 || teacher_epochs.contains(&0) {
             return Err(
                 "experiment.views and experiment.labels_teacher_epochs must be at least 1".into(),
             );

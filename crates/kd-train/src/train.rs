@@ -42,6 +42,25 @@ fn correct(logits: &Tensor, labels: &Tensor) -> candle_core::Result<f64> {
         .to_scalar::<f64>()
 }
 
+/// Correct main-head predictions among the batch's rows that carry a label, and how many do.
+fn correct_labelled(
+    logits: &Tensor,
+    batch: &kd_data::Batch,
+    labelled: &[u8],
+) -> candle_core::Result<(f64, usize)> {
+    let predicted = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
+    let labels = batch.labels.to_dtype(DType::U32)?.to_vec1::<u32>()?;
+    let rows = batch.rows.to_dtype(DType::U32)?.to_vec1::<u32>()?;
+    let (mut hits, mut seen) = (0.0, 0);
+    for ((p, l), r) in predicted.iter().zip(&labels).zip(&rows) {
+        if labelled.get(*r as usize) == Some(&1) {
+            seen += 1;
+            hits += f64::from(u8::from(p == l));
+        }
+    }
+    Ok((hits, seen))
+}
+
 /// What to train on and where the best weights go.
 #[derive(Clone, Copy)]
 pub struct FitSpec<'a> {
@@ -56,6 +75,9 @@ pub struct FitSpec<'a> {
     pub sources: Option<&'a [SourceImage]>,
     /// A multi-view knowledge file's stored views, replayed instead of fresh augmentation.
     pub views: Option<kd_data::StoredViews<'a>>,
+    /// One byte per row of the training file, 1 where it carries a label, when not all do: the
+    /// training accuracy counts only those rows.
+    pub labelled: Option<&'a [u8]>,
     pub checkpoint: &'a Path,
     /// Where the resume state goes after every epoch, and the key it must carry to be resumed.
     pub resume: &'a Path,
@@ -92,12 +114,13 @@ pub fn fit(
     Ok(report)
 }
 
-/// An epoch's running sums: loss × images, correct predictions, images.
+/// An epoch's running sums: loss × images, correct predictions, images, labelled images.
 #[derive(Default)]
 struct Sums {
     loss: f64,
     hits: f64,
     seen: usize,
+    labelled: usize,
 }
 
 /// A run in progress: the model, its optimiser, where it stands in the schedule, and its report.
@@ -248,7 +271,12 @@ impl<'a> Trainer<'a> {
         }
         self.opt.step(&loss.backward()?)?;
         sums.loss += value * batch.len as f64;
-        sums.hits += correct(&heads[0], &batch.labels)?;
+        let (hits, labelled) = match self.spec.labelled {
+            Some(mask) => correct_labelled(&heads[0], batch, mask)?,
+            None => (correct(&heads[0], &batch.labels)?, batch.len),
+        };
+        sums.hits += hits;
+        sums.labelled += labelled;
         sums.seen += batch.len;
         self.step += 1;
         Ok(())
@@ -289,7 +317,7 @@ impl<'a> Trainer<'a> {
             epoch,
             lr: learning_rate(s.schedule, s.lr, self.step, self.total_steps),
             train_loss: sums.loss / sums.seen.max(1) as f64,
-            train_accuracy: sums.hits / sums.seen.max(1) as f64,
+            train_accuracy: sums.hits / sums.labelled.max(1) as f64,
             val_loss: v.loss,
             val_accuracy: v.accuracy,
             seconds: t0.elapsed().as_secs_f64(),
@@ -509,6 +537,33 @@ mod tests {
     use crate::config::Schedule;
     use candle_core::Device;
 
+    /// The training accuracy of a batch counts only the rows that carry a label: a hidden label
+    /// (stored as class 0) neither scores nor dilutes.
+    #[test]
+    fn training_accuracy_counts_only_labelled_rows() {
+        let dev = Device::Cpu;
+        // Rows 7, 3, 5, 1 of the training file; the model predicts classes 0, 1, 2, 0.
+        let logits = Tensor::new(
+            &[[5f32, 0., 0.], [0., 5., 0.], [0., 0., 5.], [5., 0., 0.]],
+            &dev,
+        )
+        .unwrap();
+        let batch = kd_data::Batch {
+            images: Tensor::zeros((4, 1, 1, 1), DType::F32, &dev).unwrap(),
+            labels: Tensor::new(&[0u32, 1, 1, 0], &dev).unwrap(),
+            rows: Tensor::new(&[7u32, 3, 5, 1], &dev).unwrap(),
+            views: None,
+            len: 4,
+        };
+        // Rows 3 and 5 are labelled (one right, one wrong); rows 7 and 1 hide their label.
+        let mut mask = vec![0u8; 8];
+        mask[3] = 1;
+        mask[5] = 1;
+        let (hits, seen) = correct_labelled(&logits, &batch, &mask).unwrap();
+        assert_eq!((hits, seen), (1.0, 2));
+        assert_eq!(correct(&logits, &batch.labels).unwrap(), 3.0);
+    }
+
     /// A loss that turns NaN in epoch 2 stops the run with a message, and the checkpoint of
     /// epoch 1 stays as it was written.
     #[test]
@@ -562,6 +617,7 @@ mod tests {
             normalization: &norm,
             sources: None,
             views: None,
+            labelled: None,
             checkpoint: &checkpoint,
             resume: &resume,
             key: "k",

@@ -110,6 +110,7 @@ impl TrainingStage<'_> {
             normalization: &data.dataset.normalization,
             sources: data.dataset.train_sources.as_deref(),
             views: self.views,
+            labelled: data.label_mask.as_deref(),
             checkpoint: &partial,
             resume: &dir.join(RESUME_FILE),
             key: &key,
