@@ -145,6 +145,13 @@ bench *args='': data build
     if [ $# -gt 0 ] && [[ $1 != -* ]]; then name=$1; shift; fi
     {{bin}}/kd-bench --pipeline "pipelines/$name.toml" "$@"
 
+# Ours and PyTorch's side by side (alternating, same data): installs torch into .venv-torch first (opt-in: ~5 GB with its CUDA libraries) -> artifacts/bench/bench.md
+[group('checks')]
+bench-pytorch *args='':
+    [ -x .venv-torch/bin/python ] || python3 -m venv .venv-torch
+    .venv-torch/bin/python -c 'import torch' 2>/dev/null || .venv-torch/bin/pip install torch numpy
+    just bench {{args}} --pytorch .venv-torch/bin/python
+
 # Fuzz the IDX reader, the knowledge-file reader and the pipeline-file parser (`just fuzz 600` = 10 minutes each); installs cargo-fuzz
 [group('checks')]
 fuzz seconds='60':
