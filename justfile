@@ -160,8 +160,10 @@ fuzz seconds='60':
     command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
     cd fuzz
     # Stable Rust: coverage-guided libFuzzer without a sanitizer (-s none).
+    # New inputs go to target/corpus (ignored); corpus/ holds the committed seeds.
     for target in idx knowledge pipeline; do
-        cargo fuzz run -s none -O "$target" "corpus/$target" -- -max_total_time={{seconds}} -max_len=4096 -print_final_stats=1
+        mkdir -p "target/corpus/$target"
+        cargo fuzz run -s none -O "$target" "target/corpus/$target" "corpus/$target" -- -max_total_time={{seconds}} -max_len=4096 -print_final_stats=1
     done
 
 # Tests, clippy and formatting, as CI would want them
