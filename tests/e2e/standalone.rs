@@ -9,7 +9,13 @@ fn files(root: &Path) -> Vec<String> {
     let out = Command::new("git")
         .arg("-C")
         .arg(root)
-        .args(["ls-files", "--cached", "--others", "--exclude-standard", "-z"])
+        .args([
+            "ls-files",
+            "--cached",
+            "--others",
+            "--exclude-standard",
+            "-z",
+        ])
         .output()
         .expect("git runs");
     assert!(out.status.success(), "git ls-files failed");
