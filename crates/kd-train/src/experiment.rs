@@ -300,6 +300,33 @@ mod tests {
             .map_err(|e| e.message().to_string())
     }
 
+    /// The teacher's epochs on fewer labels: one number for every count, or a table by count;
+    /// a count the table leaves out gets the teacher's own epochs, a key that is not a count or
+    /// a zero is refused by name.
+    #[test]
+    fn teacher_epochs_by_label_count() {
+        let every = parse("[experiment]\nlabels_teacher_epochs = 12\n").unwrap();
+        assert_eq!(every.labels_teacher_epochs.unwrap().of(1000), Some(12));
+        let table =
+            parse("[experiment]\nlabels_teacher_epochs = { 1000 = 4, 5000 = 12 }\n").unwrap();
+        table.validate().unwrap();
+        let t = table.labels_teacher_epochs.unwrap();
+        assert_eq!(
+            (t.of(1000), t.of(5000), t.of(2000)),
+            (Some(4), Some(12), None)
+        );
+        let bad = parse("[experiment]\nlabels_teacher_epochs = { many = 4 }\n").unwrap();
+        assert!(bad
+            .validate()
+            .unwrap_err()
+            .contains("\"many\" is not a label count"));
+        let zero = parse("[experiment]\nlabels_teacher_epochs = { 1000 = 0 }\n").unwrap();
+        assert!(zero
+            .validate()
+            .unwrap_err()
+            .contains("labels_teacher_epochs"));
+    }
+
     #[test]
     fn typed_values_parse_and_print_back() {
         let e = parse(
