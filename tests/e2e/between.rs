@@ -62,6 +62,17 @@ fn signal(child: &Child, sig: &str) {
         .success());
 }
 
+/// The process exits with 130, the status of a run stopped by a signal (stderr shown if not).
+fn stopped_by_the_signal(child: Child) {
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(130),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// The fixture's students copied beside its teacher and knowledge in `r`.
 fn copy_students(r: &Path) {
     for stage in ["student-kd", "student-baseline"] {
@@ -326,13 +337,7 @@ fn every_binary_stops_on_a_signal() {
     std::thread::sleep(Duration::from_secs(2));
     let t0 = Instant::now();
     signal(&child, "-TERM");
-    let out = child.wait_with_output().unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(130),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    stopped_by_the_signal(child);
     assert!(
         t0.elapsed() < Duration::from_secs(10),
         "stopped in {:?}",
@@ -362,13 +367,7 @@ fn every_binary_stops_on_a_signal() {
     wait_for(&mut child, "data: fashion-mnist");
     std::thread::sleep(Duration::from_millis(1500));
     signal(&child, "-TERM");
-    let out = child.wait_with_output().unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(130),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    stopped_by_the_signal(child);
     assert!(!r.join("smoke/report/report.md").exists());
 
     // kd-predict on a folder that links back to itself twice: each image once, then a signal
