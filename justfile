@@ -16,7 +16,7 @@ default:
 # Run every stage in order: `just pipeline [NAME] [FLAGS]` (a stage whose inputs and settings are unchanged is skipped)
 [group('pipeline')]
 [positional-arguments]
-pipeline *args='': data build python-env
+pipeline *args: data build python-env
     if [ "${1:-}" = photos ]; then just data-photos; fi
     {{bin}}/kd-experiment pipeline "$@"
 
@@ -46,13 +46,13 @@ precompute-slurm n='3' name='fashion-mnist' *args='': build
 # KD student and baseline per seed and label count, and the variants asked for, then the report: `just compare [NAME] [seeds=3] [labels="1000 5000 all"] [views=8] [storage="f16 top3-f16"] [variant=e30 -- --epochs 30]` (defaults: the pipeline's [experiment] section)
 [group('experiments')]
 [positional-arguments]
-compare *args='': data build
+compare *args: data build
     {{bin}}/kd-experiment compare "$@"
 
 # KD students over a grid of temperature, hard/soft weights and teacher heads from the one knowledge file: `just sweep [NAME] [temps="1 2 4 8"] [weights="0.55:0.45 0.1:0.9"] [heads="main all"] [-- FLAGS]`
 [group('experiments')]
 [positional-arguments]
-sweep *args='': data build
+sweep *args: data build
     {{bin}}/kd-experiment sweep "$@"
 
 # The one-node SLURM cluster on this machine: `just slurm-local start|stop|status`

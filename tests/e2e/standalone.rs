@@ -47,3 +47,58 @@ fn no_file_refers_to_a_path_outside_the_repository() {
         "files that refer outside the repository: {offending:?}"
     );
 }
+
+/// `just RECIPE ARGS...` from the repository root with `bin` set to `bin_dir` and no dependencies
+/// run; stdout on success.
+fn just(bin_dir: &Path, args: &[&str]) -> String {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let out = Command::new("just")
+        .current_dir(&root)
+        .args(["--no-deps", "--set", "bin"])
+        .arg(bin_dir)
+        .args(args)
+        .output()
+        .expect("`just` runs (CI installs it)");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "just {args:?} failed: {stderr}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The README's commands go through the justfile: `just pipeline`, `just compare` and `just sweep`
+/// must hand `kd-experiment` exactly the arguments typed, none when none were typed. A recipe
+/// declared `*args=''` once passed one empty argument, so `just pipeline` looked for
+/// `pipelines/.toml`. A stand-in `kd-experiment` that prints its arguments records what the real
+/// `just` passes; then the real binary plans the default pipeline through the same recipes.
+#[test]
+fn the_front_door_recipes_pass_their_arguments_as_given() {
+    let dir = tempfile::tempdir().unwrap();
+    let recorder = dir.path().join("kd-experiment");
+    std::fs::write(
+        &recorder,
+        "#!/bin/sh\necho \"$#\"; for a in \"$@\"; do echo \"[$a]\"; done\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &recorder,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    for recipe in ["pipeline", "compare", "sweep"] {
+        assert_eq!(
+            just(dir.path(), &[recipe]),
+            "1\n[RECIPE]\n".replace("RECIPE", recipe)
+        );
+    }
+    assert_eq!(
+        just(dir.path(), &["compare", "smoke", "labels=100 all"]),
+        "3\n[compare]\n[smoke]\n[labels=100 all]\n"
+    );
+    let real = crate::between::binary("kd-experiment");
+    for recipe in ["pipeline", "compare", "sweep"] {
+        let plan = just(real.parent().unwrap(), &[recipe, "--dry-run"]);
+        assert!(
+            plan.contains("--pipeline pipelines/fashion-mnist.toml"),
+            "`just {recipe} --dry-run` planned:\n{plan}"
+        );
+    }
+}

@@ -46,6 +46,19 @@ pub enum Command {
     Sweep,
 }
 
+/// The plan, one command per line; a reader that stops early (`| head`) is not an error.
+fn print_plan(steps: &[plan::Step]) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    for s in steps {
+        match writeln!(out, "{}", s.command_line()) {
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
+            other => other?,
+        }
+    }
+    Ok(())
+}
+
 pub fn run(args: &Args) -> anyhow::Result<()> {
     let mut args = args.clone();
     let sets = words::apply(&mut args)?;
@@ -53,10 +66,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     let pipeline = args.pipeline.open(&sets)?;
     let steps = plan::plan(args, &pipeline)?;
     if args.dry_run {
-        for s in &steps {
-            println!("{}", s.command_line());
-        }
-        return Ok(());
+        return print_plan(&steps);
     }
     let bin = binaries()?;
     let started = std::time::Instant::now();
