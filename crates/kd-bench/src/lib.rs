@@ -6,6 +6,7 @@
 //! numbers to read. Comparisons with another library are measured side by side in one run, never
 //! taken from remembered figures.
 
+pub mod profile;
 pub mod pytorch;
 
 use anyhow::Context;
@@ -48,6 +49,10 @@ pub struct Args {
     /// Alternating rounds of ours and PyTorch's measurements (with --pytorch).
     #[arg(long, default_value_t = 2)]
     pub rounds: usize,
+    /// Instead of timing, sample this measurement with `perf` and write where its CPU time goes
+    /// (kinds of work by phase) to `<out>/profile-<measurement>.md` (e.g. `teacher-step`).
+    #[arg(long, value_name = "MEASUREMENT")]
+    pub profile: Option<String>,
 }
 
 /// What each measurement is: its name and what it times.
@@ -512,6 +517,9 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string(&measure(args, name)?)?);
         return Ok(());
     }
+    if let Some(name) = &args.profile {
+        return write_profile(args, name);
+    }
     let mut results = Vec::new();
     for (name, what) in MEASUREMENTS {
         tracing::info!("bench: {what}");
@@ -530,6 +538,39 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         serde_json::to_string_pretty(&results)?.as_bytes(),
     )?;
     println!("{md}\nwrote {}", args.out.join("bench.md").display());
+    Ok(())
+}
+
+/// `--profile NAME`: perf samples of one measurement, sorted by kind of work and phase.
+fn write_profile(args: &Args, name: &str) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        MEASUREMENTS.iter().any(|(n, _)| *n == name),
+        "unknown measurement {name:?} (one of: {})",
+        MEASUREMENTS.map(|(n, _)| n).join(", ")
+    );
+    std::fs::create_dir_all(&args.out)?;
+    let dir = args.out.join(format!(".profile-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    tracing::info!(
+        "bench: sampling {name} with perf ({} × {} batches)",
+        args.reps,
+        args.batches
+    );
+    let result = profile::record(args, name, &dir);
+    let _ = std::fs::remove_dir_all(&dir);
+    let p = result?;
+    let md = format!(
+        "# Where the time goes: {name}\n\n`kd-bench --profile {name} --reps {} --batches {}`, {} threads: {} perf samples of CPU time (499 Hz per thread, call stacks with inlined frames), each counted under the first frame from the leaf up that names a kind of work; {} samples of loading the data left out. Shares of all CPU time, so waiting threads count.\n\n{}",
+        args.reps,
+        args.batches,
+        threads(),
+        p.total,
+        p.left_out,
+        p.to_markdown()
+    );
+    let path = args.out.join(format!("profile-{name}.md"));
+    kd_data::write_atomic_bytes(&path, md.as_bytes())?;
+    println!("{md}\nwrote {}", path.display());
     Ok(())
 }
 

@@ -1,0 +1,237 @@
+//! Where a measurement's CPU time goes: `kd-bench --profile teacher-step` samples the child
+//! process that runs it with `perf` (call stacks with inlined frames) and sorts every sample into
+//! a kind of work (im2col, matrix products, BatchNorm, pools, candle's gradient bookkeeping, threads
+//! waiting, ...) and a phase (forward, backward, optimiser), by the first frame from the leaf up
+//! that names one. Samples of loading the data are left out.
+
+use anyhow::Context;
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Command;
+
+/// Kinds of work, matched against a sample's frames from the leaf up; the first match wins. A
+/// pattern matches a frame that contains each of its `+`-separated parts.
+/// Page faults and waiting are matched on the leaf only (the work around them is someone else's).
+const KINDS: [(&str, &[&str]); 12] = [
+    (
+        "im2col (gather the taps of k×k convolutions)",
+        &["Im2Col::fill", "fill::{closure_env"],
+    ),
+    (
+        "col2im (scatter the input gradient back)",
+        &["Col2Im", "fold::{closure_env"],
+    ),
+    ("pools (max and average)", &["kd_models::pool"]),
+    ("BatchNorm + ReLU", &["kd_models::norm"]),
+    ("bias + ReLU", &["BiasRelu", "ReluMask"]),
+    ("optimiser (Adam)", &["optim::", "Adam"]),
+    ("matrix products (gemm, with packing)", &["gemm"]),
+    (
+        "zero-filled gradient buffers (candle backprop)",
+        &["zeros_like", "or_insert"],
+    ),
+    (
+        "element-wise ops (candle: gradient sums, bias adds)",
+        &["binary_map", "unary_map"],
+    ),
+    (
+        "concatenation and copies",
+        &["Tensor::cat", "copy_strided", "copy2d", "contiguous"],
+    ),
+    ("losses (softmax, cross-entropy)", &["loss::", "softmax"]),
+    ("other", &[""]),
+];
+
+/// Leaf frames that are no work: a thread spinning or sleeping until the next parallel section,
+/// and the kernel filling new pages with zeros.
+const LEAF_KINDS: [(&str, &[&str]); 2] = [
+    (
+        "threads waiting (spinning, yielding, sleeping)",
+        &[
+            "BarrierGuard",
+            "wait_until",
+            "rayon_core::sleep",
+            "sched_yield",
+            "futex",
+            "crossbeam",
+            "spin_loop",
+            "finish_task_switch",
+        ],
+    ),
+    (
+        "page faults (the kernel zero-fills new memory)",
+        &["clear_page", "page_fault", "do_anonymous_page"],
+    ),
+];
+
+/// Samples outside the measured work: loading and preparing the data, starting up.
+const LEFT_OUT: [&str; 3] = ["kd_data::", "load_data", "kd_train::stage::Pipeline::open"];
+
+/// Samples counted per (kind, phase).
+#[derive(Debug, Default)]
+pub struct Profile {
+    pub counts: BTreeMap<(String, &'static str), usize>,
+    pub total: usize,
+    pub left_out: usize,
+}
+
+fn phase(frames: &[&str]) -> &'static str {
+    if frames.iter().any(|f| f.contains("backprop")) {
+        "backward"
+    } else if frames
+        .iter()
+        .any(|f| f.contains("optim::") || f.contains("Adam"))
+    {
+        "optimiser"
+    } else {
+        "forward"
+    }
+}
+
+fn matches(frame: &str, pattern: &str) -> bool {
+    pattern.split('+').all(|part| frame.contains(part))
+}
+
+fn kind(frames: &[&str]) -> String {
+    let leaf = frames.first().copied().unwrap_or("");
+    for (name, pats) in LEAF_KINDS {
+        if pats.iter().any(|p| leaf.contains(p)) {
+            return name.to_string();
+        }
+    }
+    for f in frames {
+        for (name, pats) in KINDS.iter().take(KINDS.len() - 1) {
+            if pats.iter().any(|p| matches(f, p)) {
+                return name.to_string();
+            }
+        }
+    }
+    KINDS[KINDS.len() - 1].0.to_string()
+}
+
+impl Profile {
+    /// Sorts the samples of `perf script -F tid,ip,sym` output (blank-line separated stacks,
+    /// one frame per line, leaf first).
+    pub fn parse(text: &str) -> Self {
+        let mut p = Profile::default();
+        for sample in text.split("\n\n") {
+            let frames: Vec<&str> = sample
+                .lines()
+                .skip(1)
+                .filter_map(|l| l.trim().split_once(' ').map(|(_, sym)| sym))
+                .collect();
+            if frames.is_empty() {
+                continue;
+            }
+            if frames
+                .iter()
+                .any(|f| LEFT_OUT.iter().any(|o| f.contains(o)))
+            {
+                p.left_out += 1;
+                continue;
+            }
+            *p.counts.entry((kind(&frames), phase(&frames))).or_default() += 1;
+            p.total += 1;
+        }
+        p
+    }
+
+    /// Markdown: one row per kind, its share of the CPU time in each phase and in all.
+    pub fn to_markdown(&self) -> String {
+        let mut kinds: BTreeMap<&str, [usize; 3]> = BTreeMap::new();
+        for ((k, ph), n) in &self.counts {
+            let col = match *ph {
+                "forward" => 0,
+                "backward" => 1,
+                _ => 2,
+            };
+            kinds.entry(k.as_str()).or_default()[col] += n;
+        }
+        let mut rows: Vec<(&str, [usize; 3])> = kinds.into_iter().collect();
+        rows.sort_by_key(|(_, c)| std::cmp::Reverse(c.iter().sum::<usize>()));
+        let pct = |n: usize| format!("{:.1}%", 100.0 * n as f64 / self.total.max(1) as f64);
+        let mut out = String::from(
+            "| kind of work | forward | backward | optimiser | all |\n|---|---|---|---|---|\n",
+        );
+        for (k, c) in rows {
+            out += &format!(
+                "| {k} | {} | {} | {} | {} |\n",
+                pct(c[0]),
+                pct(c[1]),
+                pct(c[2]),
+                pct(c.iter().sum())
+            );
+        }
+        out
+    }
+}
+
+/// Samples `kd-bench --only <measurement>` with perf (needs `perf`, package linux-perf) and
+/// returns the sorted samples.
+pub fn record(args: &crate::Args, measurement: &str, dir: &Path) -> anyhow::Result<Profile> {
+    let data = dir.join("perf.data");
+    let exe = std::env::current_exe()?;
+    let mut cmd = Command::new("perf");
+    cmd.args([
+        "record",
+        "-F",
+        "499",
+        "-e",
+        "cpu-clock",
+        "--call-graph",
+        "dwarf,32768",
+        "-o",
+    ])
+    .arg(&data)
+    .arg("--")
+    .arg(exe)
+    .args(["--only", measurement])
+    .args([
+        "--reps",
+        &args.reps.to_string(),
+        "--batches",
+        &args.batches.to_string(),
+    ])
+    .arg("--pipeline")
+    .arg(&args.pipeline.pipeline);
+    for s in &args.pipeline.overrides {
+        cmd.args(["--set", s]);
+    }
+    let status = cmd
+        .stdout(std::process::Stdio::null())
+        .status()
+        .context("running `perf record` (install perf: apt-get install linux-perf)")?;
+    anyhow::ensure!(status.success(), "perf record failed ({status})");
+    let out = Command::new("perf")
+        .args(["script", "-F", "tid,ip,sym", "-i"])
+        .arg(&data)
+        .output()
+        .context("running `perf script`")?;
+    anyhow::ensure!(out.status.success(), "perf script failed");
+    Ok(Profile::parse(&String::from_utf8_lossy(&out.stdout)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAMPLES: &str = "13419 \n\t  87fe7a core::ops::function::impls::call_mut\n\t  87fe7a call_mut<((usize, &mut [f32])), kd_models::conv::{impl#1}::fill::{closure_env#0}<f32>> (inlined)\n\t  8a11b6 rayon::iter::plumbing::bridge_producer_consumer::helper\n\n13419 \n\t  1 gemm_f32::microkernel::fma::f32::x2x6\n\t  2 candle_core::tensor::Tensor::matmul\n\t  3 candle_core::backprop::<impl candle_core::tensor::Tensor>::backward\n\n13420 \n\t  1 <candle_core::utils::BarrierGuard as core::ops::drop::Drop>::drop\n\t  2 candle_core::cpu_backend::utils::binary_map_vec_par\n\t  3 candle_core::backprop::x\n\n13420 \n\t  1 zlib_rs::inflate\n\t  2 kd_data::idx::parse\n";
+
+    #[test]
+    fn samples_are_sorted_by_the_first_frame_that_names_a_kind() {
+        let p = Profile::parse(SAMPLES);
+        assert_eq!(p.total, 3);
+        assert_eq!(p.left_out, 1);
+        let get = |k: &str, ph| p.counts.get(&(k.to_string(), ph)).copied();
+        assert_eq!(get(KINDS[0].0, "forward"), Some(1));
+        assert_eq!(get(KINDS[6].0, "backward"), Some(1));
+        assert_eq!(get(LEAF_KINDS[0].0, "backward"), Some(1));
+        let md = p.to_markdown();
+        assert!(
+            md.contains(
+                "| im2col (gather the taps of k×k convolutions) | 33.3% | 0.0% | 0.0% | 33.3% |"
+            ),
+            "{md}"
+        );
+    }
+}
