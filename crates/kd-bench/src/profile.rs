@@ -15,11 +15,11 @@ use std::process::Command;
 const KINDS: [(&str, &[&str]); 12] = [
     (
         "im2col (gather the taps of k×k convolutions)",
-        &["Im2Col::fill", "fill::{closure_env"],
+        &["Im2Col::fill", "kd_models::conv+fill"],
     ),
     (
         "col2im (scatter the input gradient back)",
-        &["Col2Im", "fold::{closure_env"],
+        &["Col2Im", "kd_models::conv+fold"],
     ),
     ("pools (max and average)", &["kd_models::pool"]),
     ("BatchNorm + ReLU", &["kd_models::norm"]),

@@ -101,39 +101,180 @@ impl Conv {
 
     /// `[c_in, batch, h, w]` → `[c_out, batch, oh, ow]`.
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let (z, dims) = self.matmul(xs)?;
+        let z = self.matmul(xs)?;
         match &self.bias {
-            Some(b) => z.broadcast_add(&b.reshape((self.cout, 1))?)?.reshape(dims),
-            None => z.reshape(dims),
+            Some(b) => z.broadcast_add(&b.reshape((self.cout, 1, 1, 1))?),
+            None => Ok(z),
         }
     }
 
     /// `relu(conv(x) + bias)` with the bias and ReLU fused into one pass (and one in backward).
     pub fn forward_relu(&self, xs: &Tensor) -> Result<Tensor> {
-        let (z, dims) = self.matmul(xs)?;
+        let z = self.matmul(xs)?;
         match &self.bias {
-            Some(b) => z.apply_op2(b, BiasRelu)?.reshape(dims),
-            None => z.relu()?.reshape(dims),
+            Some(b) => z.apply_op2(b, BiasRelu),
+            None => z.relu(),
         }
     }
 
-    /// `W · im2col(x)` as `[c_out, batch·oh·ow]`, and the output's 4-D shape.
-    pub(crate) fn matmul(&self, xs: &Tensor) -> Result<(Tensor, (usize, usize, usize, usize))> {
+    /// `W · im2col(x)` as `[c_out, batch, oh, ow]`: one node of the autograd graph ([`ConvOp`]).
+    pub(crate) fn matmul(&self, xs: &Tensor) -> Result<Tensor> {
         let (cin, b, h, w) = xs.dims4()?;
-        let Im2Col {
-            kernel,
-            stride,
-            padding,
-        } = self.geometry;
-        let (oh, ow) = (self.geometry.out_len(h)?, self.geometry.out_len(w)?);
-        let cols = if kernel == 1 && stride == 1 && padding == 0 {
-            xs.reshape((cin, b * h * w))?
+        let g = self.geometry;
+        let (oh, ow) = (g.out_len(h)?, g.out_len(w)?);
+        crate::macs::add(self.cout * cin * g.kernel * g.kernel * b * oh * ow);
+        xs.contiguous()?.apply_op2(&self.weight, ConvOp(g))
+    }
+}
+
+/// A convolution as one op: `(x [c_in, b, h, w], weight [c_out, c_in, k, k]) → [c_out, b, oh,
+/// ow]`, `y = W · cols` with `cols = im2col(x)` (`x` itself for a 1×1 convolution). Backward:
+/// `dW = dy · colsᵀ` (the columns gathered again rather than kept), `dcols = Wᵀ · dy`,
+/// `dx = col2im(dcols)`.
+///
+/// As separate candle ops (im2col, reshapes, matmul) every intermediate was a node whose gradient
+/// candle's backward pass zero-fills and adds into: for a 3×3 convolution a buffer nine times the
+/// input's size, twice over. As one node only `dx` and `dW` are accumulated.
+#[derive(Debug, Clone, Copy)]
+struct ConvOp(Im2Col);
+
+impl ConvOp {
+    /// Whether the columns are the input itself.
+    fn is_pointwise(&self) -> bool {
+        let g = self.0;
+        g.kernel == 1 && g.stride == 1 && g.padding == 0
+    }
+
+    fn dims(&self, l1: &Layout, l2: &Layout) -> Result<(usize, usize, usize, usize, usize)> {
+        let (cin, b, h, w) = l1.shape().dims4()?;
+        let (cout, wcin, k1, k2) = l2.shape().dims4()?;
+        let k = self.0.kernel;
+        if wcin != cin || k1 != k || k2 != k {
+            candle_core::bail!(
+                "convolution: weight {:?} for a {k}x{k} kernel on {cin} channels",
+                l2.shape()
+            );
+        }
+        Ok((cin, b, h, w, cout))
+    }
+
+    fn run<T: WithDType>(
+        &self,
+        x: &[T],
+        weight: &[T],
+        (cin, b, h, w, cout): (usize, usize, usize, usize, usize),
+    ) -> Result<Vec<T>> {
+        let g = self.0;
+        let n = b * g.out_len(h)? * g.out_len(w)?;
+        let depth = cin * g.kernel * g.kernel;
+        let gathered;
+        let cols: &[T] = if self.is_pointwise() {
+            x
         } else {
-            xs.contiguous()?.apply_op1(self.geometry)?
+            gathered = g.fill(x, (cin, b, h, w))?;
+            &gathered
         };
-        crate::macs::add(self.cout * cin * kernel * kernel * b * oh * ow);
-        let w2 = self.weight.reshape((self.cout, cin * kernel * kernel))?;
-        Ok((w2.matmul(&cols)?, (self.cout, b, oh, ow)))
+        let mut out: Vec<T> = Vec::with_capacity(cout * n);
+        let threads = rayon::current_num_threads();
+        let parallelism = if threads > 1 {
+            gemm::Parallelism::Rayon(threads)
+        } else {
+            gemm::Parallelism::None
+        };
+        // SAFETY: `out` has room for `cout × n` elements, all written (read_dst is false);
+        // `weight` is `cout × depth` and `cols` `depth × n`, row-major, as the strides say.
+        #[allow(unsafe_code)]
+        unsafe {
+            gemm::gemm(
+                cout,
+                n,
+                depth,
+                out.as_mut_ptr(),
+                1,
+                n as isize,
+                false,
+                weight.as_ptr(),
+                1,
+                depth as isize,
+                cols.as_ptr(),
+                1,
+                n as isize,
+                T::from_f64(0.0),
+                T::from_f64(1.0),
+                false,
+                false,
+                false,
+                parallelism,
+            );
+            out.set_len(cout * n);
+        }
+        Ok(out)
+    }
+}
+
+impl CustomOp2 for ConvOp {
+    fn name(&self) -> &'static str {
+        "kd-conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let dims = self.dims(l1, l2)?;
+        let (_, b, h, w, cout) = dims;
+        let shape = Shape::from((cout, b, self.0.out_len(h)?, self.0.out_len(w)?));
+        let out = match (s1, s2) {
+            (CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32(self.run(
+                contiguous::<f32>(s1, l1)?,
+                contiguous::<f32>(s2, l2)?,
+                dims,
+            )?),
+            (CpuStorage::F64(_), CpuStorage::F64(_)) => CpuStorage::F64(self.run(
+                contiguous::<f64>(s1, l1)?,
+                contiguous::<f64>(s2, l2)?,
+                dims,
+            )?),
+            _ => candle_core::bail!("convolution supports f32 and f64"),
+        };
+        Ok((out, shape))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (x, weight) = (x.detach(), weight.detach());
+        let (cin, b, h, w) = x.dims4()?;
+        let cout = weight.dim(0)?;
+        let k = self.0.kernel;
+        let dy = grad.reshape((cout, grad.elem_count() / cout))?;
+        let cols = if self.is_pointwise() {
+            x.reshape((cin, b * h * w))?
+        } else {
+            x.apply_op1_no_bwd(&self.0)?
+        };
+        let dw = dy.matmul(&cols.t()?)?.reshape(weight.shape())?;
+        let dcols = weight.reshape((cout, cin * k * k))?.t()?.matmul(&dy)?;
+        let dx = if self.is_pointwise() {
+            dcols.reshape((cin, b, h, w))?
+        } else {
+            let fold = Col2Im {
+                op: self.0,
+                c: cin,
+                b,
+                h,
+                w,
+            };
+            dcols.apply_op1_no_bwd(&fold)?
+        };
+        Ok((Some(dx), Some(dw)))
     }
 }
 
@@ -329,8 +470,19 @@ pub struct BiasRelu;
 #[derive(Debug, Clone, Copy)]
 struct ReluMask;
 
-fn two_d(l: &Layout) -> Result<(usize, usize)> {
-    l.shape().dims2()
+/// `(channels, elements per channel)` of a channels-first tensor of any rank ≥ 1.
+pub(crate) fn rows(shape: &Shape) -> Result<(usize, usize)> {
+    match shape.dims().first() {
+        Some(&c) if c > 0 => Ok((c, shape.elem_count() / c)),
+        _ => candle_core::bail!("expected channels first, got shape {shape:?}"),
+    }
+}
+
+/// `[c]` as `[c, 1, …]` to broadcast over a channels-first tensor of `rank` dimensions.
+pub(crate) fn per_channel(v: &Tensor, rank: usize) -> Result<Tensor> {
+    let mut dims = vec![1; rank.max(1)];
+    dims[0] = v.elem_count();
+    v.reshape(dims)
 }
 
 impl CustomOp2 for BiasRelu {
@@ -345,7 +497,7 @@ impl CustomOp2 for BiasRelu {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (c, n) = two_d(l1)?;
+        let (c, n) = rows(l1.shape())?;
         if l2.shape().dims() != [c] {
             candle_core::bail!("bias-relu: bias {:?} for {c} channels", l2.shape());
         }
@@ -387,7 +539,7 @@ impl CustomOp2 for BiasRelu {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let dz = res.apply_op2_no_bwd(&grad.contiguous()?, &ReluMask)?;
-        let db = dz.sum(1)?;
+        let db = dz.flatten_from(1)?.sum(1)?;
         Ok((Some(dz), Some(db)))
     }
 }

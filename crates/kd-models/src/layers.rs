@@ -119,10 +119,7 @@ impl BasicConv {
         }
         match &self.norm {
             None => self.conv.forward_relu(xs),
-            Some(bn) => {
-                let (z, dims) = self.conv.matmul(xs)?;
-                bn.forward_t(&z, train)?.reshape(dims)
-            }
+            Some(bn) => bn.forward_t(&self.conv.matmul(xs)?, train),
         }
     }
 }

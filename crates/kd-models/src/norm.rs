@@ -49,11 +49,11 @@ impl BatchNormRelu {
     /// and moves the running statistics towards them (when they are variables, i.e. the model is
     /// being trained, not loaded frozen).
     pub fn forward_t(&self, z: &Tensor, train: bool) -> Result<Tensor> {
-        let (c, n) = z.dims2()?;
+        let (c, n) = crate::conv::rows(z.shape())?;
         if !train {
             let (scale, shift) = self.scale_shift()?;
             return z
-                .broadcast_mul(&scale.reshape((c, 1))?)?
+                .broadcast_mul(&crate::conv::per_channel(&scale, z.rank())?)?
                 .apply_op2_no_bwd(&shift, &BiasRelu);
         }
         let op = BnReluOp::default();
@@ -187,7 +187,7 @@ impl CustomOp3 for BnReluOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (c, n) = l1.shape().dims2()?;
+        let (c, n) = crate::conv::rows(l1.shape())?;
         if l2.shape().dims() != [c] || l3.shape().dims() != [c] {
             candle_core::bail!(
                 "batch-norm: weight {:?} and bias {:?} for {c} channels",
@@ -226,7 +226,7 @@ impl CustomOp3 for BnReluOp {
         res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (c, n) = z.dims2()?;
+        let (c, n) = crate::conv::rows(z.shape())?;
         let stats = lock(&self.stats)?.clone();
         let grad = grad.contiguous()?;
         let (zs, zl) = z.storage_and_layout();
@@ -252,7 +252,7 @@ impl CustomOp3 for BnReluOp {
                 );
                 let d = z.device();
                 (
-                    Tensor::from_vec(dz, (c, n), d)?,
+                    Tensor::from_vec(dz, z.shape(), d)?,
                     Tensor::from_vec(dg, c, d)?,
                     Tensor::from_vec(db, c, d)?,
                 )

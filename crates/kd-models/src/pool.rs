@@ -101,7 +101,9 @@ impl Pool2d {
     }
 
     /// Pools one plane. Max and sum are separable: pool each row along x into `tmp`
-    /// (`[h, ow]`), then combine rows along y, a whole output row at a time.
+    /// (`[h, ow]`), then combine rows along y, a whole output row at a time. Along x, each tap of
+    /// the kernel is one pass over the outputs it reaches (a contiguous slice when the stride is
+    /// 1), so the inner loops are plain element-wise maxima or sums the compiler vectorises.
     fn fwd_plane<T: WithDType>(
         &self,
         x: &[T],
@@ -110,38 +112,77 @@ impl Pool2d {
         win: &Windows,
         tmp: &mut Vec<T>,
     ) {
-        let (w, ow) = (g.w, g.ow);
-        let max = self.kind == PoolKind::Max;
-        // PyTorch's rule: take `v` if greater or NaN; a NaN, once taken, stays.
-        let combine = |m: T, v: T| {
-            if max {
-                if v > m || v.partial_cmp(&v).is_none() {
-                    v
-                } else {
-                    m
+        match self.kind {
+            PoolKind::Max => self.fwd_plane_with(x, out, g, win, tmp, max_nan),
+            PoolKind::Avg => {
+                self.fwd_plane_with(x, out, g, win, tmp, |m, v| m + v);
+                for (o, &(_, _, ph)) in out.chunks_mut(g.ow).zip(&win.y) {
+                    for (v, &(_, _, pw)) in o.iter_mut().zip(&win.x) {
+                        *v /= T::from_f64((ph * pw) as f64);
+                    }
                 }
-            } else {
-                m + v
             }
-        };
-        tmp.clear();
-        for row in x.chunks(w) {
-            tmp.extend(
-                win.x.iter().map(|&(x0, x1, _)| {
-                    row[x0 + 1..x1].iter().fold(row[x0], |m, &v| combine(m, v))
-                }),
-            );
         }
-        for (o, &(y0, y1, ph)) in out.chunks_mut(ow).zip(&win.y) {
+    }
+
+    /// [`Self::fwd_plane`] with `combine` (max or sum) and no division.
+    fn fwd_plane_with<T: WithDType>(
+        &self,
+        x: &[T],
+        out: &mut [T],
+        g: Geometry,
+        win: &Windows,
+        tmp: &mut Vec<T>,
+        combine: impl Fn(T, T) -> T + Copy,
+    ) {
+        let (w, ow) = (g.w, g.ow);
+        tmp.clear();
+        tmp.resize(g.h * ow, T::from_f64(0.0));
+        for (row, t) in x.chunks(w).zip(tmp.chunks_mut(ow)) {
+            self.pool_row(row, t, win, combine);
+        }
+        for (o, &(y0, y1, _)) in out.chunks_mut(ow).zip(&win.y) {
             o.copy_from_slice(&tmp[y0 * ow..(y0 + 1) * ow]);
             for y in y0 + 1..y1 {
                 for (m, &v) in o.iter_mut().zip(&tmp[y * ow..(y + 1) * ow]) {
                     *m = combine(*m, v);
                 }
             }
-            if !max {
-                for (v, &(_, _, pw)) in o.iter_mut().zip(&win.x) {
-                    *v /= T::from_f64((ph * pw) as f64);
+        }
+    }
+
+    /// One row along x: every output starts from its window's first input, then each tap `t`
+    /// combines in the inputs `o·s + t − p` of the outputs whose window holds it.
+    fn pool_row<T: WithDType>(
+        &self,
+        row: &[T],
+        out: &mut [T],
+        win: &Windows,
+        combine: impl Fn(T, T) -> T + Copy,
+    ) {
+        let (s, p) = (self.stride, self.padding);
+        for (o, &(x0, _, _)) in out.iter_mut().zip(&win.x) {
+            *o = row[x0];
+        }
+        // Tap 0 is the first input of every window it reaches; tap t > 0 is the first input only
+        // of a left-edge window whose padding ends right there (`o·s + t = p`).
+        for t in 1..self.kernel {
+            let mut valid = tap_range(t, s, p, row.len(), out.len());
+            if t <= p && (p - t) % s == 0 && valid.start == (p - t) / s {
+                valid.start += 1;
+            }
+            if valid.is_empty() {
+                continue;
+            }
+            let first = valid.start * s + t - p;
+            if s == 1 {
+                let src = &row[first..first + valid.len()];
+                for (o, &v) in out[valid].iter_mut().zip(src) {
+                    *o = combine(*o, v);
+                }
+            } else {
+                for (o, &v) in out[valid].iter_mut().zip(row[first..].iter().step_by(s)) {
+                    *o = combine(*o, v);
                 }
             }
         }
@@ -232,6 +273,29 @@ impl Pool2d {
             .for_each(|((gxp, xp), (rp, gp))| self.bwd_plane(xp, rp, gp, gxp, g, &win));
         gx
     }
+}
+
+/// PyTorch's max: take `v` if greater or NaN; a NaN, once taken, stays.
+#[inline(always)]
+fn max_nan<T: WithDType>(m: T, v: T) -> T {
+    #[allow(clippy::eq_op)]
+    let nan = v != v;
+    if v > m || nan {
+        v
+    } else {
+        m
+    }
+}
+
+/// The outputs `o` (of `out`) whose tap `t`, at input `o·s + t − p`, lies inside `0..len`.
+fn tap_range(t: usize, s: usize, p: usize, len: usize, out: usize) -> std::ops::Range<usize> {
+    let lo = if t >= p { 0 } else { (p - t).div_ceil(s) };
+    let hi = if len + p > t {
+        ((len + p - t - 1) / s + 1).min(out)
+    } else {
+        0
+    };
+    lo.min(hi)..hi
 }
 
 /// Window bounds `(start, end, length with padding)` of every output column and row.
