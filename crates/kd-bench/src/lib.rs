@@ -50,7 +50,7 @@ pub struct Args {
     #[arg(long, default_value_t = 2)]
     pub rounds: usize,
     /// Instead of timing, sample this measurement with `perf` and write where its CPU time goes
-    /// (kinds of work by phase) to `<out>/profile-<measurement>.md` (e.g. `teacher-step`).
+    /// (by kind of work) to `<out>/profile-<measurement>.md` (e.g. `teacher-step`).
     #[arg(long, value_name = "MEASUREMENT")]
     pub profile: Option<String>,
 }
@@ -541,7 +541,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `--profile NAME`: perf samples of one measurement, sorted by kind of work and phase.
+/// `--profile NAME`: perf samples of one measurement, sorted by kind of work.
 fn write_profile(args: &Args, name: &str) -> anyhow::Result<()> {
     anyhow::ensure!(
         MEASUREMENTS.iter().any(|(n, _)| *n == name),

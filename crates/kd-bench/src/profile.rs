@@ -1,8 +1,9 @@
 //! Where a measurement's CPU time goes: `kd-bench --profile teacher-step` samples the child
 //! process that runs it with `perf` (call stacks with inlined frames) and sorts every sample into
 //! a kind of work (im2col, matrix products, BatchNorm, pools, candle's gradient bookkeeping, threads
-//! waiting, ...) and a phase (forward, backward, optimiser), by the first frame from the leaf up
-//! that names one. Samples of loading the data are left out.
+//! waiting, ...) by the first frame from the leaf up that names one. Samples of loading the data
+//! are left out. (No forward/backward split: a parallel loop's work stolen by another thread has
+//! no frame of the phase that started it; `kd-bench` times the phases itself.)
 
 use anyhow::Context;
 use std::collections::BTreeMap;
@@ -67,25 +68,12 @@ const LEAF_KINDS: [(&str, &[&str]); 2] = [
 /// Samples outside the measured work: loading and preparing the data, starting up.
 const LEFT_OUT: [&str; 3] = ["kd_data::", "load_data", "kd_train::stage::Pipeline::open"];
 
-/// Samples counted per (kind, phase).
+/// Samples counted per kind of work.
 #[derive(Debug, Default)]
 pub struct Profile {
-    pub counts: BTreeMap<(String, &'static str), usize>,
+    pub counts: BTreeMap<String, usize>,
     pub total: usize,
     pub left_out: usize,
-}
-
-fn phase(frames: &[&str]) -> &'static str {
-    if frames.iter().any(|f| f.contains("backprop")) {
-        "backward"
-    } else if frames
-        .iter()
-        .any(|f| f.contains("optim::") || f.contains("Adam"))
-    {
-        "optimiser"
-    } else {
-        "forward"
-    }
 }
 
 fn matches(frame: &str, pattern: &str) -> bool {
@@ -130,36 +118,21 @@ impl Profile {
                 p.left_out += 1;
                 continue;
             }
-            *p.counts.entry((kind(&frames), phase(&frames))).or_default() += 1;
+            *p.counts.entry(kind(&frames)).or_default() += 1;
             p.total += 1;
         }
         p
     }
 
-    /// Markdown: one row per kind, its share of the CPU time in each phase and in all.
+    /// Markdown: one row per kind and its share of the CPU time, largest first.
     pub fn to_markdown(&self) -> String {
-        let mut kinds: BTreeMap<&str, [usize; 3]> = BTreeMap::new();
-        for ((k, ph), n) in &self.counts {
-            let col = match *ph {
-                "forward" => 0,
-                "backward" => 1,
-                _ => 2,
-            };
-            kinds.entry(k.as_str()).or_default()[col] += n;
-        }
-        let mut rows: Vec<(&str, [usize; 3])> = kinds.into_iter().collect();
-        rows.sort_by_key(|(_, c)| std::cmp::Reverse(c.iter().sum::<usize>()));
-        let pct = |n: usize| format!("{:.1}%", 100.0 * n as f64 / self.total.max(1) as f64);
-        let mut out = String::from(
-            "| kind of work | forward | backward | optimiser | all |\n|---|---|---|---|---|\n",
-        );
-        for (k, c) in rows {
+        let mut rows: Vec<(&String, &usize)> = self.counts.iter().collect();
+        rows.sort_by_key(|(_, n)| std::cmp::Reverse(**n));
+        let mut out = String::from("| kind of work | share of CPU time |\n|---|---|\n");
+        for (k, n) in rows {
             out += &format!(
-                "| {k} | {} | {} | {} | {} |\n",
-                pct(c[0]),
-                pct(c[1]),
-                pct(c[2]),
-                pct(c.iter().sum())
+                "| {k} | {:.1}% |\n",
+                100.0 * *n as f64 / self.total.max(1) as f64
             );
         }
         out
@@ -222,15 +195,13 @@ mod tests {
         let p = Profile::parse(SAMPLES);
         assert_eq!(p.total, 3);
         assert_eq!(p.left_out, 1);
-        let get = |k: &str, ph| p.counts.get(&(k.to_string(), ph)).copied();
-        assert_eq!(get(KINDS[0].0, "forward"), Some(1));
-        assert_eq!(get(KINDS[6].0, "backward"), Some(1));
-        assert_eq!(get(LEAF_KINDS[0].0, "backward"), Some(1));
+        let get = |k: &str| p.counts.get(k).copied();
+        assert_eq!(get(KINDS[0].0), Some(1));
+        assert_eq!(get(KINDS[6].0), Some(1));
+        assert_eq!(get(LEAF_KINDS[0].0), Some(1));
         let md = p.to_markdown();
         assert!(
-            md.contains(
-                "| im2col (gather the taps of k×k convolutions) | 33.3% | 0.0% | 0.0% | 33.3% |"
-            ),
+            md.contains("| im2col (gather the taps of k×k convolutions) | 33.3% |"),
             "{md}"
         );
     }

@@ -248,6 +248,14 @@ impl Pool2d {
 
     /// Pools every `h×w` plane of `x`, in parallel.
     fn forward_planes<T: WithDType>(&self, x: &[T], g: Geometry) -> Vec<T> {
+        if self.is_same_3x3_max() && g.h >= 2 && g.w >= 2 {
+            return same_3x3_max(x, g.h, g.w);
+        }
+        self.forward_planes_general(x, g)
+    }
+
+    /// [`Self::forward_planes`] for any pool, plane by plane.
+    fn forward_planes_general<T: WithDType>(&self, x: &[T], g: Geometry) -> Vec<T> {
         let win = Windows {
             x: self.windows(g.w, g.ow),
             y: self.windows(g.h, g.oh),
@@ -257,6 +265,11 @@ impl Pool2d {
             .zip(x.par_chunks(g.h * g.w))
             .for_each_init(Vec::new, |tmp, (o, xp)| self.fwd_plane(xp, o, g, &win, tmp));
         out
+    }
+
+    /// The 3×3, stride 1, padding 1 max-pool of every Inception block's pool branch.
+    fn is_same_3x3_max(&self) -> bool {
+        self.kind == PoolKind::Max && self.kernel == 3 && self.stride == 1 && self.padding == 1
     }
 
     /// The input gradient of every plane, in parallel.
@@ -285,6 +298,49 @@ fn max_nan<T: WithDType>(m: T, v: T) -> T {
     } else {
         m
     }
+}
+
+/// The 3×3 / stride 1 / padding 1 max-pool of `[planes, h, w]` (h, w ≥ 2), as whole-array passes
+/// rather than plane by plane (a 7×7 plane is 49 numbers): along x, every element combines with
+/// its left and right neighbours in one contiguous pass, then the ends of each row are redone
+/// with their two inputs; along y the same with the rows above and below, then each plane's first
+/// and last row. Each window is combined in the generic path's order (left to right, then top to
+/// bottom, from its first input), so the result is the same to the bit.
+fn same_3x3_max<T: WithDType>(x: &[T], h: usize, w: usize) -> Vec<T> {
+    let plane = h * w;
+    // Whole planes per task: enough work per task, and a pass never crosses a task.
+    let per_task = plane * (16_384 / plane).max(1);
+    let mut tmp = x.to_vec();
+    tmp.par_chunks_mut(per_task)
+        .zip(x.par_chunks(per_task))
+        .for_each(|(t, x)| {
+            let n = x.len();
+            for i in 1..n - 1 {
+                t[i] = max_nan(max_nan(x[i - 1], x[i]), x[i + 1]);
+            }
+            for s in (0..n).step_by(w) {
+                t[s] = max_nan(x[s], x[s + 1]);
+                t[s + w - 1] = max_nan(x[s + w - 2], x[s + w - 1]);
+            }
+        });
+    let mut out = tmp.clone();
+    out.par_chunks_mut(per_task)
+        .zip(tmp.par_chunks(per_task))
+        .for_each(|(o, t)| {
+            let n = t.len();
+            for i in w..n - w {
+                o[i] = max_nan(max_nan(t[i - w], t[i]), t[i + w]);
+            }
+            for p in (0..n).step_by(plane) {
+                for i in p..p + w {
+                    o[i] = max_nan(t[i], t[i + w]);
+                }
+                for i in p + plane - w..p + plane {
+                    o[i] = max_nan(t[i - w], t[i]);
+                }
+            }
+        });
+    out
 }
 
 /// The outputs `o` (of `out`) whose tap `t`, at input `o·s + t − p`, lies inside `0..len`.
@@ -502,6 +558,26 @@ mod tests {
             .to_scalar::<f64>()
             .unwrap();
             assert!(diff < 1e-3, "{p:?}: f32 differs by {diff}");
+        }
+    }
+
+    /// The 3×3 / stride 1 / padding 1 max-pool's whole-array path gives the general path's bits,
+    /// ties, signed zeros and NaNs included, over more planes than one task holds.
+    #[test]
+    fn same_3x3_max_equals_the_general_path_to_the_bit() {
+        let p = Pool2d::max(3, 1).padding(1);
+        let values = [-1.0f32, -0.0, 0.0, 1.0, f32::NAN, 2.0, 0.5];
+        for (h, w) in [(2, 2), (7, 7), (14, 14), (3, 5), (28, 28)] {
+            let n = 700 * h * w;
+            let x: Vec<f32> = distinct_input(n, 3)
+                .iter()
+                .map(|v| values[(v.abs() * 1e6) as usize % values.len()])
+                .collect();
+            let g = Geometry { h, w, oh: h, ow: w };
+            let fast = same_3x3_max(&x, h, w);
+            let general = p.forward_planes_general(&x, g);
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&fast), bits(&general), "{h}x{w}");
         }
     }
 
