@@ -9,7 +9,8 @@ of every repetition (after one warm-up), as kd-bench does for its own.
 
 Measurements: `teacher-step` (forward of all heads, the seed's loss CE + 0.3 aux CEs, backward,
 Adam; batch 128), `precompute` (eval forward of all heads, batch 256), `student-kd-step` (student
-forward, Hinton KD against cached teacher logits, backward, Adam; batch 128).
+forward, Hinton KD against cached teacher logits, backward, Adam; batch 128), `matmul-2048` (a
+2048×2048 f32 matrix product; its "images" are products, the machine's matrix-product limit).
 """
 
 import argparse
@@ -161,6 +162,11 @@ def main():
     torch.manual_seed(0)
     images = read_idx(f"{a.data}/train-images-idx3-ubyte.gz").float().div(255).sub(0.2860).div(0.3530).unsqueeze(1)
     labels = read_idx(f"{a.data}/train-labels-idx1-ubyte.gz").long()
+    if a.only == "matmul-2048":
+        m1, m2 = torch.randn(2048, 2048), torch.randn(2048, 2048)
+        seconds = timed_reps(a, lambda i: m1 @ m2)
+        print(json.dumps({"name": a.only, "layout": a.layout, "images_per_rep": a.batches, "seconds": seconds}))
+        return
     fmt = torch.channels_last if a.layout == "channels-last" else torch.contiguous_format
     bs = 256 if a.only == "precompute" else 128
 

@@ -55,6 +55,16 @@ pub struct Args {
     pub profile: Option<String>,
 }
 
+/// The matrix-product limit: a square f32 product of this size, ours and (with `--pytorch`)
+/// PyTorch's, against which the teacher step's arithmetic rate is read.
+pub const MATMUL: &str = "matmul-2048";
+const MATMUL_N: usize = 2048;
+
+/// GFLOP/s of a `MATMUL` measurement (its "images" are products).
+pub fn matmul_gflops(products_per_sec: f64) -> f64 {
+    2.0 * (MATMUL_N as f64).powi(3) * products_per_sec / 1e9
+}
+
 /// What each measurement is: its name and what it times.
 pub const MEASUREMENTS: [(&str, &str); 8] = [
     (
@@ -319,6 +329,7 @@ pub fn measure(args: &Args, name: &str) -> anyhow::Result<Measurement> {
         "data-load" => b.data_load()?,
         "data" => b.data_pipeline()?,
         "teacher-step" => b.teacher_step()?,
+        MATMUL => b.matmul_limit()?,
         "precompute" | "teacher-eval" => b.inference(name == "precompute")?,
         "student-kd-step" | "student-baseline-step" | "online-kd-step" => b.student_step(name)?,
         other => anyhow::bail!("unknown measurement {other:?}"),
@@ -380,6 +391,18 @@ impl Bench<'_> {
             Ok(vec![("batch", s)])
         })?;
         Ok(Self::timing(tb * self.args.batches, t, 0))
+    }
+
+    /// The machine's matrix-product limit as candle reaches it: `--batches` products of two
+    /// 2048×2048 f32 matrices per repetition (the "images" of this measurement).
+    fn matmul_limit(&self) -> anyhow::Result<Timing> {
+        let a = Tensor::randn(0f32, 1.0, (MATMUL_N, MATMUL_N), &Device::Cpu)?;
+        let b = Tensor::randn(0f32, 1.0, (MATMUL_N, MATMUL_N), &Device::Cpu)?;
+        let t = time_reps(self.args, |_| {
+            let (_, s) = timed(|| Ok(a.matmul(&b)?))?;
+            Ok(vec![("matmul", s)])
+        })?;
+        Ok(Self::timing(self.args.batches, t, (MATMUL_N as u64).pow(3)))
     }
 
     fn teacher_step(&self) -> anyhow::Result<Timing> {
@@ -525,6 +548,8 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         tracing::info!("bench: {what}");
         results.push(ours(args, name)?);
     }
+    tracing::info!("bench: the matrix-product limit ({MATMUL})");
+    results.push(ours(args, MATMUL)?);
     let pipeline = args.pipeline.open(&[])?;
     let mut md = render(args, &pipeline, &results);
     if let Some(python) = &args.pytorch {
@@ -583,7 +608,7 @@ fn render(args: &Args, p: &Pipeline, results: &[Measurement]) -> String {
         "peak RSS",
     ]);
     let mut gflops = Vec::new();
-    for m in results {
+    for m in results.iter().filter(|m| m.name != MATMUL) {
         let what = MEASUREMENTS
             .iter()
             .find(|(n, _)| *n == m.name)
@@ -651,5 +676,26 @@ fn render(args: &Args, p: &Pipeline, results: &[Measurement]) -> String {
         t.to_markdown(),
         ratios.join("\n"),
         gflops.join("; ")
-    )
+    ) + &limit_line(results)
+}
+
+/// The matrix-product limit and the teacher step's share of it, when both were measured.
+fn limit_line(results: &[Measurement]) -> String {
+    let find = |name: &str| results.iter().find(|m| m.name == name);
+    let Some(mm) = find(MATMUL) else {
+        return String::new();
+    };
+    let limit = matmul_gflops(median(&mm.images_per_sec()));
+    let mut line = format!(
+        "\nMatrix-product limit: a 2048×2048 f32 product (candle's gemm) runs at {limit:.0} GFLOP/s on {} threads",
+        threads()
+    );
+    if let Some(t) = find("teacher-step") {
+        let rate = 6.0 * t.forward_macs_per_image as f64 * median(&t.images_per_sec()) / 1e9;
+        line += &format!(
+            "; the teacher step reaches {rate:.1} GFLOP/s, {:.0}% of it",
+            100.0 * rate / limit
+        );
+    }
+    line + ".\n"
 }

@@ -2,7 +2,7 @@
 //! and on the same data as ours (`pytorch/bench.py`, the same models and batches), the two run
 //! alternately so that both see the same machine; the ratio comes with both spreads.
 
-use crate::{median, Args, Measurement};
+use crate::{matmul_gflops, median, Args, Measurement, MATMUL};
 use anyhow::Context;
 use kd_train::table::Table;
 use serde::{Deserialize, Serialize};
@@ -11,10 +11,11 @@ use std::path::Path;
 const SCRIPT: &str = include_str!("../pytorch/bench.py");
 
 /// Our measurements with a PyTorch counterpart, and the layouts PyTorch is run in.
-pub const COMPARED: [(&str, &[&str]); 3] = [
+pub const COMPARED: [(&str, &[&str]); 4] = [
     ("teacher-step", &["nchw", "channels-last"]),
     ("precompute", &["nchw", "channels-last"]),
     ("student-kd-step", &["nchw"]),
+    (crate::MATMUL, &["nchw"]),
 ];
 
 /// One PyTorch measurement, as the script prints it.
@@ -91,16 +92,20 @@ pub fn table(ours: &[Measurement], theirs: &[Theirs]) -> Table {
         format!("{:.0} ({lo:.0}–{hi:.0})", median(xs))
     };
     for (name, _) in COMPARED {
+        // The matrix product's row is in GFLOP/s, not products per second.
+        let unit = |v: f64| if name == MATMUL { matmul_gflops(v) } else { v };
         let mine: Vec<f64> = ours
             .iter()
             .filter(|m| m.name == name)
             .flat_map(|m| m.images_per_sec())
+            .map(unit)
             .collect();
         let of = |layout: &str| -> Vec<f64> {
             theirs
                 .iter()
                 .filter(|t| t.name == name && t.layout == layout)
                 .flat_map(Theirs::images_per_sec)
+                .map(unit)
                 .collect()
         };
         let (nchw, cl) = (of("nchw"), of("channels-last"));
@@ -115,8 +120,13 @@ pub fn table(ours: &[Measurement], theirs: &[Theirs]) -> Table {
                 show(xs)
             }
         };
+        let label = if name == MATMUL {
+            "matrix product 2048² f32 (GFLOP/s)".to_string()
+        } else {
+            name.to_string()
+        };
         t.row(&[
-            name.to_string(),
+            label,
             cell(&mine),
             cell(&nchw),
             cell(&cl),
