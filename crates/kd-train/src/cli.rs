@@ -38,11 +38,12 @@ pub fn tune_allocator() {
 }
 
 /// candle's element-wise ops run on a pool of their own (`CANDLE_NUM_THREADS`, by default as many
-/// threads as rayon's) whose threads spin while they wait; beside the compute pool that is one
-/// more spinning thread than cores. A training step's element-wise work is mostly candle adding
-/// each node's gradient into a zeroed buffer: memory-bound, where a second thread buys little and
-/// its spinning cost 28% of the teacher's step (`perf`, `docs/speed.md`). One thread, unless the
-/// user set `CANDLE_NUM_THREADS`. Called before any thread starts.
+/// threads as rayon's) whose threads spin while they wait: beside the compute pool, one more
+/// spinning thread than cores. A training step's element-wise work is mostly candle adding each
+/// node's gradient into a zeroed buffer, memory-bound, where a second thread buys little: with one,
+/// the teacher step measured 309–313 img/s against 292–304 with two (`docs/speed.md`), and on a
+/// busy machine the spinning took a quarter of the CPU (`perf`). One thread, unless the user set
+/// `CANDLE_NUM_THREADS`. Called before any thread starts.
 pub fn single_threaded_elementwise() {
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
         std::env::set_var("CANDLE_NUM_THREADS", "1");
