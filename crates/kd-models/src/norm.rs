@@ -114,26 +114,104 @@ fn lock(m: &Mutex<Vec<RowStats>>) -> Result<std::sync::MutexGuard<'_, Vec<RowSta
         .map_err(|_| candle_core::Error::Msg("batch-norm statistics lock poisoned".into()))
 }
 
+/// Channels whose sums run side by side. Each channel's additions stay in their order (so the bits
+/// are those of one `Iterator::sum` per channel), but `GROUP` independent chains keep the adder
+/// busy where a single chain waits for each addition to finish.
+const GROUP: usize = 4;
+
+/// For each of the `k ≤ GROUP` rows of `rows` (`k × n`), `Σ f(row index, x)` over the row, in order
+/// from −0.0 as `Iterator::sum` does.
+#[inline(always)]
+fn row_sums<T: WithDType>(rows: &[T], n: usize, f: impl Fn(usize, f64) -> f64) -> [f64; GROUP] {
+    let mut acc = [-0.0f64; GROUP];
+    if rows.len() == GROUP * n {
+        let r: [&[T]; GROUP] = std::array::from_fn(|c| &rows[c * n..(c + 1) * n]);
+        #[allow(clippy::needless_range_loop)] // one index into four rows: the point of the loop
+        for i in 0..n {
+            for c in 0..GROUP {
+                acc[c] += f(c, r[c][i].to_f64());
+            }
+        }
+    } else {
+        for (c, row) in rows.chunks(n).enumerate() {
+            for v in row {
+                acc[c] += f(c, v.to_f64());
+            }
+        }
+    }
+    acc
+}
+
+/// For each row, `(Σ g, Σ g·ẑ)` with `g = dy·[y > 0]` and `ẑ = (z − μ)·inv_std`: terms with
+/// `y ≤ 0` are skipped, not added as zeros, and each row's terms are added in order from 0.
+#[inline(always)]
+fn masked_row_sums<T: WithDType>(
+    (z, y, dy): (&[T], &[T], &[T]),
+    n: usize,
+    stats: &[RowStats],
+) -> [(f64, f64); GROUP] {
+    let zero = T::from_f64(0.0);
+    let mut acc = [(0.0f64, 0.0f64); GROUP];
+    let k = z.len() / n;
+    let mean: [f64; GROUP] = std::array::from_fn(|c| stats.get(c).map_or(0.0, |s| s.mean));
+    let inv: [f64; GROUP] = std::array::from_fn(|c| stats.get(c).map_or(0.0, RowStats::inv_std));
+    let term = |c: usize, i: usize, acc: &mut [(f64, f64); GROUP]| {
+        let j = c * n + i;
+        if y[j] > zero {
+            let d = dy[j].to_f64();
+            acc[c].0 += d;
+            acc[c].1 += d * (z[j].to_f64() - mean[c]) * inv[c];
+        }
+    };
+    if k == GROUP {
+        for i in 0..n {
+            for c in 0..GROUP {
+                term(c, i, &mut acc);
+            }
+        }
+    } else {
+        for c in 0..k {
+            for i in 0..n {
+                term(c, i, &mut acc);
+            }
+        }
+    }
+    acc
+}
+
 fn forward_rows<T: WithDType>(z: &[T], g: &[T], b: &[T], n: usize) -> (Vec<T>, Vec<RowStats>) {
     let zero = T::from_f64(0.0);
     let mut out = vec![zero; z.len()];
-    let stats = out
-        .par_chunks_mut(n)
-        .zip(z.par_chunks(n))
-        .zip(g.par_iter().zip(b.par_iter()))
-        .map(|((o, zr), (&gc, &bc))| {
-            let mean = zr.iter().map(|v| v.to_f64()).sum::<f64>() / n as f64;
-            let var = zr.iter().map(|v| (v.to_f64() - mean).powi(2)).sum::<f64>() / n as f64;
-            let s = RowStats { mean, var };
-            let a = gc.to_f64() * s.inv_std();
-            let c = bc.to_f64() - mean * a;
-            for (o, &v) in o.iter_mut().zip(zr) {
-                *o = T::from_f64((v.to_f64() * a + c).max(0.0));
+    let stats: Vec<Vec<RowStats>> = out
+        .par_chunks_mut(GROUP * n)
+        .zip(z.par_chunks(GROUP * n))
+        .zip(g.par_chunks(GROUP).zip(b.par_chunks(GROUP)))
+        .map(|((o, zs), (gs, bs))| {
+            let sums = row_sums(zs, n, |_, v| v);
+            let mean: [f64; GROUP] = std::array::from_fn(|c| sums[c] / n as f64);
+            let sq = row_sums(zs, n, |c, v| (v - mean[c]).powi(2));
+            let mut stats = Vec::with_capacity(GROUP);
+            for (c, ((o, zr), (&gc, &bc))) in o
+                .chunks_mut(n)
+                .zip(zs.chunks(n))
+                .zip(gs.iter().zip(bs))
+                .enumerate()
+            {
+                let s = RowStats {
+                    mean: mean[c],
+                    var: sq[c] / n as f64,
+                };
+                let a = gc.to_f64() * s.inv_std();
+                let sh = bc.to_f64() - s.mean * a;
+                for (o, &v) in o.iter_mut().zip(zr) {
+                    *o = T::from_f64((v.to_f64() * a + sh).max(0.0));
+                }
+                stats.push(s);
             }
-            s
+            stats
         })
         .collect();
-    (out, stats)
+    (out, stats.concat())
 }
 
 /// `(dz, dγ, dβ)` from the saved statistics, the input, the output and the output's gradient.
@@ -147,29 +225,38 @@ fn backward_rows<T: WithDType>(
 ) -> (Vec<T>, Vec<T>, Vec<T>) {
     let zero = T::from_f64(0.0);
     let mut dz = vec![zero; z.len()];
-    let (dgamma, dbeta): (Vec<T>, Vec<T>) = dz
-        .par_chunks_mut(n)
-        .zip(z.par_chunks(n).zip(y.par_chunks(n)))
-        .zip(dy.par_chunks(n).zip(gamma.par_iter().zip(stats.par_iter())))
-        .map(|((dzr, (zr, yr)), (dyr, (&gc, s)))| {
-            let inv_std = s.inv_std();
-            let (mut sum_g, mut sum_gx) = (0.0f64, 0.0f64);
-            for ((&zv, &yv), &dv) in zr.iter().zip(yr).zip(dyr) {
-                if yv > zero {
-                    let d = dv.to_f64();
-                    sum_g += d;
-                    sum_gx += d * (zv.to_f64() - s.mean) * inv_std;
+    let m = GROUP * n;
+    let sums: Vec<Vec<(T, T)>> = dz
+        .par_chunks_mut(m)
+        .zip(z.par_chunks(m).zip(y.par_chunks(m)))
+        .zip(
+            dy.par_chunks(m)
+                .zip(gamma.par_chunks(GROUP).zip(stats.par_chunks(GROUP))),
+        )
+        .map(|((dzs, (zs, ys)), (dys, (gs, ss)))| {
+            let sums = masked_row_sums((zs, ys, dys), n, ss);
+            let mut out = Vec::with_capacity(GROUP);
+            for (c, (((dzr, zr), (yr, dyr)), (&gc, s))) in dzs
+                .chunks_mut(n)
+                .zip(zs.chunks(n))
+                .zip(ys.chunks(n).zip(dys.chunks(n)))
+                .zip(gs.iter().zip(ss))
+                .enumerate()
+            {
+                let (sum_g, sum_gx) = sums[c];
+                let inv_std = s.inv_std();
+                let k = gc.to_f64() * inv_std / n as f64;
+                for (((o, &zv), &yv), &dv) in dzr.iter_mut().zip(zr).zip(yr).zip(dyr) {
+                    let g = if yv > zero { dv.to_f64() } else { 0.0 };
+                    let xhat = (zv.to_f64() - s.mean) * inv_std;
+                    *o = T::from_f64(k * (n as f64 * g - sum_g - xhat * sum_gx));
                 }
+                out.push((T::from_f64(sum_gx), T::from_f64(sum_g)));
             }
-            let k = gc.to_f64() * inv_std / n as f64;
-            for (((o, &zv), &yv), &dv) in dzr.iter_mut().zip(zr).zip(yr).zip(dyr) {
-                let g = if yv > zero { dv.to_f64() } else { 0.0 };
-                let xhat = (zv.to_f64() - s.mean) * inv_std;
-                *o = T::from_f64(k * (n as f64 * g - sum_g - xhat * sum_gx));
-            }
-            (T::from_f64(sum_gx), T::from_f64(sum_g))
+            out
         })
-        .unzip();
+        .collect();
+    let (dgamma, dbeta) = sums.concat().into_iter().unzip();
     (dz, dgamma, dbeta)
 }
 
@@ -273,6 +360,86 @@ mod tests {
     use crate::conv::tests::{max_rel_diff, rand};
     use crate::SeededVarMap;
     use candle_core::{DType, Device, D};
+
+    /// One channel at a time, one running sum each: the kernels as they were before the channels'
+    /// sums ran side by side, whose bits the grouped kernels must keep.
+    fn one_channel_at_a_time(z: &[f32], g: &[f32], b: &[f32], dy: &[f32], n: usize) -> Vec<u64> {
+        let mut bits = Vec::new();
+        let mut stats = Vec::new();
+        let mut y = Vec::new();
+        for ((zr, &gc), &bc) in z.chunks(n).zip(g).zip(b) {
+            let mean = zr.iter().map(|v| v.to_f64()).sum::<f64>() / n as f64;
+            let var = zr.iter().map(|v| (v.to_f64() - mean).powi(2)).sum::<f64>() / n as f64;
+            let s = RowStats { mean, var };
+            let a = gc.to_f64() * s.inv_std();
+            let c = bc.to_f64() - mean * a;
+            y.extend(
+                zr.iter()
+                    .map(|&v| T32::from_f64((v.to_f64() * a + c).max(0.0))),
+            );
+            stats.push(s);
+        }
+        for (((zr, yr), dyr), (&gc, s)) in z
+            .chunks(n)
+            .zip(y.chunks(n))
+            .zip(dy.chunks(n))
+            .zip(g.iter().zip(&stats))
+        {
+            let inv_std = s.inv_std();
+            let (mut sum_g, mut sum_gx) = (0.0f64, 0.0f64);
+            for ((&zv, &yv), &dv) in zr.iter().zip(yr).zip(dyr) {
+                if yv > 0.0 {
+                    let d = dv.to_f64();
+                    sum_g += d;
+                    sum_gx += d * (zv.to_f64() - s.mean) * inv_std;
+                }
+            }
+            let k = gc.to_f64() * inv_std / n as f64;
+            for ((&zv, &yv), &dv) in zr.iter().zip(yr).zip(dyr) {
+                let g = if yv > 0.0 { dv.to_f64() } else { 0.0 };
+                let xhat = (zv.to_f64() - s.mean) * inv_std;
+                bits.push(((k * (n as f64 * g - sum_g - xhat * sum_gx)) as f32).to_bits() as u64);
+            }
+            bits.push((sum_gx as f32).to_bits() as u64);
+            bits.push((sum_g as f32).to_bits() as u64);
+        }
+        bits.extend(y.iter().map(|v| v.to_bits() as u64));
+        bits.extend(
+            stats
+                .iter()
+                .flat_map(|s| [s.mean.to_bits(), s.var.to_bits()]),
+        );
+        bits
+    }
+    type T32 = f32;
+
+    /// The grouped kernels give the bits of one running sum per channel (the f64 statistics too, not
+    /// only the f32 outputs, which would hide a changed order), for channel counts that do and do
+    /// not fill the last group.
+    #[test]
+    fn channels_summed_side_by_side_keep_the_bits() {
+        for (c, n) in [(8, 1001), (7, 333), (1, 50), (13, 64)] {
+            let f =
+                |seed, len| -> Vec<f32> { rand(&[len], seed).iter().map(|&v| v as f32).collect() };
+            let (z, g, b, dy) = (f(1, c * n), f(2, c), f(3, c), f(4, c * n));
+            let want = one_channel_at_a_time(&z, &g, &b, &dy, n);
+            let (y, stats) = forward_rows(&z, &g, &b, n);
+            let (dz, dg, db) = backward_rows(&stats, &z, &y, &dy, &g, n);
+            let mut got = Vec::new();
+            for ch in 0..c {
+                got.extend(dz[ch * n..(ch + 1) * n].iter().map(|v| v.to_bits() as u64));
+                got.push(dg[ch].to_bits() as u64);
+                got.push(db[ch].to_bits() as u64);
+            }
+            got.extend(y.iter().map(|v| v.to_bits() as u64));
+            got.extend(
+                stats
+                    .iter()
+                    .flat_map(|s| [s.mean.to_bits(), s.var.to_bits()]),
+            );
+            assert_eq!(got, want, "{c} channels of {n}");
+        }
+    }
 
     /// relu(batch_norm(z)) from candle's own ops, for reference.
     fn reference(z: &Tensor, gamma: &Tensor, beta: &Tensor) -> Tensor {
