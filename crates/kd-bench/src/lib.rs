@@ -110,6 +110,9 @@ pub struct Measurement {
     /// Multiply-adds of one image's forward pass through the trained model.
     pub forward_macs_per_image: u64,
     pub peak_rss_kib: u64,
+    /// Wall seconds per batch in each kind of our ops (`kd_models::timing`), training steps only.
+    #[serde(default)]
+    pub ops: Vec<(String, f64)>,
 }
 
 impl Measurement {
@@ -192,6 +195,32 @@ fn side_by_side(args: &Args, p: &Pipeline, python: &std::path::Path) -> anyhow::
         threads(),
         pytorch::table(&mine, &theirs).to_markdown()
     ))
+}
+
+/// Wall seconds per step in each kind of our ops.
+type OpTimes = Vec<(String, f64)>;
+
+/// [`time_reps`] with our ops timing themselves (`kd_models::timing`) during the timed steps:
+/// also the wall seconds per step of each kind of op.
+fn time_ops(
+    args: &Args,
+    mut step: impl FnMut(usize) -> anyhow::Result<Vec<(&'static str, f64)>>,
+) -> anyhow::Result<((Vec<f64>, Split), OpTimes)> {
+    let t = time_reps(args, |i| {
+        if i == 1 {
+            // The warm-up step is over: count from the first timed one.
+            kd_models::timing::take();
+            kd_models::timing::enable(true);
+        }
+        step(i)
+    });
+    kd_models::timing::enable(false);
+    let steps = (args.reps * args.batches).max(1) as f64;
+    let ops = kd_models::timing::take()
+        .into_iter()
+        .map(|(kind, secs, _)| (kind.to_string(), secs / steps))
+        .collect();
+    Ok((t?, ops))
 }
 
 /// Seconds per repetition of each named part of a step.
@@ -341,6 +370,7 @@ pub fn measure(args: &Args, name: &str) -> anyhow::Result<Measurement> {
         split: timing.split,
         forward_macs_per_image: timing.macs,
         peak_rss_kib: peak_rss_kib(),
+        ops: timing.ops,
     })
 }
 
@@ -351,6 +381,7 @@ struct Timing {
     seconds: Vec<f64>,
     split: Split,
     macs: u64,
+    ops: Vec<(String, f64)>,
 }
 
 /// What every measurement needs: the flags, the pipeline and its data.
@@ -367,6 +398,7 @@ impl Bench<'_> {
             seconds,
             split,
             macs,
+            ops: Vec::new(),
         }
     }
 
@@ -411,7 +443,7 @@ impl Bench<'_> {
         let model = Trainable::new(&t.arch, &data.spec, t.seed, &Device::Cpu)?;
         let macs = forward_macs(model.model.as_ref(), data)?;
         let mut opt = optimiser(&model, t.lr)?;
-        let timings = time_reps(self.args, |i| {
+        let timings = time_ops(self.args, |i| {
             let b = batch(data, &rows(data, i * tb, tb), t.augment, i as u64)?;
             let (loss, f) = timed(|| {
                 let heads = model.model.forward_t(&b.images, true)?;
@@ -423,7 +455,11 @@ impl Bench<'_> {
             let ((), o) = timed(|| Ok(opt.step(&grads)?))?;
             Ok(vec![("forward", f), ("backward", bw), ("optimiser", o)])
         })?;
-        Ok(Self::timing(tb * self.args.batches, timings, macs))
+        let (timings, ops) = timings;
+        Ok(Timing {
+            ops,
+            ..Self::timing(tb * self.args.batches, timings, macs)
+        })
     }
 
     /// The teacher's forward at the knowledge batch: loaded from its checkpoint (`frozen`, as
@@ -677,6 +713,55 @@ fn render(args: &Args, p: &Pipeline, results: &[Measurement]) -> String {
         ratios.join("\n"),
         gflops.join("; ")
     ) + &limit_line(results)
+        + &ops_table(args, results)
+}
+
+/// Where the teacher's training step spends its wall time: our ops, timed by themselves, and
+/// what is left of the forward and backward (candle's own ops), per batch.
+fn ops_table(args: &Args, results: &[Measurement]) -> String {
+    let Some(m) = results
+        .iter()
+        .find(|m| m.name == "teacher-step" && !m.ops.is_empty())
+    else {
+        return String::new();
+    };
+    let steps = (m.seconds.len() * args.batches).max(1) as f64;
+    let part = |name: &str| -> f64 {
+        m.split
+            .iter()
+            .find(|(n, _)| n == name)
+            .map_or(0.0, |(_, v)| v.iter().sum::<f64>())
+            / steps
+    };
+    let total = m.seconds.iter().sum::<f64>() / steps;
+    let mut rows: Vec<(String, f64)> = m.ops.clone();
+    for phase in ["forward", "backward"] {
+        let ours: f64 = m
+            .ops
+            .iter()
+            .filter(|(k, _)| k.contains(phase))
+            .map(|(_, s)| s)
+            .sum();
+        rows.push((
+            format!("the rest of the {phase} (candle's own ops: gradient buffers and sums, reshapes, concatenations, losses)"),
+            (part(phase) - ours).max(0.0),
+        ));
+    }
+    rows.push(("optimiser (Adam)".to_string(), part("optimiser")));
+    rows.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let mut t = Table::new(&["kind of work", "ms per batch", "share of the step"]);
+    for (k, s) in rows {
+        t.row(&[
+            k,
+            format!("{:.1}", s * 1e3),
+            format!("{:.0}%", 100.0 * s / total),
+        ]);
+    }
+    format!(
+        "\n## Where the teacher step's time goes\n\nWall time per batch ({:.0} ms in all): each of our ops timed around its work (all threads), the rest is candle's.\n\n{}",
+        total * 1e3,
+        t.to_markdown()
+    )
 }
 
 /// The matrix-product limit and the teacher step's share of it, when both were measured.

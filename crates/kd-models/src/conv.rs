@@ -9,6 +9,7 @@
 //! comes out in the layout the next layer reads, so no transposes sit between layers.
 
 use crate::cpu::contiguous;
+use crate::timing::time;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, WithDType};
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
@@ -171,7 +172,7 @@ impl ConvOp {
         let cols: &[T] = if self.is_pointwise() {
             x
         } else {
-            gathered = g.fill(x, (cin, b, h, w))?;
+            gathered = time("im2col (forward)", || g.fill(x, (cin, b, h, w)))?;
             &gathered
         };
         let mut out: Vec<T> = Vec::with_capacity(cout * n);
@@ -181,33 +182,35 @@ impl ConvOp {
         } else {
             gemm::Parallelism::None
         };
-        // SAFETY: `out` has room for `cout × n` elements, all written (read_dst is false);
-        // `weight` is `cout × depth` and `cols` `depth × n`, row-major, as the strides say.
-        #[allow(unsafe_code)]
-        unsafe {
-            gemm::gemm(
-                cout,
-                n,
-                depth,
-                out.as_mut_ptr(),
-                1,
-                n as isize,
-                false,
-                weight.as_ptr(),
-                1,
-                depth as isize,
-                cols.as_ptr(),
-                1,
-                n as isize,
-                T::from_f64(0.0),
-                T::from_f64(1.0),
-                false,
-                false,
-                false,
-                parallelism,
-            );
-            out.set_len(cout * n);
-        }
+        time("convolution matrix products (forward)", || {
+            // SAFETY: `out` has room for `cout × n` elements, all written (read_dst is false);
+            // `weight` is `cout × depth` and `cols` `depth × n`, row-major, as the strides say.
+            #[allow(unsafe_code)]
+            unsafe {
+                gemm::gemm(
+                    cout,
+                    n,
+                    depth,
+                    out.as_mut_ptr(),
+                    1,
+                    n as isize,
+                    false,
+                    weight.as_ptr(),
+                    1,
+                    depth as isize,
+                    cols.as_ptr(),
+                    1,
+                    n as isize,
+                    T::from_f64(0.0),
+                    T::from_f64(1.0),
+                    false,
+                    false,
+                    false,
+                    parallelism,
+                );
+                out.set_len(cout * n);
+            }
+        });
         Ok(out)
     }
 }
@@ -258,10 +261,18 @@ impl CustomOp2 for ConvOp {
         let cols = if self.is_pointwise() {
             x.reshape((cin, b * h * w))?
         } else {
-            x.apply_op1_no_bwd(&self.0)?
+            time("im2col (backward, gathered again)", || {
+                x.apply_op1_no_bwd(&self.0)
+            })?
         };
-        let dw = dy.matmul(&cols.t()?)?.reshape(weight.shape())?;
-        let dcols = weight.reshape((cout, cin * k * k))?.t()?.matmul(&dy)?;
+        let dw = time(
+            "convolution weight gradient dW = dy·colsᵀ (backward)",
+            || dy.matmul(&cols.t()?)?.reshape(weight.shape()),
+        )?;
+        let dcols = time(
+            "convolution input gradient dcols = Wᵀ·dy (backward)",
+            || weight.reshape((cout, cin * k * k))?.t()?.matmul(&dy),
+        )?;
         let dx = if self.is_pointwise() {
             dcols.reshape((cin, b, h, w))?
         } else {
@@ -272,7 +283,7 @@ impl CustomOp2 for ConvOp {
                 h,
                 w,
             };
-            dcols.apply_op1_no_bwd(&fold)?
+            time("col2im (backward)", || dcols.apply_op1_no_bwd(&fold))?
         };
         Ok((Some(dx), Some(dw)))
     }
@@ -502,18 +513,20 @@ impl CustomOp2 for BiasRelu {
             candle_core::bail!("bias-relu: bias {:?} for {c} channels", l2.shape());
         }
         fn run<T: WithDType>(z: &[T], b: &[T], n: usize) -> Vec<T> {
-            let zero = T::from_f64(0.0);
-            let mut out = vec![zero; z.len()];
-            out.par_chunks_mut(n)
-                .zip(z.par_chunks(n))
-                .zip(b.par_iter())
-                .for_each(|((o, zr), &bc)| {
-                    for (o, &v) in o.iter_mut().zip(zr) {
-                        let y = v + bc;
-                        *o = if y > zero { y } else { zero };
-                    }
-                });
-            out
+            time("bias + ReLU (forward)", || {
+                let zero = T::from_f64(0.0);
+                let mut out = vec![zero; z.len()];
+                out.par_chunks_mut(n)
+                    .zip(z.par_chunks(n))
+                    .zip(b.par_iter())
+                    .for_each(|((o, zr), &bc)| {
+                        for (o, &v) in o.iter_mut().zip(zr) {
+                            let y = v + bc;
+                            *o = if y > zero { y } else { zero };
+                        }
+                    });
+                out
+            })
         }
         let out = match (s1, s2) {
             (CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32(run(
@@ -538,8 +551,11 @@ impl CustomOp2 for BiasRelu {
         res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let dz = res.apply_op2_no_bwd(&grad.contiguous()?, &ReluMask)?;
-        let db = dz.flatten_from(1)?.sum(1)?;
+        let (dz, db) = time("bias + ReLU (backward)", || {
+            let dz = res.apply_op2_no_bwd(&grad.contiguous()?, &ReluMask)?;
+            let db = dz.flatten_from(1)?.sum(1)?;
+            Ok::<_, candle_core::Error>((dz, db))
+        })?;
         Ok((Some(dz), Some(db)))
     }
 }

@@ -18,6 +18,7 @@ pub mod macs;
 pub mod norm;
 pub mod pool;
 pub mod student;
+pub mod timing;
 
 pub use init::{Dropout, DropoutRng, SeededVarMap};
 pub use pool::Pool2d;

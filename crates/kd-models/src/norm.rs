@@ -10,6 +10,7 @@
 
 use crate::conv::BiasRelu;
 use crate::cpu::contiguous;
+use crate::timing::time;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor, Var, WithDType};
 use candle_nn::{Init, VarBuilder};
 use rayon::prelude::*;
@@ -180,38 +181,40 @@ fn masked_row_sums<T: WithDType>(
 }
 
 fn forward_rows<T: WithDType>(z: &[T], g: &[T], b: &[T], n: usize) -> (Vec<T>, Vec<RowStats>) {
-    let zero = T::from_f64(0.0);
-    let mut out = vec![zero; z.len()];
-    let stats: Vec<Vec<RowStats>> = out
-        .par_chunks_mut(GROUP * n)
-        .zip(z.par_chunks(GROUP * n))
-        .zip(g.par_chunks(GROUP).zip(b.par_chunks(GROUP)))
-        .map(|((o, zs), (gs, bs))| {
-            let sums = row_sums(zs, n, |_, v| v);
-            let mean: [f64; GROUP] = std::array::from_fn(|c| sums[c] / n as f64);
-            let sq = row_sums(zs, n, |c, v| (v - mean[c]).powi(2));
-            let mut stats = Vec::with_capacity(GROUP);
-            for (c, ((o, zr), (&gc, &bc))) in o
-                .chunks_mut(n)
-                .zip(zs.chunks(n))
-                .zip(gs.iter().zip(bs))
-                .enumerate()
-            {
-                let s = RowStats {
-                    mean: mean[c],
-                    var: sq[c] / n as f64,
-                };
-                let a = gc.to_f64() * s.inv_std();
-                let sh = bc.to_f64() - s.mean * a;
-                for (o, &v) in o.iter_mut().zip(zr) {
-                    *o = T::from_f64((v.to_f64() * a + sh).max(0.0));
+    time("BatchNorm + ReLU (forward)", || {
+        let zero = T::from_f64(0.0);
+        let mut out = vec![zero; z.len()];
+        let stats: Vec<Vec<RowStats>> = out
+            .par_chunks_mut(GROUP * n)
+            .zip(z.par_chunks(GROUP * n))
+            .zip(g.par_chunks(GROUP).zip(b.par_chunks(GROUP)))
+            .map(|((o, zs), (gs, bs))| {
+                let sums = row_sums(zs, n, |_, v| v);
+                let mean: [f64; GROUP] = std::array::from_fn(|c| sums[c] / n as f64);
+                let sq = row_sums(zs, n, |c, v| (v - mean[c]).powi(2));
+                let mut stats = Vec::with_capacity(GROUP);
+                for (c, ((o, zr), (&gc, &bc))) in o
+                    .chunks_mut(n)
+                    .zip(zs.chunks(n))
+                    .zip(gs.iter().zip(bs))
+                    .enumerate()
+                {
+                    let s = RowStats {
+                        mean: mean[c],
+                        var: sq[c] / n as f64,
+                    };
+                    let a = gc.to_f64() * s.inv_std();
+                    let sh = bc.to_f64() - s.mean * a;
+                    for (o, &v) in o.iter_mut().zip(zr) {
+                        *o = T::from_f64((v.to_f64() * a + sh).max(0.0));
+                    }
+                    stats.push(s);
                 }
-                stats.push(s);
-            }
-            stats
-        })
-        .collect();
-    (out, stats.concat())
+                stats
+            })
+            .collect();
+        (out, stats.concat())
+    })
 }
 
 /// `(dz, dγ, dβ)` from the saved statistics, the input, the output and the output's gradient.
@@ -223,41 +226,43 @@ fn backward_rows<T: WithDType>(
     gamma: &[T],
     n: usize,
 ) -> (Vec<T>, Vec<T>, Vec<T>) {
-    let zero = T::from_f64(0.0);
-    let mut dz = vec![zero; z.len()];
-    let m = GROUP * n;
-    let sums: Vec<Vec<(T, T)>> = dz
-        .par_chunks_mut(m)
-        .zip(z.par_chunks(m).zip(y.par_chunks(m)))
-        .zip(
-            dy.par_chunks(m)
-                .zip(gamma.par_chunks(GROUP).zip(stats.par_chunks(GROUP))),
-        )
-        .map(|((dzs, (zs, ys)), (dys, (gs, ss)))| {
-            let sums = masked_row_sums((zs, ys, dys), n, ss);
-            let mut out = Vec::with_capacity(GROUP);
-            for (c, (((dzr, zr), (yr, dyr)), (&gc, s))) in dzs
-                .chunks_mut(n)
-                .zip(zs.chunks(n))
-                .zip(ys.chunks(n).zip(dys.chunks(n)))
-                .zip(gs.iter().zip(ss))
-                .enumerate()
-            {
-                let (sum_g, sum_gx) = sums[c];
-                let inv_std = s.inv_std();
-                let k = gc.to_f64() * inv_std / n as f64;
-                for (((o, &zv), &yv), &dv) in dzr.iter_mut().zip(zr).zip(yr).zip(dyr) {
-                    let g = if yv > zero { dv.to_f64() } else { 0.0 };
-                    let xhat = (zv.to_f64() - s.mean) * inv_std;
-                    *o = T::from_f64(k * (n as f64 * g - sum_g - xhat * sum_gx));
+    time("BatchNorm + ReLU (backward)", || {
+        let zero = T::from_f64(0.0);
+        let mut dz = vec![zero; z.len()];
+        let m = GROUP * n;
+        let sums: Vec<Vec<(T, T)>> = dz
+            .par_chunks_mut(m)
+            .zip(z.par_chunks(m).zip(y.par_chunks(m)))
+            .zip(
+                dy.par_chunks(m)
+                    .zip(gamma.par_chunks(GROUP).zip(stats.par_chunks(GROUP))),
+            )
+            .map(|((dzs, (zs, ys)), (dys, (gs, ss)))| {
+                let sums = masked_row_sums((zs, ys, dys), n, ss);
+                let mut out = Vec::with_capacity(GROUP);
+                for (c, (((dzr, zr), (yr, dyr)), (&gc, s))) in dzs
+                    .chunks_mut(n)
+                    .zip(zs.chunks(n))
+                    .zip(ys.chunks(n).zip(dys.chunks(n)))
+                    .zip(gs.iter().zip(ss))
+                    .enumerate()
+                {
+                    let (sum_g, sum_gx) = sums[c];
+                    let inv_std = s.inv_std();
+                    let k = gc.to_f64() * inv_std / n as f64;
+                    for (((o, &zv), &yv), &dv) in dzr.iter_mut().zip(zr).zip(yr).zip(dyr) {
+                        let g = if yv > zero { dv.to_f64() } else { 0.0 };
+                        let xhat = (zv.to_f64() - s.mean) * inv_std;
+                        *o = T::from_f64(k * (n as f64 * g - sum_g - xhat * sum_gx));
+                    }
+                    out.push((T::from_f64(sum_gx), T::from_f64(sum_g)));
                 }
-                out.push((T::from_f64(sum_gx), T::from_f64(sum_g)));
-            }
-            out
-        })
-        .collect();
-    let (dgamma, dbeta) = sums.concat().into_iter().unzip();
-    (dz, dgamma, dbeta)
+                out
+            })
+            .collect();
+        let (dgamma, dbeta) = sums.concat().into_iter().unzip();
+        (dz, dgamma, dbeta)
+    })
 }
 
 impl CustomOp3 for BnReluOp {

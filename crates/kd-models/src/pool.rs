@@ -7,6 +7,7 @@
 //! spreads it evenly over the window.
 
 use crate::cpu::contiguous;
+use crate::timing::time;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
@@ -248,10 +249,12 @@ impl Pool2d {
 
     /// Pools every `h×w` plane of `x`, in parallel.
     fn forward_planes<T: WithDType>(&self, x: &[T], g: Geometry) -> Vec<T> {
-        if self.is_same_3x3_max() && g.h >= 2 && g.w >= 2 {
-            return same_3x3_max(x, g.h, g.w);
-        }
-        self.forward_planes_general(x, g)
+        time("pools (forward)", || {
+            if self.is_same_3x3_max() && g.h >= 2 && g.w >= 2 {
+                return same_3x3_max(x, g.h, g.w);
+            }
+            self.forward_planes_general(x, g)
+        })
     }
 
     /// [`Self::forward_planes`] for any pool, plane by plane.
@@ -274,17 +277,19 @@ impl Pool2d {
 
     /// The input gradient of every plane, in parallel.
     fn backward_planes<T: WithDType>(&self, x: &[T], res: &[T], grad: &[T], g: Geometry) -> Vec<T> {
-        let win = Windows {
-            x: self.windows(g.w, g.ow),
-            y: self.windows(g.h, g.oh),
-        };
-        let (plane, out_plane) = (g.h * g.w, g.oh * g.ow);
-        let mut gx = vec![T::from_f64(0.0); x.len()];
-        gx.par_chunks_mut(plane)
-            .zip(x.par_chunks(plane))
-            .zip(res.par_chunks(out_plane).zip(grad.par_chunks(out_plane)))
-            .for_each(|((gxp, xp), (rp, gp))| self.bwd_plane(xp, rp, gp, gxp, g, &win));
-        gx
+        time("pools (backward)", || {
+            let win = Windows {
+                x: self.windows(g.w, g.ow),
+                y: self.windows(g.h, g.oh),
+            };
+            let (plane, out_plane) = (g.h * g.w, g.oh * g.ow);
+            let mut gx = vec![T::from_f64(0.0); x.len()];
+            gx.par_chunks_mut(plane)
+                .zip(x.par_chunks(plane))
+                .zip(res.par_chunks(out_plane).zip(grad.par_chunks(out_plane)))
+                .for_each(|((gxp, xp), (rp, gp))| self.bwd_plane(xp, rp, gp, gxp, g, &win));
+            gx
+        })
     }
 }
 
