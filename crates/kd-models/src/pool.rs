@@ -101,33 +101,12 @@ impl Pool2d {
         (0..out).map(|o| self.window(o, len)).collect()
     }
 
-    /// Pools one plane. Max and sum are separable: pool each row along x into `tmp`
-    /// (`[h, ow]`), then combine rows along y, a whole output row at a time. Along x, each tap of
-    /// the kernel is one pass over the outputs it reaches (a contiguous slice when the stride is
-    /// 1), so the inner loops are plain element-wise maxima or sums the compiler vectorises.
+    /// Pools one plane with `combine` (max or sum; an average divides afterwards). Max and sum
+    /// are separable: pool each row along x into `tmp` (`[h, ow]`), then combine rows along y, a
+    /// whole output row at a time. Along x, each tap of the kernel is one pass over the outputs it
+    /// reaches (a contiguous slice when the stride is 1), so the inner loops are plain element-wise
+    /// maxima or sums the compiler vectorises.
     fn fwd_plane<T: WithDType>(
-        &self,
-        x: &[T],
-        out: &mut [T],
-        g: Geometry,
-        win: &Windows,
-        tmp: &mut Vec<T>,
-    ) {
-        match self.kind {
-            PoolKind::Max => self.fwd_plane_with(x, out, g, win, tmp, max_nan),
-            PoolKind::Avg => {
-                self.fwd_plane_with(x, out, g, win, tmp, |m, v| m + v);
-                for (o, &(_, _, ph)) in out.chunks_mut(g.ow).zip(&win.y) {
-                    for (v, &(_, _, pw)) in o.iter_mut().zip(&win.x) {
-                        *v /= T::from_f64((ph * pw) as f64);
-                    }
-                }
-            }
-        }
-    }
-
-    /// [`Self::fwd_plane`] with `combine` (max or sum) and no division.
-    fn fwd_plane_with<T: WithDType>(
         &self,
         x: &[T],
         out: &mut [T],
@@ -266,7 +245,17 @@ impl Pool2d {
         let mut out = vec![T::from_f64(0.0); x.len() / (g.h * g.w) * g.oh * g.ow];
         out.par_chunks_mut(g.oh * g.ow)
             .zip(x.par_chunks(g.h * g.w))
-            .for_each_init(Vec::new, |tmp, (o, xp)| self.fwd_plane(xp, o, g, &win, tmp));
+            .for_each_init(Vec::new, |tmp, (o, xp)| match self.kind {
+                PoolKind::Max => self.fwd_plane(xp, o, g, &win, tmp, max_nan),
+                PoolKind::Avg => {
+                    self.fwd_plane(xp, o, g, &win, tmp, |m, v| m + v);
+                    for (o, &(_, _, ph)) in o.chunks_mut(g.ow).zip(&win.y) {
+                        for (v, &(_, _, pw)) in o.iter_mut().zip(&win.x) {
+                            *v /= T::from_f64((ph * pw) as f64);
+                        }
+                    }
+                }
+            });
         out
     }
 
