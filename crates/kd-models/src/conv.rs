@@ -330,14 +330,7 @@ impl Im2Col {
     /// The range of outputs `o` whose source `o·s + t - p` lies in `0..len`.
     #[inline]
     fn valid(&self, t: usize, len: usize, out: usize) -> std::ops::Range<usize> {
-        let (s, p) = (self.stride, self.padding);
-        let lo = if t >= p { 0 } else { (p - t).div_ceil(s) };
-        let hi = if len + p > t {
-            ((len + p - t - 1) / s + 1).min(out)
-        } else {
-            0
-        };
-        lo.min(hi)..hi
+        crate::cpu::tap_range(t, self.stride, self.padding, len, out)
     }
 
     fn fill<T: WithDType>(

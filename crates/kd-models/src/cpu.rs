@@ -9,3 +9,22 @@ pub(crate) fn contiguous<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Res
         None => candle_core::bail!("a custom op expects a contiguous input"),
     }
 }
+
+/// For a kernel sliding with stride `s` over `len` inputs padded by `p` on each side, into `out`
+/// outputs: the outputs `o` whose tap `t`, at input `o·s + t − p`, lies inside `0..len`.
+#[inline]
+pub(crate) fn tap_range(
+    t: usize,
+    s: usize,
+    p: usize,
+    len: usize,
+    out: usize,
+) -> std::ops::Range<usize> {
+    let lo = if t >= p { 0 } else { (p - t).div_ceil(s) };
+    let hi = if len + p > t {
+        ((len + p - t - 1) / s + 1).min(out)
+    } else {
+        0
+    };
+    lo.min(hi)..hi
+}

@@ -6,7 +6,7 @@
 //! op that routes each output gradient to its window's arg-max (first maximum, as PyTorch) or
 //! spreads it evenly over the window.
 
-use crate::cpu::contiguous;
+use crate::cpu::{contiguous, tap_range};
 use crate::timing::time;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor, WithDType};
@@ -304,7 +304,8 @@ fn same_3x3_max<T: WithDType>(x: &[T], h: usize, w: usize) -> Vec<T> {
     let plane = h * w;
     // Whole planes per task: enough work per task, and a pass never crosses a task.
     let per_task = plane * (16_384 / plane).max(1);
-    let mut tmp = x.to_vec();
+    // Every element of both passes' outputs is written: the buffers start as zeros, not copies.
+    let mut tmp = vec![T::from_f64(0.0); x.len()];
     tmp.par_chunks_mut(per_task)
         .zip(x.par_chunks(per_task))
         .for_each(|(t, x)| {
@@ -317,7 +318,7 @@ fn same_3x3_max<T: WithDType>(x: &[T], h: usize, w: usize) -> Vec<T> {
                 t[s + w - 1] = max_nan(x[s + w - 2], x[s + w - 1]);
             }
         });
-    let mut out = tmp.clone();
+    let mut out = vec![T::from_f64(0.0); x.len()];
     out.par_chunks_mut(per_task)
         .zip(tmp.par_chunks(per_task))
         .for_each(|(o, t)| {
@@ -335,17 +336,6 @@ fn same_3x3_max<T: WithDType>(x: &[T], h: usize, w: usize) -> Vec<T> {
             }
         });
     out
-}
-
-/// The outputs `o` (of `out`) whose tap `t`, at input `o·s + t − p`, lies inside `0..len`.
-fn tap_range(t: usize, s: usize, p: usize, len: usize, out: usize) -> std::ops::Range<usize> {
-    let lo = if t >= p { 0 } else { (p - t).div_ceil(s) };
-    let hi = if len + p > t {
-        ((len + p - t - 1) / s + 1).min(out)
-    } else {
-        0
-    };
-    lo.min(hi)..hi
 }
 
 /// Window bounds `(start, end, length with padding)` of every output column and row.

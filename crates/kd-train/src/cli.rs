@@ -50,17 +50,9 @@ pub fn single_threaded_elementwise() {
     }
 }
 
-/// Threads for the compute pool: `RAYON_NUM_THREADS`, else every CPU this process may use.
-pub fn compute_threads() -> usize {
-    std::env::var("RAYON_NUM_THREADS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .filter(|&n: &usize| n > 0)
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
-}
-
-/// Runs `run` on a worker of one rayon pool, so that every parallel loop inside it (our ops',
-/// the matrix products') runs on that pool with the calling thread taking part.
+/// Runs `run` on a worker of one rayon pool of [`crate::stage::threads`] threads (candle's count,
+/// which the manifests record), so that every parallel loop inside it (our ops', the matrix
+/// products') runs on that pool with the calling thread taking part.
 ///
 /// Called from the main thread, each of the hundreds of parallel sections in a training step
 /// handed its work to the pool's threads and put the main thread to sleep until they finished:
@@ -71,7 +63,7 @@ pub fn on_compute_pool<R: Send>(
     run: impl FnOnce() -> anyhow::Result<R> + Send,
 ) -> anyhow::Result<R> {
     let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(compute_threads())
+        .num_threads(crate::stage::threads())
         .stack_size(256 << 20)
         .thread_name(|i| format!("kd-compute-{i}"))
         .build();
