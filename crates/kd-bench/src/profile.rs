@@ -16,11 +16,11 @@ use std::process::Command;
 const KINDS: [(&str, &[&str]); 12] = [
     (
         "im2col (gather the taps of k×k convolutions)",
-        &["Im2Col::fill", "kd_models::conv+fill"],
+        &["Frame::gather", "kd_models::im2col+gather"],
     ),
     (
         "col2im (scatter the input gradient back)",
-        &["Col2Im", "kd_models::conv+fold"],
+        &["Frame::scatter", "kd_models::im2col+scatter"],
     ),
     ("pools (max and average)", &["kd_models::pool"]),
     ("BatchNorm + ReLU", &["kd_models::norm"]),
@@ -188,7 +188,7 @@ pub fn record(args: &crate::Args, measurement: &str, dir: &Path) -> anyhow::Resu
 mod tests {
     use super::*;
 
-    const SAMPLES: &str = "13419 \n\t  87fe7a core::ops::function::impls::call_mut\n\t  87fe7a call_mut<((usize, &mut [f32])), kd_models::conv::{impl#1}::fill::{closure_env#0}<f32>> (inlined)\n\t  8a11b6 rayon::iter::plumbing::bridge_producer_consumer::helper\n\n13419 \n\t  1 gemm_f32::microkernel::fma::f32::x2x6\n\t  2 candle_core::tensor::Tensor::matmul\n\t  3 candle_core::backprop::<impl candle_core::tensor::Tensor>::backward\n\n13420 \n\t  1 <candle_core::utils::BarrierGuard as core::ops::drop::Drop>::drop\n\t  2 candle_core::cpu_backend::utils::binary_map_vec_par\n\t  3 candle_core::backprop::x\n\n13420 \n\t  1 zlib_rs::inflate\n\t  2 kd_data::idx::parse\n";
+    const SAMPLES: &str = "13419 \n\t  87fe7a core::ops::function::impls::call_mut\n\t  87fe7a call_mut<((usize, &mut [f32])), kd_models::im2col::{impl#1}::gather_all::{closure_env#0}<f32>> (inlined)\n\t  8a11b6 rayon::iter::plumbing::bridge_producer_consumer::helper\n\n13419 \n\t  1 gemm_f32::microkernel::fma::f32::x2x6\n\t  2 candle_core::tensor::Tensor::matmul\n\t  3 candle_core::backprop::<impl candle_core::tensor::Tensor>::backward\n\n13420 \n\t  1 <candle_core::utils::BarrierGuard as core::ops::drop::Drop>::drop\n\t  2 candle_core::cpu_backend::utils::binary_map_vec_par\n\t  3 candle_core::backprop::x\n\n13420 \n\t  1 zlib_rs::inflate\n\t  2 kd_data::idx::parse\n";
 
     #[test]
     fn samples_are_sorted_by_the_first_frame_that_names_a_kind() {

@@ -10,8 +10,10 @@
 
 pub mod conv;
 mod cpu;
+mod gemm;
 pub mod googlenet;
 pub mod graph;
+mod im2col;
 pub mod init;
 pub mod layers;
 pub mod macs;

@@ -1,0 +1,330 @@
+//! im2col and its adjoint col2im, on activations laid out `[c, batch, h, w]`, for the whole
+//! batch or for a range of its images (the convolution's backward works image chunk by chunk).
+
+use crate::cpu::contiguous;
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, WithDType};
+use rayon::prelude::*;
+use std::ops::Range;
+
+/// `[c, b, h, w]` → `[c·k·k, b·oh·ow]`: row `(ci, ky, kx)` holds, for every output pixel of every
+/// image, the input pixel that kernel tap sees (zero in the padding).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Im2Col {
+    pub kernel: usize,
+    pub stride: usize,
+    pub padding: usize,
+}
+
+/// An [`Im2Col`] applied to an input of a given shape `[c, b, h, w]`; as an op, its adjoint
+/// (col2im).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Frame {
+    pub op: Im2Col,
+    pub c: usize,
+    pub b: usize,
+    pub h: usize,
+    pub w: usize,
+    oh: usize,
+    ow: usize,
+}
+
+impl Im2Col {
+    pub fn out_len(&self, len: usize) -> Result<usize> {
+        if len + 2 * self.padding < self.kernel {
+            candle_core::bail!(
+                "a {}x{} convolution does not fit an input of {len} pixels",
+                self.kernel,
+                self.kernel
+            );
+        }
+        Ok((len + 2 * self.padding - self.kernel) / self.stride + 1)
+    }
+
+    /// Whether the columns are the input itself (a 1×1 convolution, stride 1, no padding).
+    pub(crate) fn is_pointwise(&self) -> bool {
+        self.kernel == 1 && self.stride == 1 && self.padding == 0
+    }
+
+    /// This geometry on an input `[c, b, h, w]`.
+    pub(crate) fn on(self, (c, b, h, w): (usize, usize, usize, usize)) -> Result<Frame> {
+        Ok(Frame {
+            op: self,
+            c,
+            b,
+            h,
+            w,
+            oh: self.out_len(h)?,
+            ow: self.out_len(w)?,
+        })
+    }
+
+    /// The input row `o·s + t − p` that output row `o` reads through tap `t`, if inside.
+    #[inline]
+    fn source(&self, o: usize, t: usize, len: usize) -> Option<usize> {
+        (o * self.stride + t)
+            .checked_sub(self.padding)
+            .filter(|&i| i < len)
+    }
+
+    /// The range of outputs `o` whose source `o·s + t - p` lies in `0..len`.
+    #[inline]
+    fn valid(&self, t: usize, len: usize, out: usize) -> Range<usize> {
+        crate::cpu::tap_range(t, self.stride, self.padding, len, out)
+    }
+}
+
+impl Frame {
+    /// Rows of the columns, `c·k·k`.
+    pub fn depth(&self) -> usize {
+        self.c * self.op.kernel * self.op.kernel
+    }
+
+    /// The output's height and width.
+    pub fn out_size(&self) -> (usize, usize) {
+        (self.oh, self.ow)
+    }
+
+    /// Output pixels per image, `oh·ow`.
+    pub fn pixels(&self) -> usize {
+        self.oh * self.ow
+    }
+
+    /// The columns of the whole batch, `[c·k·k, b·oh·ow]`.
+    pub fn gather_all<T: WithDType>(&self, x: &[T]) -> Vec<T> {
+        let n = self.b * self.pixels();
+        let mut cols = vec![T::from_f64(0.0); self.depth() * n];
+        cols.par_chunks_mut(n)
+            .enumerate()
+            .for_each(|(row, dst)| self.gather_row(x, row, 0..self.b, dst));
+        cols
+    }
+
+    /// The columns of `images`, `[c·k·k, images·oh·ow]`, on this thread.
+    pub fn gather<T: WithDType>(&self, x: &[T], images: Range<usize>) -> Vec<T> {
+        let n = images.len() * self.pixels();
+        let mut cols = vec![T::from_f64(0.0); self.depth() * n];
+        for (row, dst) in cols.chunks_mut(n.max(1)).enumerate() {
+            self.gather_row(x, row, images.clone(), dst);
+        }
+        cols
+    }
+
+    /// Row `(ci, ky, kx)` of the columns for `images` into `dst` (zeros where the tap falls in
+    /// the padding are left as they are).
+    fn gather_row<T: WithDType>(&self, x: &[T], row: usize, images: Range<usize>, dst: &mut [T]) {
+        let Self {
+            op,
+            b,
+            h,
+            w,
+            oh,
+            ow,
+            ..
+        } = *self;
+        let k = op.kernel;
+        let (ci, ky, kx) = (row / (k * k), (row / k) % k, row % k);
+        let xs = op.valid(kx, w, ow);
+        if xs.is_empty() {
+            return;
+        }
+        for (i, bi) in images.enumerate() {
+            let plane = &x[(ci * b + bi) * h * w..(ci * b + bi + 1) * h * w];
+            for oy in 0..oh {
+                let Some(iy) = op.source(oy, ky, h) else {
+                    continue;
+                };
+                let out = &mut dst[(i * oh + oy) * ow..(i * oh + oy + 1) * ow];
+                let src = &plane[iy * w..(iy + 1) * w];
+                if op.stride == 1 {
+                    let off = xs.start + kx - op.padding;
+                    out[xs.clone()].copy_from_slice(&src[off..off + xs.len()]);
+                } else {
+                    for ox in xs.clone() {
+                        out[ox] = src[ox * op.stride + kx - op.padding];
+                    }
+                }
+            }
+        }
+    }
+
+    /// col2im of the whole batch: `cols [c·k·k, b·oh·ow]` → `[c, b, h, w]`.
+    pub fn scatter_all<T: WithDType>(&self, cols: &[T]) -> Vec<T> {
+        let plane = self.b * self.h * self.w;
+        let mut dx = vec![T::from_f64(0.0); self.c * plane];
+        // Channel `ci` only receives from its own k·k rows: channels are independent tasks.
+        dx.par_chunks_mut(plane.max(1))
+            .enumerate()
+            .for_each(|(ci, dst)| self.scatter_channel(cols, ci, self.b, dst));
+        dx
+    }
+
+    /// col2im of the columns of `count` images, `[c·k·k, count·oh·ow]` → `[c, count, h, w]`, on
+    /// this thread.
+    pub fn scatter<T: WithDType>(&self, cols: &[T], count: usize) -> Vec<T> {
+        let plane = count * self.h * self.w;
+        let mut dx = vec![T::from_f64(0.0); self.c * plane];
+        for (ci, dst) in dx.chunks_mut(plane.max(1)).enumerate() {
+            self.scatter_channel(cols, ci, count, dst);
+        }
+        dx
+    }
+
+    /// Adds channel `ci`'s `k·k` rows of `cols` (`count` images) into `dst` `[count, h, w]`,
+    /// tap by tap in order.
+    fn scatter_channel<T: WithDType>(&self, cols: &[T], ci: usize, count: usize, dst: &mut [T]) {
+        let Self {
+            op, h, w, oh, ow, ..
+        } = *self;
+        let (k, n) = (op.kernel, count * oh * ow);
+        for ky in 0..k {
+            for kx in 0..k {
+                let row = &cols[((ci * k + ky) * k + kx) * n..((ci * k + ky) * k + kx + 1) * n];
+                let xs = op.valid(kx, w, ow);
+                if xs.is_empty() {
+                    continue;
+                }
+                for bi in 0..count {
+                    for oy in 0..oh {
+                        let Some(iy) = op.source(oy, ky, h) else {
+                            continue;
+                        };
+                        let src = &row[(bi * oh + oy) * ow..(bi * oh + oy + 1) * ow];
+                        let out = &mut dst[(bi * h + iy) * w..(bi * h + iy + 1) * w];
+                        if op.stride == 1 {
+                            let off = xs.start + kx - op.padding;
+                            let out = &mut out[off..off + xs.len()];
+                            for (o, &v) in out.iter_mut().zip(&src[xs.clone()]) {
+                                *o += v;
+                            }
+                        } else {
+                            for ox in xs.clone() {
+                                out[ox * op.stride + kx - op.padding] += src[ox];
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl CustomOp1 for Im2Col {
+    fn name(&self) -> &'static str {
+        "kd-im2col"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let frame = self.on(l.shape().dims4()?)?;
+        let shape = Shape::from((frame.depth(), frame.b * frame.pixels()));
+        let out = match s {
+            CpuStorage::F32(_) => CpuStorage::F32(frame.gather_all(contiguous::<f32>(s, l)?)),
+            CpuStorage::F64(_) => CpuStorage::F64(frame.gather_all(contiguous::<f64>(s, l)?)),
+            _ => candle_core::bail!("im2col supports f32 and f64"),
+        };
+        Ok((out, shape))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let frame = self.on(arg.dims4()?)?;
+        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&frame)?))
+    }
+}
+
+impl CustomOp1 for Frame {
+    fn name(&self) -> &'static str {
+        "kd-col2im"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let shape = Shape::from((self.c, self.b, self.h, self.w));
+        let out = match s {
+            CpuStorage::F32(_) => CpuStorage::F32(self.scatter_all(contiguous::<f32>(s, l)?)),
+            CpuStorage::F64(_) => CpuStorage::F64(self.scatter_all(contiguous::<f64>(s, l)?)),
+            _ => candle_core::bail!("col2im supports f32 and f64"),
+        };
+        Ok((out, shape))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::conv::tests::rand;
+    use candle_core::{Device, Var};
+
+    /// col2im is the adjoint of im2col, `<im2col(x), y> = <x, col2im(y)>`, for any geometry —
+    /// including the ones where candle's own conv2d backward returns a wrongly sized gradient
+    /// (stride 2 on an even-sized input: its `conv_transpose2d` has no output padding).
+    #[test]
+    fn col2im_is_the_adjoint_of_im2col() {
+        let dev = Device::Cpu;
+        for (i, &(k, s, p, h, w)) in [
+            (3, 1, 1, 5, 6),
+            (7, 2, 3, 12, 12),
+            (3, 2, 1, 8, 9),
+            (5, 1, 2, 4, 4),
+            (1, 2, 0, 6, 5),
+            (3, 1, 0, 3, 5),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let (c, b) = (2, 3);
+            let op = Im2Col {
+                kernel: k,
+                stride: s,
+                padding: p,
+            };
+            let x = Var::from_vec(rand(&[c, b, h, w], 7 + i as u64), (c, b, h, w), &dev).unwrap();
+            let cols = x.as_tensor().apply_op1(op).unwrap();
+            let y = Tensor::from_vec(rand(cols.dims(), 70 + i as u64), cols.shape(), &dev).unwrap();
+            let lhs = (&cols * &y).unwrap().sum_all().unwrap();
+            let grads = lhs.backward().unwrap();
+            let dx = grads.get(x.as_tensor()).unwrap();
+            assert_eq!(dx.dims(), x.dims());
+            let rhs = (x.as_tensor() * dx)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap();
+            let lhs = lhs.to_scalar::<f64>().unwrap();
+            assert!(
+                (lhs - rhs).abs() < 1e-10 * lhs.abs().max(1.0),
+                "case {i}: {lhs} vs {rhs}"
+            );
+        }
+    }
+
+    /// A range of images gathers and scatters exactly the whole batch's columns for those
+    /// images, bit for bit.
+    #[test]
+    fn image_ranges_match_the_whole_batch() {
+        let op = Im2Col {
+            kernel: 3,
+            stride: 2,
+            padding: 1,
+        };
+        let (c, b, h, w) = (2, 5, 7, 6);
+        let frame = op.on((c, b, h, w)).unwrap();
+        let x = rand(&[c, b, h, w], 4);
+        let all = frame.gather_all(&x);
+        let (n, px) = (b * frame.pixels(), frame.pixels());
+        let part = frame.gather(&x, 1..4);
+        for row in 0..frame.depth() {
+            assert_eq!(
+                part[row * 3 * px..(row + 1) * 3 * px],
+                all[row * n + px..row * n + 4 * px]
+            );
+        }
+        let dx_all = frame.scatter_all(&all);
+        let dx_part = frame.scatter(&part, 3);
+        let plane = h * w;
+        for ci in 0..c {
+            assert_eq!(
+                dx_part[ci * 3 * plane..(ci + 1) * 3 * plane],
+                dx_all[(ci * b + 1) * plane..(ci * b + 4) * plane]
+            );
+        }
+    }
+}
