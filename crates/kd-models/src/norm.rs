@@ -115,109 +115,105 @@ fn lock(m: &Mutex<Vec<RowStats>>) -> Result<std::sync::MutexGuard<'_, Vec<RowSta
         .map_err(|_| candle_core::Error::Msg("batch-norm statistics lock poisoned".into()))
 }
 
-/// Channels whose sums run side by side. Each channel's additions stay in their order (so the bits
-/// are those of one `Iterator::sum` per channel), but `GROUP` independent chains keep the adder
-/// busy where a single chain waits for each addition to finish.
-const GROUP: usize = 4;
+/// Partial sums per row: element `i` goes to partial sum `i % LANES` (independent sums over
+/// fixed-size arrays, which the compiler turns into vector compares, selects and adds).
+const LANES: usize = 8;
+/// [`gradient_sums`] adds in `T`'s arithmetic over blocks of this many elements, and the blocks'
+/// sums in f64, in order. A fixed order: the bytes do not depend on the thread count.
+const BLOCK: usize = 64;
 
-/// For each of the `k ≤ GROUP` rows of `rows` (`k × n`), `Σ f(row index, x)` over the row, in order
-/// from −0.0 as `Iterator::sum` does.
+/// A row's mean and biased variance in one pass, in f64: `Σ (x − k)` and `Σ (x − k)²` over
+/// [`LANES`] partial sums, with `k` the row's first value (a shift that keeps
+/// `E[(x−k)²] − E[x−k]²` from cancelling when the mean is large against the spread).
 #[inline(always)]
-fn row_sums<T: WithDType>(rows: &[T], n: usize, f: impl Fn(usize, f64) -> f64) -> [f64; GROUP] {
-    let mut acc = [-0.0f64; GROUP];
-    if rows.len() == GROUP * n {
-        let r: [&[T]; GROUP] = std::array::from_fn(|c| &rows[c * n..(c + 1) * n]);
-        #[allow(clippy::needless_range_loop)] // one index into four rows: the point of the loop
-        for i in 0..n {
-            for c in 0..GROUP {
-                acc[c] += f(c, r[c][i].to_f64());
-            }
-        }
-    } else {
-        for (c, row) in rows.chunks(n).enumerate() {
-            for v in row {
-                acc[c] += f(c, v.to_f64());
-            }
+fn shifted_moments<T: WithDType>(row: &[T]) -> RowStats {
+    let k = row.first().map_or(0.0, |v| v.to_f64());
+    let (mut s, mut q) = ([0f64; LANES], [0f64; LANES]);
+    let (lanes, rest) = row.as_chunks::<LANES>();
+    for c in lanes {
+        for l in 0..LANES {
+            let d = c[l].to_f64() - k;
+            s[l] += d;
+            q[l] += d * d;
         }
     }
-    acc
+    let (mut s1, mut s2) = (s.iter().sum::<f64>(), q.iter().sum::<f64>());
+    for v in rest {
+        let d = v.to_f64() - k;
+        s1 += d;
+        s2 += d * d;
+    }
+    let n = row.len().max(1) as f64;
+    let m = s1 / n;
+    RowStats {
+        mean: k + m,
+        var: (s2 / n - m * m).max(0.0),
+    }
 }
 
-/// For each row, `(Σ g, Σ g·ẑ)` with `g = dy·[y > 0]` and `ẑ = (z − μ)·inv_std`: terms with
-/// `y ≤ 0` are skipped, not added as zeros, and each row's terms are added in order from 0.
+/// `(Σ g, Σ g·(z − μ))` over a row, `g = dy·[y > 0]`.
 #[inline(always)]
-fn masked_row_sums<T: WithDType>(
-    (z, y, dy): (&[T], &[T], &[T]),
-    n: usize,
-    stats: &[RowStats],
-) -> [(f64, f64); GROUP] {
-    let zero = T::from_f64(0.0);
-    let mut acc = [(0.0f64, 0.0f64); GROUP];
-    let k = z.len() / n;
-    let mean: [f64; GROUP] = std::array::from_fn(|c| stats.get(c).map_or(0.0, |s| s.mean));
-    let inv: [f64; GROUP] = std::array::from_fn(|c| stats.get(c).map_or(0.0, RowStats::inv_std));
-    let term = |c: usize, i: usize, acc: &mut [(f64, f64); GROUP]| {
-        let j = c * n + i;
-        if y[j] > zero {
-            let d = dy[j].to_f64();
-            acc[c].0 += d;
-            acc[c].1 += d * (z[j].to_f64() - mean[c]) * inv[c];
-        }
+fn gradient_sums<T: WithDType>(z: &[T], y: &[T], dy: &[T], mean: f64) -> (f64, f64) {
+    let (zero, mean_t) = (T::from_f64(0.0), T::from_f64(mean));
+    let (mut sg, mut sgz) = (0f64, 0f64);
+    let (mut s, mut q) = ([zero; LANES], [zero; LANES]);
+    let flush = |s: &mut [T; LANES], q: &mut [T; LANES], sg: &mut f64, sgz: &mut f64| {
+        *sg += s.iter().map(|v| v.to_f64()).sum::<f64>();
+        *sgz += q.iter().map(|v| v.to_f64()).sum::<f64>();
+        (*s, *q) = ([zero; LANES], [zero; LANES]);
     };
-    if k == GROUP {
-        for i in 0..n {
-            for c in 0..GROUP {
-                term(c, i, &mut acc);
-            }
+    let ((zb, zr), (yb, yr), (db, dr)) = (
+        z.as_chunks::<LANES>(),
+        y.as_chunks::<LANES>(),
+        dy.as_chunks::<LANES>(),
+    );
+    for (i, ((z, y), d)) in zb.iter().zip(yb).zip(db).enumerate() {
+        for l in 0..LANES {
+            let g = std::hint::select_unpredictable(y[l] > zero, d[l], zero);
+            s[l] += g;
+            q[l] += g * (z[l] - mean_t);
         }
-    } else {
-        for c in 0..k {
-            for i in 0..n {
-                term(c, i, &mut acc);
-            }
+        if (i + 1) % (BLOCK / LANES) == 0 {
+            flush(&mut s, &mut q, &mut sg, &mut sgz);
         }
     }
-    acc
+    for (l, ((&z, &y), &d)) in zr.iter().zip(yr).zip(dr).enumerate() {
+        let g = std::hint::select_unpredictable(y > zero, d, zero);
+        s[l] += g;
+        q[l] += g * (z - mean_t);
+    }
+    flush(&mut s, &mut q, &mut sg, &mut sgz);
+    (sg, sgz)
 }
 
+/// `y = relu(γ·ẑ + β)` and each channel's statistics; one task per channel (its row is
+/// contiguous), statistics in one pass, the output in `T`'s arithmetic.
 fn forward_rows<T: WithDType>(z: &[T], g: &[T], b: &[T], n: usize) -> (Vec<T>, Vec<RowStats>) {
     time("BatchNorm + ReLU (forward)", || {
         let zero = T::from_f64(0.0);
         let mut out = vec![zero; z.len()];
-        let stats: Vec<Vec<RowStats>> = out
-            .par_chunks_mut(GROUP * n)
-            .zip(z.par_chunks(GROUP * n))
-            .zip(g.par_chunks(GROUP).zip(b.par_chunks(GROUP)))
-            .map(|((o, zs), (gs, bs))| {
-                let sums = row_sums(zs, n, |_, v| v);
-                let mean: [f64; GROUP] = std::array::from_fn(|c| sums[c] / n as f64);
-                let sq = row_sums(zs, n, |c, v| (v - mean[c]).powi(2));
-                let mut stats = Vec::with_capacity(GROUP);
-                for (c, ((o, zr), (&gc, &bc))) in o
-                    .chunks_mut(n)
-                    .zip(zs.chunks(n))
-                    .zip(gs.iter().zip(bs))
-                    .enumerate()
-                {
-                    let s = RowStats {
-                        mean: mean[c],
-                        var: sq[c] / n as f64,
-                    };
-                    let a = gc.to_f64() * s.inv_std();
-                    let sh = bc.to_f64() - s.mean * a;
-                    for (o, &v) in o.iter_mut().zip(zr) {
-                        *o = T::from_f64((v.to_f64() * a + sh).max(0.0));
-                    }
-                    stats.push(s);
+        let stats = out
+            .par_chunks_mut(n)
+            .zip(z.par_chunks(n))
+            .zip(g.par_iter().zip(b))
+            .map(|((o, zr), (&gc, &bc))| {
+                let s = shifted_moments(zr);
+                let a = T::from_f64(gc.to_f64() * s.inv_std());
+                let mean = T::from_f64(s.mean);
+                for (o, &v) in o.iter_mut().zip(zr) {
+                    let x = (v - mean) * a + bc;
+                    *o = if x > zero { x } else { zero };
                 }
-                stats
+                s
             })
             .collect();
-        (out, stats.concat())
+        (out, stats)
     })
 }
 
-/// `(dz, dγ, dβ)` from the saved statistics, the input, the output and the output's gradient.
+/// `(dz, dγ, dβ)` from the saved statistics, the input, the output and the output's gradient:
+/// per channel the sums, then `dz = γ/(n·σ)·(n·g − Σg − ẑ·Σgẑ)` as `g·A + (z − μ)·B + C` in
+/// `T`'s arithmetic.
 fn backward_rows<T: WithDType>(
     stats: &[RowStats],
     z: &[T],
@@ -229,38 +225,27 @@ fn backward_rows<T: WithDType>(
     time("BatchNorm + ReLU (backward)", || {
         let zero = T::from_f64(0.0);
         let mut dz = vec![zero; z.len()];
-        let m = GROUP * n;
-        let sums: Vec<Vec<(T, T)>> = dz
-            .par_chunks_mut(m)
-            .zip(z.par_chunks(m).zip(y.par_chunks(m)))
-            .zip(
-                dy.par_chunks(m)
-                    .zip(gamma.par_chunks(GROUP).zip(stats.par_chunks(GROUP))),
-            )
-            .map(|((dzs, (zs, ys)), (dys, (gs, ss)))| {
-                let sums = masked_row_sums((zs, ys, dys), n, ss);
-                let mut out = Vec::with_capacity(GROUP);
-                for (c, (((dzr, zr), (yr, dyr)), (&gc, s))) in dzs
-                    .chunks_mut(n)
-                    .zip(zs.chunks(n))
-                    .zip(ys.chunks(n).zip(dys.chunks(n)))
-                    .zip(gs.iter().zip(ss))
-                    .enumerate()
-                {
-                    let (sum_g, sum_gx) = sums[c];
-                    let inv_std = s.inv_std();
-                    let k = gc.to_f64() * inv_std / n as f64;
-                    for (((o, &zv), &yv), &dv) in dzr.iter_mut().zip(zr).zip(yr).zip(dyr) {
-                        let g = if yv > zero { dv.to_f64() } else { 0.0 };
-                        let xhat = (zv.to_f64() - s.mean) * inv_std;
-                        *o = T::from_f64(k * (n as f64 * g - sum_g - xhat * sum_gx));
-                    }
-                    out.push((T::from_f64(sum_gx), T::from_f64(sum_g)));
+        let sums: Vec<(T, T)> = dz
+            .par_chunks_mut(n)
+            .zip(z.par_chunks(n).zip(y.par_chunks(n)))
+            .zip(dy.par_chunks(n).zip(gamma.par_iter().zip(stats)))
+            .map(|((dzr, (zr, yr)), (dyr, (&gc, s)))| {
+                let inv_std = s.inv_std();
+                let (sum_g, sum_gz) = gradient_sums(zr, yr, dyr, s.mean);
+                let sum_gx = sum_gz * inv_std;
+                let k = gc.to_f64() * inv_std / n as f64;
+                let a = T::from_f64(k * n as f64);
+                let b = T::from_f64(-k * inv_std * sum_gx);
+                let c = T::from_f64(-k * sum_g);
+                let mean = T::from_f64(s.mean);
+                for (((o, &zv), &yv), &dv) in dzr.iter_mut().zip(zr).zip(yr).zip(dyr) {
+                    let g = std::hint::select_unpredictable(yv > zero, dv, zero);
+                    *o = g * a + (zv - mean) * b + c;
                 }
-                out
+                (T::from_f64(sum_gx), T::from_f64(sum_g))
             })
             .collect();
-        let (dgamma, dbeta) = sums.concat().into_iter().unzip();
+        let (dgamma, dbeta) = sums.into_iter().unzip();
         (dz, dgamma, dbeta)
     })
 }
@@ -366,83 +351,28 @@ mod tests {
     use crate::SeededVarMap;
     use candle_core::{DType, Device, D};
 
-    /// One channel at a time, one running sum each: the kernels as they were before the channels'
-    /// sums ran side by side, whose bits the grouped kernels must keep.
-    fn one_channel_at_a_time(z: &[f32], g: &[f32], b: &[f32], dy: &[f32], n: usize) -> Vec<u64> {
-        let mut bits = Vec::new();
-        let mut stats = Vec::new();
-        let mut y = Vec::new();
-        for ((zr, &gc), &bc) in z.chunks(n).zip(g).zip(b) {
-            let mean = zr.iter().map(|v| v.to_f64()).sum::<f64>() / n as f64;
-            let var = zr.iter().map(|v| (v.to_f64() - mean).powi(2)).sum::<f64>() / n as f64;
-            let s = RowStats { mean, var };
-            let a = gc.to_f64() * s.inv_std();
-            let c = bc.to_f64() - mean * a;
-            y.extend(
-                zr.iter()
-                    .map(|&v| T32::from_f64((v.to_f64() * a + c).max(0.0))),
-            );
-            stats.push(s);
-        }
-        for (((zr, yr), dyr), (&gc, s)) in z
-            .chunks(n)
-            .zip(y.chunks(n))
-            .zip(dy.chunks(n))
-            .zip(g.iter().zip(&stats))
-        {
-            let inv_std = s.inv_std();
-            let (mut sum_g, mut sum_gx) = (0.0f64, 0.0f64);
-            for ((&zv, &yv), &dv) in zr.iter().zip(yr).zip(dyr) {
-                if yv > 0.0 {
-                    let d = dv.to_f64();
-                    sum_g += d;
-                    sum_gx += d * (zv.to_f64() - s.mean) * inv_std;
-                }
-            }
-            let k = gc.to_f64() * inv_std / n as f64;
-            for ((&zv, &yv), &dv) in zr.iter().zip(yr).zip(dyr) {
-                let g = if yv > 0.0 { dv.to_f64() } else { 0.0 };
-                let xhat = (zv.to_f64() - s.mean) * inv_std;
-                bits.push(((k * (n as f64 * g - sum_g - xhat * sum_gx)) as f32).to_bits() as u64);
-            }
-            bits.push((sum_gx as f32).to_bits() as u64);
-            bits.push((sum_g as f32).to_bits() as u64);
-        }
-        bits.extend(y.iter().map(|v| v.to_bits() as u64));
-        bits.extend(
-            stats
-                .iter()
-                .flat_map(|s| [s.mean.to_bits(), s.var.to_bits()]),
-        );
-        bits
-    }
-    type T32 = f32;
-
-    /// The grouped kernels give the bits of one running sum per channel (the f64 statistics too, not
-    /// only the f32 outputs, which would hide a changed order), for channel counts that do and do
-    /// not fill the last group.
+    /// The one-pass statistics against two passes in f64, for a row whose mean is large against
+    /// its spread (where `E[x²] − E[x]²` unshifted would lose most of its digits), and the
+    /// output and gradients against candle's ops in f32 as well as f64.
     #[test]
-    fn channels_summed_side_by_side_keep_the_bits() {
-        for (c, n) in [(8, 1001), (7, 333), (1, 50), (13, 64)] {
-            let f =
-                |seed, len| -> Vec<f32> { rand(&[len], seed).iter().map(|&v| v as f32).collect() };
-            let (z, g, b, dy) = (f(1, c * n), f(2, c), f(3, c), f(4, c * n));
-            let want = one_channel_at_a_time(&z, &g, &b, &dy, n);
-            let (y, stats) = forward_rows(&z, &g, &b, n);
-            let (dz, dg, db) = backward_rows(&stats, &z, &y, &dy, &g, n);
-            let mut got = Vec::new();
-            for ch in 0..c {
-                got.extend(dz[ch * n..(ch + 1) * n].iter().map(|v| v.to_bits() as u64));
-                got.push(dg[ch].to_bits() as u64);
-                got.push(db[ch].to_bits() as u64);
-            }
-            got.extend(y.iter().map(|v| v.to_bits() as u64));
-            got.extend(
-                stats
-                    .iter()
-                    .flat_map(|s| [s.mean.to_bits(), s.var.to_bits()]),
+    fn one_pass_statistics_hold_their_digits() {
+        for (n, offset) in [(1001usize, 1000.0f64), (7, -3.0), (64, 0.0), (1, 5.0)] {
+            let row: Vec<f32> = rand(&[n], n as u64)
+                .iter()
+                .map(|v| (v * 0.01 + offset) as f32)
+                .collect();
+            let s = shifted_moments(&row);
+            let mean = row.iter().map(|&v| v as f64).sum::<f64>() / n as f64;
+            let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n as f64;
+            assert!(
+                (s.mean - mean).abs() <= 1e-12 * mean.abs().max(1.0),
+                "{n}: mean"
             );
-            assert_eq!(got, want, "{c} channels of {n}");
+            assert!(
+                (s.var - var).abs() <= 1e-9 * var.max(1e-12),
+                "{n}: {} vs {var}",
+                s.var
+            );
         }
     }
 
@@ -497,6 +427,57 @@ mod tests {
                 let d = max_rel_diff(a, b);
                 assert!(d < 1e-9, "c={c} n={n} {what}: relative difference {d}");
             }
+        }
+    }
+
+    /// In f32 the output and gradients (computed in f32 from f64 sums) stay within f32 precision
+    /// of the f64 reference.
+    #[test]
+    fn training_mode_in_f32_matches_within_f32_precision() {
+        let dev = Device::Cpu;
+        let (c, n) = (6, 3001);
+        let f64s = |shape: &[usize], seed: u64, offset: f64| -> Vec<f64> {
+            rand(shape, seed).iter().map(|x| x * 2.0 + offset).collect()
+        };
+        let (z, g, b, up) = (
+            f64s(&[c, n], 1, 0.7),
+            f64s(&[c], 2, 1.0),
+            f64s(&[c], 3, 0.2),
+            f64s(&[c, n], 4, 0.0),
+        );
+        let grads = |dtype: DType| {
+            let v = |x: &[f64], shape: &[usize]| {
+                let t = Tensor::from_vec(x.to_vec(), shape, &dev).unwrap();
+                Var::from_tensor(&t.to_dtype(dtype).unwrap()).unwrap()
+            };
+            let (zv, gv, bv) = (v(&z, &[c, n]), v(&g, &[c]), v(&b, &[c]));
+            let y = zv.apply_op3(&gv, &bv, BnReluOp::default()).unwrap();
+            let upstream = Tensor::from_vec(up.clone(), (c, n), &dev)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let gr = (&y * &upstream)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let f = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
+            let d = |var: &Var| f(grads_get(&gr, var));
+            [f(&y), d(&zv), d(&gv), d(&bv)]
+        };
+        fn grads_get<'a>(g: &'a candle_core::backprop::GradStore, v: &Var) -> &'a Tensor {
+            g.get(v.as_tensor()).unwrap()
+        }
+        let (ours, exact) = (grads(DType::F32), grads(DType::F64));
+        for (what, a, b) in ["y", "dz", "dgamma", "dbeta"]
+            .iter()
+            .zip(&ours)
+            .zip(&exact)
+            .map(|((w, a), b)| (w, a, b))
+        {
+            let d = max_rel_diff(a, b);
+            assert!(d < 1e-5, "{what}: relative difference {d}");
         }
     }
 
