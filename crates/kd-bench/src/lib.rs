@@ -473,7 +473,7 @@ impl Bench<'_> {
             Trainable::new(&p.config.teacher.arch, &data.spec, 0, &Device::Cpu)?.model
         };
         let macs = forward_macs(model.as_ref(), data)?;
-        let timings = time_reps(self.args, |i| {
+        let (timings, ops) = time_ops(self.args, |i| {
             kd_train::interrupt::check("measuring")?;
             let r = rows(data, i * kb, kb);
             let subset = kd_train::Subset {
@@ -483,7 +483,10 @@ impl Bench<'_> {
             let (_, s) = timed(|| Ok(kd_train::predict(model.as_ref(), subset, kb, "")?))?;
             Ok(vec![("forward", s)])
         })?;
-        Ok(Self::timing(kb * self.args.batches, timings, macs))
+        Ok(Timing {
+            ops,
+            ..Self::timing(kb * self.args.batches, timings, macs)
+        })
     }
 
     /// A student step: from the knowledge file, on labels alone, or online (the teacher's

@@ -2,14 +2,15 @@
 //!
 //! candle 0.11's CPU convolution backward is a direct loop for the input gradient
 //! (`conv_transpose2d`, one `vec_dot` per pixel) and a GEMV-shaped convolution for the weight
-//! gradient. Here a convolution is `W · im2col(x)`: with the batch folded into the columns,
-//! the forward and both gradients are each one multithreaded GEMM —
-//! `y = W·cols`, `dW = dy·colsᵀ`, `dcols = Wᵀ·dy` — and the input gradient is `col2im(dcols)`.
-//! In this layout a 1×1 convolution needs no im2col at all (`cols` is `x` itself) and the output
-//! comes out in the layout the next layer reads, so no transposes sit between layers.
+//! gradient. Here a convolution is `W · im2col(x)`, worked through chunk by chunk of images
+//! (each chunk one task on one thread, its columns small enough to stay in cache):
+//! `y = W·cols` forward; `dW = Σ dy·colsᵀ` over the chunks, `dcols = Wᵀ·dy` and
+//! `dx = col2im(dcols)` backward. In this layout a 1×1 convolution needs no im2col at all
+//! (`cols` is `x` itself) and the output comes out in the layout the next layer reads, so no
+//! transposes sit between layers.
 
 use crate::cpu::contiguous;
-use crate::gemm::{product, Threads, View};
+use crate::gemm::{product, View};
 use crate::im2col::Frame;
 pub use crate::im2col::Im2Col;
 use crate::timing::time;
@@ -155,26 +156,58 @@ fn conv_dims(op: Im2Col, x: &Shape, weight: &Shape) -> Result<(Frame, usize)> {
 }
 
 impl ConvOp {
+    /// Chunk by chunk of images, each one task: its columns (cache-sized, where the whole
+    /// batch's are tens of megabytes) and `W · cols` on one thread, then the chunks' outputs put
+    /// in place.
     fn run<T: WithDType>(&self, x: &[T], weight: &[T], f: Frame, cout: usize) -> Result<Vec<T>> {
-        let (n, depth) = (f.b * f.pixels(), f.depth());
-        let gathered;
-        let cols: &[T] = if self.0.is_pointwise() {
-            x
-        } else {
-            gathered = time("im2col (forward)", || f.gather_all(x));
-            &gathered
-        };
-        let mut out = vec![T::from_f64(0.0); cout * n];
-        time("convolution matrix products (forward)", || {
-            product(
-                &mut out,
-                n,
-                View::rows(weight, cout, depth, depth),
-                View::rows(cols, depth, n, n),
-                Threads::Pool,
-            )
+        let (n, depth, px) = (f.b * f.pixels(), f.depth(), f.pixels());
+        let chunks = image_chunks(f.b);
+        let parts = time("convolution forward (per chunk of images)", || {
+            chunks
+                .par_iter()
+                .map(|images| {
+                    let cn = images.len() * px;
+                    let gathered;
+                    let cols = if self.0.is_pointwise() {
+                        View::rows(&x[images.start * px..], depth, cn, n)
+                    } else {
+                        gathered = f.gather(x, images.clone());
+                        View::rows(&gathered, depth, cn, cn)
+                    };
+                    let mut y = vec![T::from_f64(0.0); cout * cn];
+                    let w = View::rows(weight, cout, depth, depth);
+                    product(&mut y, cn, w, cols)?;
+                    Ok(y)
+                })
+                .collect::<Result<Vec<_>>>()
         })?;
+        let mut out = vec![T::from_f64(0.0); cout * n];
+        for (images, part) in chunks.iter().zip(&parts) {
+            put_images(&mut out, part, (cout, f.b, px), images);
+        }
         Ok(out)
+    }
+}
+
+/// The batch `0..b` in chunks of [`IMAGES_PER_CHUNK`] images, the last one shorter.
+fn image_chunks(b: usize) -> Vec<Range<usize>> {
+    (0..b)
+        .step_by(IMAGES_PER_CHUNK)
+        .map(|s| s..(s + IMAGES_PER_CHUNK).min(b))
+        .collect()
+}
+
+/// Copies `part` (`[c, images.len(), plane]`) into `dst` (`[c, b, plane]`) at `images`.
+fn put_images<T: Copy>(
+    dst: &mut [T],
+    part: &[T],
+    (c, b, plane): (usize, usize, usize),
+    images: &Range<usize>,
+) {
+    let len = images.len() * plane;
+    for ci in 0..c {
+        let at = (ci * b + images.start) * plane;
+        dst[at..at + len].copy_from_slice(&part[ci * len..(ci + 1) * len]);
     }
 }
 
@@ -253,10 +286,7 @@ impl ConvBackward {
         f: Frame,
         cout: usize,
     ) -> Result<Vec<T>> {
-        let chunks: Vec<Range<usize>> = (0..f.b)
-            .step_by(IMAGES_PER_CHUNK)
-            .map(|s| s..(s + IMAGES_PER_CHUNK).min(f.b))
-            .collect();
+        let chunks = image_chunks(f.b);
         let parts = chunks
             .par_iter()
             .map(|images| self.chunk((x, weight, dy), f, cout, images.clone()))
@@ -268,11 +298,7 @@ impl ConvBackward {
             for (acc, v) in dw.iter_mut().zip(dw_part) {
                 *acc += *v;
             }
-            let len = images.len() * plane;
-            for ci in 0..f.c {
-                let at = (ci * f.b + images.start) * plane;
-                dx[at..at + len].copy_from_slice(&dx_part[ci * len..(ci + 1) * len]);
-            }
+            put_images(dx, dx_part, (f.c, f.b, plane), images);
         }
         Ok(out)
     }
@@ -296,10 +322,10 @@ impl ConvBackward {
         };
         let zero = T::from_f64(0.0);
         let mut dw = vec![zero; cout * depth];
-        product(&mut dw, depth, dy, cols.t(), Threads::One)?;
+        product(&mut dw, depth, dy, cols.t())?;
         let mut dcols = vec![zero; depth * cn];
         let w = View::rows(weight, cout, depth, depth);
-        product(&mut dcols, cn, w.t(), dy, Threads::One)?;
+        product(&mut dcols, cn, w.t(), dy)?;
         let dx = if self.0.is_pointwise() {
             dcols
         } else {

@@ -45,24 +45,14 @@ impl<'a, T> View<'a, T> {
     }
 }
 
-/// Whether a product runs on the compute pool's threads or on the calling one.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Threads {
-    /// Split the product between the pool's threads (`gemm` splits rows and columns, never the
-    /// reduction, so the bytes do not depend on the thread count).
-    Pool,
-    /// On this thread: for products that are already one task of a parallel loop.
-    One,
-}
-
 /// `dst = a · b`, `dst` row-major `a.rows × b.cols` with rows `dst_stride` apart; what `dst`
-/// held is overwritten.
+/// held is overwritten. On the calling thread: the convolutions call it once per chunk of
+/// images, each chunk a task of their own parallel loop.
 pub(crate) fn product<T: WithDType>(
     dst: &mut [T],
     dst_stride: usize,
     a: View<'_, T>,
     b: View<'_, T>,
-    threads: Threads,
 ) -> Result<()> {
     let (m, n, k) = (a.rows, b.cols, a.cols);
     let out = View::rows(&dst[..], m, n, dst_stride);
@@ -79,10 +69,6 @@ pub(crate) fn product<T: WithDType>(
     if m == 0 || n == 0 {
         return Ok(());
     }
-    let parallelism = match (threads, rayon::current_num_threads()) {
-        (Threads::Pool, t) if t > 1 => gemm::Parallelism::Rayon(t),
-        _ => gemm::Parallelism::None,
-    };
     // SAFETY: every element of `a`, `b` and `dst` that gemm addresses (`i·row + j·col` for `i`
     // below rows and `j` below cols) lies inside its slice, as `fits` checked; `dst` is borrowed
     // mutably, so it overlaps neither input. With `read_dst` false (and `k == 0`) gemm writes
@@ -108,7 +94,7 @@ pub(crate) fn product<T: WithDType>(
             false,
             false,
             false,
-            parallelism,
+            gemm::Parallelism::None,
         );
     }
     Ok(())
