@@ -115,7 +115,19 @@ impl Conv {
     }
 
     /// `relu(conv(x) + bias)` with the bias and ReLU fused into one pass (and one in backward).
+    /// Where no gradient is tracked (inference), the bias and ReLU are the convolution's
+    /// epilogue, applied to each chunk of images while it is in cache.
     pub fn forward_relu(&self, xs: &Tensor) -> Result<Tensor> {
+        if let Some(b) = &self.bias {
+            if !(xs.track_op() || self.weight.track_op() || b.track_op()) {
+                self.count_macs(xs)?;
+                return xs.contiguous()?.apply_op3_no_bwd(
+                    &self.weight,
+                    b,
+                    &ConvBiasRelu(self.geometry),
+                );
+            }
+        }
         let z = self.matmul(xs)?;
         match &self.bias {
             Some(b) => z.apply_op2(b, BiasRelu),
@@ -125,11 +137,18 @@ impl Conv {
 
     /// `W · im2col(x)` as `[c_out, batch, oh, ow]`: one node of the autograd graph ([`ConvOp`]).
     pub(crate) fn matmul(&self, xs: &Tensor) -> Result<Tensor> {
+        self.count_macs(xs)?;
+        xs.contiguous()?
+            .apply_op2(&self.weight, ConvOp(self.geometry))
+    }
+
+    /// Adds this convolution's multiply-adds on `xs` to [`crate::macs`].
+    fn count_macs(&self, xs: &Tensor) -> Result<()> {
         let (cin, b, h, w) = xs.dims4()?;
         let g = self.geometry;
         let (oh, ow) = (g.out_len(h)?, g.out_len(w)?);
         crate::macs::add(self.cout * cin * g.kernel * g.kernel * b * oh * ow);
-        xs.contiguous()?.apply_op2(&self.weight, ConvOp(g))
+        Ok(())
     }
 }
 
@@ -159,7 +178,12 @@ impl ConvOp {
     /// Chunk by chunk of images, each one task: its columns (cache-sized, where the whole
     /// batch's are tens of megabytes) and `W · cols` on one thread, then the chunks' outputs put
     /// in place.
-    fn run<T: WithDType>(&self, x: &[T], weight: &[T], f: Frame, cout: usize) -> Result<Vec<T>> {
+    fn run<T: WithDType>(
+        &self,
+        (x, weight, bias): (&[T], &[T], Option<&[T]>),
+        f: Frame,
+        cout: usize,
+    ) -> Result<Vec<T>> {
         let (n, depth, px) = (f.b * f.pixels(), f.depth(), f.pixels());
         let chunks = image_chunks(f.b);
         let parts = time("convolution forward (per chunk of images)", || {
@@ -177,6 +201,9 @@ impl ConvOp {
                     let mut y = vec![T::from_f64(0.0); cout * cn];
                     let w = View::rows(weight, cout, depth, depth);
                     product(&mut y, cn, w, cols)?;
+                    if let Some(bias) = bias {
+                        bias_relu_rows(&mut y, cn, bias);
+                    }
                     Ok(y)
                 })
                 .collect::<Result<Vec<_>>>()
@@ -228,14 +255,12 @@ impl CustomOp2 for ConvOp {
         let shape = Shape::from((cout, f.b, oh, ow));
         let out = match (s1, s2) {
             (CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32(self.run(
-                contiguous::<f32>(s1, l1)?,
-                contiguous::<f32>(s2, l2)?,
+                (contiguous::<f32>(s1, l1)?, contiguous::<f32>(s2, l2)?, None),
                 f,
                 cout,
             )?),
             (CpuStorage::F64(_), CpuStorage::F64(_)) => CpuStorage::F64(self.run(
-                contiguous::<f64>(s1, l1)?,
-                contiguous::<f64>(s2, l2)?,
+                (contiguous::<f64>(s1, l1)?, contiguous::<f64>(s2, l2)?, None),
                 f,
                 cout,
             )?),
@@ -258,6 +283,61 @@ impl CustomOp2 for ConvOp {
         let dx = both.narrow(0, 0, nx)?.reshape(x.shape())?;
         let dw = both.narrow(0, nx, nw)?.reshape(weight.shape())?;
         Ok((Some(dx), Some(dw)))
+    }
+}
+
+/// `relu(conv(x) + bias)` as one op without a gradient, `(x, weight, bias)`: the inference path
+/// of [`Conv::forward_relu`], the bias and ReLU applied to each chunk's output in cache (the bits
+/// of [`ConvOp`] followed by [`BiasRelu`]).
+#[derive(Debug, Clone, Copy)]
+struct ConvBiasRelu(Im2Col);
+
+impl CustomOp3 for ConvBiasRelu {
+    fn name(&self) -> &'static str {
+        "kd-conv2d-bias-relu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (f, cout) = conv_dims(self.0, l1.shape(), l2.shape())?;
+        if l3.shape().dims() != [cout] {
+            candle_core::bail!("convolution: bias {:?} for {cout} channels", l3.shape());
+        }
+        let (oh, ow) = f.out_size();
+        let op = ConvOp(self.0);
+        let out = match (s1, s2, s3) {
+            (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => {
+                CpuStorage::F32(op.run(
+                    (
+                        contiguous::<f32>(s1, l1)?,
+                        contiguous::<f32>(s2, l2)?,
+                        Some(contiguous::<f32>(s3, l3)?),
+                    ),
+                    f,
+                    cout,
+                )?)
+            }
+            (CpuStorage::F64(_), CpuStorage::F64(_), CpuStorage::F64(_)) => {
+                CpuStorage::F64(op.run(
+                    (
+                        contiguous::<f64>(s1, l1)?,
+                        contiguous::<f64>(s2, l2)?,
+                        Some(contiguous::<f64>(s3, l3)?),
+                    ),
+                    f,
+                    cout,
+                )?)
+            }
+            _ => candle_core::bail!("convolution supports f32 and f64"),
+        };
+        Ok((out, Shape::from((cout, f.b, oh, ow))))
     }
 }
 
@@ -407,6 +487,27 @@ pub(crate) fn per_channel(v: &Tensor, rank: usize) -> Result<Tensor> {
     v.reshape(dims)
 }
 
+/// `max(0, z + b)`, in `T`'s arithmetic.
+#[inline(always)]
+fn bias_relu<T: WithDType>(z: T, b: T) -> T {
+    let zero = T::from_f64(0.0);
+    let y = z + b;
+    if y > zero {
+        y
+    } else {
+        zero
+    }
+}
+
+/// [`bias_relu`] in place over the rows of `[c, n]` (row `i` with `bias[i]`).
+fn bias_relu_rows<T: WithDType>(z: &mut [T], n: usize, bias: &[T]) {
+    for (row, &b) in z.chunks_mut(n.max(1)).zip(bias) {
+        for v in row {
+            *v = bias_relu(*v, b);
+        }
+    }
+}
+
 impl CustomOp2 for BiasRelu {
     fn name(&self) -> &'static str {
         "kd-bias-relu"
@@ -432,8 +533,7 @@ impl CustomOp2 for BiasRelu {
                     .zip(b.par_iter())
                     .for_each(|((o, zr), &bc)| {
                         for (o, &v) in o.iter_mut().zip(zr) {
-                            let y = v + bc;
-                            *o = if y > zero { y } else { zero };
+                            *o = bias_relu(v, bc);
                         }
                     });
                 out
@@ -656,6 +756,47 @@ pub(crate) mod tests {
             &theirs.to_dtype(DType::F64).unwrap(),
         );
         assert!(d < 1e-5, "f32 differs by {d}");
+    }
+
+    /// The inference path's fused convolution + bias + ReLU gives the bits of the convolution
+    /// followed by the separate bias + ReLU op, over several chunks of images.
+    #[test]
+    fn fused_inference_epilogue_keeps_the_bits() {
+        let dev = Device::Cpu;
+        for (i, &(cin, cout, k, s, p)) in [(3, 5, 3, 1, 1), (4, 6, 1, 1, 0), (2, 3, 5, 2, 2)]
+            .iter()
+            .enumerate()
+        {
+            let (b, h, w) = (2 * IMAGES_PER_CHUNK + 5, 9, 8);
+            let f32s = |shape: &[usize], seed| {
+                let v: Vec<f32> = rand(shape, seed).iter().map(|&x| x as f32).collect();
+                Tensor::from_vec(v, shape, &dev).unwrap()
+            };
+            let conv = Conv {
+                weight: f32s(&[cout, cin, k, k], 40 + i as u64),
+                bias: Some(f32s(&[cout], 50 + i as u64)),
+                geometry: Im2Col {
+                    kernel: k,
+                    stride: s,
+                    padding: p,
+                },
+                cout,
+            };
+            let x = f32s(&[cin, b, h, w], 60 + i as u64);
+            let fused = conv.forward_relu(&x).unwrap();
+            let separate = conv
+                .matmul(&x)
+                .unwrap()
+                .apply_op2(conv.bias.as_ref().unwrap(), BiasRelu)
+                .unwrap();
+            let bits = |t: &Tensor| -> Vec<u32> {
+                let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                v.iter().map(|f| f.to_bits()).collect()
+            };
+            assert_eq!(fused.dims(), separate.dims(), "case {i}");
+            assert_eq!(bits(&fused), bits(&separate), "case {i}");
+            assert!(bits(&fused).contains(&0), "case {i}: ReLU never cut");
+        }
     }
 
     /// The fused bias + ReLU against candle's `broadcast_add` + `relu`, values and gradients.
