@@ -499,7 +499,7 @@ impl Bench<'_> {
         let mut opt = optimiser(&model, s.lr)?;
         let targets = Targets::new(p, data, name)?;
         let baseline = name == "student-baseline-step";
-        let timings = time_reps(self.args, |i| {
+        let (timings, ops) = time_ops(self.args, |i| {
             kd_train::interrupt::check("measuring")?;
             let b = batch(data, &rows(data, i * sb, sb), s.augment, i as u64)?;
             let mut parts = Vec::new();
@@ -519,7 +519,10 @@ impl Bench<'_> {
             parts.extend([("forward", f), ("backward", bw), ("optimiser", o)]);
             Ok(parts)
         })?;
-        Ok(Self::timing(sb * self.args.batches, timings, macs))
+        Ok(Timing {
+            ops,
+            ..Self::timing(sb * self.args.batches, timings, macs)
+        })
     }
 }
 

@@ -276,13 +276,23 @@ impl CustomOp2 for ConvOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        // The images' gradient (the first convolution's input) is never needed.
+        let op = ConvBackward {
+            geometry: self.0,
+            input_gradient: x.track_op(),
+        };
         let both = time("convolution backward (per chunk of images)", || {
-            x.apply_op3_no_bwd(weight, &grad.contiguous()?, &ConvBackward(self.0))
+            x.apply_op3_no_bwd(weight, &grad.contiguous()?, &op)
         })?;
-        let (nx, nw) = (x.elem_count(), weight.elem_count());
-        let dx = both.narrow(0, 0, nx)?.reshape(x.shape())?;
-        let dw = both.narrow(0, nx, nw)?.reshape(weight.shape())?;
-        Ok((Some(dx), Some(dw)))
+        let nx = if op.input_gradient { x.elem_count() } else { 0 };
+        let dx = match op.input_gradient {
+            true => Some(both.narrow(0, 0, nx)?.reshape(x.shape())?),
+            false => None,
+        };
+        let dw = both
+            .narrow(0, nx, weight.elem_count())?
+            .reshape(weight.shape())?;
+        Ok((dx, Some(dw)))
     }
 }
 
@@ -346,7 +356,7 @@ impl CustomOp3 for ConvBiasRelu {
 const IMAGES_PER_CHUNK: usize = 8;
 
 /// The convolution's backward, `(x, weight, dy [c_out, b, oh, ow]) → [dx, dW]` flattened into
-/// one vector. Each chunk of [`IMAGES_PER_CHUNK`] images is one task on one thread: its columns
+/// one vector (`[dW]` alone without `input_gradient`). Each chunk of [`IMAGES_PER_CHUNK`] images is one task on one thread: its columns
 /// (gathered again rather than kept from the forward), `dW_chunk = dy_chunk · colsᵀ`,
 /// `dcols = Wᵀ · dy_chunk` and `dx_chunk = col2im(dcols)`, all in buffers the size of a chunk.
 ///
@@ -354,9 +364,14 @@ const IMAGES_PER_CHUNK: usize = 8;
 /// matrix, which `gemm` splits between threads by rows and columns only: as one product it ran on
 /// one thread. Chunks give every thread its share of the reduction.
 #[derive(Debug, Clone, Copy)]
-struct ConvBackward(Im2Col);
+struct ConvBackward {
+    geometry: Im2Col,
+    /// Whether `dx` is computed (not for a network's input, the images).
+    input_gradient: bool,
+}
 
-/// One chunk's share of the backward: `(dW_chunk [c_out, depth], dx_chunk [c_in, count, h, w])`.
+/// One chunk's share of the backward: `(dW_chunk [c_out, depth], dx_chunk [c_in, count, h, w])`,
+/// `dx_chunk` empty without `input_gradient`.
 type ChunkGrads<T> = (Vec<T>, Vec<T>);
 
 impl ConvBackward {
@@ -372,13 +387,20 @@ impl ConvBackward {
             .map(|images| self.chunk((x, weight, dy), f, cout, images.clone()))
             .collect::<Result<Vec<ChunkGrads<T>>>>()?;
         let plane = f.h * f.w;
-        let mut out = vec![T::from_f64(0.0); f.c * f.b * plane + cout * f.depth()];
-        let (dx, dw) = out.split_at_mut(f.c * f.b * plane);
+        let nx = if self.input_gradient {
+            f.c * f.b * plane
+        } else {
+            0
+        };
+        let mut out = vec![T::from_f64(0.0); nx + cout * f.depth()];
+        let (dx, dw) = out.split_at_mut(nx);
         for (images, (dw_part, dx_part)) in chunks.iter().zip(&parts) {
             for (acc, v) in dw.iter_mut().zip(dw_part) {
                 *acc += *v;
             }
-            put_images(dx, dx_part, (f.c, f.b, plane), images);
+            if self.input_gradient {
+                put_images(dx, dx_part, (f.c, f.b, plane), images);
+            }
         }
         Ok(out)
     }
@@ -393,8 +415,9 @@ impl ConvBackward {
         let (n, depth, px) = (f.b * f.pixels(), f.depth(), f.pixels());
         let cn = images.len() * px;
         let dy = View::rows(&dy[images.start * px..], cout, cn, n);
+        let pointwise = self.geometry.is_pointwise();
         let gathered;
-        let cols = if self.0.is_pointwise() {
+        let cols = if pointwise {
             View::rows(&x[images.start * px..], depth, cn, n)
         } else {
             gathered = f.gather(x, images.clone());
@@ -403,10 +426,13 @@ impl ConvBackward {
         let zero = T::from_f64(0.0);
         let mut dw = vec![zero; cout * depth];
         product(&mut dw, depth, dy, cols.t())?;
+        if !self.input_gradient {
+            return Ok((dw, Vec::new()));
+        }
         let mut dcols = vec![zero; depth * cn];
         let w = View::rows(weight, cout, depth, depth);
         product(&mut dcols, cn, w.t(), dy)?;
-        let dx = if self.0.is_pointwise() {
+        let dx = if pointwise {
             dcols
         } else {
             f.scatter(&dcols, images.len())
@@ -429,8 +455,13 @@ impl CustomOp3 for ConvBackward {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (f, cout) = conv_dims(self.0, l1.shape(), l2.shape())?;
-        let len = l1.shape().elem_count() + l2.shape().elem_count();
+        let (f, cout) = conv_dims(self.geometry, l1.shape(), l2.shape())?;
+        let nx = if self.input_gradient {
+            l1.shape().elem_count()
+        } else {
+            0
+        };
+        let len = nx + l2.shape().elem_count();
         if l3.shape().elem_count() != cout * f.b * f.pixels() {
             candle_core::bail!("convolution backward: output gradient {:?}", l3.shape());
         }
@@ -727,6 +758,29 @@ pub(crate) mod tests {
                 );
                 assert!(d < 1e-12, "case {i}: {name} gradient differs by {d}");
             }
+            // An input that needs no gradient (the images) gets none, and the weight's is the same.
+            let plain = swap_batch_and_channels(&x.as_tensor().detach()).unwrap();
+            let g_plain = (swap_batch_and_channels(&conv.forward(&plain).unwrap()).unwrap()
+                * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            assert!(g_plain.get(&plain).is_none(), "case {i}");
+            let w_bits = |g: &candle_core::backprop::GradStore| {
+                let t = g.get(wt.as_tensor()).unwrap().flatten_all().unwrap();
+                t.to_vec1::<f64>()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(
+                w_bits(&g_plain),
+                w_bits(&g_ours),
+                "case {i}: weight gradient"
+            );
         }
         // f32 agrees to f32 precision.
         let x = Tensor::from_vec(rand(&[2, 3, 8, 8], 9), (2, 3, 8, 8), &dev)
