@@ -114,24 +114,17 @@ impl Conv {
         }
     }
 
-    /// `relu(conv(x) + bias)` with the bias and ReLU fused into one pass (and one in backward).
-    /// Where no gradient is tracked (inference), the bias and ReLU are the convolution's
-    /// epilogue, applied to each chunk of images while it is in cache.
+    /// `relu(conv(x) + bias)`: the bias and ReLU are the convolution's epilogue
+    /// ([`ConvBiasRelu`]), applied to each chunk of images while it is in cache; the sum before
+    /// the ReLU is never a tensor of the graph.
     pub fn forward_relu(&self, xs: &Tensor) -> Result<Tensor> {
-        if let Some(b) = &self.bias {
-            if !(xs.track_op() || self.weight.track_op() || b.track_op()) {
-                self.count_macs(xs)?;
-                return xs.contiguous()?.apply_op3_no_bwd(
-                    &self.weight,
-                    b,
-                    &ConvBiasRelu(self.geometry),
-                );
-            }
-        }
-        let z = self.matmul(xs)?;
         match &self.bias {
-            Some(b) => z.apply_op2(b, BiasRelu),
-            None => z.relu(),
+            Some(b) => {
+                self.count_macs(xs)?;
+                xs.contiguous()?
+                    .apply_op3(&self.weight, b, ConvBiasRelu(self.geometry))
+            }
+            None => self.matmul(xs)?.relu(),
         }
     }
 
@@ -296,9 +289,9 @@ impl CustomOp2 for ConvOp {
     }
 }
 
-/// `relu(conv(x) + bias)` as one op without a gradient, `(x, weight, bias)`: the inference path
-/// of [`Conv::forward_relu`], the bias and ReLU applied to each chunk's output in cache (the bits
-/// of [`ConvOp`] followed by [`BiasRelu`]).
+/// `relu(conv(x) + bias)` as one op, `(x, weight, bias)`: the bias and ReLU applied to each
+/// chunk's output in cache, with the bits of [`ConvOp`] followed by [`BiasRelu`], forward and
+/// backward (whose gradient buffers and passes over `conv(x)` it saves).
 #[derive(Debug, Clone, Copy)]
 struct ConvBiasRelu(Im2Col);
 
@@ -348,6 +341,19 @@ impl CustomOp3 for ConvBiasRelu {
             _ => candle_core::bail!("convolution supports f32 and f64"),
         };
         Ok((out, Shape::from((cout, f.b, oh, ow))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        _bias: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dz, db) = relu_bias_gradients(res, grad)?;
+        let (dx, dw) = ConvOp(self.0).bwd(x, weight, res, &dz)?;
+        Ok((dx, dw, Some(db)))
     }
 }
 
@@ -539,6 +545,16 @@ fn bias_relu_rows<T: WithDType>(z: &mut [T], n: usize, bias: &[T]) {
     }
 }
 
+/// The gradients of `y = relu(z + bias)` from `y` and `dy`: `dz = dy·[y > 0]` (PyTorch's ReLU
+/// rule) and `dbias = Σ dz` per channel.
+fn relu_bias_gradients(y: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
+    time("bias + ReLU (backward)", || {
+        let dz = y.apply_op2_no_bwd(&dy.contiguous()?, &ReluMask)?;
+        let db = dz.flatten_from(1)?.sum(1)?;
+        Ok((dz, db))
+    })
+}
+
 impl CustomOp2 for BiasRelu {
     fn name(&self) -> &'static str {
         "kd-bias-relu"
@@ -593,11 +609,7 @@ impl CustomOp2 for BiasRelu {
         res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (dz, db) = time("bias + ReLU (backward)", || {
-            let dz = res.apply_op2_no_bwd(&grad.contiguous()?, &ReluMask)?;
-            let db = dz.flatten_from(1)?.sum(1)?;
-            Ok::<_, candle_core::Error>((dz, db))
-        })?;
+        let (dz, db) = relu_bias_gradients(res, grad)?;
         Ok((Some(dz), Some(db)))
     }
 }
@@ -812,23 +824,41 @@ pub(crate) mod tests {
         assert!(d < 1e-5, "f32 differs by {d}");
     }
 
-    /// The inference path's fused convolution + bias + ReLU gives the bits of the convolution
-    /// followed by the separate bias + ReLU op, over several chunks of images.
+    /// The fused convolution + bias + ReLU gives the bits of the convolution followed by the
+    /// separate bias + ReLU op, over several chunks of images: its output without gradients
+    /// (inference), and with them its output and the input's, weight's and bias's gradients.
     #[test]
-    fn fused_inference_epilogue_keeps_the_bits() {
+    fn fused_epilogue_keeps_the_bits() {
         let dev = Device::Cpu;
+        let bits = |t: &Tensor| -> Vec<u32> {
+            let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            v.iter().map(|f| f.to_bits()).collect()
+        };
         for (i, &(cin, cout, k, s, p)) in [(3, 5, 3, 1, 1), (4, 6, 1, 1, 0), (2, 3, 5, 2, 2)]
             .iter()
             .enumerate()
         {
             let (b, h, w) = (2 * IMAGES_PER_CHUNK + 5, 9, 8);
-            let f32s = |shape: &[usize], seed| {
+            let var = |shape: &[usize], seed| {
                 let v: Vec<f32> = rand(shape, seed).iter().map(|&x| x as f32).collect();
-                Tensor::from_vec(v, shape, &dev).unwrap()
+                Var::from_vec(v, shape, &dev).unwrap()
             };
-            let conv = Conv {
-                weight: f32s(&[cout, cin, k, k], 40 + i as u64),
-                bias: Some(f32s(&[cout], 50 + i as u64)),
+            let (wt, bias) = (
+                var(&[cout, cin, k, k], 40 + i as u64),
+                var(&[cout], 50 + i as u64),
+            );
+            let x = var(&[cin, b, h, w], 60 + i as u64);
+            let conv = |tracked: bool| Conv {
+                weight: if tracked {
+                    wt.as_tensor().clone()
+                } else {
+                    wt.as_tensor().detach()
+                },
+                bias: Some(if tracked {
+                    bias.as_tensor().clone()
+                } else {
+                    bias.as_tensor().detach()
+                }),
                 geometry: Im2Col {
                     kernel: k,
                     stride: s,
@@ -836,20 +866,44 @@ pub(crate) mod tests {
                 },
                 cout,
             };
-            let x = f32s(&[cin, b, h, w], 60 + i as u64);
-            let fused = conv.forward_relu(&x).unwrap();
-            let separate = conv
-                .matmul(&x)
-                .unwrap()
-                .apply_op2(conv.bias.as_ref().unwrap(), BiasRelu)
-                .unwrap();
-            let bits = |t: &Tensor| -> Vec<u32> {
-                let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-                v.iter().map(|f| f.to_bits()).collect()
+            let separate = |c: &Conv, x: &Tensor| {
+                c.matmul(x)
+                    .unwrap()
+                    .apply_op2(c.bias.as_ref().unwrap(), BiasRelu)
+                    .unwrap()
             };
-            assert_eq!(fused.dims(), separate.dims(), "case {i}");
-            assert_eq!(bits(&fused), bits(&separate), "case {i}");
+            // Inference: nothing tracked.
+            let plain = x.as_tensor().detach();
+            let (fused, apart) = (
+                conv(false).forward_relu(&plain).unwrap(),
+                separate(&conv(false), &plain),
+            );
+            assert_eq!(fused.dims(), apart.dims(), "case {i}");
+            assert_eq!(bits(&fused), bits(&apart), "case {i}");
             assert!(bits(&fused).contains(&0), "case {i}: ReLU never cut");
+            // Training: output and gradients.
+            let probe = var(fused.dims(), 70 + i as u64);
+            let grads = |y: &Tensor| {
+                (y * probe.as_tensor())
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap()
+            };
+            let (yf, ys) = (
+                conv(true).forward_relu(x.as_tensor()).unwrap(),
+                separate(&conv(true), x.as_tensor()),
+            );
+            assert_eq!(bits(&yf), bits(&ys), "case {i}: output");
+            let (gf, gs) = (grads(&yf), grads(&ys));
+            for (name, v) in [("input", &x), ("weight", &wt), ("bias", &bias)] {
+                let (a, b) = (
+                    gf.get(v.as_tensor()).unwrap(),
+                    gs.get(v.as_tensor()).unwrap(),
+                );
+                assert_eq!(bits(a), bits(b), "case {i}: {name} gradient");
+            }
         }
     }
 
