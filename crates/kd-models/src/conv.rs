@@ -9,7 +9,7 @@
 //! (`cols` is `x` itself) and the output comes out in the layout the next layer reads, so no
 //! transposes sit between layers.
 
-use crate::cpu::contiguous;
+use crate::cpu::{contiguous, float_storage};
 use crate::gemm::{product, View};
 use crate::im2col::Frame;
 pub use crate::im2col::Im2Col;
@@ -246,19 +246,10 @@ impl CustomOp2 for ConvOp {
         let (f, cout) = conv_dims(self.0, l1.shape(), l2.shape())?;
         let (oh, ow) = f.out_size();
         let shape = Shape::from((cout, f.b, oh, ow));
-        let out = match (s1, s2) {
-            (CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32(self.run(
-                (contiguous::<f32>(s1, l1)?, contiguous::<f32>(s2, l2)?, None),
-                f,
-                cout,
-            )?),
-            (CpuStorage::F64(_), CpuStorage::F64(_)) => CpuStorage::F64(self.run(
-                (contiguous::<f64>(s1, l1)?, contiguous::<f64>(s2, l2)?, None),
-                f,
-                cout,
-            )?),
-            _ => candle_core::bail!("convolution supports f32 and f64"),
-        };
+        let out = float_storage!(s1, "convolution", T => {
+            let (x, w) = (contiguous::<T>(s1, l1)?, contiguous::<T>(s2, l2)?);
+            self.run((x, w, None), f, cout)?
+        });
         Ok((out, shape))
     }
 
@@ -315,31 +306,10 @@ impl CustomOp3 for ConvBiasRelu {
         }
         let (oh, ow) = f.out_size();
         let op = ConvOp(self.0);
-        let out = match (s1, s2, s3) {
-            (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => {
-                CpuStorage::F32(op.run(
-                    (
-                        contiguous::<f32>(s1, l1)?,
-                        contiguous::<f32>(s2, l2)?,
-                        Some(contiguous::<f32>(s3, l3)?),
-                    ),
-                    f,
-                    cout,
-                )?)
-            }
-            (CpuStorage::F64(_), CpuStorage::F64(_), CpuStorage::F64(_)) => {
-                CpuStorage::F64(op.run(
-                    (
-                        contiguous::<f64>(s1, l1)?,
-                        contiguous::<f64>(s2, l2)?,
-                        Some(contiguous::<f64>(s3, l3)?),
-                    ),
-                    f,
-                    cout,
-                )?)
-            }
-            _ => candle_core::bail!("convolution supports f32 and f64"),
-        };
+        let out = float_storage!(s1, "convolution", T => {
+            let (x, w) = (contiguous::<T>(s1, l1)?, contiguous::<T>(s2, l2)?);
+            op.run((x, w, Some(contiguous::<T>(s3, l3)?)), f, cout)?
+        });
         Ok((out, Shape::from((cout, f.b, oh, ow))))
     }
 
@@ -471,31 +441,10 @@ impl CustomOp3 for ConvBackward {
         if l3.shape().elem_count() != cout * f.b * f.pixels() {
             candle_core::bail!("convolution backward: output gradient {:?}", l3.shape());
         }
-        let out = match (s1, s2, s3) {
-            (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => {
-                CpuStorage::F32(self.run(
-                    (
-                        contiguous::<f32>(s1, l1)?,
-                        contiguous::<f32>(s2, l2)?,
-                        contiguous::<f32>(s3, l3)?,
-                    ),
-                    f,
-                    cout,
-                )?)
-            }
-            (CpuStorage::F64(_), CpuStorage::F64(_), CpuStorage::F64(_)) => {
-                CpuStorage::F64(self.run(
-                    (
-                        contiguous::<f64>(s1, l1)?,
-                        contiguous::<f64>(s2, l2)?,
-                        contiguous::<f64>(s3, l3)?,
-                    ),
-                    f,
-                    cout,
-                )?)
-            }
-            _ => candle_core::bail!("convolution backward supports f32 and f64"),
-        };
+        let out = float_storage!(s1, "convolution backward", T => {
+            let (x, w) = (contiguous::<T>(s1, l1)?, contiguous::<T>(s2, l2)?);
+            self.run((x, w, contiguous::<T>(s3, l3)?), f, cout)?
+        });
         Ok((out, Shape::from(len)))
     }
 }
@@ -586,19 +535,9 @@ impl CustomOp2 for BiasRelu {
                 out
             })
         }
-        let out = match (s1, s2) {
-            (CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32(run(
-                contiguous::<f32>(s1, l1)?,
-                contiguous::<f32>(s2, l2)?,
-                n,
-            )),
-            (CpuStorage::F64(_), CpuStorage::F64(_)) => CpuStorage::F64(run(
-                contiguous::<f64>(s1, l1)?,
-                contiguous::<f64>(s2, l2)?,
-                n,
-            )),
-            _ => candle_core::bail!("bias-relu supports f32 and f64"),
-        };
+        let out = float_storage!(s1, "bias-relu", T => {
+            run(contiguous::<T>(s1, l1)?, contiguous::<T>(s2, l2)?, n)
+        });
         Ok((out, l1.shape().clone()))
     }
 
@@ -643,15 +582,9 @@ impl CustomOp2 for ReluMask {
         if l1.shape() != l2.shape() {
             candle_core::bail!("relu-mask: shapes {:?} and {:?}", l1.shape(), l2.shape());
         }
-        let out = match (s1, s2) {
-            (CpuStorage::F32(_), CpuStorage::F32(_)) => {
-                CpuStorage::F32(run(contiguous::<f32>(s1, l1)?, contiguous::<f32>(s2, l2)?))
-            }
-            (CpuStorage::F64(_), CpuStorage::F64(_)) => {
-                CpuStorage::F64(run(contiguous::<f64>(s1, l1)?, contiguous::<f64>(s2, l2)?))
-            }
-            _ => candle_core::bail!("relu-mask supports f32 and f64"),
-        };
+        let out = float_storage!(s1, "relu-mask", T => {
+            run(contiguous::<T>(s1, l1)?, contiguous::<T>(s2, l2)?)
+        });
         Ok((out, l1.shape().clone()))
     }
 }

@@ -28,3 +28,23 @@ pub(crate) fn tap_range(
     };
     lo.min(hi)..hi
 }
+
+/// The output storage of a float kernel: `$body` evaluated with `$t` the element type of
+/// `$first` (f32 or f64; the other inputs must match, which [`contiguous`] checks), wrapped in the
+/// matching `CpuStorage` variant. `$what` names the op in the error for other types.
+macro_rules! float_storage {
+    ($first:expr, $what:expr, $t:ident => $body:expr) => {
+        match $first {
+            candle_core::CpuStorage::F32(_) => {
+                type $t = f32;
+                candle_core::CpuStorage::F32($body)
+            }
+            candle_core::CpuStorage::F64(_) => {
+                type $t = f64;
+                candle_core::CpuStorage::F64($body)
+            }
+            _ => candle_core::bail!("{} supports f32 and f64", $what),
+        }
+    };
+}
+pub(crate) use float_storage;

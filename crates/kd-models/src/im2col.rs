@@ -1,7 +1,7 @@
 //! im2col and its adjoint col2im, on activations laid out `[c, batch, h, w]`, for the whole
 //! batch or for a range of its images (the convolution's backward works image chunk by chunk).
 
-use crate::cpu::contiguous;
+use crate::cpu::{contiguous, float_storage};
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 use std::ops::Range;
@@ -216,11 +216,7 @@ impl CustomOp1 for Im2Col {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let frame = self.on(l.shape().dims4()?)?;
         let shape = Shape::from((frame.depth(), frame.b * frame.pixels()));
-        let out = match s {
-            CpuStorage::F32(_) => CpuStorage::F32(frame.gather_all(contiguous::<f32>(s, l)?)),
-            CpuStorage::F64(_) => CpuStorage::F64(frame.gather_all(contiguous::<f64>(s, l)?)),
-            _ => candle_core::bail!("im2col supports f32 and f64"),
-        };
+        let out = float_storage!(s, "im2col", T => frame.gather_all(contiguous::<T>(s, l)?));
         Ok((out, shape))
     }
 
@@ -237,11 +233,7 @@ impl CustomOp1 for Frame {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let shape = Shape::from((self.c, self.b, self.h, self.w));
-        let out = match s {
-            CpuStorage::F32(_) => CpuStorage::F32(self.scatter_all(contiguous::<f32>(s, l)?)),
-            CpuStorage::F64(_) => CpuStorage::F64(self.scatter_all(contiguous::<f64>(s, l)?)),
-            _ => candle_core::bail!("col2im supports f32 and f64"),
-        };
+        let out = float_storage!(s, "col2im", T => self.scatter_all(contiguous::<T>(s, l)?));
         Ok((out, shape))
     }
 }
