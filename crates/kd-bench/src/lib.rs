@@ -110,7 +110,8 @@ pub struct Measurement {
     /// Multiply-adds of one image's forward pass through the trained model.
     pub forward_macs_per_image: u64,
     pub peak_rss_kib: u64,
-    /// Wall seconds per batch in each kind of our ops (`kd_models::timing`), training steps only.
+    /// Wall seconds per batch in each kind of our ops (`kd_models::timing`): the training steps and
+    /// inference (empty for the other measurements).
     #[serde(default)]
     pub ops: Vec<(String, f64)>,
 }
