@@ -11,6 +11,9 @@ use crate::timing::time;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
+use whole::{max_2x2, max_2x2_backward, same_3x3_max};
+
+mod whole;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PoolKind {
@@ -232,6 +235,9 @@ impl Pool2d {
             if self.is_same_3x3_max() && g.h >= 2 && g.w >= 2 {
                 return same_3x3_max(x, g.h, g.w);
             }
+            if self.is_even_2x2_max(g) {
+                return max_2x2(x, g.w);
+            }
             self.forward_planes_general(x, g)
         })
     }
@@ -264,21 +270,44 @@ impl Pool2d {
         self.kind == PoolKind::Max && self.kernel == 3 && self.stride == 1 && self.padding == 1
     }
 
+    /// The students' 2×2 / stride 2 max-pool, on planes of even height and width (every input in
+    /// exactly one window).
+    fn is_even_2x2_max(&self, g: Geometry) -> bool {
+        self.kind == PoolKind::Max
+            && (self.kernel, self.stride, self.padding) == (2, 2, 0)
+            && g.h.is_multiple_of(2)
+            && g.w.is_multiple_of(2)
+    }
+
     /// The input gradient of every plane, in parallel.
     fn backward_planes<T: WithDType>(&self, x: &[T], res: &[T], grad: &[T], g: Geometry) -> Vec<T> {
         time("pools (backward)", || {
-            let win = Windows {
-                x: self.windows(g.w, g.ow),
-                y: self.windows(g.h, g.oh),
-            };
-            let (plane, out_plane) = (g.h * g.w, g.oh * g.ow);
-            let mut gx = vec![T::from_f64(0.0); x.len()];
-            gx.par_chunks_mut(plane)
-                .zip(x.par_chunks(plane))
-                .zip(res.par_chunks(out_plane).zip(grad.par_chunks(out_plane)))
-                .for_each(|((gxp, xp), (rp, gp))| self.bwd_plane(xp, rp, gp, gxp, g, &win));
-            gx
+            if self.is_even_2x2_max(g) {
+                return max_2x2_backward(x, res, grad, g.w);
+            }
+            self.backward_planes_general(x, res, grad, g)
         })
+    }
+
+    /// [`Self::backward_planes`] for any pool, plane by plane.
+    fn backward_planes_general<T: WithDType>(
+        &self,
+        x: &[T],
+        res: &[T],
+        grad: &[T],
+        g: Geometry,
+    ) -> Vec<T> {
+        let win = Windows {
+            x: self.windows(g.w, g.ow),
+            y: self.windows(g.h, g.oh),
+        };
+        let (plane, out_plane) = (g.h * g.w, g.oh * g.ow);
+        let mut gx = vec![T::from_f64(0.0); x.len()];
+        gx.par_chunks_mut(plane)
+            .zip(x.par_chunks(plane))
+            .zip(res.par_chunks(out_plane).zip(grad.par_chunks(out_plane)))
+            .for_each(|((gxp, xp), (rp, gp))| self.bwd_plane(xp, rp, gp, gxp, g, &win));
+        gx
     }
 }
 
@@ -292,50 +321,6 @@ fn max_nan<T: WithDType>(m: T, v: T) -> T {
     } else {
         m
     }
-}
-
-/// The 3×3 / stride 1 / padding 1 max-pool of `[planes, h, w]` (h, w ≥ 2), as whole-array passes
-/// rather than plane by plane (a 7×7 plane is 49 numbers): along x, every element combines with
-/// its left and right neighbours in one contiguous pass, then the ends of each row are redone
-/// with their two inputs; along y the same with the rows above and below, then each plane's first
-/// and last row. Each window is combined in the generic path's order (left to right, then top to
-/// bottom, from its first input), so the result is the same to the bit.
-fn same_3x3_max<T: WithDType>(x: &[T], h: usize, w: usize) -> Vec<T> {
-    let plane = h * w;
-    // Whole planes per task: enough work per task, and a pass never crosses a task.
-    let per_task = plane * (16_384 / plane).max(1);
-    // Every element of both passes' outputs is written: the buffers start as zeros, not copies.
-    let mut tmp = vec![T::from_f64(0.0); x.len()];
-    tmp.par_chunks_mut(per_task)
-        .zip(x.par_chunks(per_task))
-        .for_each(|(t, x)| {
-            let n = x.len();
-            for i in 1..n - 1 {
-                t[i] = max_nan(max_nan(x[i - 1], x[i]), x[i + 1]);
-            }
-            for s in (0..n).step_by(w) {
-                t[s] = max_nan(x[s], x[s + 1]);
-                t[s + w - 1] = max_nan(x[s + w - 2], x[s + w - 1]);
-            }
-        });
-    let mut out = vec![T::from_f64(0.0); x.len()];
-    out.par_chunks_mut(per_task)
-        .zip(tmp.par_chunks(per_task))
-        .for_each(|(o, t)| {
-            let n = t.len();
-            for i in w..n - w {
-                o[i] = max_nan(max_nan(t[i - w], t[i]), t[i + w]);
-            }
-            for p in (0..n).step_by(plane) {
-                for i in p..p + w {
-                    o[i] = max_nan(t[i], t[i + w]);
-                }
-                for i in p + plane - w..p + plane {
-                    o[i] = max_nan(t[i - w], t[i]);
-                }
-            }
-        });
-    out
 }
 
 /// Window bounds `(start, end, length with padding)` of every output column and row.
@@ -470,6 +455,7 @@ mod tests {
             (Pool2d::max(3, 2).ceil(), 7, 7),
             (Pool2d::max(3, 1).padding(1), 5, 6),
             (Pool2d::max(2, 2), 6, 6),
+            (Pool2d::max(2, 2), 7, 5),
             (Pool2d::max(3, 2).ceil(), 112, 112),
             (Pool2d::avg(3, 2), 7, 7),
             (Pool2d::avg(5, 3), 14, 14),
@@ -563,6 +549,50 @@ mod tests {
             let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&fast), bits(&general), "{h}x{w}");
         }
+    }
+
+    /// The 2×2 / stride 2 max-pool's whole-array forward and backward give the general path's
+    /// bits: ties, signed zeros (in the inputs and in the gradients) and NaNs, over more rows than
+    /// one task holds.
+    #[test]
+    fn max_2x2_equals_the_general_path_to_the_bit() {
+        let p = Pool2d::max(2, 2);
+        let values = [-1.0f32, -0.0, 0.0, 1.0, f32::NAN, 2.0, 0.5];
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        for (h, w) in [(2, 2), (28, 28), (14, 14), (4, 6)] {
+            let n = 300 * h * w;
+            let pick = |seed| -> Vec<f32> {
+                distinct_input(n, seed)
+                    .iter()
+                    .map(|v| values[(v.abs() * 1e6) as usize % values.len()])
+                    .collect()
+            };
+            let x = pick(5);
+            let g = Geometry {
+                h,
+                w,
+                oh: h / 2,
+                ow: w / 2,
+            };
+            assert!(p.is_even_2x2_max(g));
+            let fast = max_2x2(&x, w);
+            assert_eq!(
+                bits(&fast),
+                bits(&p.forward_planes_general(&x, g)),
+                "{h}x{w}"
+            );
+            let grad = pick(6)[..n / 4].to_vec();
+            let fast_gx = max_2x2_backward(&x, &fast, &grad, w);
+            let general_gx = p.backward_planes_general(&x, &fast, &grad, g);
+            assert_eq!(bits(&fast_gx), bits(&general_gx), "{h}x{w} backward");
+        }
+        // Odd sizes take the general path.
+        assert!(!p.is_even_2x2_max(Geometry {
+            h: 7,
+            w: 7,
+            oh: 3,
+            ow: 3
+        }));
     }
 
     #[test]

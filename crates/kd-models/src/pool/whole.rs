@@ -1,0 +1,122 @@
+//! Whole-array paths for the two pools that dominate: the 3×3 / stride 1 / padding 1 max-pool of
+//! every Inception block and the students' 2×2 / stride 2 max-pool. Each takes all planes as one
+//! array (no per-plane window tables) and gives the general path's bits, ties, signed zeros and
+//! NaNs included (tested against it).
+
+use super::max_nan;
+use candle_core::WithDType;
+use rayon::prelude::*;
+use std::hint::select_unpredictable;
+
+/// Elements per parallel task: enough work per task, few enough tasks to spread over threads.
+const TASK_ELEMENTS: usize = 16_384;
+
+/// The 3×3 / stride 1 / padding 1 max-pool of `[planes, h, w]` (h, w ≥ 2), as whole-array passes
+/// rather than plane by plane (a 7×7 plane is 49 numbers): along x, every element combines with
+/// its left and right neighbours in one contiguous pass, then the ends of each row are redone
+/// with their two inputs; along y the same with the rows above and below, then each plane's first
+/// and last row. Each window is combined in the generic path's order (left to right, then top to
+/// bottom, from its first input), so the result is the same to the bit.
+pub(super) fn same_3x3_max<T: WithDType>(x: &[T], h: usize, w: usize) -> Vec<T> {
+    let plane = h * w;
+    // Whole planes per task: enough work per task, and a pass never crosses a task.
+    let per_task = plane * (TASK_ELEMENTS / plane).max(1);
+    // Every element of both passes' outputs is written: the buffers start as zeros, not copies.
+    let mut tmp = vec![T::from_f64(0.0); x.len()];
+    tmp.par_chunks_mut(per_task)
+        .zip(x.par_chunks(per_task))
+        .for_each(|(t, x)| {
+            let n = x.len();
+            for i in 1..n - 1 {
+                t[i] = max_nan(max_nan(x[i - 1], x[i]), x[i + 1]);
+            }
+            for s in (0..n).step_by(w) {
+                t[s] = max_nan(x[s], x[s + 1]);
+                t[s + w - 1] = max_nan(x[s + w - 2], x[s + w - 1]);
+            }
+        });
+    let mut out = vec![T::from_f64(0.0); x.len()];
+    out.par_chunks_mut(per_task)
+        .zip(tmp.par_chunks(per_task))
+        .for_each(|(o, t)| {
+            let n = t.len();
+            for i in w..n - w {
+                o[i] = max_nan(max_nan(t[i - w], t[i]), t[i + w]);
+            }
+            for p in (0..n).step_by(plane) {
+                for i in p..p + w {
+                    o[i] = max_nan(t[i], t[i + w]);
+                }
+                for i in p + plane - w..p + plane {
+                    o[i] = max_nan(t[i - w], t[i]);
+                }
+            }
+        });
+    out
+}
+
+/// The 2×2 / stride 2 max-pool of `[rows, w]` (all planes' rows in a row; `rows` and `w` even, so
+/// a pair of rows never spans two planes): each output is its window's maximum taken in the
+/// general path's order — along x in each row, then the two rows.
+pub(super) fn max_2x2<T: WithDType>(x: &[T], w: usize) -> Vec<T> {
+    let ow = w / 2;
+    let pairs_per_task = (TASK_ELEMENTS / (2 * w)).max(1);
+    let mut out = vec![T::from_f64(0.0); x.len() / 4];
+    out.par_chunks_mut(pairs_per_task * ow)
+        .zip(x.par_chunks(pairs_per_task * 2 * w))
+        .for_each(|(out, x)| {
+            for (o, rows) in out.chunks_exact_mut(ow).zip(x.chunks_exact(2 * w)) {
+                let (a, b) = rows.split_at(w);
+                let (a, b) = (a.as_chunks::<2>().0, b.as_chunks::<2>().0);
+                for ((o, a), b) in o.iter_mut().zip(a).zip(b) {
+                    *o = max_nan(max_nan(a[0], a[1]), max_nan(b[0], b[1]));
+                }
+            }
+        });
+    out
+}
+
+/// The input gradient of [`max_2x2`]: each output's gradient goes to the first input of its
+/// window (row-major) equal to the output — the first NaN if the output is NaN — and every other
+/// input gets zero. Branch-free, one output's window at a time; `0 + g` keeps the general path's
+/// sum from zero (a gradient of −0 lands as +0).
+pub(super) fn max_2x2_backward<T: WithDType>(x: &[T], res: &[T], grad: &[T], w: usize) -> Vec<T> {
+    let ow = w / 2;
+    let pairs_per_task = (TASK_ELEMENTS / (2 * w)).max(1);
+    let zero = T::from_f64(0.0);
+    let mut gx = vec![zero; x.len()];
+    gx.par_chunks_mut(pairs_per_task * 2 * w)
+        .zip(x.par_chunks(pairs_per_task * 2 * w))
+        .zip(res.par_chunks(pairs_per_task * ow))
+        .zip(grad.par_chunks(pairs_per_task * ow))
+        .for_each(|(((gx, x), res), grad)| {
+            let rows = gx.chunks_exact_mut(2 * w).zip(x.chunks_exact(2 * w));
+            for ((gx, x), (res, grad)) in rows.zip(res.chunks_exact(ow).zip(grad.chunks_exact(ow)))
+            {
+                let (xa, xb) = x.split_at(w);
+                let (ga, gb) = gx.split_at_mut(w);
+                let windows = xa.as_chunks::<2>().0.iter().zip(xb.as_chunks::<2>().0);
+                let grads = ga
+                    .as_chunks_mut::<2>()
+                    .0
+                    .iter_mut()
+                    .zip(gb.as_chunks_mut::<2>().0);
+                for (((a, b), (ga, gb)), (&m, &g)) in windows.zip(grads).zip(res.iter().zip(grad)) {
+                    #[allow(clippy::eq_op)]
+                    let m_nan = m != m;
+                    #[allow(clippy::eq_op)]
+                    let hit = |v: T| v == m || (v != v && m_nan);
+                    let h0 = hit(a[0]);
+                    let h1 = !h0 && hit(a[1]);
+                    let h2 = !(h0 || h1) && hit(b[0]);
+                    let h3 = !(h0 || h1 || h2) && hit(b[1]);
+                    let g = zero + g;
+                    ga[0] = select_unpredictable(h0, g, zero);
+                    ga[1] = select_unpredictable(h1, g, zero);
+                    gb[0] = select_unpredictable(h2, g, zero);
+                    gb[1] = select_unpredictable(h3, g, zero);
+                }
+            }
+        });
+    gx
+}
