@@ -6,12 +6,15 @@
 //! op that routes each output gradient to its window's arg-max (first maximum, as PyTorch) or
 //! spreads it evenly over the window.
 
-use crate::cpu::{contiguous, tap_range};
+use crate::cpu::{contiguous, float_storage, tap_range};
 use crate::timing::time;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
-use whole::{max_2x2, max_2x2_backward, same_3x3_max};
+use std::sync::OnceLock;
+use whole::{
+    max_2x2, max_2x2_backward, same_3x3_max, same_3x3_max_backward, same_3x3_max_with_argmax,
+};
 
 mod whole;
 
@@ -84,7 +87,11 @@ impl Pool2d {
     }
 
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        xs.contiguous()?.apply_op1(*self)
+        let xs = xs.contiguous()?;
+        if self.is_same_3x3_max() && xs.track_op() {
+            return xs.apply_op1(SameMaxTraining::default());
+        }
+        xs.apply_op1(*self)
     }
 
     /// Window bounds along one axis, clipped to the input, and its length with padding counted.
@@ -363,6 +370,90 @@ impl CustomOp1 for Pool2d {
     }
 }
 
+/// The Inception blocks' 3×3 / stride 1 / padding 1 max-pool when its gradient will be needed:
+/// the forward also keeps each output's arg-max tap (a byte), so that the backward gathers the
+/// gradient by those codes instead of searching the input — per element it reads a byte and a
+/// gradient where the search read the input, the output and the gradient. The op lives in the
+/// graph node of one forward, so the codes are that forward's.
+#[derive(Default)]
+struct SameMaxTraining {
+    argmax: OnceLock<Vec<u8>>,
+}
+
+impl SameMaxTraining {
+    const POOL: Pool2d = Pool2d {
+        kind: PoolKind::Max,
+        kernel: 3,
+        stride: 1,
+        padding: 1,
+        ceil_mode: false,
+    };
+}
+
+impl CustomOp1 for SameMaxTraining {
+    fn name(&self) -> &'static str {
+        "kd-max-pool-3x3-s1"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (shape, g) = Self::POOL.geometry(layout)?;
+        if g.h < 2 || g.w < 2 {
+            return Self::POOL.cpu_fwd(storage, layout);
+        }
+        let out = float_storage!(storage, "max-pool", T => {
+            let x = contiguous::<T>(storage, layout)?;
+            let (out, argmax) =
+                time("pools (forward)", || same_3x3_max_with_argmax(x, g.h, g.w));
+            // A fresh op per forward: the codes are set once.
+            let _ = self.argmax.set(argmax);
+            out
+        });
+        Ok((out, shape))
+    }
+
+    fn bwd(&self, arg: &Tensor, res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        let grad = grad_res.contiguous()?;
+        match self.argmax.get() {
+            Some(argmax) => {
+                let (_, _, h, w) = arg.dims4()?;
+                let op = SameMaxBackward { argmax, h, w };
+                Ok(Some(grad.apply_op1_no_bwd(&op)?))
+            }
+            None => Self::POOL.bwd(arg, res, &grad),
+        }
+    }
+}
+
+/// [`SameMaxTraining`]'s backward: `grad_output -> grad_input` by the forward's arg-max codes.
+struct SameMaxBackward<'a> {
+    argmax: &'a [u8],
+    h: usize,
+    w: usize,
+}
+
+impl CustomOp1 for SameMaxBackward<'_> {
+    fn name(&self) -> &'static str {
+        "kd-max-pool-3x3-s1-backward"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        if layout.shape().elem_count() != self.argmax.len() {
+            candle_core::bail!(
+                "max-pool backward: gradient {:?} for {} outputs",
+                layout.shape(),
+                self.argmax.len()
+            );
+        }
+        let out = float_storage!(storage, "max-pool backward", T => {
+            let grad = contiguous::<T>(storage, layout)?;
+            time("pools (backward)", || {
+                same_3x3_max_backward(self.argmax, grad, self.h, self.w)
+            })
+        });
+        Ok((out, layout.shape().clone()))
+    }
+}
+
 /// The gradient of a [`Pool2d`] with respect to its input:
 /// `(input, output, grad_output) -> grad_input`.
 struct PoolBackward(Pool2d);
@@ -549,6 +640,56 @@ mod tests {
             let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&fast), bits(&general), "{h}x{w}");
         }
+    }
+
+    /// The 3×3 / stride 1 max-pool in training: the forward with arg-max codes gives the plain
+    /// forward's bits, and the gather by those codes gives the general backward's bits — ties,
+    /// signed zeros (inputs and gradients) and NaNs included, over more planes than a task holds.
+    #[test]
+    fn same_3x3_max_argmax_and_gather_equal_the_general_path_to_the_bit() {
+        let p = Pool2d::max(3, 1).padding(1);
+        let values = [-1.0f32, -0.0, 0.0, 1.0, f32::NAN, 2.0, 0.5];
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        for (h, w) in [(2, 2), (7, 7), (14, 14), (3, 5), (28, 28), (2, 9)] {
+            let n = 300 * h * w;
+            let pick = |seed| -> Vec<f32> {
+                distinct_input(n, seed)
+                    .iter()
+                    .map(|v| values[(v.abs() * 1e6) as usize % values.len()])
+                    .collect()
+            };
+            let x = pick(7);
+            let (out, argmax) = same_3x3_max_with_argmax(&x, h, w);
+            assert_eq!(bits(&out), bits(&same_3x3_max(&x, h, w)), "{h}x{w}");
+            // Gradients whose sums depend on the order of the additions.
+            let grad: Vec<f32> = pick(8)
+                .iter()
+                .zip(distinct_input(n, 10))
+                .map(|(&v, r)| if v == 1.0 { (r * 1e5) as f32 } else { v * 0.1 })
+                .collect();
+            let g = Geometry { h, w, oh: h, ow: w };
+            let general = p.backward_planes_general(&x, &out, &grad, g);
+            let gathered = same_3x3_max_backward(&argmax, &grad, h, w);
+            assert_eq!(bits(&gathered), bits(&general), "{h}x{w} backward");
+        }
+    }
+
+    /// A tracked input takes the training op (codes kept); its gradient is the general path's.
+    #[test]
+    fn tracked_3x3_max_pool_backpropagates_through_its_codes() {
+        let p = Pool2d::max(3, 1).padding(1);
+        let (b, c, h, w) = (2, 3, 7, 7);
+        let x = distinct_input(b * c * h * w, 9);
+        let var = Var::from_vec(x.clone(), (b, c, h, w), &Device::Cpu).unwrap();
+        let y = p.forward(var.as_tensor()).unwrap();
+        let wts: Vec<f64> = (0..b * c * h * w).map(|i| (i % 11) as f64 - 5.0).collect();
+        let wt = Tensor::from_vec(wts.clone(), (b, c, h, w), &Device::Cpu).unwrap();
+        let grads = (y * &wt).unwrap().sum_all().unwrap().backward().unwrap();
+        let got = grads.get(var.as_tensor()).unwrap().flatten_all().unwrap();
+        let g = Geometry { h, w, oh: h, ow: w };
+        let out = same_3x3_max(&x, h, w);
+        let want = p.backward_planes_general(&x, &out, &wts, g);
+        assert_eq!(got.to_vec1::<f64>().unwrap(), want);
     }
 
     /// The 2×2 / stride 2 max-pool's whole-array forward and backward give the general path's

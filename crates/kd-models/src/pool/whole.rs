@@ -120,3 +120,126 @@ pub(super) fn max_2x2_backward<T: WithDType>(x: &[T], res: &[T], grad: &[T], w: 
         });
     gx
 }
+
+/// Does `v` displace `m` as a window's arg-max so far? A greater value, or the first NaN: ties
+/// keep the earlier input, as the general path's backward search does.
+#[inline(always)]
+fn displaces<T: WithDType>(m: T, v: T) -> bool {
+    #[allow(clippy::eq_op)]
+    let (m_nan, v_nan) = (m != m, v != v);
+    v > m || (v_nan && !m_nan)
+}
+
+/// [`same_3x3_max`] that also returns each output's arg-max as a tap code `ky·3 + kx` (row and
+/// column in the 3×3 window, counted from its top-left corner, which lies in the padding at an
+/// edge): the first input in row-major order equal to the output, the first NaN if the output
+/// is NaN — the input the general path's backward search finds. The same two passes: along x
+/// each element keeps the column of its row's arg-max, along y the row whose arg-max wins.
+pub(super) fn same_3x3_max_with_argmax<T: WithDType>(
+    x: &[T],
+    h: usize,
+    w: usize,
+) -> (Vec<T>, Vec<u8>) {
+    let plane = h * w;
+    let per_task = plane * (TASK_ELEMENTS / plane).max(1);
+    let (mut tmp, mut tcol) = (vec![T::from_f64(0.0); x.len()], vec![0u8; x.len()]);
+    tmp.par_chunks_mut(per_task)
+        .zip(tcol.par_chunks_mut(per_task))
+        .zip(x.par_chunks(per_task))
+        .for_each(|((t, tc), x)| along_x_with_argmax(x, t, tc, w));
+    let (mut out, mut code) = (vec![T::from_f64(0.0); x.len()], vec![0u8; x.len()]);
+    out.par_chunks_mut(per_task)
+        .zip(code.par_chunks_mut(per_task))
+        .zip(tmp.par_chunks(per_task).zip(tcol.par_chunks(per_task)))
+        .for_each(|((o, c), (t, tc))| along_y_with_argmax(t, tc, o, c, plane, w));
+    (out, code)
+}
+
+/// The first of [`same_3x3_max_with_argmax`]'s passes: each row's 3-wide maximum and the
+/// column (0..3) of its arg-max.
+fn along_x_with_argmax<T: WithDType>(x: &[T], t: &mut [T], tc: &mut [u8], w: usize) {
+    let n = x.len();
+    for i in 1..n - 1 {
+        let (a, b, c) = (x[i - 1], x[i], x[i + 1]);
+        t[i] = max_nan(max_nan(a, b), c);
+        let ab = displaces(a, b);
+        let m = select_unpredictable(ab, b, a);
+        tc[i] = select_unpredictable(displaces(m, c), 2, u8::from(ab));
+    }
+    for s in (0..n).step_by(w) {
+        t[s] = max_nan(x[s], x[s + 1]);
+        tc[s] = select_unpredictable(displaces(x[s], x[s + 1]), 2, 1);
+        let e = s + w - 1;
+        t[e] = max_nan(x[e - 1], x[e]);
+        tc[e] = u8::from(displaces(x[e - 1], x[e]));
+    }
+}
+
+/// The second pass: the maximum of three row maxima and the tap code of the winner's arg-max.
+fn along_y_with_argmax<T: WithDType>(
+    t: &[T],
+    tc: &[u8],
+    o: &mut [T],
+    code: &mut [u8],
+    plane: usize,
+    w: usize,
+) {
+    let n = t.len();
+    for i in w..n - w {
+        let (a, b, c) = (t[i - w], t[i], t[i + w]);
+        o[i] = max_nan(max_nan(a, b), c);
+        let ab = displaces(a, b);
+        let m = select_unpredictable(ab, b, a);
+        let upper = select_unpredictable(ab, 3 + tc[i], tc[i - w]);
+        code[i] = select_unpredictable(displaces(m, c), 6 + tc[i + w], upper);
+    }
+    for p in (0..n).step_by(plane) {
+        for i in p..p + w {
+            o[i] = max_nan(t[i], t[i + w]);
+            code[i] = select_unpredictable(displaces(t[i], t[i + w]), 6 + tc[i + w], 3 + tc[i]);
+        }
+        for i in p + plane - w..p + plane {
+            o[i] = max_nan(t[i - w], t[i]);
+            code[i] = select_unpredictable(displaces(t[i - w], t[i]), 3 + tc[i], tc[i - w]);
+        }
+    }
+}
+
+/// The input gradient of the 3×3 / stride 1 / padding 1 max-pool from the forward's arg-max
+/// codes, as a gather: input `i` sums the gradients of the outputs `o = i + d` whose code is the
+/// tap that points back at `i`, taking the outputs in row-major order (the order the general
+/// path's scatter adds them, so the same bits). An output never points into the padding, so a
+/// shift that wraps to another row or plane never matches and needs no edge case.
+pub(super) fn same_3x3_max_backward<T: WithDType>(
+    argmax: &[u8],
+    grad: &[T],
+    h: usize,
+    w: usize,
+) -> Vec<T> {
+    let plane = h * w;
+    let per_task = plane * (TASK_ELEMENTS / plane).max(1);
+    let zero = T::from_f64(0.0);
+    let mut gx = vec![zero; grad.len()];
+    gx.par_chunks_mut(per_task)
+        .zip(argmax.par_chunks(per_task).zip(grad.par_chunks(per_task)))
+        .for_each(|(gx, (argmax, grad))| {
+            let n = gx.len();
+            // Tap 8 (bottom right) is the output up and left of the input: the first in
+            // row-major order.
+            for tap in (0..9u8).rev() {
+                let back = (tap / 3) as usize * w + (tap % 3) as usize;
+                let (dst, src) = if back > w {
+                    let d = back - (w + 1);
+                    (d..n, 0..n - d)
+                } else {
+                    let d = (w + 1) - back;
+                    (0..n - d, d..n)
+                };
+                let from = argmax[src.clone()].iter().zip(&grad[src]);
+                for (a, (&c, &g)) in gx[dst].iter_mut().zip(from) {
+                    *a += select_unpredictable(c == tap, g, zero);
+                }
+            }
+        });
+    gx
+}
