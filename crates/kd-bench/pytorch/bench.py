@@ -11,12 +11,19 @@ Measurements: `teacher-step` (forward of all heads, the seed's loss CE + 0.3 aux
 Adam; batch 128), `precompute` (eval forward of all heads, batch 256), `student-kd-step` (student
 forward, Hinton KD against cached teacher logits, backward, Adam; batch 128), `matmul-2048` (a
 2048×2048 f32 matrix product; its "images" are products, the machine's matrix-product limit).
+
+`teacher-epoch` is what `kd-teacher --epochs 1` does, as a PyTorch user would write it: hold out
+`--val-size` of the (first `--train-limit`) training images, one shuffled epoch over the rest with
+random crop (padding 2) and horizontal flip, batches of `--batch-size`, cosine learning rate; then
+the validation and test accuracies (batch 256) and the weights saved. It runs once (no warm-up, `--reps` ignored): `kd-bench --epoch` times
+the whole process, as it times ours.
 """
 
 import argparse
 import gzip
 import json
 import struct
+import sys
 import time
 
 import torch
@@ -148,6 +155,58 @@ def timed_reps(args, step):
     return seconds
 
 
+def crop_flip(x, gen, pad=2):
+    """A random crop of each image padded by `pad` (zeros), then a horizontal flip with p = 1/2."""
+    b, _, h, w = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (b,), generator=gen)
+    dx = torch.randint(0, 2 * pad + 1, (b,), generator=gen)
+    rows = (dy[:, None] + torch.arange(h))[:, :, None]
+    cols = (dx[:, None] + torch.arange(w))[:, None, :]
+    out = padded[torch.arange(b)[:, None, None], 0, rows, cols].unsqueeze(1)
+    flip = torch.rand(b, generator=gen) < 0.5
+    return torch.where(flip[:, None, None, None], out.flip(-1), out)
+
+
+def teacher_epoch(a, images, labels, fmt):
+    """One real teacher epoch (see the module's doc); prints the accuracies to stderr."""
+    gen = torch.Generator().manual_seed(0)
+    order = torch.randperm(len(images), generator=gen)
+    val, train = order[: a.val_size], order[a.val_size :]
+    model = GoogLeNet(bn=a.teacher == "googlenet-bn").to(memory_format=fmt)
+    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    steps = (len(train) + a.batch_size - 1) // a.batch_size
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    model.train()
+    for rows in train[torch.randperm(len(train), generator=gen)].split(a.batch_size):
+        x = crop_flip(images[rows], gen).contiguous(memory_format=fmt)
+        out = model(x)
+        y = labels[rows]
+        loss = F.cross_entropy(out[0], y) + 0.3 * sum(F.cross_entropy(o, y) for o in out[1:])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+
+    def accuracy(xs, ys):
+        model.eval()
+        right = 0
+        with torch.no_grad():
+            for lo in range(0, len(xs), 256):
+                out = model(xs[lo : lo + 256].contiguous(memory_format=fmt))[0]
+                right += (out.argmax(1) == ys[lo : lo + 256]).sum().item()
+        return right / len(xs)
+
+    test_images = read_idx(f"{a.data}/t10k-images-idx3-ubyte.gz").float().div(255).sub(0.2860).div(0.3530).unsqueeze(1)
+    test_labels = read_idx(f"{a.data}/t10k-labels-idx1-ubyte.gz").long()
+    test_images, test_labels = test_images[: a.test_limit], test_labels[: a.test_limit]
+    val_acc = accuracy(images[val], labels[val])
+    test_acc = accuracy(test_images, test_labels)
+    torch.save(model.state_dict(), f"{a.out}/teacher.pt")
+    print(f"teacher epoch: validation {val_acc:.4f}, test {test_acc:.4f}", file=sys.stderr)
+    return len(train)
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--data", required=True)
@@ -157,6 +216,11 @@ def main():
     p.add_argument("--reps", type=int, default=9)
     p.add_argument("--batches", type=int, default=5)
     p.add_argument("--layout", default="nchw", choices=["nchw", "channels-last"])
+    p.add_argument("--val-size", type=int, default=5000, help="teacher-epoch: images held out")
+    p.add_argument("--out", default=".", help="teacher-epoch: where the weights go")
+    p.add_argument("--batch-size", type=int, default=128, help="teacher-epoch: training batch")
+    p.add_argument("--train-limit", type=int, default=None, help="teacher-epoch: first N training images")
+    p.add_argument("--test-limit", type=int, default=None, help="teacher-epoch: first N test images")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
@@ -168,6 +232,11 @@ def main():
         print(json.dumps({"name": a.only, "layout": a.layout, "images_per_rep": a.batches, "seconds": seconds}))
         return
     fmt = torch.channels_last if a.layout == "channels-last" else torch.contiguous_format
+    if a.only == "teacher-epoch":
+        t0 = time.perf_counter()
+        n = teacher_epoch(a, images[: a.train_limit], labels[: a.train_limit], fmt)
+        print(json.dumps({"name": a.only, "layout": a.layout, "images_per_rep": n, "seconds": [time.perf_counter() - t0]}))
+        return
     bs = 256 if a.only == "precompute" else 128
 
     def batch(i):

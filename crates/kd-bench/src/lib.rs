@@ -6,6 +6,7 @@
 //! numbers to read. Comparisons with another library are measured side by side in one run, never
 //! taken from remembered figures.
 
+pub mod epoch;
 pub mod profile;
 pub mod pytorch;
 
@@ -49,6 +50,10 @@ pub struct Args {
     /// Alternating rounds of ours and PyTorch's measurements (with --pytorch).
     #[arg(long, default_value_t = 2)]
     pub rounds: usize,
+    /// With --pytorch: also one real teacher epoch per round, ours (`kd-teacher --epochs 1`)
+    /// against PyTorch's script, whole processes (about 4 minutes a round).
+    #[arg(long, requires = "pytorch")]
+    pub epoch: bool,
     /// Instead of timing, sample this measurement with `perf` and write where its CPU time goes
     /// (by kind of work) to `<out>/profile-<measurement>.md` (e.g. `teacher-step`).
     #[arg(long, value_name = "MEASUREMENT")]
@@ -189,9 +194,22 @@ fn side_by_side(args: &Args, p: &Pipeline, python: &std::path::Path) -> anyhow::
                 theirs.push(pytorch::theirs(args, python, data, teacher, name, layout)?);
             }
         }
+        if args.epoch {
+            tracing::info!(
+                "bench: round {round}/{}: one teacher epoch, ours then PyTorch",
+                args.rounds
+            );
+            mine.push(epoch::ours(args, p)?);
+            theirs.push(epoch::theirs(args, p, python)?);
+        }
     }
+    let epoch_note = if args.epoch {
+        " The teacher epoch times whole processes, once per round each: our `kd-teacher --epochs 1` and the script's `teacher-epoch` (channels-last), from start to exit."
+    } else {
+        ""
+    };
     Ok(format!(
-        "\n## Side by side with PyTorch\n\nThe same models, batches and data, {} alternating rounds (ours, then PyTorch NCHW and channels-last), {} threads each; img/s as median (range) over every repetition of every round.\n\n{}\n",
+        "\n## Side by side with PyTorch\n\nThe same models, batches and data, {} alternating rounds (ours, then PyTorch NCHW and channels-last), {} threads each; img/s as median (range) over every repetition of every round.{epoch_note}\n\n{}\n",
         args.rounds,
         threads(),
         pytorch::table(&mine, &theirs).to_markdown()

@@ -45,13 +45,29 @@ pub fn theirs(
     name: &str,
     layout: &str,
 ) -> anyhow::Result<Theirs> {
+    run_script(
+        args,
+        python,
+        data,
+        &["--only", name, "--layout", layout, "--teacher", teacher],
+    )
+}
+
+/// Runs `bench.py` with `flags` (and the data, threads, repetitions) and reads the JSON line it
+/// prints last.
+pub fn run_script(
+    args: &Args,
+    python: &Path,
+    data: &Path,
+    flags: &[&str],
+) -> anyhow::Result<Theirs> {
     let script = std::env::temp_dir().join(format!("kd-bench-{}.py", std::process::id()));
     std::fs::write(&script, SCRIPT)?;
     let out = std::process::Command::new(python)
         .arg(&script)
         .arg("--data")
         .arg(data)
-        .args(["--only", name, "--layout", layout, "--teacher", teacher])
+        .args(flags)
         .args(["--threads", &kd_train::stage::threads().to_string()])
         .args([
             "--reps",
@@ -64,7 +80,8 @@ pub fn theirs(
     let _ = std::fs::remove_file(&script);
     if !out.status.success() {
         anyhow::bail!(
-            "PyTorch's {name} ({layout}) failed: {}",
+            "PyTorch's {} failed: {}",
+            flags.join(" "),
             String::from_utf8_lossy(&out.stderr)
                 .lines()
                 .last()
@@ -91,7 +108,9 @@ pub fn table(ours: &[Measurement], theirs: &[Theirs]) -> Table {
         let hi = xs.iter().copied().fold(0.0, f64::max);
         format!("{:.0} ({lo:.0}–{hi:.0})", median(xs))
     };
-    for (name, _) in COMPARED {
+    let epoch = ours.iter().any(|m| m.name == crate::epoch::NAME);
+    let names = COMPARED.map(|(n, _)| n);
+    for name in names.into_iter().chain(epoch.then_some(crate::epoch::NAME)) {
         // The matrix product's row is in GFLOP/s, not products per second.
         let unit = |v: f64| if name == MATMUL { matmul_gflops(v) } else { v };
         let mine: Vec<f64> = ours
@@ -120,10 +139,10 @@ pub fn table(ours: &[Measurement], theirs: &[Theirs]) -> Table {
                 show(xs)
             }
         };
-        let label = if name == MATMUL {
-            "matrix product 2048² f32 (GFLOP/s)".to_string()
-        } else {
-            name.to_string()
+        let label = match name {
+            MATMUL => "matrix product 2048² f32 (GFLOP/s)".to_string(),
+            crate::epoch::NAME => crate::epoch::LABEL.to_string(),
+            _ => name.to_string(),
         };
         t.row(&[
             label,

@@ -1,0 +1,102 @@
+//! `kd-bench --pytorch PYTHON --epoch`: one real teacher epoch, side by side — our
+//! `kd-teacher --epochs 1` (the binary beside this one: crop + flip, the validation pass, the test
+//! accuracy, the checkpoint) against PyTorch's script doing the same
+//! (`pytorch/bench.py --only teacher-epoch`, channels-last, its best layout). Whole processes,
+//! start to exit, so loading the data and starting up count on both sides.
+
+use crate::pytorch::{run_script, Theirs};
+use crate::{Args, Measurement};
+use anyhow::Context;
+use kd_train::stage::Pipeline;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// The measurement's name in the tables.
+pub const NAME: &str = "teacher-epoch";
+/// Its row label.
+pub const LABEL: &str = "teacher epoch, crop + flip, whole process (training img/s)";
+
+/// A scratch folder under `--out` for one epoch's outputs, removed afterwards.
+fn scratch(args: &Args, who: &str) -> anyhow::Result<PathBuf> {
+    let dir = args
+        .out
+        .join(format!(".epoch-{who}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok(dir)
+}
+
+/// Our side: `kd-teacher --epochs 1 --force` into a scratch folder, timed start to exit.
+pub fn ours(args: &Args, p: &Pipeline) -> anyhow::Result<Measurement> {
+    let images = p.load_data()?.labelled_rows.len();
+    let exe = std::env::current_exe()?;
+    let teacher = exe.with_file_name("kd-teacher");
+    anyhow::ensure!(
+        teacher.exists(),
+        "{} not found: build the stages (`just build`)",
+        teacher.display()
+    );
+    let dir = scratch(args, "ours")?;
+    let mut cmd = std::process::Command::new(&teacher);
+    cmd.arg("--pipeline")
+        .arg(&args.pipeline.pipeline)
+        .arg("--artifacts")
+        .arg(&dir)
+        .args(["--epochs", "1", "--force"]);
+    for s in &args.pipeline.overrides {
+        cmd.args(["--set", s]);
+    }
+    let start = Instant::now();
+    let status = cmd
+        .stdout(std::process::Stdio::null())
+        .status()
+        .with_context(|| format!("starting {}", teacher.display()))?;
+    let seconds = start.elapsed().as_secs_f64();
+    std::fs::remove_dir_all(&dir).ok();
+    anyhow::ensure!(status.success(), "kd-teacher --epochs 1 failed ({status})");
+    Ok(Measurement {
+        name: NAME.to_string(),
+        images_per_rep: images,
+        seconds: vec![seconds],
+        split: Vec::new(),
+        forward_macs_per_image: 0,
+        peak_rss_kib: 0,
+        ops: Vec::new(),
+    })
+}
+
+/// PyTorch's side: the script's `teacher-epoch`, timed start to exit (the seconds it prints
+/// itself leave out starting Python and loading the data).
+pub fn theirs(args: &Args, p: &Pipeline, python: &Path) -> anyhow::Result<Theirs> {
+    let dir = scratch(args, "pytorch")?;
+    let (d, t) = (&p.config.data, &p.config.teacher);
+    let out = dir.to_string_lossy().into_owned();
+    let mut flags: Vec<String> = [
+        ["--only", NAME],
+        ["--layout", "channels-last"],
+        ["--teacher", &t.arch],
+        ["--out", &out],
+    ]
+    .concat()
+    .into_iter()
+    .map(String::from)
+    .collect();
+    flags.extend(["--val-size".into(), d.val_size.to_string()]);
+    flags.extend(["--batch-size".into(), t.batch_size.to_string()]);
+    for (flag, limit) in [
+        ("--train-limit", d.train_limit),
+        ("--test-limit", d.test_limit),
+    ] {
+        if let Some(n) = limit {
+            flags.extend([flag.to_string(), n.to_string()]);
+        }
+    }
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let start = Instant::now();
+    let run = run_script(args, python, &p.config.data.dir, &flags);
+    let seconds = start.elapsed().as_secs_f64();
+    std::fs::remove_dir_all(&dir).ok();
+    Ok(Theirs {
+        seconds: vec![seconds],
+        ..run?
+    })
+}
