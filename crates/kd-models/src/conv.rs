@@ -10,7 +10,7 @@
 //! transposes sit between layers.
 
 use crate::cpu::{contiguous, float_storage};
-use crate::gemm::{product, View};
+use crate::gemm::{blocks, product, Block, View};
 use crate::im2col::Frame;
 pub use crate::im2col::Im2Col;
 use crate::timing::time;
@@ -169,8 +169,9 @@ fn conv_dims(op: Im2Col, x: &Shape, weight: &Shape) -> Result<(Frame, usize)> {
 
 impl ConvOp {
     /// Chunk by chunk of images, each one task: its columns (cache-sized, where the whole
-    /// batch's are tens of megabytes) and `W · cols` on one thread, then the chunks' outputs put
-    /// in place.
+    /// batch's are tens of megabytes) and `W · cols` on one thread, written straight into the
+    /// chunk's columns of the output (a [`Block`]), the bias and ReLU applied there while it is
+    /// in cache.
     fn run<T: WithDType>(
         &self,
         (x, weight, bias): (&[T], &[T], Option<&[T]>),
@@ -179,10 +180,13 @@ impl ConvOp {
     ) -> Result<Vec<T>> {
         let (n, depth, px) = (f.b * f.pixels(), f.depth(), f.pixels());
         let chunks = image_chunks(f.b);
-        let parts = time("convolution forward (per chunk of images)", || {
+        let mut out = vec![T::from_f64(0.0); cout * n];
+        let blocks = blocks(&mut out, cout, n, &columns(&chunks, px))?;
+        time("convolution forward (per chunk of images)", || {
             chunks
                 .par_iter()
-                .map(|images| {
+                .zip(blocks)
+                .try_for_each(|(images, mut y)| {
                     let cn = images.len() * px;
                     let gathered;
                     let cols = if self.0.is_pointwise() {
@@ -191,20 +195,15 @@ impl ConvOp {
                         gathered = f.gather(x, images.clone());
                         View::rows(&gathered, depth, cn, cn)
                     };
-                    let mut y = vec![T::from_f64(0.0); cout * cn];
-                    let w = View::rows(weight, cout, depth, depth);
-                    product(&mut y, cn, w, cols)?;
+                    y.product(View::rows(weight, cout, depth, depth), cols)?;
                     if let Some(bias) = bias {
-                        bias_relu_rows(&mut y, cn, bias);
+                        for (co, &b) in bias.iter().enumerate() {
+                            bias_relu_row(y.row(co), b);
+                        }
                     }
-                    Ok(y)
+                    Ok::<(), candle_core::Error>(())
                 })
-                .collect::<Result<Vec<_>>>()
         })?;
-        let mut out = vec![T::from_f64(0.0); cout * n];
-        for (images, part) in chunks.iter().zip(&parts) {
-            put_images(&mut out, part, (cout, f.b, px), images);
-        }
         Ok(out)
     }
 }
@@ -217,18 +216,12 @@ fn image_chunks(b: usize) -> Vec<Range<usize>> {
         .collect()
 }
 
-/// Copies `part` (`[c, images.len(), plane]`) into `dst` (`[c, b, plane]`) at `images`.
-fn put_images<T: Copy>(
-    dst: &mut [T],
-    part: &[T],
-    (c, b, plane): (usize, usize, usize),
-    images: &Range<usize>,
-) {
-    let len = images.len() * plane;
-    for ci in 0..c {
-        let at = (ci * b + images.start) * plane;
-        dst[at..at + len].copy_from_slice(&part[ci * len..(ci + 1) * len]);
-    }
+/// The columns of each chunk of images in a `[c, batch·plane]` matrix.
+fn columns(chunks: &[Range<usize>], plane: usize) -> Vec<Range<usize>> {
+    chunks
+        .iter()
+        .map(|r| r.start * plane..r.end * plane)
+        .collect()
 }
 
 impl CustomOp2 for ConvOp {
@@ -346,11 +339,10 @@ struct ConvBackward {
     input_gradient: bool,
 }
 
-/// One chunk's share of the backward: `(dW_chunk [c_out, depth], dx_chunk [c_in, count, h, w])`,
-/// `dx_chunk` empty without `input_gradient`.
-type ChunkGrads<T> = (Vec<T>, Vec<T>);
-
 impl ConvBackward {
+    /// Chunk by chunk of images, each one task: its share of `dW` (added in chunk order
+    /// afterwards) and, with `input_gradient`, its images' `dx` written straight into their
+    /// columns of the result (a [`Block`]). The result is `[dx; dW]`, flat.
     fn run<T: WithDType>(
         &self,
         (x, weight, dy): (&[T], &[T], &[T]),
@@ -358,10 +350,6 @@ impl ConvBackward {
         cout: usize,
     ) -> Result<Vec<T>> {
         let chunks = image_chunks(f.b);
-        let parts = chunks
-            .par_iter()
-            .map(|images| self.chunk((x, weight, dy), f, cout, images.clone()))
-            .collect::<Result<Vec<ChunkGrads<T>>>>()?;
         let plane = f.h * f.w;
         let nx = if self.input_gradient {
             f.c * f.b * plane
@@ -370,24 +358,35 @@ impl ConvBackward {
         };
         let mut out = vec![T::from_f64(0.0); nx + cout * f.depth()];
         let (dx, dw) = out.split_at_mut(nx);
-        for (images, (dw_part, dx_part)) in chunks.iter().zip(&parts) {
-            for (acc, v) in dw.iter_mut().zip(dw_part) {
+        let dx_blocks = match self.input_gradient {
+            true => blocks(dx, f.c, f.b * plane, &columns(&chunks, plane))?
+                .into_iter()
+                .map(Some)
+                .collect(),
+            false => (0..chunks.len()).map(|_| None).collect::<Vec<_>>(),
+        };
+        let dw_parts = chunks
+            .par_iter()
+            .zip(dx_blocks)
+            .map(|(images, dx)| self.chunk((x, weight, dy), f, cout, images.clone(), dx))
+            .collect::<Result<Vec<Vec<T>>>>()?;
+        for part in &dw_parts {
+            for (acc, v) in dw.iter_mut().zip(part) {
                 *acc += *v;
-            }
-            if self.input_gradient {
-                put_images(dx, dx_part, (f.c, f.b, plane), images);
             }
         }
         Ok(out)
     }
 
+    /// One chunk: returns its `dW` share and writes its `dx` into `dx` (zeros before).
     fn chunk<T: WithDType>(
         &self,
         (x, weight, dy): (&[T], &[T], &[T]),
         f: Frame,
         cout: usize,
         images: Range<usize>,
-    ) -> Result<ChunkGrads<T>> {
+        dx: Option<Block<'_, T>>,
+    ) -> Result<Vec<T>> {
         let (n, depth, px) = (f.b * f.pixels(), f.depth(), f.pixels());
         let cn = images.len() * px;
         let dy = View::rows(&dy[images.start * px..], cout, cn, n);
@@ -402,18 +401,20 @@ impl ConvBackward {
         let zero = T::from_f64(0.0);
         let mut dw = vec![zero; cout * depth];
         product(&mut dw, depth, dy, cols.t())?;
-        if !self.input_gradient {
-            return Ok((dw, Vec::new()));
-        }
-        let mut dcols = vec![zero; depth * cn];
-        let w = View::rows(weight, cout, depth, depth);
-        product(&mut dcols, cn, w.t(), dy)?;
-        let dx = if pointwise {
-            dcols
-        } else {
-            f.scatter(&dcols, images.len())
+        let Some(mut dx) = dx else {
+            return Ok(dw);
         };
-        Ok((dw, dx))
+        let w = View::rows(weight, cout, depth, depth);
+        if pointwise {
+            dx.product(w.t(), dy)?;
+        } else {
+            let mut dcols = vec![zero; depth * cn];
+            product(&mut dcols, cn, w.t(), dy)?;
+            for ci in 0..f.c {
+                f.scatter_channel(&dcols, ci, images.len(), dx.row(ci));
+            }
+        }
+        Ok(dw)
     }
 }
 
@@ -485,12 +486,10 @@ fn bias_relu<T: WithDType>(z: T, b: T) -> T {
     }
 }
 
-/// [`bias_relu`] in place over the rows of `[c, n]` (row `i` with `bias[i]`).
-fn bias_relu_rows<T: WithDType>(z: &mut [T], n: usize, bias: &[T]) {
-    for (row, &b) in z.chunks_mut(n.max(1)).zip(bias) {
-        for v in row {
-            *v = bias_relu(*v, b);
-        }
+/// [`bias_relu`] in place over one channel's row.
+fn bias_relu_row<T: WithDType>(row: &mut [T], b: T) {
+    for v in row {
+        *v = bias_relu(*v, b);
     }
 }
 

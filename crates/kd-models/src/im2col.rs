@@ -158,20 +158,15 @@ impl Frame {
         dx
     }
 
-    /// col2im of the columns of `count` images, `[c·k·k, count·oh·ow]` → `[c, count, h, w]`, on
-    /// this thread.
-    pub fn scatter<T: WithDType>(&self, cols: &[T], count: usize) -> Vec<T> {
-        let plane = count * self.h * self.w;
-        let mut dx = vec![T::from_f64(0.0); self.c * plane];
-        for (ci, dst) in dx.chunks_mut(plane.max(1)).enumerate() {
-            self.scatter_channel(cols, ci, count, dst);
-        }
-        dx
-    }
-
     /// Adds channel `ci`'s `k·k` rows of `cols` (`count` images) into `dst` `[count, h, w]`,
     /// tap by tap in order.
-    fn scatter_channel<T: WithDType>(&self, cols: &[T], ci: usize, count: usize, dst: &mut [T]) {
+    pub(crate) fn scatter_channel<T: WithDType>(
+        &self,
+        cols: &[T],
+        ci: usize,
+        count: usize,
+        dst: &mut [T],
+    ) {
         let Self {
             op, h, w, oh, ow, ..
         } = *self;
@@ -310,8 +305,11 @@ mod tests {
             );
         }
         let dx_all = frame.scatter_all(&all);
-        let dx_part = frame.scatter(&part, 3);
         let plane = h * w;
+        let mut dx_part = vec![0.0; c * 3 * plane];
+        for (ci, dst) in dx_part.chunks_mut(3 * plane).enumerate() {
+            frame.scatter_channel(&part, ci, 3, dst);
+        }
         for ci in 0..c {
             assert_eq!(
                 dx_part[ci * 3 * plane..(ci + 1) * 3 * plane],
