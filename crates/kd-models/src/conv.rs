@@ -10,7 +10,7 @@
 //! transposes sit between layers.
 
 use crate::cpu::{contiguous, float_storage};
-use crate::gemm::{blocks, product, Block, View};
+use crate::gemm::{product, Block, Filling, View, Written};
 use crate::im2col::Frame;
 pub use crate::im2col::Im2Col;
 use crate::timing::time;
@@ -180,13 +180,13 @@ impl ConvOp {
     ) -> Result<Vec<T>> {
         let (n, depth, px) = (f.b * f.pixels(), f.depth(), f.pixels());
         let chunks = image_chunks(f.b);
-        let mut out = vec![T::from_f64(0.0); cout * n];
-        let blocks = blocks(&mut out, cout, n, &columns(&chunks, px))?;
-        time("convolution forward (per chunk of images)", || {
+        let mut out = Filling::new(cout, n, columns(&chunks, px), 0)?;
+        let blocks = out.blocks()?;
+        let written = time("convolution forward (per chunk of images)", || {
             chunks
                 .par_iter()
                 .zip(blocks)
-                .try_for_each(|(images, mut y)| {
+                .map(|(images, mut y)| {
                     let cn = images.len() * px;
                     let gathered;
                     let cols = if self.0.is_pointwise() {
@@ -201,10 +201,11 @@ impl ConvOp {
                             bias_relu_row(y.row(co), b);
                         }
                     }
-                    Ok::<(), candle_core::Error>(())
+                    y.written()
                 })
+                .collect::<Result<Vec<_>>>()
         })?;
-        Ok(out)
+        out.finish(written)
     }
 }
 
@@ -351,34 +352,42 @@ impl ConvBackward {
     ) -> Result<Vec<T>> {
         let chunks = image_chunks(f.b);
         let plane = f.h * f.w;
-        let nx = if self.input_gradient {
-            f.c * f.b * plane
-        } else {
-            0
+        let dw_len = cout * f.depth();
+        // `dx` (when needed) is built in place, with room for `dW` after it.
+        let mut dx = match self.input_gradient {
+            true => Some(Filling::new(
+                f.c,
+                f.b * plane,
+                columns(&chunks, plane),
+                dw_len,
+            )?),
+            false => None,
         };
-        let mut out = vec![T::from_f64(0.0); nx + cout * f.depth()];
-        let (dx, dw) = out.split_at_mut(nx);
-        let dx_blocks = match self.input_gradient {
-            true => blocks(dx, f.c, f.b * plane, &columns(&chunks, plane))?
-                .into_iter()
-                .map(Some)
-                .collect(),
-            false => (0..chunks.len()).map(|_| None).collect::<Vec<_>>(),
+        let dx_blocks: Vec<Option<Block<T>>> = match &mut dx {
+            Some(dx) => dx.blocks()?.into_iter().map(Some).collect(),
+            None => (0..chunks.len()).map(|_| None).collect(),
         };
-        let dw_parts = chunks
+        let parts = chunks
             .par_iter()
             .zip(dx_blocks)
             .map(|(images, dx)| self.chunk((x, weight, dy), f, cout, images.clone(), dx))
-            .collect::<Result<Vec<Vec<T>>>>()?;
+            .collect::<Result<Vec<_>>>()?;
+        let (dw_parts, written): (Vec<_>, Vec<_>) = parts.into_iter().unzip();
+        let mut out = match dx {
+            Some(dx) => dx.finish(written.into_iter().flatten().collect())?,
+            None => Vec::with_capacity(dw_len),
+        };
+        let mut dw = vec![T::from_f64(0.0); dw_len];
         for part in &dw_parts {
             for (acc, v) in dw.iter_mut().zip(part) {
                 *acc += *v;
             }
         }
+        out.extend_from_slice(&dw);
         Ok(out)
     }
 
-    /// One chunk: returns its `dW` share and writes its `dx` into `dx` (zeros before).
+    /// One chunk: its `dW` share, and its `dx` written into `dx` (with the block's proof).
     fn chunk<T: WithDType>(
         &self,
         (x, weight, dy): (&[T], &[T], &[T]),
@@ -386,7 +395,7 @@ impl ConvBackward {
         cout: usize,
         images: Range<usize>,
         dx: Option<Block<'_, T>>,
-    ) -> Result<Vec<T>> {
+    ) -> Result<(Vec<T>, Option<Written>)> {
         let (n, depth, px) = (f.b * f.pixels(), f.depth(), f.pixels());
         let cn = images.len() * px;
         let dy = View::rows(&dy[images.start * px..], cout, cn, n);
@@ -402,7 +411,7 @@ impl ConvBackward {
         let mut dw = vec![zero; cout * depth];
         product(&mut dw, depth, dy, cols.t())?;
         let Some(mut dx) = dx else {
-            return Ok(dw);
+            return Ok((dw, None));
         };
         let w = View::rows(weight, cout, depth, depth);
         if pointwise {
@@ -410,11 +419,12 @@ impl ConvBackward {
         } else {
             let mut dcols = vec![zero; depth * cn];
             product(&mut dcols, cn, w.t(), dy)?;
+            dx.zero();
             for ci in 0..f.c {
                 f.scatter_channel(&dcols, ci, images.len(), dx.row(ci));
             }
         }
-        Ok(dw)
+        Ok((dw, Some(dx.written()?)))
     }
 }
 

@@ -81,67 +81,133 @@ pub(crate) fn product<T: WithDType>(
     Ok(())
 }
 
-/// A block of columns of a row-major matrix (`rows × cols`, rows `stride` apart) that one task
-/// owns while other tasks own the other blocks: what lets each chunk of images write its share
-/// of a convolution's output (`[c, batch·pixels]`) in place, from its own thread, instead of
-/// into a buffer of its own that one thread then copies over.
+/// A row-major `rows × n` matrix that parallel tasks build in place, each its own block of
+/// columns: what lets each chunk of images write its share of a convolution's output
+/// (`[c, batch·pixels]`) from its own thread, instead of into a buffer of its own that one thread
+/// then copies over. The matrix is not zero-filled first (the products overwrite it anyway): it is
+/// handed out only once every block has proved it wrote every one of its elements.
+pub(crate) struct Filling<T> {
+    /// Capacity for the matrix (and `spare` more); length 0 until [`Filling::finish`].
+    buf: Vec<T>,
+    rows: usize,
+    n: usize,
+    tiles: Vec<Range<usize>>,
+    handed_out: bool,
+}
+
+/// A block of columns of a [`Filling`] (`rows × cols`, rows `stride` apart), owned by one task.
 pub(crate) struct Block<'a, T> {
     ptr: *mut T,
     rows: usize,
     cols: usize,
     stride: usize,
+    /// Whether every element has been written (by a product or zeros).
+    written: bool,
+    /// The filling it belongs to (its buffer's address), for its [`Written`] proof.
+    of: usize,
     _owns: PhantomData<&'a mut [T]>,
 }
 
-// SAFETY: a block is a unique borrow of its elements (no two blocks share one, see `blocks`), so
-// it moves between threads as a `&mut [T]` does.
+// SAFETY: a block is the only handle to its elements (blocks tile the matrix without overlap, and
+// a filling hands its blocks out once), so it moves between threads as a `&mut [T]` does.
 #[allow(unsafe_code)]
 unsafe impl<T: Send> Send for Block<'_, T> {}
 
-/// Splits `dst`, a row-major `rows × n` matrix, into blocks of the columns `ranges` (ascending,
-/// disjoint, inside `0..n`): one block per range, each covering every row.
-pub(crate) fn blocks<'a, T>(
-    dst: &'a mut [T],
-    rows: usize,
-    n: usize,
-    ranges: &[Range<usize>],
-) -> Result<Vec<Block<'a, T>>> {
-    let ascending = ranges.windows(2).all(|r| r[0].end <= r[1].start);
-    let inside = ranges.iter().all(|r| r.start <= r.end && r.end <= n);
-    if dst.len() != rows * n || !ascending || !inside {
-        candle_core::bail!(
-            "column blocks {ranges:?} of a {rows}x{n} matrix in {} elements",
-            dst.len()
-        );
-    }
-    let base = dst.as_mut_ptr();
-    Ok(ranges
-        .iter()
-        .map(|r| Block {
-            // `r.start <= n`, so the offset stays inside the allocation (or one past its end).
-            ptr: base.wrapping_add(r.start),
+/// A block's proof that it wrote all of its elements ([`Block::written`]).
+pub(crate) struct Written {
+    of: usize,
+}
+
+impl<T: WithDType> Filling<T> {
+    /// A `rows × n` matrix whose columns `tiles` (in order, from 0 to `n` without gap) will be
+    /// written block by block, with room for `spare` more elements after it.
+    pub fn new(rows: usize, n: usize, tiles: Vec<Range<usize>>, spare: usize) -> Result<Self> {
+        let starts = std::iter::once(0).chain(tiles.iter().map(|r| r.end));
+        let tiled = starts
+            .zip(&tiles)
+            .all(|(s, r)| r.start == s && r.start <= r.end)
+            && tiles.last().map_or(0, |r| r.end) == n;
+        if !tiled {
+            candle_core::bail!("column blocks {tiles:?} do not tile the {n} columns of a matrix");
+        }
+        Ok(Self {
+            buf: Vec::with_capacity(rows * n + spare),
             rows,
-            cols: r.len(),
-            stride: n,
-            _owns: PhantomData,
+            n,
+            tiles,
+            handed_out: false,
         })
-        .collect())
+    }
+
+    /// The blocks, one per tile; only once.
+    pub fn blocks(&mut self) -> Result<Vec<Block<'_, T>>> {
+        if std::mem::replace(&mut self.handed_out, true) {
+            candle_core::bail!("a matrix's blocks were handed out twice");
+        }
+        let base = self.buf.as_mut_ptr();
+        let of = base as usize;
+        Ok(self
+            .tiles
+            .iter()
+            .map(|r| Block {
+                // `r.start <= n`: inside the buffer's capacity (or one past its end).
+                ptr: base.wrapping_add(r.start),
+                rows: self.rows,
+                cols: r.len(),
+                stride: self.n,
+                written: self.rows == 0 || r.is_empty(),
+                of,
+                _owns: PhantomData,
+            })
+            .collect())
+    }
+
+    /// The matrix, once every block has proved it wrote its elements.
+    pub fn finish(mut self, proofs: Vec<Written>) -> Result<Vec<T>> {
+        let of = self.buf.as_ptr() as usize;
+        if !self.handed_out || proofs.len() != self.tiles.len() || proofs.iter().any(|p| p.of != of)
+        {
+            candle_core::bail!("a matrix finished before all of its blocks were written");
+        }
+        // SAFETY: the blocks tile every column (checked in `new`), each covers every row, each was
+        // handed out once, and each proved (its `Written`) that it wrote all its elements: the
+        // first `rows · n` elements are initialised, within the capacity reserved in `new`.
+        #[allow(unsafe_code)]
+        unsafe {
+            self.buf.set_len(self.rows * self.n);
+        }
+        Ok(self.buf)
+    }
 }
 
 impl<T: WithDType> Block<'_, T> {
-    /// Row `i` of the block.
+    /// Sets every element to zero (before adding into it).
+    pub fn zero(&mut self) {
+        for i in 0..self.rows {
+            // SAFETY: row `i`'s `cols` elements lie inside the matrix (see `Filling::blocks`) and
+            // belong to this block alone; all-zero bytes are the zero of every candle dtype.
+            #[allow(unsafe_code)]
+            unsafe {
+                std::ptr::write_bytes(self.ptr.add(i * self.stride), 0, self.cols);
+            }
+        }
+        self.written = true;
+    }
+
+    /// Row `i` of the block, once written.
     pub fn row(&mut self, i: usize) -> &mut [T] {
+        assert!(self.written, "a block read before it was written");
         assert!(i < self.rows, "row {i} of a block of {} rows", self.rows);
         // SAFETY: row `i`'s `cols` elements start `i·stride` past the block's first, inside the
-        // matrix `blocks` checked; no other block holds them (disjoint columns), and `&mut self`
-        // keeps this block from lending them twice.
+        // matrix, initialised (`written`), and no other block holds them; `&mut self` keeps this
+        // block from lending them twice.
         #[allow(unsafe_code)]
         unsafe {
             std::slice::from_raw_parts_mut(self.ptr.add(i * self.stride), self.cols)
         }
     }
 
-    /// `block = a · b` (`a.rows == rows`, `b.cols == cols`); what it held is overwritten.
+    /// `block = a · b` (`a.rows == rows`, `b.cols == cols`), every element written.
     pub fn product(&mut self, a: View<'_, T>, b: View<'_, T>) -> Result<()> {
         let (m, n, k) = (a.rows, b.cols, a.cols);
         if m != self.rows
@@ -160,16 +226,29 @@ impl<T: WithDType> Block<'_, T> {
                 self.cols
             );
         }
-        if m == 0 || n == 0 {
+        if k == 0 {
+            self.zero();
             return Ok(());
         }
-        // SAFETY: as in `product` for `a` and `b`; gemm writes element `(i, j)` of the block at
-        // `i·stride + j` for `i < rows`, `j < cols`: this block's own elements (see `row`).
-        #[allow(unsafe_code)]
-        unsafe {
-            gemm_into(self.ptr, self.stride, (m, n, k), a, b);
+        if m > 0 && n > 0 {
+            // SAFETY: as in `product` for `a` and `b`; gemm writes (without reading) element
+            // `(i, j)` of the block at `i·stride + j` for `i < rows`, `j < cols`: this block's own
+            // elements (see `row`).
+            #[allow(unsafe_code)]
+            unsafe {
+                gemm_into(self.ptr, self.stride, (m, n, k), a, b);
+            }
         }
+        self.written = true;
         Ok(())
+    }
+
+    /// Its proof of having written every element, or an error if it has not.
+    pub fn written(self) -> Result<Written> {
+        if !self.written {
+            candle_core::bail!("a block of a matrix was left unwritten");
+        }
+        Ok(Written { of: self.of })
     }
 }
 
@@ -211,5 +290,69 @@ unsafe fn gemm_into<T: WithDType>(
             false,
             gemm::Parallelism::None,
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ramp(n: usize, scale: f32) -> Vec<f32> {
+        (0..n)
+            .map(|i| ((i * 37) % 101) as f32 * scale - 1.3)
+            .collect()
+    }
+
+    /// Products written block by block equal one product of the whole matrix, to the bit.
+    #[test]
+    fn blocks_of_columns_build_the_whole_product() {
+        let (m, k, n) = (5, 7, 23);
+        let (a, b) = (ramp(m * k, 0.03), ramp(k * n, 0.07));
+        let mut whole = vec![0.0f32; m * n];
+        product(
+            &mut whole,
+            n,
+            View::rows(&a, m, k, k),
+            View::rows(&b, k, n, n),
+        )
+        .unwrap();
+        let tiles = vec![0..4, 4..4, 4..16, 16..23];
+        let mut filling = Filling::new(m, n, tiles.clone(), 3).unwrap();
+        let proofs = filling
+            .blocks()
+            .unwrap()
+            .into_iter()
+            .zip(&tiles)
+            .map(|(mut block, r)| {
+                let cols = View::rows(&b[r.start..], k, r.len(), n);
+                block.product(View::rows(&a, m, k, k), cols).unwrap();
+                block.written().unwrap()
+            })
+            .collect();
+        let built = filling.finish(proofs).unwrap();
+        assert_eq!(built, whole);
+        assert!(built.capacity() >= m * n + 3);
+    }
+
+    #[test]
+    fn a_matrix_is_handed_out_only_when_every_block_is_written() {
+        // Tiles must cover the columns in order, without gap or overlap.
+        let (short, late) = (vec![0..3, 3..5], vec![1..3, 3..6]);
+        for bad in [vec![0..3, 4..6], vec![0..4, 3..6], short, late] {
+            assert!(Filling::<f32>::new(2, 6, bad, 0).is_err());
+        }
+        let mut filling = Filling::<f32>::new(2, 6, vec![0..3, 3..6], 0).unwrap();
+        let mut blocks = filling.blocks().unwrap();
+        let unwritten = blocks.pop().unwrap();
+        let mut zeroed = blocks.pop().unwrap();
+        zeroed.zero();
+        assert_eq!(zeroed.row(1), &[0.0; 3]);
+        assert!(unwritten.written().is_err());
+        let proofs = vec![zeroed.written().unwrap()];
+        assert!(filling.finish(proofs).is_err());
+        // Blocks are handed out once.
+        let mut again = Filling::<f32>::new(1, 2, vec![0..1, 1..2], 0).unwrap();
+        drop(again.blocks().unwrap());
+        assert!(again.blocks().is_err());
     }
 }
