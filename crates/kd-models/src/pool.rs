@@ -568,6 +568,21 @@ mod tests {
         v
     }
 
+    /// `n` values drawn from a few with ties, both signed zeros and NaN: what a fast path must
+    /// treat exactly as the general one.
+    fn tricky_input(n: usize, seed: u64) -> Vec<f32> {
+        let values = [-1.0f32, -0.0, 0.0, 1.0, f32::NAN, 2.0, 0.5];
+        distinct_input(n, seed)
+            .iter()
+            .map(|v| values[(v.abs() * 1e6) as usize % values.len()])
+            .collect()
+    }
+
+    /// The bit patterns, so that comparisons see signed zeros and NaNs.
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|f| f.to_bits()).collect()
+    }
+
     #[test]
     fn output_sizes_follow_pytorch() {
         assert_eq!(Pool2d::max(3, 2).ceil().out_len(14).unwrap(), 7);
@@ -627,17 +642,11 @@ mod tests {
     #[test]
     fn same_3x3_max_equals_the_general_path_to_the_bit() {
         let p = Pool2d::max(3, 1).padding(1);
-        let values = [-1.0f32, -0.0, 0.0, 1.0, f32::NAN, 2.0, 0.5];
         for (h, w) in [(2, 2), (7, 7), (14, 14), (3, 5), (28, 28)] {
-            let n = 700 * h * w;
-            let x: Vec<f32> = distinct_input(n, 3)
-                .iter()
-                .map(|v| values[(v.abs() * 1e6) as usize % values.len()])
-                .collect();
+            let x = tricky_input(700 * h * w, 3);
             let g = Geometry { h, w, oh: h, ow: w };
             let fast = same_3x3_max(&x, h, w);
             let general = p.forward_planes_general(&x, g);
-            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&fast), bits(&general), "{h}x{w}");
         }
     }
@@ -648,21 +657,13 @@ mod tests {
     #[test]
     fn same_3x3_max_argmax_and_gather_equal_the_general_path_to_the_bit() {
         let p = Pool2d::max(3, 1).padding(1);
-        let values = [-1.0f32, -0.0, 0.0, 1.0, f32::NAN, 2.0, 0.5];
-        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
         for (h, w) in [(2, 2), (7, 7), (14, 14), (3, 5), (28, 28), (2, 9)] {
             let n = 300 * h * w;
-            let pick = |seed| -> Vec<f32> {
-                distinct_input(n, seed)
-                    .iter()
-                    .map(|v| values[(v.abs() * 1e6) as usize % values.len()])
-                    .collect()
-            };
-            let x = pick(7);
+            let x = tricky_input(n, 7);
             let (out, argmax) = same_3x3_max_with_argmax(&x, h, w);
             assert_eq!(bits(&out), bits(&same_3x3_max(&x, h, w)), "{h}x{w}");
             // Gradients whose sums depend on the order of the additions.
-            let grad: Vec<f32> = pick(8)
+            let grad: Vec<f32> = tricky_input(n, 8)
                 .iter()
                 .zip(distinct_input(n, 10))
                 .map(|(&v, r)| if v == 1.0 { (r * 1e5) as f32 } else { v * 0.1 })
@@ -698,17 +699,9 @@ mod tests {
     #[test]
     fn max_2x2_equals_the_general_path_to_the_bit() {
         let p = Pool2d::max(2, 2);
-        let values = [-1.0f32, -0.0, 0.0, 1.0, f32::NAN, 2.0, 0.5];
-        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
         for (h, w) in [(2, 2), (28, 28), (14, 14), (4, 6)] {
             let n = 300 * h * w;
-            let pick = |seed| -> Vec<f32> {
-                distinct_input(n, seed)
-                    .iter()
-                    .map(|v| values[(v.abs() * 1e6) as usize % values.len()])
-                    .collect()
-            };
-            let x = pick(5);
+            let x = tricky_input(n, 5);
             let g = Geometry {
                 h,
                 w,
@@ -722,7 +715,7 @@ mod tests {
                 bits(&p.forward_planes_general(&x, g)),
                 "{h}x{w}"
             );
-            let grad = pick(6)[..n / 4].to_vec();
+            let grad = tricky_input(n / 4, 6);
             let fast_gx = max_2x2_backward(&x, &fast, &grad, w);
             let general_gx = p.backward_planes_general(&x, &fast, &grad, g);
             assert_eq!(bits(&fast_gx), bits(&general_gx), "{h}x{w} backward");
