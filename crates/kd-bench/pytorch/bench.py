@@ -15,8 +15,8 @@ forward, Hinton KD against cached teacher logits, backward, Adam; batch 128), `m
 `teacher-epoch` is what `kd-teacher --epochs 1` does, as a PyTorch user would write it: hold out
 `--val-size` of the (first `--train-limit`) training images, one shuffled epoch over the rest with
 random crop (padding 2) and horizontal flip, batches of `--batch-size`, cosine learning rate; then
-the validation and test accuracies (batch 256) and the weights saved. It runs once (no warm-up, `--reps` ignored): `kd-bench --epoch` times
-the whole process, as it times ours.
+the validation and test accuracies (batch 256) and the weights saved. It runs once (no warm-up,
+`--reps` ignored): `kd-bench --epoch` times the whole process, as it times ours.
 """
 
 import argparse

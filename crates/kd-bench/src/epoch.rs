@@ -70,26 +70,19 @@ pub fn theirs(args: &Args, p: &Pipeline, python: &Path) -> anyhow::Result<Theirs
     let dir = scratch(args, "pytorch")?;
     let (d, t) = (&p.config.data, &p.config.teacher);
     let out = dir.to_string_lossy().into_owned();
-    let mut flags: Vec<String> = [
-        ["--only", NAME],
-        ["--layout", "channels-last"],
-        ["--teacher", &t.arch],
-        ["--out", &out],
+    let flags: Vec<String> = [
+        ("--only", NAME.to_string()),
+        ("--layout", "channels-last".to_string()),
+        ("--teacher", t.arch.clone()),
+        ("--out", out),
+        ("--val-size", d.val_size.to_string()),
+        ("--batch-size", t.batch_size.to_string()),
     ]
-    .concat()
     .into_iter()
-    .map(String::from)
+    .chain(d.train_limit.map(|n| ("--train-limit", n.to_string())))
+    .chain(d.test_limit.map(|n| ("--test-limit", n.to_string())))
+    .flat_map(|(flag, value)| [flag.to_string(), value])
     .collect();
-    flags.extend(["--val-size".into(), d.val_size.to_string()]);
-    flags.extend(["--batch-size".into(), t.batch_size.to_string()]);
-    for (flag, limit) in [
-        ("--train-limit", d.train_limit),
-        ("--test-limit", d.test_limit),
-    ] {
-        if let Some(n) = limit {
-            flags.extend([flag.to_string(), n.to_string()]);
-        }
-    }
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     let start = Instant::now();
     let run = run_script(args, python, &p.config.data.dir, &flags);

@@ -373,16 +373,16 @@ impl ConvBackward {
             .map(|(images, dx)| self.chunk((x, weight, dy), f, cout, images.clone(), dx))
             .collect::<Result<Vec<_>>>()?;
         let (dw_parts, written): (Vec<_>, Vec<_>) = parts.into_iter().unzip();
-        let mut out = match dx {
-            Some(dx) => dx.finish(written.into_iter().flatten().collect())?,
-            None => Vec::with_capacity(dw_len),
-        };
         let mut dw = vec![T::from_f64(0.0); dw_len];
         for part in &dw_parts {
             for (acc, v) in dw.iter_mut().zip(part) {
                 *acc += *v;
             }
         }
+        let Some(dx) = dx else {
+            return Ok(dw);
+        };
+        let mut out = dx.finish(written.into_iter().flatten().collect())?;
         out.extend_from_slice(&dw);
         Ok(out)
     }
