@@ -13,7 +13,8 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tenso
 use rayon::prelude::*;
 use std::sync::OnceLock;
 use whole::{
-    max_2x2, max_2x2_backward, same_3x3_max, same_3x3_max_backward, same_3x3_max_with_argmax,
+    max_2x2, max_2x2_backward, max_3x3_s2_backward, max_3x3_s2_with_argmax, same_3x3_max,
+    same_3x3_max_backward, same_3x3_max_with_argmax,
 };
 
 mod whole;
@@ -88,8 +89,11 @@ impl Pool2d {
 
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let xs = xs.contiguous()?;
-        if self.is_same_3x3_max() && xs.track_op() {
-            return xs.apply_op1(SameMaxTraining::default());
+        if xs.track_op() {
+            let (_, _, h, w) = xs.dims4()?;
+            if let Some(op) = MaxTraining::of(*self, (h, w)) {
+                return xs.apply_op1(op);
+            }
         }
         xs.apply_op1(*self)
     }
@@ -245,6 +249,9 @@ impl Pool2d {
             if self.is_even_2x2_max(g) {
                 return max_2x2(x, g.w);
             }
+            if self.is_3x3_s2_max() {
+                return max_3x3_s2_with_argmax(x, (g.h, g.w), (g.oh, g.ow)).0;
+            }
             self.forward_planes_general(x, g)
         })
     }
@@ -275,6 +282,12 @@ impl Pool2d {
     /// The 3×3, stride 1, padding 1 max-pool of every Inception block's pool branch.
     fn is_same_3x3_max(&self) -> bool {
         self.kind == PoolKind::Max && self.kernel == 3 && self.stride == 1 && self.padding == 1
+    }
+
+    /// The 3×3 / stride 2 max-pool without padding between the teacher's stages (floor or ceil
+    /// mode).
+    fn is_3x3_s2_max(&self) -> bool {
+        self.kind == PoolKind::Max && self.kernel == 3 && self.stride == 2 && self.padding == 0
     }
 
     /// The students' 2×2 / stride 2 max-pool, on planes of even height and width (every input in
@@ -370,40 +383,44 @@ impl CustomOp1 for Pool2d {
     }
 }
 
-/// The Inception blocks' 3×3 / stride 1 / padding 1 max-pool when its gradient will be needed:
-/// the forward also keeps each output's arg-max tap (a byte), so that the backward gathers the
+/// A max-pool whose gradient will be needed, for the two that dominate the teacher's step (the
+/// Inception blocks' 3×3 / stride 1 / padding 1 and the 3×3 / stride 2 between stages): the
+/// forward also keeps each output's arg-max tap (a byte), so that the backward routes the
 /// gradient by those codes instead of searching the input — per element it reads a byte and a
 /// gradient where the search read the input, the output and the gradient. The op lives in the
 /// graph node of one forward, so the codes are that forward's.
-#[derive(Default)]
-struct SameMaxTraining {
+struct MaxTraining {
+    pool: Pool2d,
     argmax: OnceLock<Vec<u8>>,
 }
 
-impl SameMaxTraining {
-    const POOL: Pool2d = Pool2d {
-        kind: PoolKind::Max,
-        kernel: 3,
-        stride: 1,
-        padding: 1,
-        ceil_mode: false,
-    };
+impl MaxTraining {
+    /// The training op for `pool` on planes of `h × w`, if it has one.
+    fn of(pool: Pool2d, (h, w): (usize, usize)) -> Option<Self> {
+        let kept = (pool.is_same_3x3_max() && h >= 2 && w >= 2) || pool.is_3x3_s2_max();
+        kept.then(|| Self {
+            pool,
+            argmax: OnceLock::new(),
+        })
+    }
 }
 
-impl CustomOp1 for SameMaxTraining {
+impl CustomOp1 for MaxTraining {
     fn name(&self) -> &'static str {
-        "kd-max-pool-3x3-s1"
+        "kd-max-pool-kept-argmax"
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (shape, g) = Self::POOL.geometry(layout)?;
-        if g.h < 2 || g.w < 2 {
-            return Self::POOL.cpu_fwd(storage, layout);
-        }
+        let (shape, g) = self.pool.geometry(layout)?;
         let out = float_storage!(storage, "max-pool", T => {
             let x = contiguous::<T>(storage, layout)?;
-            let (out, argmax) =
-                time("pools (forward)", || same_3x3_max_with_argmax(x, g.h, g.w));
+            let (out, argmax) = time("pools (forward)", || {
+                if self.pool.is_same_3x3_max() {
+                    same_3x3_max_with_argmax(x, g.h, g.w)
+                } else {
+                    max_3x3_s2_with_argmax(x, (g.h, g.w), (g.oh, g.ow))
+                }
+            });
             // A fresh op per forward: the codes are set once.
             let _ = self.argmax.set(argmax);
             out
@@ -415,31 +432,36 @@ impl CustomOp1 for SameMaxTraining {
         let grad = grad_res.contiguous()?;
         match self.argmax.get() {
             Some(argmax) => {
-                let (_, _, h, w) = arg.dims4()?;
-                let op = SameMaxBackward { argmax, h, w };
+                let op = MaxBackward {
+                    training: self,
+                    argmax,
+                    input: arg.shape().clone(),
+                };
                 Ok(Some(grad.apply_op1_no_bwd(&op)?))
             }
-            None => Self::POOL.bwd(arg, res, &grad),
+            None => self.pool.bwd(arg, res, &grad),
         }
     }
 }
 
-/// [`SameMaxTraining`]'s backward: `grad_output -> grad_input` by the forward's arg-max codes.
-struct SameMaxBackward<'a> {
+/// [`MaxTraining`]'s backward: `grad_output -> grad_input` by the forward's arg-max codes.
+struct MaxBackward<'a> {
+    training: &'a MaxTraining,
     argmax: &'a [u8],
-    h: usize,
-    w: usize,
+    input: Shape,
 }
 
-impl CustomOp1 for SameMaxBackward<'_> {
+impl CustomOp1 for MaxBackward<'_> {
     fn name(&self) -> &'static str {
-        "kd-max-pool-3x3-s1-backward"
+        "kd-max-pool-kept-argmax-backward"
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        if layout.shape().elem_count() != self.argmax.len() {
+        let pool = self.training.pool;
+        let (out_shape, g) = pool.geometry(&Layout::contiguous(self.input.clone()))?;
+        if layout.shape() != &out_shape || out_shape.elem_count() != self.argmax.len() {
             candle_core::bail!(
-                "max-pool backward: gradient {:?} for {} outputs",
+                "max-pool backward: gradient {:?} for {} outputs of shape {out_shape:?}",
                 layout.shape(),
                 self.argmax.len()
             );
@@ -447,10 +469,14 @@ impl CustomOp1 for SameMaxBackward<'_> {
         let out = float_storage!(storage, "max-pool backward", T => {
             let grad = contiguous::<T>(storage, layout)?;
             time("pools (backward)", || {
-                same_3x3_max_backward(self.argmax, grad, self.h, self.w)
+                if pool.is_same_3x3_max() {
+                    same_3x3_max_backward(self.argmax, grad, g.h, g.w)
+                } else {
+                    max_3x3_s2_backward(self.argmax, grad, (g.h, g.w), (g.oh, g.ow))
+                }
             })
         });
-        Ok((out, layout.shape().clone()))
+        Ok((out, self.input.clone()))
     }
 }
 
@@ -675,22 +701,71 @@ mod tests {
         }
     }
 
-    /// A tracked input takes the training op (codes kept); its gradient is the general path's.
+    /// The 3×3 / stride 2 max-pool in training, floor and ceil mode: the forward with arg-max
+    /// codes gives the general forward's bits, and the scatter by those codes the general
+    /// backward's — ties, signed zeros and NaNs included, over more planes than a task holds.
     #[test]
-    fn tracked_3x3_max_pool_backpropagates_through_its_codes() {
-        let p = Pool2d::max(3, 1).padding(1);
-        let (b, c, h, w) = (2, 3, 7, 7);
-        let x = distinct_input(b * c * h * w, 9);
-        let var = Var::from_vec(x.clone(), (b, c, h, w), &Device::Cpu).unwrap();
-        let y = p.forward(var.as_tensor()).unwrap();
-        let wts: Vec<f64> = (0..b * c * h * w).map(|i| (i % 11) as f64 - 5.0).collect();
-        let wt = Tensor::from_vec(wts.clone(), (b, c, h, w), &Device::Cpu).unwrap();
-        let grads = (y * &wt).unwrap().sum_all().unwrap().backward().unwrap();
-        let got = grads.get(var.as_tensor()).unwrap().flatten_all().unwrap();
-        let g = Geometry { h, w, oh: h, ow: w };
-        let out = same_3x3_max(&x, h, w);
-        let want = p.backward_planes_general(&x, &out, &wts, g);
-        assert_eq!(got.to_vec1::<f64>().unwrap(), want);
+    fn max_3x3_s2_argmax_and_scatter_equal_the_general_path_to_the_bit() {
+        for p in [Pool2d::max(3, 2).ceil(), Pool2d::max(3, 2)] {
+            for (h, w) in [
+                (28, 28),
+                (14, 14),
+                (7, 7),
+                (3, 3),
+                (4, 4),
+                (9, 6),
+                (6, 9),
+                (5, 3),
+            ] {
+                let g = Geometry {
+                    h,
+                    w,
+                    oh: p.out_len(h).unwrap(),
+                    ow: p.out_len(w).unwrap(),
+                };
+                let planes = 300;
+                let x = tricky_input(planes * h * w, 11);
+                let (out, argmax) = max_3x3_s2_with_argmax(&x, (h, w), (g.oh, g.ow));
+                let general = p.forward_planes_general(&x, g);
+                assert_eq!(bits(&out), bits(&general), "{p:?} {h}x{w}");
+                let n = planes * g.oh * g.ow;
+                let grad: Vec<f32> = tricky_input(n, 12)
+                    .iter()
+                    .zip(distinct_input(n, 13))
+                    .map(|(&v, r)| if v == 1.0 { (r * 1e5) as f32 } else { v * 0.1 })
+                    .collect();
+                let want = p.backward_planes_general(&x, &out, &grad, g);
+                let got = max_3x3_s2_backward(&argmax, &grad, (h, w), (g.oh, g.ow));
+                assert_eq!(bits(&got), bits(&want), "{p:?} {h}x{w} backward");
+            }
+        }
+    }
+
+    /// A tracked input takes the training op (codes kept) for both kept-arg-max pools; its
+    /// gradient is the general path's.
+    #[test]
+    fn tracked_max_pools_backpropagate_through_their_codes() {
+        for (p, h, w) in [
+            (Pool2d::max(3, 1).padding(1), 7, 7),
+            (Pool2d::max(3, 2).ceil(), 14, 14),
+            (Pool2d::max(3, 2).ceil(), 7, 7),
+        ] {
+            let (b, c) = (2, 3);
+            let x = distinct_input(b * c * h * w, 9);
+            let var = Var::from_vec(x.clone(), (b, c, h, w), &Device::Cpu).unwrap();
+            let y = p.forward(var.as_tensor()).unwrap();
+            let (oh, ow) = (p.out_len(h).unwrap(), p.out_len(w).unwrap());
+            let wts: Vec<f64> = (0..b * c * oh * ow)
+                .map(|i| (i % 11) as f64 - 5.0)
+                .collect();
+            let wt = Tensor::from_vec(wts.clone(), (b, c, oh, ow), &Device::Cpu).unwrap();
+            let grads = (y * &wt).unwrap().sum_all().unwrap().backward().unwrap();
+            let got = grads.get(var.as_tensor()).unwrap().flatten_all().unwrap();
+            let g = Geometry { h, w, oh, ow };
+            let out = p.forward_planes_general(&x, g);
+            let want = p.backward_planes_general(&x, &out, &wts, g);
+            assert_eq!(got.to_vec1::<f64>().unwrap(), want, "{p:?} {h}x{w}");
+        }
     }
 
     /// The 2×2 / stride 2 max-pool's whole-array forward and backward give the general path's

@@ -133,8 +133,9 @@ fn displaces<T: WithDType>(m: T, v: T) -> bool {
 /// [`same_3x3_max`] that also returns each output's arg-max as a tap code `ky·3 + kx` (row and
 /// column in the 3×3 window, counted from its top-left corner, which lies in the padding at an
 /// edge): the first input in row-major order equal to the output, the first NaN if the output
-/// is NaN — the input the general path's backward search finds. The same two passes: along x
-/// each element keeps the column of its row's arg-max, along y the row whose arg-max wins.
+/// is NaN — the input the general path's backward search finds. The same two passes, task by
+/// task (the x-pass into a [`Scratch`] that stays in cache for the y-pass): along x each element
+/// keeps the column of its row's arg-max, along y the row whose arg-max wins.
 pub(super) fn same_3x3_max_with_argmax<T: WithDType>(
     x: &[T],
     h: usize,
@@ -142,17 +143,41 @@ pub(super) fn same_3x3_max_with_argmax<T: WithDType>(
 ) -> (Vec<T>, Vec<u8>) {
     let plane = h * w;
     let per_task = plane * (TASK_ELEMENTS / plane).max(1);
-    let (mut tmp, mut tcol) = (vec![T::from_f64(0.0); x.len()], vec![0u8; x.len()]);
-    tmp.par_chunks_mut(per_task)
-        .zip(tcol.par_chunks_mut(per_task))
-        .zip(x.par_chunks(per_task))
-        .for_each(|((t, tc), x)| along_x_with_argmax(x, t, tc, w));
     let (mut out, mut code) = (vec![T::from_f64(0.0); x.len()], vec![0u8; x.len()]);
     out.par_chunks_mut(per_task)
         .zip(code.par_chunks_mut(per_task))
-        .zip(tmp.par_chunks(per_task).zip(tcol.par_chunks(per_task)))
-        .for_each(|((o, c), (t, tc))| along_y_with_argmax(t, tc, o, c, plane, w));
+        .zip(x.par_chunks(per_task))
+        .for_each_init(Scratch::default, |s, ((o, c), x)| {
+            let (t, tc) = s.along_x(x, w);
+            along_y_with_argmax(t, tc, o, c, plane, w);
+        });
     (out, code)
+}
+
+/// A task's buffers for the x-pass of a pool with arg-max, reused from task to task: the pass's
+/// maxima and codes stay in cache for the y-pass that reads them.
+struct Scratch<T> {
+    t: Vec<T>,
+    tc: Vec<u8>,
+}
+
+impl<T> Default for Scratch<T> {
+    fn default() -> Self {
+        Self {
+            t: Vec::new(),
+            tc: Vec::new(),
+        }
+    }
+}
+
+impl<T: WithDType> Scratch<T> {
+    /// [`along_x_with_argmax`] of `x` (whole rows of `w`) into these buffers.
+    fn along_x(&mut self, x: &[T], w: usize) -> (&[T], &[u8]) {
+        self.t.resize(x.len(), T::from_f64(0.0));
+        self.tc.resize(x.len(), 0);
+        along_x_with_argmax(x, &mut self.t, &mut self.tc, w);
+        (&self.t, &self.tc)
+    }
 }
 
 /// The first of [`same_3x3_max_with_argmax`]'s passes: each row's 3-wide maximum and the
@@ -238,6 +263,125 @@ pub(super) fn same_3x3_max_backward<T: WithDType>(
                 let from = argmax[src.clone()].iter().zip(&grad[src]);
                 for (a, (&c, &g)) in gx[dst].iter_mut().zip(from) {
                     *a += select_unpredictable(c == tap, g, zero);
+                }
+            }
+        });
+    gx
+}
+
+/// The 3×3 / stride 2 / no-padding max-pool of `[planes, h, w]` (floor or ceil mode, `oh × ow`
+/// outputs per plane; h, w ≥ 3), with each output's arg-max tap code `ky·3 + kx` from its
+/// window's top-left corner `(2·oy, 2·ox)`. Two passes over each task's planes: along x at
+/// stride 1 into a [`Scratch`] (the 3-wide maximum centred on every input,
+/// [`along_x_with_argmax`]: contiguous, so it vectorises; a window `2·ox .. 2·ox + 2` is the one
+/// centred on `2·ox + 1`, and the clipped last window of ceil mode the row end's), then along y
+/// at stride 2, reading every second centre. Each window is combined in the general path's
+/// order, so outputs and codes are its bits. Faster than the general path even when the codes
+/// are not needed (inference).
+pub(super) fn max_3x3_s2_with_argmax<T: WithDType>(
+    x: &[T],
+    (h, w): (usize, usize),
+    (oh, ow): (usize, usize),
+) -> (Vec<T>, Vec<u8>) {
+    let plane = h * w;
+    let planes_per_task = (TASK_ELEMENTS / plane).max(1);
+    let out_len = x.len() / plane * oh * ow;
+    let (mut out, mut code) = (vec![T::from_f64(0.0); out_len], vec![0u8; out_len]);
+    let out_per_task = planes_per_task * oh * ow;
+    out.par_chunks_mut(out_per_task)
+        .zip(code.par_chunks_mut(out_per_task))
+        .zip(x.par_chunks(planes_per_task * plane))
+        .for_each_init(Scratch::default, |s, ((o, c), x)| {
+            let (t, tc) = s.along_x(x, w);
+            let rows = o.chunks_exact_mut(ow).zip(c.chunks_exact_mut(ow));
+            for (i, (o, c)) in rows.enumerate() {
+                let (p, oy) = (i / oh, i % oh);
+                let row = |r: usize| {
+                    let s = p * plane + (2 * oy + r) * w;
+                    (&t[s..s + 2 * ow], &tc[s..s + 2 * ow])
+                };
+                if 2 * oy + 2 < h {
+                    down_3_rows(row(0), row(1), row(2), o, c);
+                } else {
+                    down_2_rows(row(0), row(1), o, c);
+                }
+            }
+        });
+    (out, code)
+}
+
+/// One output row of [`max_3x3_s2_with_argmax`] from its window's three rows of x-maxima: the
+/// centres are the odd columns.
+fn down_3_rows<T: WithDType>(
+    (a, ac): (&[T], &[u8]),
+    (b, bc): (&[T], &[u8]),
+    (c, cc): (&[T], &[u8]),
+    o: &mut [T],
+    code: &mut [u8],
+) {
+    let (a, b, c) = (
+        a.as_chunks::<2>().0,
+        b.as_chunks::<2>().0,
+        c.as_chunks::<2>().0,
+    );
+    let (ac, bc, cc) = (
+        ac.as_chunks::<2>().0,
+        bc.as_chunks::<2>().0,
+        cc.as_chunks::<2>().0,
+    );
+    for (ox, (o, code)) in o.iter_mut().zip(code.iter_mut()).enumerate() {
+        let (a, b, c) = (a[ox][1], b[ox][1], c[ox][1]);
+        *o = max_nan(max_nan(a, b), c);
+        let ab = displaces(a, b);
+        let m = select_unpredictable(ab, b, a);
+        let upper = select_unpredictable(ab, 3 + bc[ox][1], ac[ox][1]);
+        *code = select_unpredictable(displaces(m, c), 6 + cc[ox][1], upper);
+    }
+}
+
+/// [`down_3_rows`] for ceil mode's last window, clipped to two rows.
+fn down_2_rows<T: WithDType>(
+    (a, ac): (&[T], &[u8]),
+    (b, bc): (&[T], &[u8]),
+    o: &mut [T],
+    code: &mut [u8],
+) {
+    let (a, b) = (a.as_chunks::<2>().0, b.as_chunks::<2>().0);
+    let (ac, bc) = (ac.as_chunks::<2>().0, bc.as_chunks::<2>().0);
+    for (ox, (o, code)) in o.iter_mut().zip(code.iter_mut()).enumerate() {
+        let (a, b) = (a[ox][1], b[ox][1]);
+        *o = max_nan(a, b);
+        *code = select_unpredictable(displaces(a, b), 3 + bc[ox][1], ac[ox][1]);
+    }
+}
+
+/// The input gradient of [`max_3x3_s2_with_argmax`] from its codes: each output's gradient added
+/// to its arg-max input, the outputs of a plane in row-major order from zero (the general
+/// path's order, so its bits).
+pub(super) fn max_3x3_s2_backward<T: WithDType>(
+    argmax: &[u8],
+    grad: &[T],
+    (h, w): (usize, usize),
+    (oh, ow): (usize, usize),
+) -> Vec<T> {
+    let (plane, out_plane) = (h * w, oh * ow);
+    let planes_per_task = (TASK_ELEMENTS / plane).max(1);
+    let mut gx = vec![T::from_f64(0.0); grad.len() / out_plane * plane];
+    gx.par_chunks_mut(planes_per_task * plane)
+        .zip(argmax.par_chunks(planes_per_task * out_plane))
+        .zip(grad.par_chunks(planes_per_task * out_plane))
+        .for_each(|((gx, argmax), grad)| {
+            for (gx, (argmax, grad)) in gx.chunks_exact_mut(plane).zip(
+                argmax
+                    .chunks_exact(out_plane)
+                    .zip(grad.chunks_exact(out_plane)),
+            ) {
+                let rows = argmax.chunks_exact(ow).zip(grad.chunks_exact(ow));
+                for (oy, (argmax, grad)) in rows.enumerate() {
+                    for (ox, (&c, &g)) in argmax.iter().zip(grad).enumerate() {
+                        let (ky, kx) = ((c / 3) as usize, (c % 3) as usize);
+                        gx[(2 * oy + ky) * w + 2 * ox + kx] += g;
+                    }
                 }
             }
         });
