@@ -215,13 +215,16 @@ pub fn load_frozen(
     frozen(arch, spec, tensors, device)
 }
 
-/// `arch` built from plain tensors (inference only: no variables, no graph).
+/// `arch` built from plain tensors (inference only: no variables, no graph). Tensors of a model
+/// being trained (its variables) are detached first: a frozen model's BatchNorm is folded into
+/// its convolutions only when its statistics are not variables.
 pub fn frozen(
     arch: &str,
     spec: &InputSpec,
     tensors: HashMap<String, Tensor>,
     device: &Device,
 ) -> Result<Box<dyn Classifier>> {
+    let tensors = tensors.into_iter().map(|(k, t)| (k, t.detach())).collect();
     let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
     build(arch, spec, &DropoutRng::new(0), vb)
 }
@@ -348,6 +351,12 @@ mod tests {
             for (x, y) in v(a).iter().zip(v(b)) {
                 assert!((x - y).abs() < 1e-4 * (1.0 + x.abs()), "{x} vs {y}");
             }
+        }
+        // Frozen from the live model's variables, it is the same folded model, to the bit.
+        let live = super::frozen("googlenet-bn", &FASHION, tensors.clone(), &Device::Cpu).unwrap();
+        let c = live.forward_t(&xs, false).unwrap();
+        for (b, c) in b.iter().zip(&c) {
+            assert_eq!(v(b), v(c));
         }
         // Eval mode uses the running statistics, not the batch's: one image alone gives the same
         // logits as inside the batch.
