@@ -9,7 +9,7 @@
 //! (`cols` is `x` itself) and the output comes out in the layout the next layer reads, so no
 //! transposes sit between layers.
 
-use crate::cpu::{contiguous, float_storage};
+use crate::cpu::{contiguous, float_storage, par_build};
 use crate::gemm::{product, Block, Filling, View, Written};
 use crate::im2col::Frame;
 pub use crate::im2col::Im2Col;
@@ -529,23 +529,17 @@ impl CustomOp2 for BiasRelu {
         if l2.shape().dims() != [c] {
             candle_core::bail!("bias-relu: bias {:?} for {c} channels", l2.shape());
         }
-        fn run<T: WithDType>(z: &[T], b: &[T], n: usize) -> Vec<T> {
+        fn run<T: WithDType>(z: &[T], b: &[T], n: usize) -> Result<Vec<T>> {
             time("bias + ReLU (forward)", || {
-                let zero = T::from_f64(0.0);
-                let mut out = vec![zero; z.len()];
-                out.par_chunks_mut(n)
-                    .zip(z.par_chunks(n))
-                    .zip(b.par_iter())
-                    .for_each(|((o, zr), &bc)| {
-                        for (o, &v) in o.iter_mut().zip(zr) {
-                            *o = bias_relu(v, bc);
-                        }
-                    });
-                out
+                let (out, _) = par_build(z.len(), n, |c, out| {
+                    let (zr, bc) = (&z[c * n..(c + 1) * n], b[c]);
+                    (out.fill(zr.iter().map(|&v| bias_relu(v, bc))), ())
+                })?;
+                Ok(out)
             })
         }
         let out = float_storage!(s1, "bias-relu", T => {
-            run(contiguous::<T>(s1, l1)?, contiguous::<T>(s2, l2)?, n)
+            run(contiguous::<T>(s1, l1)?, contiguous::<T>(s2, l2)?, n)?
         });
         Ok((out, l1.shape().clone()))
     }
@@ -574,25 +568,25 @@ impl CustomOp2 for ReluMask {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        fn run<T: WithDType>(y: &[T], g: &[T]) -> Vec<T> {
+        fn run<T: WithDType>(y: &[T], g: &[T]) -> Result<Vec<T>> {
             let zero = T::from_f64(0.0);
-            let mut out = vec![zero; y.len()];
             const CHUNK: usize = 1 << 14;
-            out.par_chunks_mut(CHUNK)
-                .zip(y.par_chunks(CHUNK))
-                .zip(g.par_chunks(CHUNK))
-                .for_each(|((o, y), g)| {
-                    for ((o, &y), &g) in o.iter_mut().zip(y).zip(g) {
-                        *o = if y > zero { g } else { zero };
-                    }
-                });
-            out
+            let (out, _) = par_build(y.len(), CHUNK, |i, out| {
+                let part = i * CHUNK..((i + 1) * CHUNK).min(y.len());
+                let (y, g) = (&y[part.clone()], &g[part]);
+                let masked = y
+                    .iter()
+                    .zip(g)
+                    .map(|(&y, &g)| if y > zero { g } else { zero });
+                (out.fill(masked), ())
+            })?;
+            Ok(out)
         }
         if l1.shape() != l2.shape() {
             candle_core::bail!("relu-mask: shapes {:?} and {:?}", l1.shape(), l2.shape());
         }
         let out = float_storage!(s1, "relu-mask", T => {
-            run(contiguous::<T>(s1, l1)?, contiguous::<T>(s2, l2)?)
+            run(contiguous::<T>(s1, l1)?, contiguous::<T>(s2, l2)?)?
         });
         Ok((out, l1.shape().clone()))
     }

@@ -1,6 +1,8 @@
 //! What the CPU kernels of our custom ops share.
 
 use candle_core::{CpuStorage, Layout, Result, WithDType};
+use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 /// The elements of a contiguous CPU tensor, in order; our kernels take no other layout.
 pub(crate) fn contiguous<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
@@ -48,3 +50,95 @@ macro_rules! float_storage {
     };
 }
 pub(crate) use float_storage;
+
+/// One chunk of a vector being built by [`par_build`], to be filled once.
+pub(crate) struct Slots<'a, T> {
+    slots: &'a mut [MaybeUninit<T>],
+}
+
+/// A chunk's proof that every one of its elements was written (its address, which [`par_build`]
+/// checks against the chunk it lent).
+pub(crate) struct Filled {
+    at: usize,
+}
+
+impl<T: WithDType> Slots<'_, T> {
+    /// Writes `values` in order into the chunk; elements they do not reach are zero.
+    #[inline(always)]
+    pub fn fill(self, values: impl Iterator<Item = T>) -> Filled {
+        let at = self.slots.as_ptr() as usize;
+        let mut written = 0;
+        for (slot, v) in self.slots.iter_mut().zip(values) {
+            slot.write(v);
+            written += 1;
+        }
+        for slot in &mut self.slots[written..] {
+            slot.write(T::from_f64(0.0));
+        }
+        Filled { at }
+    }
+}
+
+/// A fresh vector of `len` elements built in parallel, `chunk` elements per task (the last one
+/// shorter): `f(i, slots)` fills chunk `i` and returns a result of its own, collected in chunk
+/// order. The vector is not zero-filled first — each element is written once, where a
+/// `vec![0; len]` followed by the writes is two passes over memory — and it is handed out only
+/// once every chunk has proved it was filled.
+pub(crate) fn par_build<T: WithDType, R: Send>(
+    len: usize,
+    chunk: usize,
+    f: impl Fn(usize, Slots<'_, T>) -> (Filled, R) + Sync,
+) -> Result<(Vec<T>, Vec<R>)> {
+    let mut buf: Vec<T> = Vec::with_capacity(len);
+    let done: Vec<(bool, R)> = buf.spare_capacity_mut()[..len]
+        .par_chunks_mut(chunk.max(1))
+        .enumerate()
+        .map(|(i, slots)| {
+            let at = slots.as_ptr() as usize;
+            let (filled, r) = f(i, Slots { slots });
+            (filled.at == at, r)
+        })
+        .collect();
+    if done.iter().any(|(ok, _)| !ok) {
+        candle_core::bail!("a kernel returned without filling its share of its output");
+    }
+    // SAFETY: the chunks tile `0..len` of the capacity, and each one was filled (its `Filled`,
+    // which only `Slots::fill` of that very chunk makes, matched its address), so the first
+    // `len` elements are initialised.
+    #[allow(unsafe_code)]
+    unsafe {
+        buf.set_len(len)
+    };
+    Ok((buf, done.into_iter().map(|(_, r)| r).collect()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn par_build_fills_every_chunk_in_order() {
+        let (v, sums) = par_build::<f32, usize>(10, 4, |i, s| {
+            let n = if i == 2 { 2 } else { 4 };
+            (s.fill((0..n).map(|k| (i * 4 + k) as f32)), i)
+        })
+        .unwrap();
+        assert_eq!(v, (0..10).map(|k| k as f32).collect::<Vec<_>>());
+        assert_eq!(sums, vec![0, 1, 2]);
+        // Values that fall short leave zeros, never uninitialised memory.
+        let (v, _) =
+            par_build::<f64, ()>(5, 5, |_, s| (s.fill([1.0, 2.0].into_iter()), ())).unwrap();
+        assert_eq!(v, vec![1.0, 2.0, 0.0, 0.0, 0.0]);
+        // A proof from another chunk is refused.
+        let other = Filled { at: 1 };
+        let stolen = std::sync::Mutex::new(Some(other));
+        let r = par_build::<f32, ()>(4, 2, |i, s| {
+            if i == 0 {
+                (stolen.lock().unwrap().take().unwrap(), ())
+            } else {
+                (s.fill(std::iter::repeat(1.0)), ())
+            }
+        });
+        assert!(r.is_err());
+    }
+}

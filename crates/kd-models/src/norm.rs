@@ -9,11 +9,10 @@
 //! running statistics and folds them into a per-channel scale and shift.
 
 use crate::conv::BiasRelu;
-use crate::cpu::contiguous;
+use crate::cpu::{contiguous, par_build};
 use crate::timing::time;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor, Var, WithDType};
 use candle_nn::{Init, VarBuilder};
-use rayon::prelude::*;
 use std::sync::{Arc, Mutex};
 
 /// torchvision's GoogLeNet `BasicConv2d` uses ε = 0.001.
@@ -188,26 +187,29 @@ fn gradient_sums<T: WithDType>(z: &[T], y: &[T], dy: &[T], mean: f64) -> (f64, f
 
 /// `y = relu(γ·ẑ + β)` and each channel's statistics; one task per channel (its row is
 /// contiguous), statistics in one pass, the output in `T`'s arithmetic.
-fn forward_rows<T: WithDType>(z: &[T], g: &[T], b: &[T], n: usize) -> (Vec<T>, Vec<RowStats>) {
+fn forward_rows<T: WithDType>(
+    z: &[T],
+    g: &[T],
+    b: &[T],
+    n: usize,
+) -> Result<(Vec<T>, Vec<RowStats>)> {
     time("BatchNorm + ReLU (forward)", || {
         let zero = T::from_f64(0.0);
-        let mut out = vec![zero; z.len()];
-        let stats = out
-            .par_chunks_mut(n)
-            .zip(z.par_chunks(n))
-            .zip(g.par_iter().zip(b))
-            .map(|((o, zr), (&gc, &bc))| {
-                let s = shifted_moments(zr);
-                let a = T::from_f64(gc.to_f64() * s.inv_std());
-                let mean = T::from_f64(s.mean);
-                for (o, &v) in o.iter_mut().zip(zr) {
-                    let x = (v - mean) * a + bc;
-                    *o = if x > zero { x } else { zero };
+        par_build(z.len(), n, |c, out| {
+            let zr = &z[c * n..(c + 1) * n];
+            let s = shifted_moments(zr);
+            let a = T::from_f64(g[c].to_f64() * s.inv_std());
+            let (mean, bc) = (T::from_f64(s.mean), b[c]);
+            let y = zr.iter().map(|&v| {
+                let x = (v - mean) * a + bc;
+                if x > zero {
+                    x
+                } else {
+                    zero
                 }
-                s
-            })
-            .collect();
-        (out, stats)
+            });
+            (out.fill(y), s)
+        })
     })
 }
 
@@ -221,32 +223,29 @@ fn backward_rows<T: WithDType>(
     dy: &[T],
     gamma: &[T],
     n: usize,
-) -> (Vec<T>, Vec<T>, Vec<T>) {
+) -> Result<(Vec<T>, Vec<T>, Vec<T>)> {
     time("BatchNorm + ReLU (backward)", || {
         let zero = T::from_f64(0.0);
-        let mut dz = vec![zero; z.len()];
-        let sums: Vec<(T, T)> = dz
-            .par_chunks_mut(n)
-            .zip(z.par_chunks(n).zip(y.par_chunks(n)))
-            .zip(dy.par_chunks(n).zip(gamma.par_iter().zip(stats)))
-            .map(|((dzr, (zr, yr)), (dyr, (&gc, s)))| {
-                let inv_std = s.inv_std();
-                let (sum_g, sum_gz) = gradient_sums(zr, yr, dyr, s.mean);
-                let sum_gx = sum_gz * inv_std;
-                let k = gc.to_f64() * inv_std / n as f64;
-                let a = T::from_f64(k * n as f64);
-                let b = T::from_f64(-k * inv_std * sum_gx);
-                let c = T::from_f64(-k * sum_g);
-                let mean = T::from_f64(s.mean);
-                for (((o, &zv), &yv), &dv) in dzr.iter_mut().zip(zr).zip(yr).zip(dyr) {
-                    let g = std::hint::select_unpredictable(yv > zero, dv, zero);
-                    *o = g * a + (zv - mean) * b + c;
-                }
-                (T::from_f64(sum_gx), T::from_f64(sum_g))
-            })
-            .collect();
+        let (dz, sums) = par_build(z.len(), n, |c, out| {
+            let row = c * n..(c + 1) * n;
+            let (zr, yr, dyr) = (&z[row.clone()], &y[row.clone()], &dy[row]);
+            let s = stats[c];
+            let inv_std = s.inv_std();
+            let (sum_g, sum_gz) = gradient_sums(zr, yr, dyr, s.mean);
+            let sum_gx = sum_gz * inv_std;
+            let k = gamma[c].to_f64() * inv_std / n as f64;
+            let a = T::from_f64(k * n as f64);
+            let b = T::from_f64(-k * inv_std * sum_gx);
+            let cc = T::from_f64(-k * sum_g);
+            let mean = T::from_f64(s.mean);
+            let dzr = zr.iter().zip(yr).zip(dyr).map(|((&zv, &yv), &dv)| {
+                let g = std::hint::select_unpredictable(yv > zero, dv, zero);
+                g * a + (zv - mean) * b + cc
+            });
+            (out.fill(dzr), (T::from_f64(sum_gx), T::from_f64(sum_g)))
+        })?;
         let (dgamma, dbeta) = sums.into_iter().unzip();
-        (dz, dgamma, dbeta)
+        Ok((dz, dgamma, dbeta))
     })
 }
 
@@ -282,7 +281,7 @@ impl CustomOp3 for BnReluOp {
                     contiguous::<$t>(s2, l2)?,
                     contiguous::<$t>(s3, l3)?,
                     n,
-                );
+                )?;
                 (CpuStorage::$variant(o), s)
             }};
         }
@@ -326,7 +325,7 @@ impl CustomOp3 for BnReluOp {
                     contiguous::<$t>(gc, gl)?,
                     contiguous::<$t>(wc, wl)?,
                     n,
-                );
+                )?;
                 let d = z.device();
                 (
                     Tensor::from_vec(dz, z.shape(), d)?,
