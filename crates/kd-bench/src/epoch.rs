@@ -61,6 +61,7 @@ pub fn ours(args: &Args, p: &Pipeline) -> anyhow::Result<Measurement> {
         forward_macs_per_image: 0,
         peak_rss_kib: 0,
         ops: Vec::new(),
+        conv_shapes: Vec::new(),
     })
 }
 

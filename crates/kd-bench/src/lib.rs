@@ -119,6 +119,9 @@ pub struct Measurement {
     /// inference (empty for the other measurements).
     #[serde(default)]
     pub ops: Vec<(String, f64)>,
+    /// Wall seconds per batch and GFLOP/s of the convolutions by pass, kernel and input size.
+    #[serde(default)]
+    pub conv_shapes: Vec<(String, f64, f64)>,
 }
 
 impl Measurement {
@@ -216,8 +219,13 @@ fn side_by_side(args: &Args, p: &Pipeline, python: &std::path::Path) -> anyhow::
     ))
 }
 
-/// Wall seconds per step in each kind of our ops.
-type OpTimes = Vec<(String, f64)>;
+/// Wall seconds per step in each kind of our ops, and in each convolution by pass, kernel and
+/// input size (with its GFLOP/s).
+#[derive(Default)]
+struct OpTimes {
+    kinds: Vec<(String, f64)>,
+    shapes: Vec<(String, f64, f64)>,
+}
 
 /// [`time_reps`] with our ops timing themselves (`kd_models::timing`) during the timed steps:
 /// also the wall seconds per step of each kind of op.
@@ -229,17 +237,22 @@ fn time_ops(
         if i == 1 {
             // The warm-up step is over: count from the first timed one.
             kd_models::timing::take();
+            kd_models::timing::take_details();
             kd_models::timing::enable(true);
         }
         step(i)
     });
     kd_models::timing::enable(false);
     let steps = (args.reps * args.batches).max(1) as f64;
-    let ops = kd_models::timing::take()
+    let kinds = kd_models::timing::take()
         .into_iter()
         .map(|(kind, secs, _)| (kind.to_string(), secs / steps))
         .collect();
-    Ok((t?, ops))
+    let shapes = kd_models::timing::take_details()
+        .into_iter()
+        .map(|(shape, secs, macs)| (shape, secs / steps, 2.0 * macs as f64 / secs / 1e9))
+        .collect();
+    Ok((t?, OpTimes { kinds, shapes }))
 }
 
 /// Seconds per repetition of each named part of a step.
@@ -389,7 +402,8 @@ pub fn measure(args: &Args, name: &str) -> anyhow::Result<Measurement> {
         split: timing.split,
         forward_macs_per_image: timing.macs,
         peak_rss_kib: peak_rss_kib(),
-        ops: timing.ops,
+        ops: timing.ops.kinds,
+        conv_shapes: timing.ops.shapes,
     })
 }
 
@@ -400,7 +414,7 @@ struct Timing {
     seconds: Vec<f64>,
     split: Split,
     macs: u64,
-    ops: Vec<(String, f64)>,
+    ops: OpTimes,
 }
 
 /// What every measurement needs: the flags, the pipeline and its data.
@@ -417,7 +431,7 @@ impl Bench<'_> {
             seconds,
             split,
             macs,
-            ops: Vec::new(),
+            ops: OpTimes::default(),
         }
     }
 
@@ -739,6 +753,32 @@ fn render(args: &Args, p: &Pipeline, results: &[Measurement]) -> String {
         gflops.join("; ")
     ) + &limit_line(results)
         + &ops_table(args, results)
+        + &conv_shapes_table(results)
+}
+
+/// The teacher step's convolutions by pass, kernel and input size: wall time per batch and the
+/// arithmetic rate of their matrix products (im2col and col2im included).
+fn conv_shapes_table(results: &[Measurement]) -> String {
+    let Some(m) = results
+        .iter()
+        .find(|m| m.name == "teacher-step" && !m.conv_shapes.is_empty())
+    else {
+        return String::new();
+    };
+    let mut rows = m.conv_shapes.clone();
+    rows.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let mut t = Table::new(&[
+        "convolutions: pass, kernel at input size",
+        "ms per batch",
+        "GFLOP/s",
+    ]);
+    for (shape, secs, gflops) in rows {
+        t.row(&[shape, format!("{:.1}", secs * 1e3), format!("{gflops:.0}")]);
+    }
+    format!(
+        "\n## The teacher step's convolutions by shape\n\nEvery convolution of a kind summed (each timed around its work, all threads; a backward computes dW and, except for the first layer's, dx: twice the forward's multiply-adds).\n\n{}",
+        t.to_markdown()
+    )
 }
 
 /// Where the teacher's training step spends its wall time: our ops, timed by themselves, and

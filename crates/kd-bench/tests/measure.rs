@@ -35,6 +35,35 @@ fn every_measurement_runs_and_reports() {
             );
             assert!(m.forward_macs_per_image > 0, "{name}");
         }
+        if name == "teacher-step" {
+            // The convolutions by shape split the convolution kinds' time exactly.
+            for pass in ["forward", "backward"] {
+                let kind: f64 = m
+                    .ops
+                    .iter()
+                    .filter(|(k, _)| k.starts_with(&format!("convolution {pass}")))
+                    .map(|(_, s)| s)
+                    .sum();
+                let shapes: Vec<_> = m
+                    .conv_shapes
+                    .iter()
+                    .filter(|(k, ..)| k.starts_with(pass))
+                    .collect();
+                let sum: f64 = shapes.iter().map(|(_, s, _)| s).sum();
+                assert!(
+                    kind > 0.0 && (sum - kind).abs() < 1e-9 * (1.0 + kind),
+                    "{pass}: {m:?}"
+                );
+                assert!(
+                    shapes.iter().any(|(k, ..)| k.contains("3×3 at")),
+                    "{shapes:?}"
+                );
+                assert!(
+                    shapes.iter().all(|(_, _, g)| g.is_finite() && *g > 0.0),
+                    "{shapes:?}"
+                );
+            }
+        }
     }
     assert_eq!(kd_bench::median(&[3.0, 1.0, 2.0]), 2.0);
     assert_eq!(kd_bench::median(&[4.0, 1.0, 2.0, 3.0]), 2.5);

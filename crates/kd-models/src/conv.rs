@@ -13,7 +13,7 @@ use crate::cpu::{contiguous, float_storage, par_build};
 use crate::gemm::{product, Block, Filling, View, Written};
 use crate::im2col::Frame;
 pub use crate::im2col::Im2Col;
-use crate::timing::time;
+use crate::timing::{time, time_in_detail};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, WithDType};
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
@@ -182,7 +182,9 @@ impl ConvOp {
         let chunks = image_chunks(f.b);
         let mut out = Filling::new(cout, n, columns(&chunks, px), 0)?;
         let blocks = out.blocks()?;
-        let written = time("convolution forward (per chunk of images)", || {
+        let detail = || (self.0.detail("forward", f), (cout * depth * n) as u64);
+        let kind = "convolution forward (per chunk of images)";
+        let written = time_in_detail(kind, Some(detail), || {
             chunks
                 .par_iter()
                 .zip(blocks)
@@ -259,7 +261,12 @@ impl CustomOp2 for ConvOp {
             geometry: self.0,
             input_gradient: x.track_op(),
         };
-        let both = time("convolution backward (per chunk of images)", || {
+        let (f, cout) = conv_dims(self.0, x.shape(), weight.shape())?;
+        let passes = 1 + usize::from(op.input_gradient);
+        let macs = (passes * cout * f.depth() * f.b * f.pixels()) as u64;
+        let detail = || (self.0.detail("backward", f), macs);
+        let kind = "convolution backward (per chunk of images)";
+        let both = time_in_detail(kind, Some(detail), || {
             x.apply_op3_no_bwd(weight, &grad.contiguous()?, &op)
         })?;
         let nx = if op.input_gradient { x.elem_count() } else { 0 };

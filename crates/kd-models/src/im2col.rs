@@ -40,6 +40,17 @@ impl Im2Col {
         Ok((len + 2 * self.padding - self.kernel) / self.stride + 1)
     }
 
+    /// A convolution's `pass` on `f` for [`crate::timing`]: e.g. `backward, 3×3 at 14×14`
+    /// (`/2` for a stride of 2).
+    pub(crate) fn detail(&self, pass: &str, f: Frame) -> String {
+        let k = self.kernel;
+        let stride = match self.stride {
+            1 => String::new(),
+            s => format!("/{s}"),
+        };
+        format!("{pass}, {k}×{k}{stride} at {}×{}", f.h, f.w)
+    }
+
     /// Whether the columns are the input itself (a 1×1 convolution, stride 1, no padding).
     pub(crate) fn is_pointwise(&self) -> bool {
         self.kernel == 1 && self.stride == 1 && self.padding == 0

@@ -11,6 +11,9 @@ use std::time::Instant;
 
 static ON: AtomicBool = AtomicBool::new(false);
 static TOTALS: Mutex<BTreeMap<&'static str, (f64, u64)>> = Mutex::new(BTreeMap::new());
+/// Finer kinds within a kind (a convolution's pass, kernel and input size): seconds and
+/// multiply-adds.
+static DETAILS: Mutex<BTreeMap<String, (f64, u64)>> = Mutex::new(BTreeMap::new());
 
 /// Starts (or stops) timing; the totals so far are kept until [`take`].
 pub fn enable(on: bool) {
@@ -25,8 +28,28 @@ pub fn take() -> Vec<(&'static str, f64, u64)> {
     out
 }
 
+/// The finer kinds' totals since the last call, `(detail, seconds, multiply-adds)`, and a fresh
+/// start.
+pub fn take_details() -> Vec<(String, f64, u64)> {
+    let mut t = DETAILS.lock().unwrap_or_else(|e| e.into_inner());
+    std::mem::take(&mut *t)
+        .into_iter()
+        .map(|(k, (s, m))| (k, s, m))
+        .collect()
+}
+
 /// Runs `f`, adding its wall time to `kind` when timing is on.
 pub(crate) fn time<R>(kind: &'static str, f: impl FnOnce() -> R) -> R {
+    time_in_detail(kind, None::<fn() -> (String, u64)>, f)
+}
+
+/// [`time`], and the same wall time and `macs` multiply-adds added to the finer kind `detail()`
+/// names (e.g. `forward, 3×3 at 14×14`).
+pub(crate) fn time_in_detail<R>(
+    kind: &'static str,
+    detail: Option<impl FnOnce() -> (String, u64)>,
+    f: impl FnOnce() -> R,
+) -> R {
     if !ON.load(Ordering::Relaxed) {
         return f();
     }
@@ -37,6 +60,14 @@ pub(crate) fn time<R>(kind: &'static str, f: impl FnOnce() -> R) -> R {
     let e = t.entry(kind).or_insert((0.0, 0));
     e.0 += secs;
     e.1 += 1;
+    drop(t);
+    if let Some(detail) = detail {
+        let (name, macs) = detail();
+        let mut d = DETAILS.lock().unwrap_or_else(|e| e.into_inner());
+        let e = d.entry(name).or_insert((0.0, 0));
+        e.0 += secs;
+        e.1 += macs;
+    }
     out
 }
 
@@ -58,5 +89,19 @@ mod tests {
         assert!(matches!(k, Some((_, s, 2)) if s >= 0.002), "{t:?}");
         assert!(!t.iter().any(|(k, ..)| *k == "test-kind-off"));
         assert!(!take().iter().any(|(k, ..)| *k == "test-kind"));
+        enable(true);
+        let detail = || ("test-detail".to_string(), 7);
+        time_in_detail("test-kind-detailed", Some(detail), || ());
+        time_in_detail("test-kind-detailed", Some(detail), || ());
+        enable(false);
+        let d = take_details();
+        assert!(
+            d.iter().any(|(k, _, m)| k == "test-detail" && *m == 14),
+            "{d:?}"
+        );
+        assert!(take()
+            .iter()
+            .any(|(k, _, n)| *k == "test-kind-detailed" && *n == 2));
+        assert!(!take_details().iter().any(|(k, ..)| k == "test-detail"));
     }
 }
