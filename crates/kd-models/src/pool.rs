@@ -433,7 +433,7 @@ impl CustomOp1 for MaxTraining {
         match self.argmax.get() {
             Some(argmax) => {
                 let op = MaxBackward {
-                    training: self,
+                    pool: self.pool,
                     argmax,
                     input: arg.shape().clone(),
                 };
@@ -446,7 +446,7 @@ impl CustomOp1 for MaxTraining {
 
 /// [`MaxTraining`]'s backward: `grad_output -> grad_input` by the forward's arg-max codes.
 struct MaxBackward<'a> {
-    training: &'a MaxTraining,
+    pool: Pool2d,
     argmax: &'a [u8],
     input: Shape,
 }
@@ -457,7 +457,7 @@ impl CustomOp1 for MaxBackward<'_> {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let pool = self.training.pool;
+        let pool = self.pool;
         let (out_shape, g) = pool.geometry(&Layout::contiguous(self.input.clone()))?;
         if layout.shape() != &out_shape || out_shape.elem_count() != self.argmax.len() {
             candle_core::bail!(
