@@ -182,9 +182,9 @@ impl ConvOp {
         let chunks = image_chunks(f.b);
         let mut out = Filling::new(cout, n, columns(&chunks, px), 0)?;
         let blocks = out.blocks()?;
-        let detail = || (self.0.detail("forward", f), (cout * depth * n) as u64);
+        let detail = || Some((self.0.detail("forward", f), (cout * depth * n) as u64));
         let kind = "convolution forward (per chunk of images)";
-        let written = time_in_detail(kind, Some(detail), || {
+        let written = time_in_detail(kind, detail, || {
             chunks
                 .par_iter()
                 .zip(blocks)
@@ -261,12 +261,14 @@ impl CustomOp2 for ConvOp {
             geometry: self.0,
             input_gradient: x.track_op(),
         };
-        let (f, cout) = conv_dims(self.0, x.shape(), weight.shape())?;
-        let passes = 1 + usize::from(op.input_gradient);
-        let macs = (passes * cout * f.depth() * f.b * f.pixels()) as u64;
-        let detail = || (self.0.detail("backward", f), macs);
+        let detail = || {
+            let (f, cout) = conv_dims(self.0, x.shape(), weight.shape()).ok()?;
+            let passes = 1 + usize::from(op.input_gradient);
+            let macs = passes * cout * f.depth() * f.b * f.pixels();
+            Some((self.0.detail("backward", f), macs as u64))
+        };
         let kind = "convolution backward (per chunk of images)";
-        let both = time_in_detail(kind, Some(detail), || {
+        let both = time_in_detail(kind, detail, || {
             x.apply_op3_no_bwd(weight, &grad.contiguous()?, &op)
         })?;
         let nx = if op.input_gradient { x.elem_count() } else { 0 };

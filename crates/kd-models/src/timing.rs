@@ -40,14 +40,14 @@ pub fn take_details() -> Vec<(String, f64, u64)> {
 
 /// Runs `f`, adding its wall time to `kind` when timing is on.
 pub(crate) fn time<R>(kind: &'static str, f: impl FnOnce() -> R) -> R {
-    time_in_detail(kind, None::<fn() -> (String, u64)>, f)
+    time_in_detail(kind, || None, f)
 }
 
-/// [`time`], and the same wall time and `macs` multiply-adds added to the finer kind `detail()`
-/// names (e.g. `forward, 3×3 at 14×14`).
+/// [`time`], and the same wall time and multiply-adds added to the finer kind that `detail()`
+/// names (e.g. `forward, 3×3 at 14×14`), if it names one; called only while timing is on.
 pub(crate) fn time_in_detail<R>(
     kind: &'static str,
-    detail: Option<impl FnOnce() -> (String, u64)>,
+    detail: impl FnOnce() -> Option<(String, u64)>,
     f: impl FnOnce() -> R,
 ) -> R {
     if !ON.load(Ordering::Relaxed) {
@@ -61,8 +61,7 @@ pub(crate) fn time_in_detail<R>(
     e.0 += secs;
     e.1 += 1;
     drop(t);
-    if let Some(detail) = detail {
-        let (name, macs) = detail();
+    if let Some((name, macs)) = detail() {
         let mut d = DETAILS.lock().unwrap_or_else(|e| e.into_inner());
         let e = d.entry(name).or_insert((0.0, 0));
         e.0 += secs;
@@ -90,9 +89,9 @@ mod tests {
         assert!(!t.iter().any(|(k, ..)| *k == "test-kind-off"));
         assert!(!take().iter().any(|(k, ..)| *k == "test-kind"));
         enable(true);
-        let detail = || ("test-detail".to_string(), 7);
-        time_in_detail("test-kind-detailed", Some(detail), || ());
-        time_in_detail("test-kind-detailed", Some(detail), || ());
+        let detail = || Some(("test-detail".to_string(), 7));
+        time_in_detail("test-kind-detailed", detail, || ());
+        time_in_detail("test-kind-detailed", detail, || ());
         enable(false);
         let d = take_details();
         assert!(

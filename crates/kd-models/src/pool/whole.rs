@@ -130,6 +130,25 @@ fn displaces<T: WithDType>(m: T, v: T) -> bool {
     v > m || (v_nan && !m_nan)
 }
 
+/// The maximum of three taps taken in order (the general path's `max_nan` chain) and the code of
+/// its arg-max: `codes` are each tap's own, and the first of equal maxima keeps it.
+#[inline(always)]
+fn max3_with_code<T: WithDType>(a: T, b: T, c: T, (ka, kb, kc): (u8, u8, u8)) -> (T, u8) {
+    let ab = displaces(a, b);
+    let m = select_unpredictable(ab, b, a);
+    let k = select_unpredictable(ab, kb, ka);
+    (
+        max_nan(max_nan(a, b), c),
+        select_unpredictable(displaces(m, c), kc, k),
+    )
+}
+
+/// [`max3_with_code`] for a window clipped to two taps.
+#[inline(always)]
+fn max2_with_code<T: WithDType>(a: T, b: T, (ka, kb): (u8, u8)) -> (T, u8) {
+    (max_nan(a, b), select_unpredictable(displaces(a, b), kb, ka))
+}
+
 /// [`same_3x3_max`] that also returns each output's arg-max as a tap code `ky·3 + kx` (row and
 /// column in the 3×3 window, counted from its top-left corner, which lies in the padding at an
 /// edge): the first input in row-major order equal to the output, the first NaN if the output
@@ -185,18 +204,12 @@ impl<T: WithDType> Scratch<T> {
 fn along_x_with_argmax<T: WithDType>(x: &[T], t: &mut [T], tc: &mut [u8], w: usize) {
     let n = x.len();
     for i in 1..n - 1 {
-        let (a, b, c) = (x[i - 1], x[i], x[i + 1]);
-        t[i] = max_nan(max_nan(a, b), c);
-        let ab = displaces(a, b);
-        let m = select_unpredictable(ab, b, a);
-        tc[i] = select_unpredictable(displaces(m, c), 2, u8::from(ab));
+        (t[i], tc[i]) = max3_with_code(x[i - 1], x[i], x[i + 1], (0, 1, 2));
     }
     for s in (0..n).step_by(w) {
-        t[s] = max_nan(x[s], x[s + 1]);
-        tc[s] = select_unpredictable(displaces(x[s], x[s + 1]), 2, 1);
+        (t[s], tc[s]) = max2_with_code(x[s], x[s + 1], (1, 2));
         let e = s + w - 1;
-        t[e] = max_nan(x[e - 1], x[e]);
-        tc[e] = u8::from(displaces(x[e - 1], x[e]));
+        (t[e], tc[e]) = max2_with_code(x[e - 1], x[e], (0, 1));
     }
 }
 
@@ -211,21 +224,15 @@ fn along_y_with_argmax<T: WithDType>(
 ) {
     let n = t.len();
     for i in w..n - w {
-        let (a, b, c) = (t[i - w], t[i], t[i + w]);
-        o[i] = max_nan(max_nan(a, b), c);
-        let ab = displaces(a, b);
-        let m = select_unpredictable(ab, b, a);
-        let upper = select_unpredictable(ab, 3 + tc[i], tc[i - w]);
-        code[i] = select_unpredictable(displaces(m, c), 6 + tc[i + w], upper);
+        let codes = (tc[i - w], 3 + tc[i], 6 + tc[i + w]);
+        (o[i], code[i]) = max3_with_code(t[i - w], t[i], t[i + w], codes);
     }
     for p in (0..n).step_by(plane) {
         for i in p..p + w {
-            o[i] = max_nan(t[i], t[i + w]);
-            code[i] = select_unpredictable(displaces(t[i], t[i + w]), 6 + tc[i + w], 3 + tc[i]);
+            (o[i], code[i]) = max2_with_code(t[i], t[i + w], (3 + tc[i], 6 + tc[i + w]));
         }
         for i in p + plane - w..p + plane {
-            o[i] = max_nan(t[i - w], t[i]);
-            code[i] = select_unpredictable(displaces(t[i - w], t[i]), 3 + tc[i], tc[i - w]);
+            (o[i], code[i]) = max2_with_code(t[i - w], t[i], (tc[i - w], 3 + tc[i]));
         }
     }
 }
@@ -330,12 +337,8 @@ fn down_3_rows<T: WithDType>(
         cc.as_chunks::<2>().0,
     );
     for (ox, (o, code)) in o.iter_mut().zip(code.iter_mut()).enumerate() {
-        let (a, b, c) = (a[ox][1], b[ox][1], c[ox][1]);
-        *o = max_nan(max_nan(a, b), c);
-        let ab = displaces(a, b);
-        let m = select_unpredictable(ab, b, a);
-        let upper = select_unpredictable(ab, 3 + bc[ox][1], ac[ox][1]);
-        *code = select_unpredictable(displaces(m, c), 6 + cc[ox][1], upper);
+        let codes = (ac[ox][1], 3 + bc[ox][1], 6 + cc[ox][1]);
+        (*o, *code) = max3_with_code(a[ox][1], b[ox][1], c[ox][1], codes);
     }
 }
 
@@ -349,9 +352,7 @@ fn down_2_rows<T: WithDType>(
     let (a, b) = (a.as_chunks::<2>().0, b.as_chunks::<2>().0);
     let (ac, bc) = (ac.as_chunks::<2>().0, bc.as_chunks::<2>().0);
     for (ox, (o, code)) in o.iter_mut().zip(code.iter_mut()).enumerate() {
-        let (a, b) = (a[ox][1], b[ox][1]);
-        *o = max_nan(a, b);
-        *code = select_unpredictable(displaces(a, b), 3 + bc[ox][1], ac[ox][1]);
+        (*o, *code) = max2_with_code(a[ox][1], b[ox][1], (ac[ox][1], 3 + bc[ox][1]));
     }
 }
 
