@@ -86,6 +86,47 @@ impl Conv {
         })
     }
 
+    /// Convolutions of one geometry that read the same input, as one convolution: their weights
+    /// and biases stacked on the output channels, in order. Its output's channels are theirs, one
+    /// after another (a narrow on the first axis takes each one's back, without a copy); the input
+    /// is read once and the product has all their rows, where small convolutions each pay for
+    /// reading it. For inference: the weights are copied, so later updates do not reach it.
+    pub fn stacked(convs: &[&Conv]) -> Result<Conv> {
+        let Some(first) = convs.first() else {
+            candle_core::bail!("stacking no convolutions");
+        };
+        let same = convs.iter().all(|c| {
+            c.geometry == first.geometry && c.weight.dims()[1..] == first.weight.dims()[1..]
+        });
+        if !same {
+            candle_core::bail!("stacking convolutions of different geometries or inputs");
+        }
+        let weights: Vec<&Tensor> = convs.iter().map(|c| &c.weight).collect();
+        let biases = convs
+            .iter()
+            .map(|c| match &c.bias {
+                Some(b) => Ok(b.clone()),
+                None => Tensor::zeros(c.cout, c.weight.dtype(), c.weight.device()),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Conv {
+            weight: Tensor::cat(&weights, 0)?.detach(),
+            bias: Some(Tensor::cat(&biases, 0)?.detach()),
+            geometry: first.geometry,
+            cout: convs.iter().map(|c| c.cout).sum(),
+        })
+    }
+
+    /// Whether the weights are fixed tensors (a loaded model), not variables being trained.
+    pub fn is_frozen(&self) -> bool {
+        !self.weight.is_variable() && !self.bias.as_ref().is_some_and(Tensor::is_variable)
+    }
+
+    /// Output channels.
+    pub fn out_channels(&self) -> usize {
+        self.cout
+    }
+
     /// This convolution and its ReLU in an inference graph, weights named `<name>.weight` and
     /// `<name>.bias` (a zero bias when it has none).
     pub fn export_relu(

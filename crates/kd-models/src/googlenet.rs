@@ -7,7 +7,7 @@
 //! seed's network unchanged for 224×224 photos.
 //! Tensor names follow the PyTorch state dict (`inception3a.branch2.1.conv.weight`, ...).
 
-use crate::conv::swap_batch_and_channels;
+use crate::conv::{swap_batch_and_channels, Conv};
 use crate::graph::{GraphBuilder, InferenceGraph};
 use crate::init::{Dropout, DropoutRng};
 use crate::layers::{linear, BasicConv, Dense, InitScheme};
@@ -107,12 +107,15 @@ struct Inception {
     branch2: [BasicConv; 2],
     branch3: [BasicConv; 2],
     branch4: BasicConv,
+    /// A loaded model's three 1×1 convolutions that read the block's input (branch 1 and the
+    /// reductions of branches 2 and 3) as one ([`Conv::stacked`]), for inference.
+    pointwise: Option<Conv>,
 }
 
 impl Inception {
     fn new(cin: usize, c: InceptionChannels, bn: bool, vb: VarBuilder) -> Result<Self> {
         let (c1, c3r, c3, c5r, c5, pp) = c;
-        Ok(Self {
+        let mut block = Self {
             branch1: BasicConv::new(cin, c1, (1, 1, 0), bn, vb.pp("branch1"))?,
             branch2: [
                 BasicConv::new(cin, c3r, (1, 1, 0), bn, vb.pp("branch2.0"))?,
@@ -123,7 +126,12 @@ impl Inception {
                 BasicConv::new(c5r, c5, (5, 1, 2), bn, vb.pp("branch3.1"))?,
             ],
             branch4: BasicConv::new(cin, pp, (1, 1, 0), bn, vb.pp("branch4.1"))?,
-        })
+            pointwise: None,
+        };
+        let firsts = [&block.branch1, &block.branch2[0], &block.branch3[0]];
+        let frozen: Option<Vec<&Conv>> = firsts.iter().map(|b| b.frozen_conv()).collect();
+        block.pointwise = frozen.map(|convs| Conv::stacked(&convs)).transpose()?;
+        Ok(block)
     }
 
     fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
@@ -132,9 +140,26 @@ impl Inception {
                 .iter()
                 .try_fold(xs.clone(), |xs, conv| conv.forward_t(&xs, train))
         };
-        let b1 = chain(std::slice::from_ref(&self.branch1), xs)?;
-        let b2 = chain(&self.branch2, xs)?;
-        let b3 = chain(&self.branch3, xs)?;
+        let (b1, b2, b3) = match (&self.pointwise, train) {
+            (Some(stacked), false) => {
+                let y = stacked.forward_relu(xs)?;
+                let mut at = 0;
+                let mut take = |c: usize| {
+                    at += c;
+                    y.narrow(0, at - c, c)
+                };
+                let c1 = take(self.branch1.out_channels())?;
+                let r2 = take(self.branch2[0].out_channels())?;
+                let r3 = take(self.branch3[0].out_channels())?;
+                let b2 = self.branch2[1].forward_t(&r2, train)?;
+                (c1, b2, self.branch3[1].forward_t(&r3, train)?)
+            }
+            _ => (
+                chain(std::slice::from_ref(&self.branch1), xs)?,
+                chain(&self.branch2, xs)?,
+                chain(&self.branch3, xs)?,
+            ),
+        };
         let pooled = Pool2d::max(3, 1).padding(1).forward(xs)?;
         let b4 = chain(std::slice::from_ref(&self.branch4), &pooled)?;
         Tensor::cat(&[b1, b2, b3, b4], 0)
@@ -330,5 +355,60 @@ impl Classifier for GoogLeNet {
         let main = self.fc.export(&mut g, &flat, "fc")?;
         outputs.insert(0, ("main".to_string(), main));
         Ok(g.finish(outputs))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::conv::tests::rand;
+    use candle_core::{DType, Device};
+    use candle_nn::VarMap;
+
+    const FASHION: InputSpec = InputSpec {
+        channels: 1,
+        height: 28,
+        width: 28,
+        classes: 10,
+    };
+
+    /// A GoogLeNet from `tensors` (plain tensors: a loaded model).
+    fn loaded(cfg: &GoogLeNetConfig, tensors: &VarMap) -> GoogLeNet {
+        let tensors = tensors
+            .data()
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
+            .collect();
+        let vb = VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
+        GoogLeNet::new(cfg, &FASHION, &DropoutRng::new(0), vb).unwrap()
+    }
+
+    #[test]
+    fn stacked_pointwise_convolutions_keep_the_bits() {
+        for cfg in [GoogLeNetConfig::small(), GoogLeNetConfig::small_bn()] {
+            let vars = VarMap::new();
+            let vb = VarBuilder::from_varmap(&vars, DType::F32, &Device::Cpu);
+            let live = GoogLeNet::new(&cfg, &FASHION, &DropoutRng::new(0), vb).unwrap();
+            // A model being trained stacks nothing: its weights change after every step.
+            assert!(live.blocks.iter().all(|b| b.pointwise.is_none()));
+            let net = loaded(&cfg, &vars);
+            assert!(net.blocks.iter().all(|b| b.pointwise.is_some()));
+            let mut unstacked = net.clone();
+            for block in &mut unstacked.blocks {
+                block.pointwise = None;
+            }
+            let xs = Tensor::from_vec(rand(&[5, 1, 28, 28], 7), (5, 1, 28, 28), &Device::Cpu)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap();
+            let v = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let a = net.forward_t(&xs, false).unwrap();
+            let b = unstacked.forward_t(&xs, false).unwrap();
+            for (a, b) in a.iter().zip(&b) {
+                assert_eq!(v(a), v(b), "batch_norm: {}", cfg.batch_norm);
+            }
+        }
     }
 }

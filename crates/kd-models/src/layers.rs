@@ -112,6 +112,21 @@ impl BasicConv {
         }
     }
 
+    /// The convolution (with a bias) whose ReLU is this block in inference, when it is fixed: a
+    /// loaded model's, with its BatchNorm folded in. `None` while the block is being trained.
+    pub fn frozen_conv(&self) -> Option<&Conv> {
+        match (&self.folded, &self.norm) {
+            (Some(folded), _) => Some(folded),
+            (None, None) => Some(&self.conv).filter(|c| c.is_frozen()),
+            (None, Some(_)) => None,
+        }
+    }
+
+    /// Output channels.
+    pub fn out_channels(&self) -> usize {
+        self.conv.out_channels()
+    }
+
     /// Dropout-free, but BatchNorm uses batch statistics only when `train` is true.
     pub fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
         if let (Some(folded), false) = (&self.folded, train) {
