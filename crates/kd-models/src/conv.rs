@@ -10,7 +10,7 @@
 //! transposes sit between layers.
 
 use crate::cpu::{contiguous, float_storage, par_build};
-use crate::gemm::{product, Block, Filling, View, Written};
+use crate::gemm::{fresh_product, product, Block, Filling, View, Written};
 use crate::im2col::Frame;
 pub use crate::im2col::Im2Col;
 use crate::timing::{time, time_in_detail};
@@ -467,8 +467,7 @@ impl ConvBackward {
         if pointwise {
             dx.product(w.t(), dy)?;
         } else {
-            let mut dcols = vec![zero; depth * cn];
-            product(&mut dcols, cn, w.t(), dy)?;
+            let dcols = fresh_product(w.t(), dy)?;
             dx.zero();
             for ci in 0..f.c {
                 f.scatter_channel(&dcols, ci, images.len(), dx.row(ci));

@@ -81,6 +81,19 @@ pub(crate) fn product<T: WithDType>(
     Ok(())
 }
 
+/// `a · b` as a fresh row-major matrix, written once by the product (never zero-filled first).
+pub(crate) fn fresh_product<T: WithDType>(a: View<'_, T>, b: View<'_, T>) -> Result<Vec<T>> {
+    let (m, n) = (a.rows, b.cols);
+    let mut out = Filling::new(m, n, vec![0..n], 0)?;
+    let mut blocks = out.blocks()?;
+    let Some(mut block) = blocks.pop() else {
+        candle_core::bail!("a {m}x{n} matrix without its block");
+    };
+    block.product(a, b)?;
+    let written = block.written()?;
+    out.finish(vec![written])
+}
+
 /// A row-major `rows × n` matrix that parallel tasks build in place, each its own block of
 /// columns: what lets each chunk of images write its share of a convolution's output
 /// (`[c, batch·pixels]`) from its own thread, instead of into a buffer of its own that one thread
