@@ -84,7 +84,7 @@ pub(crate) fn product<T: WithDType>(
 /// `a · b` as a fresh row-major matrix, written once by the product (never zero-filled first).
 pub(crate) fn fresh_product<T: WithDType>(a: View<'_, T>, b: View<'_, T>) -> Result<Vec<T>> {
     let (m, n) = (a.rows, b.cols);
-    let mut out = Filling::new(m, n, vec![0..n], 0)?;
+    let mut out = Filling::new(m, n, std::iter::once(0..n).collect(), 0)?;
     let mut blocks = out.blocks()?;
     let Some(mut block) = blocks.pop() else {
         candle_core::bail!("a {m}x{n} matrix without its block");

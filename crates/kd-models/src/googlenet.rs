@@ -362,15 +362,9 @@ impl Classifier for GoogLeNet {
 mod tests {
     use super::*;
     use crate::conv::tests::rand;
+    use crate::tests::FASHION;
     use candle_core::{DType, Device};
     use candle_nn::VarMap;
-
-    const FASHION: InputSpec = InputSpec {
-        channels: 1,
-        height: 28,
-        width: 28,
-        classes: 10,
-    };
 
     /// A GoogLeNet from `tensors` (plain tensors: a loaded model).
     fn loaded(cfg: &GoogLeNetConfig, tensors: &VarMap) -> GoogLeNet {

@@ -230,10 +230,10 @@ pub fn frozen(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    const FASHION: InputSpec = InputSpec {
+    pub(crate) const FASHION: InputSpec = InputSpec {
         channels: 1,
         height: 28,
         width: 28,
