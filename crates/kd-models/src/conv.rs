@@ -87,10 +87,12 @@ impl Conv {
     }
 
     /// Convolutions of one geometry that read the same input, as one convolution: their weights
-    /// and biases stacked on the output channels, in order. Its output's channels are theirs, one
-    /// after another (a narrow on the first axis takes each one's back, without a copy); the input
-    /// is read once and the product has all their rows, where small convolutions each pay for
-    /// reading it. For inference: the weights are copied, so later updates do not reach it.
+    /// and biases stacked on the output channels, in order (a missing bias stacks as zeros; none
+    /// at all, none). Its output's channels are theirs, one after another (a narrow on the first
+    /// axis takes each one's back, without a copy); the input is read once and the product has
+    /// all their rows, where small convolutions each pay for reading it. The weights are copied:
+    /// a loaded model stacks once, a model being trained at every step, where the concatenation
+    /// is a node of the graph that hands each convolution its own gradient.
     pub fn stacked(convs: &[&Conv]) -> Result<Conv> {
         let Some(first) = convs.first() else {
             candle_core::bail!("stacking no convolutions");
@@ -102,16 +104,22 @@ impl Conv {
             candle_core::bail!("stacking convolutions of different geometries or inputs");
         }
         let weights: Vec<&Tensor> = convs.iter().map(|c| &c.weight).collect();
-        let biases = convs
-            .iter()
-            .map(|c| match &c.bias {
-                Some(b) => Ok(b.clone()),
-                None => Tensor::zeros(c.cout, c.weight.dtype(), c.weight.device()),
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let bias = match convs.iter().all(|c| c.bias.is_none()) {
+            true => None,
+            false => {
+                let biases = convs
+                    .iter()
+                    .map(|c| match &c.bias {
+                        Some(b) => Ok(b.clone()),
+                        None => Tensor::zeros(c.cout, c.weight.dtype(), c.weight.device()),
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                Some(Tensor::cat(&biases, 0)?)
+            }
+        };
         Ok(Conv {
-            weight: Tensor::cat(&weights, 0)?.detach(),
-            bias: Some(Tensor::cat(&biases, 0)?.detach()),
+            weight: Tensor::cat(&weights, 0)?,
+            bias,
             geometry: first.geometry,
             cout: convs.iter().map(|c| c.cout).sum(),
         })

@@ -140,21 +140,11 @@ impl Inception {
                 .iter()
                 .try_fold(xs.clone(), |xs, conv| conv.forward_t(&xs, train))
         };
+        let firsts = [&self.branch1, &self.branch2[0], &self.branch3[0]];
         let (b1, b2, b3) = match (&self.pointwise, train) {
-            (Some(stacked), false) => {
-                let y = stacked.forward_relu(xs)?;
-                let mut at = 0;
-                let mut take = |c: usize| {
-                    at += c;
-                    y.narrow(0, at - c, c)
-                };
-                let c1 = take(self.branch1.out_channels())?;
-                let r2 = take(self.branch2[0].out_channels())?;
-                let r3 = take(self.branch3[0].out_channels())?;
-                let b2 = self.branch2[1].forward_t(&r2, train)?;
-                (c1, b2, self.branch3[1].forward_t(&r3, train)?)
-            }
-            _ => (
+            (Some(stacked), false) => self.branches(&stacked.forward_relu(xs)?, train)?,
+            (_, true) => self.branches(&BasicConv::forward_stacked(&firsts, xs)?, train)?,
+            (None, false) => (
                 chain(std::slice::from_ref(&self.branch1), xs)?,
                 chain(&self.branch2, xs)?,
                 chain(&self.branch3, xs)?,
@@ -163,6 +153,22 @@ impl Inception {
         let pooled = Pool2d::max(3, 1).padding(1).forward(xs)?;
         let b4 = chain(std::slice::from_ref(&self.branch4), &pooled)?;
         Tensor::cat(&[b1, b2, b3, b4], 0)
+    }
+
+    /// Branches 1 to 3 from the output of their three first convolutions stacked (branch 1's
+    /// channels, then the two reductions'): narrows of it (views, no copy), the reductions then
+    /// through their 3×3 and 5×5 blocks.
+    fn branches(&self, y: &Tensor, train: bool) -> Result<(Tensor, Tensor, Tensor)> {
+        let mut at = 0;
+        let mut take = |c: usize| {
+            at += c;
+            y.narrow(0, at - c, c)
+        };
+        let b1 = take(self.branch1.out_channels())?;
+        let r2 = take(self.branch2[0].out_channels())?;
+        let r3 = take(self.branch3[0].out_channels())?;
+        let b2 = self.branch2[1].forward_t(&r2, train)?;
+        Ok((b1, b2, self.branch3[1].forward_t(&r3, train)?))
     }
 
     fn export(&self, g: &mut GraphBuilder, x: &str, name: &str) -> Result<String> {
@@ -402,6 +408,98 @@ mod tests {
             let b = unstacked.forward_t(&xs, false).unwrap();
             for (a, b) in a.iter().zip(&b) {
                 assert_eq!(v(a), v(b), "batch_norm: {}", cfg.batch_norm);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod stacked_training {
+    use super::*;
+    use crate::conv::tests::{max_rel_diff, rand};
+    use candle_core::{DType, Device, Var};
+    use candle_nn::VarMap;
+    use std::collections::HashMap;
+
+    fn tensor(shape: &[usize], seed: u64) -> Tensor {
+        let t = Tensor::from_vec(rand(shape, seed), shape, &Device::Cpu).unwrap();
+        t.to_dtype(DType::F32).unwrap()
+    }
+
+    fn snapshot(vars: &VarMap) -> HashMap<String, Tensor> {
+        let data = vars.data().lock().unwrap();
+        data.iter()
+            .map(|(k, v)| (k.clone(), v.as_tensor().copy().unwrap()))
+            .collect()
+    }
+
+    fn restore(vars: &VarMap, to: &HashMap<String, Tensor>) {
+        for (k, v) in vars.data().lock().unwrap().iter() {
+            v.set(&to[k]).unwrap();
+        }
+    }
+
+    /// The block's output, every variable's gradient (and the input's) for a fixed random
+    /// weighting of the output, and the variables after the step (BatchNorm's running
+    /// statistics move in training).
+    fn step(
+        vars: &VarMap,
+        xs: &Var,
+        forward: impl Fn(&Tensor) -> Tensor,
+    ) -> (Vec<f32>, HashMap<String, Tensor>, HashMap<String, Tensor>) {
+        let y = forward(xs.as_tensor());
+        let weighting = tensor(y.dims(), 11);
+        let grads = (&y * &weighting)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let data = vars.data().lock().unwrap();
+        let mut g: HashMap<String, Tensor> = data
+            .iter()
+            .filter_map(|(k, v)| Some((k.clone(), grads.get(v.as_tensor())?.clone())))
+            .collect();
+        drop(data);
+        g.insert("input".into(), grads.get(xs.as_tensor()).unwrap().clone());
+        let v = y.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        (v, g, snapshot(vars))
+    }
+
+    #[test]
+    fn stacked_first_convolutions_train_as_the_branches() {
+        for bn in [false, true] {
+            let vars = VarMap::new();
+            let vb = VarBuilder::from_varmap(&vars, DType::F32, &Device::Cpu);
+            let block = Inception::new(12, (8, 6, 8, 4, 4, 4), bn, vb).unwrap();
+            let xs = Var::from_tensor(&tensor(&[12, 3, 6, 5], 3)).unwrap();
+            let before = snapshot(&vars);
+            let stacked = step(&vars, &xs, |xs| block.forward_t(xs, true).unwrap());
+            restore(&vars, &before);
+            let unstacked = step(&vars, &xs, |xs| {
+                let b1 = block.branch1.forward_t(xs, true).unwrap();
+                let b2 = block.branch2[0].forward_t(xs, true).unwrap();
+                let b2 = block.branch2[1].forward_t(&b2, true).unwrap();
+                let b3 = block.branch3[0].forward_t(xs, true).unwrap();
+                let b3 = block.branch3[1].forward_t(&b3, true).unwrap();
+                let pooled = Pool2d::max(3, 1).padding(1).forward(xs).unwrap();
+                let b4 = block.branch4.forward_t(&pooled, true).unwrap();
+                Tensor::cat(&[b1, b2, b3, b4], 0).unwrap()
+            });
+            // The same output and running statistics, to the bit (each channel's own sums) ...
+            assert_eq!(stacked.0, unstacked.0, "batch_norm: {bn}");
+            for (name, t) in &stacked.2 {
+                let v = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                assert_eq!(v(t), v(&unstacked.2[name]), "{name}");
+            }
+            // ... and every gradient up to rounding: the input's sums the three convolutions'
+            // contributions in one product instead of three products and two additions.
+            assert_eq!(stacked.1.len(), unstacked.1.len());
+            assert!(stacked.1.len() > 12, "{} gradients", stacked.1.len());
+            for (name, g) in &stacked.1 {
+                let f64 = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
+                let d = max_rel_diff(&f64(g), &f64(&unstacked.1[name]));
+                assert!(d < 1e-5, "{name}: {d}");
             }
         }
     }

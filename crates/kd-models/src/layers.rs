@@ -122,6 +122,22 @@ impl BasicConv {
         }
     }
 
+    /// Blocks that read the same input, in training, as one: their convolutions stacked
+    /// ([`Conv::stacked`]), one product, and one BatchNorm + ReLU op over all their channels
+    /// ([`BatchNormRelu::forward_stacked`]; per channel, so each block's values), or the stacked
+    /// bias + ReLU. The output has their channels one after another. Every block must have a
+    /// BatchNorm, or none.
+    pub fn forward_stacked(blocks: &[&BasicConv], xs: &Tensor) -> Result<Tensor> {
+        let convs: Vec<&Conv> = blocks.iter().map(|b| &b.conv).collect();
+        let conv = Conv::stacked(&convs)?;
+        let norms: Vec<&BatchNormRelu> = blocks.iter().filter_map(|b| b.norm.as_ref()).collect();
+        match norms.len() {
+            0 => conv.forward_relu(xs),
+            n if n == blocks.len() => BatchNormRelu::forward_stacked(&norms, &conv.matmul(xs)?),
+            _ => candle_core::bail!("stacking blocks with and without BatchNorm"),
+        }
+    }
+
     /// Output channels.
     pub fn out_channels(&self) -> usize {
         self.conv.out_channels()

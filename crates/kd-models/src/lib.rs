@@ -246,6 +246,47 @@ pub(crate) mod tests {
         classes: 5,
     };
 
+    /// The vendored candle's narrow backward (`vendor/candle-core/PATCH.md`): narrows' gradients
+    /// meet in one buffer in place — disjoint ranges copied, an overlapping one added, and a
+    /// contribution of another op added on top — with candle's zero-padded sums' values.
+    #[test]
+    fn narrow_gradients_meet_as_zero_padded_sums() {
+        let dev = &Device::Cpu;
+        let x = candle_core::Var::from_tensor(&Tensor::zeros((6, 2), DType::F32, dev).unwrap())
+            .unwrap();
+        let w = |rows: usize, k: f32| {
+            let v: Vec<f32> = (0..rows * 2).map(|i| k + i as f32).collect();
+            Tensor::from_vec(v, (rows, 2), dev).unwrap()
+        };
+        let term = |start: usize, rows: usize, k: f32| {
+            let part = x.as_tensor().narrow(0, start, rows).unwrap();
+            (part * w(rows, k)).unwrap().sum_all().unwrap()
+        };
+        // With and without a contribution of another op (which ends the in-place buffer).
+        for other in [0.0, 100.0] {
+            let whole = (x.as_tensor() * w(6, other)).unwrap().sum_all().unwrap();
+            let mut terms = vec![term(0, 2, 1.0), term(4, 2, 10.0), term(1, 2, 20.0)];
+            if other != 0.0 {
+                terms.push(whole);
+            }
+            let loss = terms.into_iter().reduce(|a, b| (a + b).unwrap()).unwrap();
+            let g = loss.backward().unwrap();
+            let got = g.get(x.as_tensor()).unwrap().to_vec2::<f32>().unwrap();
+            let mut want = vec![vec![0f32; 2]; 6];
+            if other != 0.0 {
+                want = w(6, other).to_vec2::<f32>().unwrap();
+            }
+            for (start, rows, k) in [(0, 2, 1.0), (4, 2, 10.0), (1, 2, 20.0)] {
+                for (r, row) in w(rows, k).to_vec2::<f32>().unwrap().iter().enumerate() {
+                    for (c, v) in row.iter().enumerate() {
+                        want[start + r][c] += v;
+                    }
+                }
+            }
+            assert_eq!(got, want, "another op's contribution: {}", other != 0.0);
+        }
+    }
+
     #[test]
     fn parameter_counts_match_the_reference() {
         // docs/reference/models.md (counted in PyTorch).

@@ -49,29 +49,68 @@ impl BatchNormRelu {
     /// and moves the running statistics towards them (when they are variables, i.e. the model is
     /// being trained, not loaded frozen).
     pub fn forward_t(&self, z: &Tensor, train: bool) -> Result<Tensor> {
-        let (c, n) = crate::conv::rows(z.shape())?;
         if !train {
             let (scale, shift) = self.scale_shift()?;
             return z
                 .broadcast_mul(&crate::conv::per_channel(&scale, z.rank())?)?
                 .apply_op2_no_bwd(&shift, &BiasRelu);
         }
+        Self::forward_stacked(&[self], z)
+    }
+
+    /// Training mode for BatchNorms whose channels are stacked in `z` (one after another, each
+    /// `[c_i, n]`), as one op: each channel normalised by its own statistics, as each alone
+    /// would, and each BatchNorm's running statistics moved by its own channels'.
+    pub fn forward_stacked(norms: &[&Self], z: &Tensor) -> Result<Tensor> {
+        let (_, n) = crate::conv::rows(z.shape())?;
+        let cat = |pick: fn(&Self) -> &Tensor| -> Result<Tensor> {
+            match norms {
+                [one] => Ok(pick(one).clone()),
+                _ => Tensor::cat(&norms.iter().map(|b| pick(b)).collect::<Vec<_>>(), 0),
+            }
+        };
         let op = BnReluOp::default();
         let stats = op.stats.clone();
-        let y = z.contiguous()?.apply_op3(&self.weight, &self.bias, op)?;
-        if self.running_mean.is_variable() {
-            let stats = lock(&stats)?;
-            let unbiased = n as f64 / (n.max(2) - 1) as f64;
-            let mean: Vec<f32> = stats.iter().map(|s| s.mean as f32).collect();
-            let var: Vec<f32> = stats.iter().map(|s| (s.var * unbiased) as f32).collect();
-            let device = z.device();
-            for (running, batch) in [(&self.running_mean, mean), (&self.running_var, var)] {
-                let batch = Tensor::from_vec(batch, c, device)?;
-                let next = ((running * (1.0 - MOMENTUM))? + (batch * MOMENTUM)?)?;
-                Var::from_tensor(running)?.set(&next)?;
-            }
+        let y = z
+            .contiguous()?
+            .apply_op3(&cat(|b| &b.weight)?, &cat(|b| &b.bias)?, op)?;
+        let stats = lock(&stats)?;
+        let mut at = 0;
+        for norm in norms {
+            let c = norm.running_mean.elem_count();
+            let Some(own) = stats.get(at..at + c) else {
+                candle_core::bail!(
+                    "batch-norm: {} statistics for {} channels",
+                    stats.len(),
+                    at + c
+                );
+            };
+            norm.move_running(own, n, z.device())?;
+            at += c;
         }
         Ok(y)
+    }
+
+    /// Moves the running statistics (when they are variables, i.e. the model is being trained,
+    /// not loaded frozen) towards a batch's, `n` values per channel.
+    fn move_running(
+        &self,
+        stats: &[RowStats],
+        n: usize,
+        device: &candle_core::Device,
+    ) -> Result<()> {
+        if !self.running_mean.is_variable() {
+            return Ok(());
+        }
+        let unbiased = n as f64 / (n.max(2) - 1) as f64;
+        let mean: Vec<f32> = stats.iter().map(|s| s.mean as f32).collect();
+        let var: Vec<f32> = stats.iter().map(|s| (s.var * unbiased) as f32).collect();
+        for (running, batch) in [(&self.running_mean, mean), (&self.running_var, var)] {
+            let batch = Tensor::from_vec(batch, stats.len(), device)?;
+            let next = ((running * (1.0 - MOMENTUM))? + (batch * MOMENTUM)?)?;
+            Var::from_tensor(running)?.set(&next)?;
+        }
+        Ok(())
     }
 }
 

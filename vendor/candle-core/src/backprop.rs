@@ -539,29 +539,10 @@ impl Tensor {
                         *sum_grad = sum_grad.sub(&grad)?
                     }
                     &Op::Narrow(ref arg, dim, start_idx, len) => {
-                        let arg_dims = arg.dims();
-                        let left_pad = if start_idx == 0 {
-                            None
-                        } else {
-                            let mut dims = arg_dims.to_vec();
-                            dims[dim] = start_idx;
-                            Some(Tensor::zeros(dims, grad.dtype(), grad.device())?)
-                        };
-                        let right_pad = arg_dims[dim] - start_idx - len;
-                        let right_pad = if right_pad == 0 {
-                            None
-                        } else {
-                            let mut dims = arg_dims.to_vec();
-                            dims[dim] = right_pad;
-                            Some(Tensor::zeros(dims, grad.dtype(), grad.device())?)
-                        };
-                        let arg_grad = match (left_pad, right_pad) {
-                            (None, None) => grad,
-                            (Some(l), None) => Tensor::cat(&[&l, &grad], dim)?,
-                            (None, Some(r)) => Tensor::cat(&[&grad, &r], dim)?,
-                            (Some(l), Some(r)) => Tensor::cat(&[&l, &grad, &r], dim)?,
-                        };
-                        grads.accumulate(arg, &arg_grad)?
+                        // kd-distill patch (see PATCH.md): into a buffer of the whole
+                        // argument's size, in place, instead of zero-padding every narrow's
+                        // gradient to that size and adding them up.
+                        grads.accumulate_narrow(arg, &grad, dim, start_idx, len)?
                     }
                     Op::Unary(_, UnaryOp::Floor)
                     | Op::Unary(_, UnaryOp::Round)
@@ -688,7 +669,12 @@ impl Tensor {
 
 /// A store for gradients, associating a tensor id to the corresponding gradient tensor, used for back propagation.
 #[derive(Default, Debug)]
-pub struct GradStore(HashMap<TensorId, Tensor>);
+pub struct GradStore(
+    HashMap<TensorId, Tensor>,
+    /// kd-distill patch: gradients this store built from narrows' gradients alone (see
+    /// `accumulate_narrow`), with the `(start, len)` ranges already written along their `dim`.
+    HashMap<TensorId, (usize, Vec<(usize, usize)>)>,
+);
 
 impl GradStore {
     /// Create a new gradient store
@@ -708,16 +694,19 @@ impl GradStore {
 
     /// Remove the gradient tensor associated with the given tensor, returning it if it exists
     pub fn remove(&mut self, tensor: &Tensor) -> Option<Tensor> {
+        self.1.remove(&tensor.id());
         self.0.remove(&tensor.id())
     }
 
     /// Insert a gradient tensor associated with the given tensor, returning the previous gradient tensor if it existed
     pub fn insert(&mut self, tensor: &Tensor, grad: Tensor) -> Option<Tensor> {
+        self.1.remove(&tensor.id());
         self.0.insert(tensor.id(), grad)
     }
 
     /// Insert a gradient tensor associated with the given tensor id, returning the previous gradient tensor if it existed
     pub fn insert_id(&mut self, id: TensorId, grad: Tensor) -> Option<Tensor> {
+        self.1.remove(&id);
         self.0.insert(id, grad)
     }
 
@@ -726,6 +715,7 @@ impl GradStore {
     /// kd-distill patch (see PATCH.md): adds `grad` into `tensor`'s gradient, storing the first
     /// one as it is (made contiguous) instead of adding it into a fresh tensor of zeros.
     fn accumulate(&mut self, tensor: &Tensor, grad: &Tensor) -> Result<()> {
+        self.1.remove(&tensor.id());
         match self.0.entry(tensor.id()) {
             Entry::Occupied(mut entry) => {
                 let sum = entry.get().add(grad)?;
@@ -738,7 +728,58 @@ impl GradStore {
         Ok(())
     }
 
+    /// kd-distill patch (see PATCH.md): adds the gradient of `tensor.narrow(dim, start, len)`
+    /// into `tensor`'s. The first narrow's gradient goes into a fresh zero buffer of the whole
+    /// size, which only this store holds; later narrows' gradients are written into it in place,
+    /// copied where their range is still untouched, added where it overlaps. Any other
+    /// contribution ends that (`accumulate` and the rest replace the buffer). Values are those of
+    /// candle's zero padding and sums, the bits included (`0 + g` is `g` but for `g = −0`, where
+    /// a copy keeps −0: a zero padding adds `+0` to it).
+    fn accumulate_narrow(
+        &mut self,
+        tensor: &Tensor,
+        grad: &Tensor,
+        dim: usize,
+        start: usize,
+        len: usize,
+    ) -> Result<()> {
+        let id = tensor.id();
+        let whole = tensor.dims()[dim];
+        let owned = matches!(self.1.get(&id), Some((d, _)) if *d == dim);
+        if len == whole || (self.0.contains_key(&id) && !owned) {
+            let padded = if len == whole {
+                grad.clone()
+            } else {
+                let mut dims = tensor.dims().to_vec();
+                dims[dim] = whole;
+                let sum = Tensor::zeros(dims, grad.dtype(), grad.device())?;
+                sum.slice_set(&grad.contiguous()?, dim, start)?;
+                sum
+            };
+            return self.accumulate(tensor, &padded);
+        }
+        if !owned {
+            let sum = Tensor::zeros(tensor.dims(), grad.dtype(), grad.device())?;
+            self.0.insert(id, sum);
+            self.1.insert(id, (dim, Vec::new()));
+        }
+        let (sum, (_, written)) = match (self.0.get(&id), self.1.get_mut(&id)) {
+            (Some(sum), Some(w)) => (sum, w),
+            _ => crate::bail!("narrow gradient: lost its buffer"),
+        };
+        let overlaps = written.iter().any(|&(s, l)| start < s + l && s < start + len);
+        let part = if overlaps {
+            sum.narrow(dim, start, len)?.add(grad)?
+        } else {
+            grad.contiguous()?
+        };
+        sum.slice_set(&part.contiguous()?, dim, start)?;
+        written.push((start, len));
+        Ok(())
+    }
+
     fn or_insert(&mut self, tensor: &Tensor) -> Result<&mut Tensor> {
+        self.1.remove(&tensor.id());
         let grad = match self.0.entry(tensor.id()) {
             Entry::Occupied(entry) => entry.into_mut(),
             Entry::Vacant(entry) => {
@@ -754,6 +795,7 @@ impl GradStore {
     /// Otherwise simply inserts.
     pub fn extend(&mut self, other: Self) -> Result<()> {
         for (id, grad) in other.0 {
+            self.1.remove(&id);
             match self.0.entry(id) {
                 Entry::Occupied(mut entry) => {
                     let new_grad = entry.get().add(&grad)?;
