@@ -17,9 +17,18 @@ forward, Hinton KD against cached teacher logits, backward, Adam; batch 128), `m
 random crop (padding 2) and horizontal flip, batches of `--batch-size`, cosine learning rate; then
 the validation and test accuracies (batch 256) and the weights saved. It runs once (no warm-up,
 `--reps` ignored): `kd-bench --epoch` times the whole process, as it times ours.
+
+`pipeline` is what `kd-experiment pipeline` does (`just pipeline`), with the pipeline file's
+values as flags (`--teacher-epochs`, `--student-lr`, ...): the teacher trained for its epochs (the
+validation accuracy after each, the best epoch kept), the logits of all its heads for every
+training image saved (torch.save: PyTorch's user has no knowledge file to write), the KD student
+from the saved logits and the baseline on labels alone, then the report's work (the test accuracy
+of the three, after a warm-up batch). No ONNX export: kd-bench shows ours apart. It prints every
+stage's seconds and the test accuracies too; `kd-bench --whole-pipeline` times the process.
 """
 
 import argparse
+import copy
 import gzip
 import json
 import struct
@@ -168,43 +177,119 @@ def crop_flip(x, gen, pad=2):
     return torch.where(flip[:, None, None, None], out.flip(-1), out)
 
 
+def accuracy(model, xs, ys, fmt, batch=256):
+    """The main head's accuracy on `xs`, in eval mode, batches of `batch`."""
+    model.eval()
+    right = 0
+    with torch.no_grad():
+        for lo in range(0, len(xs), batch):
+            out = model(xs[lo : lo + batch].contiguous(memory_format=fmt))
+            right += (heads(out)[0].argmax(1) == ys[lo : lo + batch]).sum().item()
+    return right / max(len(xs), 1)
+
+
+def heads(out):
+    """The teacher returns its heads as a list, the student one tensor."""
+    return out if isinstance(out, list) else [out]
+
+
+def fit(model, data, train, val, loss_fn, epochs, batch_size, lr, augment, gen, fmt):
+    """Adam with a per-step cosine from `lr` to 0 over shuffled epochs of `train` (crop + flip
+    when `augment`), the validation accuracy after every epoch, the best epoch's weights kept —
+    what our training stages do."""
+    images, labels = data
+    opt = torch.optim.Adam(model.parameters(), lr)
+    steps = epochs * ((len(train) + batch_size - 1) // batch_size)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    best, best_state = -1.0, None
+    for _ in range(epochs):
+        model.train()
+        for rows in train[torch.randperm(len(train), generator=gen)].split(batch_size):
+            x = crop_flip(images[rows], gen) if augment else images[rows]
+            loss = loss_fn(heads(model(x.contiguous(memory_format=fmt))), rows)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+        acc = accuracy(model, images[val], labels[val], fmt)
+        if acc > best:
+            best, best_state = acc, copy.deepcopy(model.state_dict())
+    model.load_state_dict(best_state)
+    return best
+
+
+def teacher_loss(labels, aux_weight):
+    def loss(out, rows):
+        y = labels[rows]
+        return F.cross_entropy(out[0], y) + aux_weight * sum(F.cross_entropy(o, y) for o in out[1:])
+
+    return loss
+
+
+def split(a, n):
+    """The validation rows and the training rows of `n` images."""
+    gen = torch.Generator().manual_seed(0)
+    order = torch.randperm(n, generator=gen)
+    return order[: a.val_size], order[a.val_size :], gen
+
+
+def read_test(a):
+    images = read_idx(f"{a.data}/t10k-images-idx3-ubyte.gz").float().div(255).sub(0.2860).div(0.3530).unsqueeze(1)
+    labels = read_idx(f"{a.data}/t10k-labels-idx1-ubyte.gz").long()
+    return images[: a.test_limit], labels[: a.test_limit]
+
+
 def teacher_epoch(a, images, labels, fmt):
     """One real teacher epoch (see the module's doc); prints the accuracies to stderr."""
-    gen = torch.Generator().manual_seed(0)
-    order = torch.randperm(len(images), generator=gen)
-    val, train = order[: a.val_size], order[a.val_size :]
+    val, train, gen = split(a, len(images))
     model = GoogLeNet(bn=a.teacher == "googlenet-bn").to(memory_format=fmt)
-    opt = torch.optim.Adam(model.parameters(), 1e-3)
-    steps = (len(train) + a.batch_size - 1) // a.batch_size
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    model.train()
-    for rows in train[torch.randperm(len(train), generator=gen)].split(a.batch_size):
-        x = crop_flip(images[rows], gen).contiguous(memory_format=fmt)
-        out = model(x)
-        y = labels[rows]
-        loss = F.cross_entropy(out[0], y) + 0.3 * sum(F.cross_entropy(o, y) for o in out[1:])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-
-    def accuracy(xs, ys):
-        model.eval()
-        right = 0
-        with torch.no_grad():
-            for lo in range(0, len(xs), 256):
-                out = model(xs[lo : lo + 256].contiguous(memory_format=fmt))[0]
-                right += (out.argmax(1) == ys[lo : lo + 256]).sum().item()
-        return right / len(xs)
-
-    test_images = read_idx(f"{a.data}/t10k-images-idx3-ubyte.gz").float().div(255).sub(0.2860).div(0.3530).unsqueeze(1)
-    test_labels = read_idx(f"{a.data}/t10k-labels-idx1-ubyte.gz").long()
-    test_images, test_labels = test_images[: a.test_limit], test_labels[: a.test_limit]
-    val_acc = accuracy(images[val], labels[val])
-    test_acc = accuracy(test_images, test_labels)
+    val_acc = fit(model, (images, labels), train, val, teacher_loss(labels, 0.3), 1, a.batch_size, 1e-3, True, gen, fmt)
+    test_acc = accuracy(model, *read_test(a), fmt)
     torch.save(model.state_dict(), f"{a.out}/teacher.pt")
     print(f"teacher epoch: validation {val_acc:.4f}, test {test_acc:.4f}", file=sys.stderr)
     return len(train)
+
+
+def pipeline(a, images, labels, fmt):
+    """What `kd-experiment pipeline` does, as a PyTorch user would write it (see the module's
+    doc); returns the seconds of every stage and the test accuracies."""
+    stages, acc = [], {}
+    clock = [time.perf_counter()]
+
+    def done(name):
+        now = time.perf_counter()
+        stages.append([name, now - clock[0]])
+        clock[0] = now
+
+    val, train, gen = split(a, len(images))
+    teacher = GoogLeNet(bn=a.teacher == "googlenet-bn").to(memory_format=fmt)
+    loss = teacher_loss(labels, a.aux_weight)
+    fit(teacher, (images, labels), train, val, loss, a.teacher_epochs, a.batch_size, a.teacher_lr, a.teacher_augment, gen, fmt)
+    torch.save(teacher.state_dict(), f"{a.out}/teacher.pt")
+    done("teacher")
+    teacher.eval()
+    with torch.no_grad():
+        logits = torch.cat([torch.stack(heads(teacher(images[lo : lo + a.knowledge_batch].contiguous(memory_format=fmt))), 1)
+                            for lo in range(0, len(images), a.knowledge_batch)])
+    torch.save(logits, f"{a.out}/soft-targets.pt")
+    done("precompute")
+    cached = torch.load(f"{a.out}/soft-targets.pt")[:, 0]
+    t, hard, soft = a.temperature, a.hard_weight, a.soft_weight
+    students = {}
+    for name, loss in [
+        ("student", lambda out, rows: kd_loss(out[0], cached[rows], labels[rows], t, hard, soft)),
+        ("baseline", lambda out, rows: F.cross_entropy(out[0], labels[rows])),
+    ]:
+        students[name] = Student().to(memory_format=fmt)
+        fit(students[name], (images, labels), train, val, loss, a.student_epochs, a.student_batch, a.student_lr, a.student_augment, gen, fmt)
+        torch.save(students[name].state_dict(), f"{a.out}/{name}.pt")
+        done(name)
+    test = read_test(a)
+    for name, model in [("teacher", teacher), *students.items()]:
+        accuracy(model, test[0][:256], test[1][:256], fmt)
+        acc[name] = accuracy(model, *test, fmt)
+    done("report")
+    return stages, acc
 
 
 def main():
@@ -221,6 +306,13 @@ def main():
     p.add_argument("--batch-size", type=int, default=128, help="teacher-epoch: training batch")
     p.add_argument("--train-limit", type=int, default=None, help="teacher-epoch: first N training images")
     p.add_argument("--test-limit", type=int, default=None, help="teacher-epoch: first N test images")
+    for name, kind, default in [
+        ("teacher-epochs", int, 30), ("teacher-lr", float, 1e-3), ("teacher-augment", int, 1), ("aux-weight", float, 0.3),
+        ("knowledge-batch", int, 256), ("student-epochs", int, 10), ("student-batch", int, 128),
+        ("student-lr", float, 8e-3), ("student-augment", int, 0), ("temperature", float, 1.0),
+        ("hard-weight", float, 0.55), ("soft-weight", float, 0.45),
+    ]:
+        p.add_argument(f"--{name}", type=kind, default=default, help="pipeline: the pipeline file's value")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
@@ -236,6 +328,13 @@ def main():
         t0 = time.perf_counter()
         n = teacher_epoch(a, images[: a.train_limit], labels[: a.train_limit], fmt)
         print(json.dumps({"name": a.only, "layout": a.layout, "images_per_rep": n, "seconds": [time.perf_counter() - t0]}))
+        return
+    if a.only == "pipeline":
+        t0 = time.perf_counter()
+        stages, acc = pipeline(a, images[: a.train_limit], labels[: a.train_limit], fmt)
+        print(f"pipeline: test accuracy {acc}", file=sys.stderr)
+        print(json.dumps({"name": a.only, "layout": a.layout, "images_per_rep": 0, "seconds": [time.perf_counter() - t0],
+                          "stages": stages, "accuracy": acc}))
         return
     bs = 256 if a.only == "precompute" else 128
 

@@ -9,6 +9,7 @@
 pub mod epoch;
 pub mod profile;
 pub mod pytorch;
+pub mod whole;
 
 use anyhow::Context;
 use candle_core::{DType, Device, Tensor};
@@ -54,6 +55,12 @@ pub struct Args {
     /// against PyTorch's script, whole processes (about 4 minutes a round).
     #[arg(long, requires = "pytorch")]
     pub epoch: bool,
+    /// With --pytorch: instead of the measurements, the whole pipeline per round, ours
+    /// (`kd-experiment pipeline`, each stage timed) against PyTorch's script doing the same; writes
+    /// `<out>/pipeline.md`. The default pipeline takes about 2 hours a side on 2 cores: `--set
+    /// teacher.epochs=N` shortens both alike.
+    #[arg(long, requires = "pytorch", conflicts_with = "epoch")]
+    pub whole_pipeline: bool,
     /// Instead of timing, sample this measurement with `perf` and write where its CPU time goes
     /// (by kind of work) to `<out>/profile-<measurement>.md` (e.g. `teacher-step`).
     #[arg(long, value_name = "MEASUREMENT")]
@@ -618,6 +625,9 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     if let Some(name) = &args.profile {
         return write_profile(args, name);
     }
+    if let (true, Some(python)) = (args.whole_pipeline, &args.pytorch) {
+        return write_whole_pipeline(args, python);
+    }
     let mut results = Vec::new();
     for (name, what) in MEASUREMENTS {
         tracing::info!("bench: {what}");
@@ -638,6 +648,38 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         serde_json::to_string_pretty(&results)?.as_bytes(),
     )?;
     println!("{md}\nwrote {}", args.out.join("bench.md").display());
+    Ok(())
+}
+
+/// `--whole-pipeline`: ours and PyTorch's whole pipeline, alternating, `--rounds` times.
+fn write_whole_pipeline(args: &Args, python: &std::path::Path) -> anyhow::Result<()> {
+    let p = args.pipeline.open(&[])?;
+    let (mut mine, mut theirs) = (Vec::new(), Vec::new());
+    for round in 1..=args.rounds {
+        tracing::info!("bench: round {round}/{}: our pipeline", args.rounds);
+        mine.push(whole::ours(args)?);
+        tracing::info!("bench: round {round}/{}: PyTorch's pipeline", args.rounds);
+        theirs.push(whole::theirs(args, &p, python)?);
+    }
+    let sets: String = args
+        .pipeline
+        .overrides
+        .iter()
+        .map(|s| format!(" --set {s}"))
+        .collect();
+    let md = format!(
+        "# The whole pipeline, side by side\n\n`kd-bench --pytorch PYTHON --whole-pipeline --rounds {}{sets}` on {} ({} teacher epochs, {} student epochs), {} threads each: our `kd-experiment pipeline` (each stage binary timed as a process) against PyTorch's script doing the same work (channels-last), alternating; seconds as median (range) over the rounds.\n\n{}",
+        args.rounds,
+        args.pipeline.pipeline.display(),
+        p.config.teacher.epochs,
+        p.config.student.epochs,
+        threads(),
+        whole::table(&mine, &theirs)
+    );
+    std::fs::create_dir_all(&args.out)?;
+    let path = args.out.join("pipeline.md");
+    kd_data::write_atomic_bytes(&path, md.as_bytes())?;
+    println!("{md}\nwrote {}", path.display());
     Ok(())
 }
 

@@ -25,6 +25,12 @@ pub struct Theirs {
     pub layout: String,
     pub images_per_rep: usize,
     pub seconds: Vec<f64>,
+    /// `pipeline` only: the seconds of every stage, in order.
+    #[serde(default)]
+    pub stages: Vec<(String, f64)>,
+    /// `pipeline` only: the three models' test accuracies.
+    #[serde(default)]
+    pub accuracy: std::collections::BTreeMap<String, f64>,
 }
 
 impl Theirs {

@@ -68,3 +68,60 @@ fn every_measurement_runs_and_reports() {
     assert_eq!(kd_bench::median(&[3.0, 1.0, 2.0]), 2.0);
     assert_eq!(kd_bench::median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
 }
+
+/// `--whole-pipeline`'s side of ours: every stage of `kd-experiment pipeline` timed, the three
+/// models' test accuracies read back, the scratch folder gone; PyTorch's side refuses a pipeline
+/// its script does not mirror before starting Python.
+#[test]
+fn the_whole_pipeline_runs_every_stage_and_refuses_what_pytorch_cannot_mirror() {
+    let smoke = concat!(env!("CARGO_MANIFEST_DIR"), "/../../pipelines/smoke.toml");
+    let out = tempfile::tempdir().unwrap();
+    let args = kd_bench::Args::try_parse_from([
+        "kd-bench",
+        "--pipeline",
+        smoke,
+        "--out",
+        out.path().to_str().unwrap(),
+    ])
+    .unwrap();
+    let run = kd_bench::whole::ours(&args).unwrap_or_else(|e| panic!("{e:#}"));
+    let stages: Vec<&str> = run.stages.iter().map(|(s, _)| s.as_str()).collect();
+    assert_eq!(
+        stages,
+        [
+            "teacher",
+            "precompute",
+            "student",
+            "baseline",
+            "export",
+            "report"
+        ]
+    );
+    let sum: f64 = run.stages.iter().map(|(_, s)| s).sum();
+    assert!(
+        run.stages.iter().all(|(_, s)| *s > 0.0) && run.seconds >= sum,
+        "{run:?}"
+    );
+    let names: Vec<&str> = run.accuracy.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["teacher", "student", "baseline"]);
+    assert!(
+        run.accuracy
+            .iter()
+            .all(|(_, a)| (0.0..=1.0).contains(a) && *a > 0.0),
+        "{run:?}"
+    );
+    assert_eq!(
+        std::fs::read_dir(out.path()).unwrap().count(),
+        0,
+        "scratch left behind"
+    );
+
+    // The smoke student learns from the auxiliary heads too, which the script does not do.
+    let p = args.pipeline.open(&[]).unwrap();
+    let err = kd_bench::whole::theirs(&args, &p, std::path::Path::new("/no/python"))
+        .expect_err("the smoke pipeline is not mirrored");
+    assert!(
+        format!("{err:#}").contains("student-cnn from the main head"),
+        "{err:#}"
+    );
+}

@@ -92,7 +92,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
 
 /// The folder of the stage binaries: `KD_BIN`, else this binary's own folder (or the one above
 /// it, for a test binary in `deps/`).
-fn binaries() -> anyhow::Result<PathBuf> {
+pub fn binaries() -> anyhow::Result<PathBuf> {
     if let Some(dir) = std::env::var_os("KD_BIN") {
         return Ok(PathBuf::from(dir));
     }
@@ -110,7 +110,8 @@ fn binaries() -> anyhow::Result<PathBuf> {
     })
 }
 
-fn run_step(bin: &std::path::Path, step: &Step) -> anyhow::Result<()> {
+/// Runs one step of a plan; an interrupted stage is [`kd_train::TrainError::Interrupted`].
+pub fn run_step(bin: &std::path::Path, step: &Step) -> anyhow::Result<()> {
     let status = std::process::Command::new(bin.join(step.binary))
         .args(&step.args)
         .status()

@@ -23,6 +23,14 @@ pub struct Step {
 }
 
 impl Step {
+    /// The stage it runs: the binary's name without `kd-`, `baseline` for the label-only student.
+    pub fn stage(&self) -> &str {
+        if self.args.iter().any(|a| a == "--baseline") {
+            return "baseline";
+        }
+        self.binary.strip_prefix("kd-").unwrap_or(self.binary)
+    }
+
     pub fn command_line(&self) -> String {
         std::iter::once(self.binary.to_string())
             .chain(self.args.iter().map(|a| shell_word(a)))

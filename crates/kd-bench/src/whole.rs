@@ -1,0 +1,319 @@
+//! `kd-bench --pytorch PYTHON --whole-pipeline`: the pipeline run whole, side by side — our
+//! `kd-experiment pipeline` (every stage binary in turn, each timed as a process, into a scratch
+//! artifacts folder) against PyTorch's script doing the same work (`pytorch/bench.py --only
+//! pipeline`, channels-last, with the pipeline file's values), alternating `--rounds` times.
+//! The default pipeline takes about two hours a side on a 2-core machine; `--set
+//! teacher.epochs=N` shortens both sides alike.
+
+use crate::pytorch::{run_script, Theirs};
+use crate::{median, Args};
+use anyhow::Context;
+use kd_train::stage::Pipeline;
+use kd_train::table::Table;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// The stages in the table's order; PyTorch's script has no ONNX export.
+const STAGES: [&str; 6] = [
+    "teacher",
+    "precompute",
+    "student",
+    "baseline",
+    "export",
+    "report",
+];
+
+/// One whole run: every stage's seconds, the whole run's (start to exit) and the test
+/// accuracies of the three models.
+#[derive(Debug, Clone, Default)]
+pub struct Run {
+    pub stages: Vec<(String, f64)>,
+    pub seconds: f64,
+    pub accuracy: Vec<(String, f64)>,
+}
+
+impl Run {
+    fn stage(&self, name: &str) -> Option<f64> {
+        self.stages.iter().find(|(n, _)| n == name).map(|(_, s)| *s)
+    }
+}
+
+/// A fresh scratch folder under `--out`, removed by the caller.
+fn scratch(args: &Args, who: &str) -> anyhow::Result<PathBuf> {
+    let dir = args
+        .out
+        .join(format!(".pipeline-{who}-{}", std::process::id()));
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).with_context(|| format!("clearing {}", dir.display()))?;
+    }
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok(dir)
+}
+
+/// Our side: the plan of `kd-experiment pipeline` into a scratch folder, each step timed.
+pub fn ours(args: &Args) -> anyhow::Result<Run> {
+    let dir = scratch(args, "ours")?;
+    let result = ours_in(args, &dir);
+    std::fs::remove_dir_all(&dir).ok();
+    result
+}
+
+fn ours_in(args: &Args, dir: &Path) -> anyhow::Result<Run> {
+    let exp = kd_experiment::Args {
+        command: kd_experiment::Command::Pipeline,
+        words: Vec::new(),
+        pipeline: kd_train::PipelineArgs {
+            artifacts: dir.to_path_buf(),
+            ..args.pipeline.clone()
+        },
+        dry_run: false,
+        student_flags: Vec::new(),
+    };
+    let pipeline = exp.pipeline.open(&[])?;
+    let steps = kd_experiment::plan::plan(&exp, &pipeline)?;
+    let bin = kd_experiment::binaries()?;
+    let start = Instant::now();
+    let mut stages = Vec::new();
+    for step in &steps {
+        let t = Instant::now();
+        kd_experiment::run_step(&bin, step)?;
+        stages.push((step.stage().to_string(), t.elapsed().as_secs_f64()));
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    let accuracy = MODELS
+        .iter()
+        .map(|(name, stage)| Ok((name.to_string(), test_accuracy(&pipeline.dir(stage))?)))
+        .collect::<anyhow::Result<_>>()?;
+    Ok(Run {
+        stages,
+        seconds,
+        accuracy,
+    })
+}
+
+/// The three models by the names PyTorch's script gives them, and our stage folders.
+const MODELS: [(&str, &str); 3] = [
+    ("teacher", kd_train::stage::layout::TEACHER),
+    ("student", kd_train::stage::layout::STUDENT_KD),
+    ("baseline", kd_train::stage::layout::STUDENT_BASELINE),
+];
+
+/// A training stage's test accuracy, from its manifest.
+fn test_accuracy(dir: &Path) -> anyhow::Result<f64> {
+    let m = kd_train::Manifest::read(dir)?;
+    m.metrics["test_accuracy"]
+        .as_f64()
+        .with_context(|| format!("no test accuracy in {}", dir.display()))
+}
+
+/// What the script mirrors of a pipeline file; anything else would compare different work.
+fn check_mirrored(p: &Pipeline) -> anyhow::Result<()> {
+    let (d, t, s, k) = (
+        &p.config.data,
+        &p.config.teacher,
+        &p.config.student,
+        &p.config.knowledge,
+    );
+    let cosine = kd_train::config::Schedule::Cosine;
+    let main_head = s
+        .head_weights
+        .iter()
+        .all(|(h, w)| (h == "main") == (*w != 0.0));
+    let plain = [
+        (
+            d.name == "fashion-mnist" && d.labels.is_none(),
+            "all of Fashion-MNIST's labels",
+        ),
+        (
+            t.schedule == cosine && s.schedule == cosine,
+            "cosine schedules",
+        ),
+        (
+            t.weight_decay == 0.0 && s.weight_decay == 0.0,
+            "no weight decay",
+        ),
+        (t.crop_padding == 2 && s.crop_padding == 2, "crop padding 2"),
+        (
+            t.epoch_steps.is_none() && s.epoch_steps.is_none(),
+            "whole epochs",
+        ),
+        (
+            s.arch == "student-cnn" && main_head,
+            "student-cnn from the main head",
+        ),
+        (
+            k.views <= 1 && s.dkd_beta.is_none() && !s.standardize_logits,
+            "plain Hinton KD",
+        ),
+    ];
+    for (ok, what) in plain {
+        anyhow::ensure!(
+            ok,
+            "--whole-pipeline: PyTorch's script mirrors pipelines with {what} only (pipeline {})",
+            p.name
+        );
+    }
+    Ok(())
+}
+
+/// PyTorch's side: the script's `pipeline`, timed start to exit.
+pub fn theirs(args: &Args, p: &Pipeline, python: &Path) -> anyhow::Result<Run> {
+    check_mirrored(p)?;
+    let dir = scratch(args, "pytorch")?;
+    let (d, t, s) = (&p.config.data, &p.config.teacher, &p.config.student);
+    let flag = |b: bool| u8::from(b).to_string();
+    let flags: Vec<(&str, String)> = [
+        ("--only", "pipeline".to_string()),
+        ("--layout", "channels-last".to_string()),
+        ("--teacher", t.arch.clone()),
+        ("--out", dir.to_string_lossy().into_owned()),
+        ("--val-size", d.val_size.to_string()),
+        ("--batch-size", t.batch_size.to_string()),
+        ("--teacher-epochs", t.epochs.to_string()),
+        ("--teacher-lr", t.lr.to_string()),
+        ("--teacher-augment", flag(t.augment)),
+        ("--aux-weight", t.aux_weight.to_string()),
+        (
+            "--knowledge-batch",
+            p.config.knowledge.batch_size.to_string(),
+        ),
+        ("--student-epochs", s.epochs.to_string()),
+        ("--student-batch", s.batch_size.to_string()),
+        ("--student-lr", s.lr.to_string()),
+        ("--student-augment", flag(s.augment)),
+        ("--temperature", s.temperature.to_string()),
+        ("--hard-weight", s.hard_weight.to_string()),
+        ("--soft-weight", s.soft_weight.to_string()),
+    ]
+    .into_iter()
+    .chain(d.train_limit.map(|n| ("--train-limit", n.to_string())))
+    .chain(d.test_limit.map(|n| ("--test-limit", n.to_string())))
+    .collect();
+    let flags: Vec<&str> = flags.iter().flat_map(|(f, v)| [*f, v.as_str()]).collect();
+    let start = Instant::now();
+    let run = run_script(args, python, &d.dir, &flags);
+    let seconds = start.elapsed().as_secs_f64();
+    std::fs::remove_dir_all(&dir).ok();
+    let Theirs {
+        stages, accuracy, ..
+    } = run?;
+    Ok(Run {
+        stages,
+        seconds,
+        accuracy: accuracy.into_iter().collect(),
+    })
+}
+
+/// Median and range of `xs` in seconds (or "—").
+fn cell(xs: &[f64]) -> String {
+    if xs.is_empty() {
+        return "—".to_string();
+    }
+    let lo = xs.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = xs.iter().copied().fold(0.0, f64::max);
+    let m = median(xs);
+    // Whole seconds for the real pipeline, tenths for short trial runs.
+    let p = if m < 100.0 { 1 } else { 0 };
+    format!("{m:.p$} ({lo:.p$}–{hi:.p$})")
+}
+
+/// The table: every stage's seconds, the whole runs, and PyTorch's time over ours (above 1: ours
+/// is faster); then the test accuracies, which show both sides did the work.
+pub fn table(ours: &[Run], theirs: &[Run]) -> String {
+    let mut t = Table::new(&["stage", "ours s", "PyTorch s", "PyTorch / ours"]);
+    let row = |t: &mut Table, label: &str, mine: Vec<f64>, them: Vec<f64>| {
+        let ratio = median(&them) / median(&mine);
+        let ratio = if ratio.is_finite() {
+            format!("{ratio:.2}×")
+        } else {
+            "—".to_string()
+        };
+        t.row(&[label.to_string(), cell(&mine), cell(&them), ratio]);
+    };
+    for stage in STAGES {
+        let of = |runs: &[Run]| runs.iter().filter_map(|r| r.stage(stage)).collect();
+        row(&mut t, stage, of(ours), of(theirs));
+    }
+    let whole = |runs: &[Run]| runs.iter().map(|r| r.seconds).collect::<Vec<_>>();
+    let less_export = ours
+        .iter()
+        .map(|r| r.seconds - r.stage("export").unwrap_or(0.0))
+        .collect();
+    row(
+        &mut t,
+        "whole run, start to exit",
+        whole(ours),
+        whole(theirs),
+    );
+    row(
+        &mut t,
+        "whole run less our export",
+        less_export,
+        whole(theirs),
+    );
+    let mut acc = Table::new(&["test accuracy", "ours", "PyTorch"]);
+    for (name, _) in MODELS {
+        let of = |runs: &[Run]| -> Vec<f64> {
+            runs.iter()
+                .flat_map(|r| r.accuracy.iter().filter(|(n, _)| n == name))
+                .map(|(_, a)| 100.0 * a)
+                .collect()
+        };
+        let show = |xs: Vec<f64>| {
+            xs.iter()
+                .map(|a| format!("{a:.2}%"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        acc.row(&[name.to_string(), show(of(ours)), show(of(theirs))]);
+    }
+    format!("{}\n{}", t.to_markdown(), acc.to_markdown())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(teacher: f64, export: Option<f64>, seconds: f64, acc: f64) -> Run {
+        let mut stages = vec![("teacher".to_string(), teacher)];
+        stages.extend(export.map(|s| ("export".to_string(), s)));
+        Run {
+            stages,
+            seconds,
+            accuracy: vec![("teacher".to_string(), acc)],
+        }
+    }
+
+    #[test]
+    fn the_table_puts_pytorch_over_ours_and_leaves_our_export_out_of_the_fair_total() {
+        let ours = [
+            run(100.0, Some(10.0), 130.0, 0.9),
+            run(120.0, Some(10.0), 150.0, 0.91),
+        ];
+        let theirs = [run(165.0, None, 180.0, 0.92)];
+        let md = table(&ours, &theirs);
+        // The cells of the last row named `label` (the accuracy table's rows come last).
+        let row = |label: &str| -> Vec<String> {
+            let line = md
+                .lines()
+                .rev()
+                .find(|l| l.split('|').nth(1).map(str::trim) == Some(label));
+            let line = line.unwrap_or_else(|| panic!("no row {label} in\n{md}"));
+            line.split('|')
+                .map(|c| c.trim().to_string())
+                .filter(|c| !c.is_empty())
+                .collect()
+        };
+        // Medians: ours 110 s against 165 s.
+        assert_eq!(row("precompute"), ["precompute", "—", "—", "—"]);
+        assert_eq!(row("export"), ["export", "10.0 (10.0–10.0)", "—", "—"]);
+        assert_eq!(row("whole run, start to exit")[3], "1.29×", "{md}");
+        assert_eq!(row("whole run less our export")[3], "1.38×", "{md}");
+        assert_eq!(row("teacher"), ["teacher", "90.00%, 91.00%", "92.00%"]);
+        let stage_table = md.split("\n\n").next().unwrap_or_default();
+        assert!(
+            stage_table.contains("110 (100–120)") && stage_table.contains("1.50×"),
+            "{md}"
+        );
+    }
+}
