@@ -2,22 +2,19 @@
 
 use clap::Parser;
 
+/// `kd-bench --pipeline pipelines/smoke.toml FOLDER_FLAG TEMP_DIR FLAGS...`, and the folder.
+fn smoke_args(folder_flag: &str, flags: &[&str]) -> (kd_bench::Args, tempfile::TempDir) {
+    let smoke = concat!(env!("CARGO_MANIFEST_DIR"), "/../../pipelines/smoke.toml");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_str().unwrap();
+    let head = ["kd-bench", "--pipeline", smoke, folder_flag, path];
+    let args = kd_bench::Args::try_parse_from(head.iter().chain(flags)).unwrap();
+    (args, dir)
+}
+
 #[test]
 fn every_measurement_runs_and_reports() {
-    let smoke = concat!(env!("CARGO_MANIFEST_DIR"), "/../../pipelines/smoke.toml");
-    let artifacts = tempfile::tempdir().unwrap();
-    let args = kd_bench::Args::try_parse_from([
-        "kd-bench",
-        "--pipeline",
-        smoke,
-        "--artifacts",
-        artifacts.path().to_str().unwrap(),
-        "--reps",
-        "2",
-        "--batches",
-        "1",
-    ])
-    .unwrap();
+    let (args, _artifacts) = smoke_args("--artifacts", &["--reps", "2", "--batches", "1"]);
     for (name, _) in kd_bench::MEASUREMENTS {
         let m = kd_bench::measure(&args, name).unwrap_or_else(|e| panic!("{name}: {e:#}"));
         assert_eq!(m.name, name);
@@ -74,16 +71,7 @@ fn every_measurement_runs_and_reports() {
 /// its script does not mirror before starting Python.
 #[test]
 fn the_whole_pipeline_runs_every_stage_and_refuses_what_pytorch_cannot_mirror() {
-    let smoke = concat!(env!("CARGO_MANIFEST_DIR"), "/../../pipelines/smoke.toml");
-    let out = tempfile::tempdir().unwrap();
-    let args = kd_bench::Args::try_parse_from([
-        "kd-bench",
-        "--pipeline",
-        smoke,
-        "--out",
-        out.path().to_str().unwrap(),
-    ])
-    .unwrap();
+    let (args, out) = smoke_args("--out", &[]);
     let run = kd_bench::whole::ours(&args).unwrap_or_else(|e| panic!("{e:#}"));
     let stages: Vec<&str> = run.stages.iter().map(|(s, _)| s.as_str()).collect();
     assert_eq!(
