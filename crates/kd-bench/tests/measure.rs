@@ -1,5 +1,7 @@
 //! Every measurement runs on the smoke pipeline and yields sane numbers (no timing is asserted).
 
+#![allow(clippy::unwrap_used)]
+
 use clap::Parser;
 
 /// `kd-bench --pipeline pipelines/smoke.toml FOLDER_FLAG TEMP_DIR FLAGS...`, and the folder.
