@@ -710,8 +710,6 @@ impl GradStore {
         self.0.insert(id, grad)
     }
 
-    /// Get the gradient tensor associated with the given tensor, or, if it does not exist,
-    /// insert a tensor of zeroes, with the same shape and type as the given tensors and return it
     /// kd-distill patch (see PATCH.md): adds `grad` into `tensor`'s gradient, storing the first
     /// one as it is (made contiguous) instead of adding it into a fresh tensor of zeros.
     fn accumulate(&mut self, tensor: &Tensor, grad: &Tensor) -> Result<()> {
@@ -732,9 +730,10 @@ impl GradStore {
     /// into `tensor`'s. The first narrow's gradient goes into a fresh zero buffer of the whole
     /// size, which only this store holds; later narrows' gradients are written into it in place,
     /// copied where their range is still untouched, added where it overlaps. Any other
-    /// contribution ends that (`accumulate` and the rest replace the buffer). Values are those of
-    /// candle's zero padding and sums, the bits included (`0 + g` is `g` but for `g = −0`, where
-    /// a copy keeps −0: a zero padding adds `+0` to it).
+    /// contribution ends that (`accumulate` and the rest replace the buffer). The values are those
+    /// of candle's zero padding and sums, with one difference in the sign of zero: where a
+    /// gradient of −0 lands on an untouched range it stays −0, which adding it to a padding's +0
+    /// would have made +0.
     fn accumulate_narrow(
         &mut self,
         tensor: &Tensor,
@@ -778,6 +777,8 @@ impl GradStore {
         Ok(())
     }
 
+    /// Get the gradient tensor associated with the given tensor, or, if it does not exist,
+    /// insert a tensor of zeroes, with the same shape and type as the given tensors and return it
     fn or_insert(&mut self, tensor: &Tensor) -> Result<&mut Tensor> {
         self.1.remove(&tensor.id());
         let grad = match self.0.entry(tensor.id()) {
