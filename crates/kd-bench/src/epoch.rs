@@ -11,10 +11,7 @@ use kd_train::stage::Pipeline;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-/// The measurement's name in the tables.
-pub const NAME: &str = "teacher-epoch";
-/// Its row label.
-pub const LABEL: &str = "teacher epoch, crop + flip, whole process (training img/s)";
+pub use crate::pytorch::{EPOCH as NAME, EPOCH_LABEL as LABEL};
 
 /// A scratch folder under `--out` for one epoch's outputs, removed afterwards.
 fn scratch(args: &Args, who: &str) -> anyhow::Result<PathBuf> {

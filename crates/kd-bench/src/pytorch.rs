@@ -18,6 +18,11 @@ pub const COMPARED: [(&str, &[&str]); 4] = [
     (crate::MATMUL, &["nchw"]),
 ];
 
+/// The whole-process teacher epoch's name in the tables (`--epoch`, see `epoch.rs`).
+pub const EPOCH: &str = "teacher-epoch";
+/// Its row label.
+pub const EPOCH_LABEL: &str = "teacher epoch, crop + flip, whole process (training img/s)";
+
 /// One PyTorch measurement, as the script prints it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Theirs {
@@ -114,9 +119,9 @@ pub fn table(ours: &[Measurement], theirs: &[Theirs]) -> Table {
         let hi = xs.iter().copied().fold(0.0, f64::max);
         format!("{:.0} ({lo:.0}–{hi:.0})", median(xs))
     };
-    let epoch = ours.iter().any(|m| m.name == crate::epoch::NAME);
+    let epoch = ours.iter().any(|m| m.name == EPOCH);
     let names = COMPARED.map(|(n, _)| n);
-    for name in names.into_iter().chain(epoch.then_some(crate::epoch::NAME)) {
+    for name in names.into_iter().chain(epoch.then_some(EPOCH)) {
         // The matrix product's row is in GFLOP/s, not products per second.
         let unit = |v: f64| if name == MATMUL { matmul_gflops(v) } else { v };
         let mine: Vec<f64> = ours
@@ -147,7 +152,7 @@ pub fn table(ours: &[Measurement], theirs: &[Theirs]) -> Table {
         };
         let label = match name {
             MATMUL => "matrix product 2048² f32 (GFLOP/s)".to_string(),
-            crate::epoch::NAME => crate::epoch::LABEL.to_string(),
+            EPOCH => EPOCH_LABEL.to_string(),
             _ => name.to_string(),
         };
         t.row(&[
