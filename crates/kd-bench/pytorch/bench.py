@@ -20,11 +20,12 @@ the validation and test accuracies (batch 256) and the weights saved. It runs on
 
 `pipeline` is what `kd-experiment pipeline` does (`just pipeline`), with the pipeline file's
 values as flags (`--teacher-epochs`, `--student-lr`, ...): the teacher trained for its epochs (the
-validation accuracy after each, the best epoch kept), the logits of all its heads for every
-training image saved (torch.save: PyTorch's user has no knowledge file to write), the KD student
-from the saved logits and the baseline on labels alone, then the report's work (the test accuracy
-of the three, after a warm-up batch). No ONNX export: kd-bench shows ours apart. It prints every
-stage's seconds and the test accuracies too; `kd-bench --whole-pipeline` times the process.
+validation accuracy after each, the best epoch kept, then its test accuracy), the logits of all
+its heads for every training image saved (torch.save: PyTorch's user has no knowledge file to
+write), the KD student from the saved logits and the baseline on labels alone (each with its test
+accuracy too), then the report's work (the test accuracy of the three, after a warm-up batch). No
+ONNX export: kd-bench shows ours apart. It prints every stage's seconds and the test accuracies;
+`kd-bench --whole-pipeline` times the process.
 """
 
 import argparse
@@ -262,10 +263,13 @@ def pipeline(a, images, labels, fmt):
         clock[0] = now
 
     val, train, gen = split(a, len(images))
+    test = read_test(a)
     teacher = GoogLeNet(bn=a.teacher == "googlenet-bn").to(memory_format=fmt)
     loss = teacher_loss(labels, a.aux_weight)
     fit(teacher, (images, labels), train, val, loss, a.teacher_epochs, a.batch_size, a.teacher_lr, a.teacher_augment, gen, fmt)
     torch.save(teacher.state_dict(), f"{a.out}/teacher.pt")
+    # Every training stage of ours ends with its kept model's test accuracy (in its manifest).
+    accuracy(teacher, *test, fmt)
     done("teacher")
     teacher.eval()
     with torch.no_grad():
@@ -283,8 +287,8 @@ def pipeline(a, images, labels, fmt):
         students[name] = Student().to(memory_format=fmt)
         fit(students[name], (images, labels), train, val, loss, a.student_epochs, a.student_batch, a.student_lr, a.student_augment, gen, fmt)
         torch.save(students[name].state_dict(), f"{a.out}/{name}.pt")
+        accuracy(students[name], *test, fmt)
         done(name)
-    test = read_test(a)
     for name, model in [("teacher", teacher), *students.items()]:
         accuracy(model, test[0][:256], test[1][:256], fmt)
         acc[name] = accuracy(model, *test, fmt)
