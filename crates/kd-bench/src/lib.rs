@@ -654,6 +654,8 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
 /// `--whole-pipeline`: ours and PyTorch's whole pipeline, alternating, `--rounds` times.
 fn write_whole_pipeline(args: &Args, python: &std::path::Path) -> anyhow::Result<()> {
     let p = args.pipeline.open(&[])?;
+    // Refused before our side spends a whole run on it.
+    whole::check_mirrored(&p)?;
     let (mut mine, mut theirs) = (Vec::new(), Vec::new());
     for round in 1..=args.rounds {
         tracing::info!("bench: round {round}/{}: our pipeline", args.rounds);

@@ -107,7 +107,7 @@ fn test_accuracy(dir: &Path) -> anyhow::Result<f64> {
 }
 
 /// What the script mirrors of a pipeline file; anything else would compare different work.
-fn check_mirrored(p: &Pipeline) -> anyhow::Result<()> {
+pub fn check_mirrored(p: &Pipeline) -> anyhow::Result<()> {
     let (d, t, s, k) = (
         &p.config.data,
         &p.config.teacher,
