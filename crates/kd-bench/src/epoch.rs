@@ -8,19 +8,10 @@ use crate::pytorch::{run_script, Theirs};
 use crate::{Args, Measurement};
 use anyhow::Context;
 use kd_train::stage::Pipeline;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 pub use crate::pytorch::{EPOCH as NAME, EPOCH_LABEL as LABEL};
-
-/// A scratch folder under `--out` for one epoch's outputs, removed afterwards.
-fn scratch(args: &Args, who: &str) -> anyhow::Result<PathBuf> {
-    let dir = args
-        .out
-        .join(format!(".epoch-{who}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    Ok(dir)
-}
 
 /// Our side: `kd-teacher --epochs 1 --force` into a scratch folder, timed start to exit.
 pub fn ours(args: &Args, p: &Pipeline) -> anyhow::Result<Measurement> {
@@ -32,7 +23,7 @@ pub fn ours(args: &Args, p: &Pipeline) -> anyhow::Result<Measurement> {
         "{} not found: build the stages (`just build`)",
         teacher.display()
     );
-    let dir = scratch(args, "ours")?;
+    let dir = crate::scratch(args, "epoch", "ours")?;
     let mut cmd = std::process::Command::new(&teacher);
     cmd.arg("--pipeline")
         .arg(&args.pipeline.pipeline)
@@ -65,7 +56,7 @@ pub fn ours(args: &Args, p: &Pipeline) -> anyhow::Result<Measurement> {
 /// PyTorch's side: the script's `teacher-epoch`, timed start to exit (the seconds it prints
 /// itself leave out starting Python and loading the data).
 pub fn theirs(args: &Args, p: &Pipeline, python: &Path) -> anyhow::Result<Theirs> {
-    let dir = scratch(args, "pytorch")?;
+    let dir = crate::scratch(args, "epoch", "pytorch")?;
     let (d, t) = (&p.config.data, &p.config.teacher);
     let out = dir.to_string_lossy().into_owned();
     let flags: Vec<String> = [

@@ -140,6 +140,30 @@ impl Measurement {
     }
 }
 
+/// `median (lo–hi)` of `xs` with `decimals` places, or "—" when there are none.
+pub(crate) fn median_range(xs: &[f64], decimals: usize) -> String {
+    if xs.is_empty() {
+        return "—".to_string();
+    }
+    let lo = xs.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = xs.iter().copied().fold(0.0, f64::max);
+    let p = decimals;
+    format!("{:.p$} ({lo:.p$}–{hi:.p$})", median(xs))
+}
+
+/// A fresh scratch folder `<out>/.<what>-<who>-<pid>` (a leftover of the same name cleared), for
+/// a whole-process measurement's outputs; the caller removes it.
+pub(crate) fn scratch(args: &Args, what: &str, who: &str) -> anyhow::Result<PathBuf> {
+    let dir = args
+        .out
+        .join(format!(".{what}-{who}-{}", std::process::id()));
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).with_context(|| format!("clearing {}", dir.display()))?;
+    }
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok(dir)
+}
+
 pub fn median(xs: &[f64]) -> f64 {
     let mut v = xs.to_vec();
     v.sort_by(|a, b| a.total_cmp(b));

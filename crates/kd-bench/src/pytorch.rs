@@ -114,11 +114,6 @@ pub fn table(ours: &[Measurement], theirs: &[Theirs]) -> Table {
         "PyTorch channels-last",
         "ours / best PyTorch",
     ]);
-    let show = |xs: &[f64]| {
-        let lo = xs.iter().copied().fold(f64::INFINITY, f64::min);
-        let hi = xs.iter().copied().fold(0.0, f64::max);
-        format!("{:.0} ({lo:.0}–{hi:.0})", median(xs))
-    };
     let epoch = ours.iter().any(|m| m.name == EPOCH);
     let names = COMPARED.map(|(n, _)| n);
     for name in names.into_iter().chain(epoch.then_some(EPOCH)) {
@@ -143,13 +138,7 @@ pub fn table(ours: &[Measurement], theirs: &[Theirs]) -> Table {
             .into_iter()
             .filter(|x| x.is_finite())
             .fold(f64::NAN, f64::max);
-        let cell = |xs: &[f64]| {
-            if xs.is_empty() {
-                "—".to_string()
-            } else {
-                show(xs)
-            }
-        };
+        let cell = |xs: &[f64]| crate::median_range(xs, 0);
         let label = match name {
             MATMUL => "matrix product 2048² f32 (GFLOP/s)".to_string(),
             EPOCH => EPOCH_LABEL.to_string(),

@@ -10,7 +10,7 @@ use crate::{median, Args};
 use anyhow::Context;
 use kd_train::stage::Pipeline;
 use kd_train::table::Table;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 /// The stages in the table's order; PyTorch's script has no ONNX export.
@@ -38,21 +38,9 @@ impl Run {
     }
 }
 
-/// A fresh scratch folder under `--out`, removed by the caller.
-fn scratch(args: &Args, who: &str) -> anyhow::Result<PathBuf> {
-    let dir = args
-        .out
-        .join(format!(".pipeline-{who}-{}", std::process::id()));
-    if dir.exists() {
-        std::fs::remove_dir_all(&dir).with_context(|| format!("clearing {}", dir.display()))?;
-    }
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    Ok(dir)
-}
-
 /// Our side: the plan of `kd-experiment pipeline` into a scratch folder, each step timed.
 pub fn ours(args: &Args) -> anyhow::Result<Run> {
-    let dir = scratch(args, "ours")?;
+    let dir = crate::scratch(args, "pipeline", "ours")?;
     let result = ours_in(args, &dir);
     std::fs::remove_dir_all(&dir).ok();
     result
@@ -159,7 +147,7 @@ pub fn check_mirrored(p: &Pipeline) -> anyhow::Result<()> {
 /// PyTorch's side: the script's `pipeline`, timed start to exit.
 pub fn theirs(args: &Args, p: &Pipeline, python: &Path) -> anyhow::Result<Run> {
     check_mirrored(p)?;
-    let dir = scratch(args, "pytorch")?;
+    let dir = crate::scratch(args, "pipeline", "pytorch")?;
     let (d, t, s) = (&p.config.data, &p.config.teacher, &p.config.student);
     let flag = |b: bool| u8::from(b).to_string();
     let flags: Vec<(&str, String)> = [
@@ -204,17 +192,10 @@ pub fn theirs(args: &Args, p: &Pipeline, python: &Path) -> anyhow::Result<Run> {
     })
 }
 
-/// Median and range of `xs` in seconds (or "—").
+/// Median and range of `xs` in seconds (or "—"): whole seconds for the real pipeline, tenths
+/// for short trial runs.
 fn cell(xs: &[f64]) -> String {
-    if xs.is_empty() {
-        return "—".to_string();
-    }
-    let lo = xs.iter().copied().fold(f64::INFINITY, f64::min);
-    let hi = xs.iter().copied().fold(0.0, f64::max);
-    let m = median(xs);
-    // Whole seconds for the real pipeline, tenths for short trial runs.
-    let p = if m < 100.0 { 1 } else { 0 };
-    format!("{m:.p$} ({lo:.p$}–{hi:.p$})")
+    crate::median_range(xs, if median(xs) < 100.0 { 1 } else { 0 })
 }
 
 /// The table: every stage's seconds, the whole runs, and PyTorch's time over ours (above 1: ours
