@@ -9,6 +9,7 @@
 pub mod epoch;
 pub mod profile;
 pub mod pytorch;
+pub mod runlog;
 pub mod whole;
 
 use anyhow::Context;
@@ -61,6 +62,12 @@ pub struct Args {
     /// teacher.epochs=N` shortens both alike.
     #[arg(long, requires = "pytorch", conflicts_with = "epoch")]
     pub whole_pipeline: bool,
+    /// With --whole-pipeline: run only this side's rounds now (the other side's recorded rounds
+    /// are still read back and shown). Every side's run is recorded in
+    /// `<out>/pipeline-runs.json` as it ends; the same command run again reads back what is
+    /// recorded under the same conditions and runs what is missing (`--force` starts over).
+    #[arg(long, value_enum, requires = "whole_pipeline")]
+    pub side: Option<whole::Side>,
     /// Instead of timing, sample this measurement with `perf` and write where its CPU time goes
     /// (by kind of work) to `<out>/profile-<measurement>.md` (e.g. `teacher-step`).
     #[arg(long, value_name = "MEASUREMENT")]
@@ -675,32 +682,31 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `--whole-pipeline`: ours and PyTorch's whole pipeline, alternating, `--rounds` times.
-fn write_whole_pipeline(args: &Args, python: &std::path::Path) -> anyhow::Result<()> {
+/// `--whole-pipeline`: ours and PyTorch's whole pipeline, alternating, `--rounds` times, each
+/// side's runs recorded as they end and read back when recorded already (`runlog.rs`); writes
+/// `<out>/pipeline.md`.
+pub fn write_whole_pipeline(args: &Args, python: &std::path::Path) -> anyhow::Result<()> {
     let p = args.pipeline.open(&[])?;
     // Refused before our side spends a whole run on it.
     whole::check_mirrored(&p)?;
-    let (mut mine, mut theirs) = (Vec::new(), Vec::new());
-    for round in 1..=args.rounds {
-        tracing::info!("bench: round {round}/{}: our pipeline", args.rounds);
-        mine.push(whole::ours(args)?);
-        tracing::info!("bench: round {round}/{}: PyTorch's pipeline", args.rounds);
-        theirs.push(whole::theirs(args, &p, python)?);
-    }
+    let (mine, theirs) = whole::rounds(args, &p, python)?;
     let sets: String = args
         .pipeline
         .overrides
         .iter()
         .map(|s| format!(" --set {s}"))
         .collect();
+    let runs = |r: &[runlog::Recorded]| r.iter().map(|r| r.run.clone()).collect::<Vec<_>>();
     let md = format!(
-        "# The whole pipeline, side by side\n\n`kd-bench --pytorch PYTHON --whole-pipeline --rounds {}{sets}` on {} ({} teacher epochs, {} student epochs), {} threads each: our `kd-experiment pipeline` (each stage binary timed as a process) against PyTorch's script doing the same work (channels-last), alternating; seconds as median (range) over the rounds.\n\n{}",
+        "# The whole pipeline, side by side\n\n`kd-bench --pytorch PYTHON --whole-pipeline --rounds {}{sets}` on {} ({} teacher epochs, {} student epochs), {} threads each, on {}: our `kd-experiment pipeline` (each stage binary timed as a process) against PyTorch's script doing the same work (channels-last), alternating; seconds as median (range) over the rounds.\n\n{}\n{}",
         args.rounds,
         args.pipeline.pipeline.display(),
         p.config.teacher.epochs,
         p.config.student.epochs,
         threads(),
-        whole::table(&mine, &theirs)
+        runlog::machine(),
+        whole::table(&runs(&mine), &runs(&theirs)),
+        whole::when(args.rounds, &mine, &theirs),
     );
     std::fs::create_dir_all(&args.out)?;
     let path = args.out.join("pipeline.md");

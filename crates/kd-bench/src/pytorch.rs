@@ -8,7 +8,8 @@ use kd_train::table::Table;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
-const SCRIPT: &str = include_str!("../pytorch/bench.py");
+/// The script, built into this binary (written to a temporary file for each run).
+pub(crate) const SCRIPT: &str = include_str!("../pytorch/bench.py");
 
 /// Our measurements with a PyTorch counterpart, and the layouts PyTorch is run in.
 pub const COMPARED: [(&str, &[&str]); 4] = [

@@ -3,13 +3,16 @@
 //! artifacts folder) against PyTorch's script doing the same work (`pytorch/bench.py --only
 //! pipeline`, channels-last, with the pipeline file's values), alternating `--rounds` times.
 //! The default pipeline takes about two hours a side on a 2-core machine; `--set
-//! teacher.epochs=N` shortens both sides alike.
+//! teacher.epochs=N` shortens both sides alike. Each side's run is recorded the moment it ends
+//! (`runlog.rs`), so the same command run again finishes a comparison that was interrupted.
 
 use crate::pytorch::{run_script, Theirs};
+use crate::runlog::{self, Conditions, Recorded, RunLog};
 use crate::{median, Args};
 use anyhow::Context;
 use kd_train::stage::Pipeline;
 use kd_train::table::Table;
+use serde::{Deserialize, Serialize};
 use std::path::Path;
 use std::time::Instant;
 
@@ -25,7 +28,7 @@ const STAGES: [&str; 6] = [
 
 /// One whole run: every stage's seconds, the whole run's (start to exit) and the test
 /// accuracies of the three models.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Run {
     pub stages: Vec<(String, f64)>,
     pub seconds: f64,
@@ -38,15 +41,132 @@ impl Run {
     }
 }
 
-/// Our side: the plan of `kd-experiment pipeline` into a scratch folder, each step timed.
-pub fn ours(args: &Args) -> anyhow::Result<Run> {
-    let dir = crate::scratch(args, "pipeline", "ours")?;
-    let result = ours_in(args, &dir);
-    std::fs::remove_dir_all(&dir).ok();
-    result
+/// The two sides of the comparison.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Side {
+    Ours,
+    Pytorch,
 }
 
-fn ours_in(args: &Args, dir: &Path) -> anyhow::Result<Run> {
+impl Side {
+    fn name(self) -> &'static str {
+        match self {
+            Side::Ours => "ours",
+            Side::Pytorch => "pytorch",
+        }
+    }
+}
+
+/// `--whole-pipeline`: each round's two sides (only `--side` if given), each read back from the
+/// record when it holds that round under the same conditions, else run and recorded at once.
+/// Returns the recorded rounds of ours and of PyTorch's (at most `--rounds` each). Without
+/// `--side pytorch` PyTorch's side may be left out: when `python` cannot say its torch version,
+/// with a warning.
+pub fn rounds(
+    args: &Args,
+    p: &Pipeline,
+    python: &Path,
+) -> anyhow::Result<(Vec<Recorded>, Vec<Recorded>)> {
+    let mut log = RunLog::open(&args.out.join(runlog::FILE), args.pipeline.force)?;
+    let ours_c = our_conditions(args, p)?;
+    let theirs_c = match (args.side, their_conditions(p, python)) {
+        (Some(Side::Ours), Err(e)) => {
+            tracing::warn!("bench: PyTorch's side left out: {e:#}");
+            None
+        }
+        (_, c) => Some(c?),
+    };
+    let sides: Vec<(Side, &Conditions)> = [
+        (Side::Ours, Some(&ours_c)),
+        (Side::Pytorch, theirs_c.as_ref()),
+    ]
+    .into_iter()
+    .filter_map(|(s, c)| Some((s, c?)))
+    .collect();
+    for round in 1..=args.rounds {
+        for &(side, c) in &sides {
+            let at = format!(
+                "bench: round {round}/{}: {} pipeline",
+                args.rounds,
+                side.name()
+            );
+            if let Some(r) = log.get(c, round) {
+                tracing::info!("{at}: recorded at {}, read back", r.finished);
+                continue;
+            }
+            if args.side.is_some_and(|s| s != side) {
+                continue;
+            }
+            tracing::info!("{at}");
+            let run = match side {
+                Side::Ours => ours(args)?,
+                Side::Pytorch => theirs(args, p, python)?,
+            };
+            log.add(c.clone(), run)?;
+        }
+    }
+    let recorded = |c: Option<&Conditions>| -> Vec<Recorded> {
+        c.map(|c| log.under(c).take(args.rounds).cloned().collect())
+            .unwrap_or_default()
+    };
+    Ok((recorded(Some(&ours_c)), recorded(theirs_c.as_ref())))
+}
+
+/// The machine, the threads and the pipeline's resolved settings, for `side`.
+fn conditions(side: Side, p: &Pipeline, code: String) -> anyhow::Result<Conditions> {
+    Ok(Conditions {
+        side: side.name().to_string(),
+        machine: runlog::machine(),
+        threads: kd_train::stage::threads(),
+        settings: serde_json::to_value(&p.config)?,
+        code,
+    })
+}
+
+/// Our side's conditions: the code is every stage binary the plan runs (hashed by content).
+pub fn our_conditions(args: &Args, p: &Pipeline) -> anyhow::Result<Conditions> {
+    let (exp, pipeline) = experiment(args, &args.out)?;
+    let mut names: Vec<&str> = kd_experiment::plan::plan(&exp, &pipeline)?
+        .iter()
+        .map(|s| s.binary)
+        .collect();
+    names.sort_unstable();
+    names.dedup();
+    let bin = kd_experiment::binaries()?;
+    let mut parts = Vec::new();
+    for name in names {
+        let sha = kd_data::sha256_file(&bin.join(name))?;
+        parts.push(format!("{name} {sha}"));
+    }
+    conditions(
+        Side::Ours,
+        p,
+        runlog::digest(parts.iter().map(|s| s.as_bytes())),
+    )
+}
+
+/// PyTorch's side's conditions: the code is the script, the Python and its torch version.
+pub fn their_conditions(p: &Pipeline, python: &Path) -> anyhow::Result<Conditions> {
+    let out = std::process::Command::new(python)
+        .args(["-c", "import torch; print(torch.__version__)"])
+        .output()
+        .with_context(|| format!("starting {}", python.display()))?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{} has no torch (`just bench-pytorch` makes a Python that has)",
+        python.display()
+    );
+    let python = python.to_string_lossy();
+    let parts = [
+        crate::pytorch::SCRIPT.as_bytes(),
+        python.as_bytes(),
+        &out.stdout,
+    ];
+    conditions(Side::Pytorch, p, runlog::digest(parts))
+}
+
+/// `kd-experiment pipeline` with its artifacts under `dir`, and its pipeline.
+fn experiment(args: &Args, dir: &Path) -> anyhow::Result<(kd_experiment::Args, Pipeline)> {
     let exp = kd_experiment::Args {
         command: kd_experiment::Command::Pipeline,
         words: Vec::new(),
@@ -58,6 +178,19 @@ fn ours_in(args: &Args, dir: &Path) -> anyhow::Result<Run> {
         student_flags: Vec::new(),
     };
     let pipeline = exp.pipeline.open(&[])?;
+    Ok((exp, pipeline))
+}
+
+/// Our side: the plan of `kd-experiment pipeline` into a scratch folder, each step timed.
+pub fn ours(args: &Args) -> anyhow::Result<Run> {
+    let dir = crate::scratch(args, "pipeline", "ours")?;
+    let result = ours_in(args, &dir);
+    std::fs::remove_dir_all(&dir).ok();
+    result
+}
+
+fn ours_in(args: &Args, dir: &Path) -> anyhow::Result<Run> {
+    let (exp, pipeline) = experiment(args, dir)?;
     let steps = kd_experiment::plan::plan(&exp, &pipeline)?;
     let bin = kd_experiment::binaries()?;
     let start = Instant::now();
@@ -249,6 +382,24 @@ pub fn table(ours: &[Run], theirs: &[Run]) -> String {
         acc.row(&[name.to_string(), show(of(ours)), show(of(theirs))]);
     }
     format!("{}\n{}", t.to_markdown(), acc.to_markdown())
+}
+
+/// When each side's rounds ended (a comparison finished over several sittings shows it), and
+/// what is still missing.
+pub fn when(rounds: usize, ours: &[Recorded], theirs: &[Recorded]) -> String {
+    let mut lines = Vec::new();
+    for (side, runs) in [("ours", ours), ("PyTorch's", theirs)] {
+        let ended: Vec<&str> = runs.iter().map(|r| r.finished.as_str()).collect();
+        let mut line = format!("- {side}: {} of {rounds} rounds recorded", runs.len());
+        if !ended.is_empty() {
+            line += &format!(", ended {}", ended.join(", "));
+        }
+        if runs.len() < rounds {
+            line += "; run the same command again to measure the rest";
+        }
+        lines.push(line);
+    }
+    format!("Runs (from `{}`):\n\n{}\n", runlog::FILE, lines.join("\n"))
 }
 
 #[cfg(test)]

@@ -115,3 +115,66 @@ fn the_whole_pipeline_runs_every_stage_and_refuses_what_pytorch_cannot_mirror() 
         "{err:#}"
     );
 }
+
+/// `--whole-pipeline --side ours` on the default pipeline cut small: our run is recorded as it
+/// ends, PyTorch's side (no Python here) is shown as missing, and the same command again reads
+/// the recorded run back instead of running it.
+#[test]
+fn a_whole_pipeline_run_is_recorded_and_the_same_command_reads_it_back() {
+    let default = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../pipelines/fashion-mnist.toml"
+    );
+    let out = tempfile::tempdir().unwrap();
+    let flags = [
+        "kd-bench",
+        "--pipeline",
+        default,
+        "--out",
+        out.path().to_str().unwrap(),
+        "--pytorch",
+        "/no/python",
+        "--whole-pipeline",
+        "--side",
+        "ours",
+        "--rounds",
+        "1",
+    ];
+    let sets = [
+        "data.train_limit=400",
+        "data.val_size=100",
+        "data.test_limit=200",
+        "teacher.epochs=1",
+        "student.epochs=1",
+    ];
+    let sets = sets.iter().flat_map(|s| ["--set", s]);
+    let args = kd_bench::Args::try_parse_from(flags.into_iter().chain(sets)).unwrap();
+    let python = args.pytorch.clone().unwrap();
+    let record = out.path().join(kd_bench::runlog::FILE);
+    let report = out.path().join("pipeline.md");
+
+    kd_bench::write_whole_pipeline(&args, &python).unwrap_or_else(|e| panic!("{e:#}"));
+    let first = std::fs::read_to_string(&record).unwrap();
+    let runs: Vec<kd_bench::runlog::Recorded> = serde_json::from_str(&first).unwrap();
+    assert_eq!(runs.len(), 1, "{first}");
+    assert_eq!(runs[0].conditions.side, "ours");
+    assert_eq!(runs[0].conditions.settings["teacher"]["epochs"], 1);
+    assert_eq!(runs[0].run.stages.len(), 6, "{first}");
+    let md = std::fs::read_to_string(&report).unwrap();
+    assert!(
+        md.contains("- ours: 1 of 1 rounds recorded, ended 20"),
+        "{md}"
+    );
+    assert!(
+        md.contains("- PyTorch's: 0 of 1 rounds recorded; run the same command again"),
+        "{md}"
+    );
+
+    // Again: read back, not run (the record is the same bytes, the report the same table).
+    std::fs::remove_file(&report).unwrap();
+    kd_bench::write_whole_pipeline(&args, &python).unwrap_or_else(|e| panic!("{e:#}"));
+    assert_eq!(std::fs::read_to_string(&record).unwrap(), first);
+    assert_eq!(std::fs::read_to_string(&report).unwrap(), md);
+    let left: Vec<_> = std::fs::read_dir(out.path()).unwrap().collect();
+    assert_eq!(left.len(), 2, "scratch left behind: {left:?}");
+}
