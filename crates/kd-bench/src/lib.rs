@@ -192,9 +192,19 @@ fn peak_rss_kib() -> u64 {
         .unwrap_or(0)
 }
 
+/// This program, to run a measurement in a child process: itself, or (from a test binary) the
+/// `kd-bench` built beside the stage binaries.
+fn bench_exe() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe().context("finding this binary")?;
+    if exe.file_stem().is_some_and(|s| s == "kd-bench") {
+        return Ok(exe);
+    }
+    Ok(kd_experiment::binaries()?.join("kd-bench"))
+}
+
 /// One of our measurements in a child process of its own (its peak memory is its own).
 fn ours(args: &Args, name: &str) -> anyhow::Result<Measurement> {
-    let mut cmd = std::process::Command::new(std::env::current_exe()?);
+    let mut cmd = std::process::Command::new(bench_exe()?);
     cmd.args([
         "--only",
         name,

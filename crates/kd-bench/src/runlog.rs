@@ -137,6 +137,7 @@ mod tests {
             stages: vec![("teacher".to_string(), seconds)],
             seconds,
             accuracy: vec![("teacher".to_string(), 0.9)],
+            machine_gflops: vec![90.0, 95.0],
         }
     }
 

@@ -33,6 +33,10 @@ pub struct Run {
     pub stages: Vec<(String, f64)>,
     pub seconds: f64,
     pub accuracy: Vec<(String, f64)>,
+    /// The machine's matrix-product rate (GFLOP/s, [`crate::MATMUL`]) just before and just
+    /// after the run: whether the machine held its speed while it ran.
+    #[serde(default)]
+    pub machine_gflops: Vec<f64>,
 }
 
 impl Run {
@@ -98,10 +102,12 @@ pub fn rounds(
                 continue;
             }
             tracing::info!("{at}");
-            let run = match side {
+            let before = machine_gflops(args)?;
+            let mut run = match side {
                 Side::Ours => ours(args)?,
                 Side::Pytorch => theirs(args, p, python)?,
             };
+            run.machine_gflops = vec![before, machine_gflops(args)?];
             log.add(c.clone(), run)?;
         }
     }
@@ -110,6 +116,14 @@ pub fn rounds(
             .unwrap_or_default()
     };
     Ok((recorded(Some(&ours_c)), recorded(theirs_c.as_ref())))
+}
+
+/// The machine's matrix-product rate now, GFLOP/s (median of `--reps`; a child process, as
+/// every measurement). Some machines change speed by half from one hour to the next (a shared
+/// host): the rate before and after each run shows whether two runs saw the same machine.
+fn machine_gflops(args: &Args) -> anyhow::Result<f64> {
+    let m = crate::ours(args, crate::MATMUL)?;
+    Ok(crate::matmul_gflops(median(&m.images_per_sec())))
 }
 
 /// The machine, the threads and the pipeline's resolved settings, for `side`.
@@ -209,6 +223,7 @@ fn ours_in(args: &Args, dir: &Path) -> anyhow::Result<Run> {
         stages,
         seconds,
         accuracy,
+        machine_gflops: Vec::new(),
     })
 }
 
@@ -322,6 +337,7 @@ pub fn theirs(args: &Args, p: &Pipeline, python: &Path) -> anyhow::Result<Run> {
         stages,
         seconds,
         accuracy: accuracy.into_iter().collect(),
+        machine_gflops: Vec::new(),
     })
 }
 
@@ -384,20 +400,47 @@ pub fn table(ours: &[Run], theirs: &[Run]) -> String {
     format!("{}\n{}", t.to_markdown(), acc.to_markdown())
 }
 
-/// When each side's rounds ended (a comparison finished over several sittings shows it), and
-/// what is still missing.
+/// How far apart two matrix-product rates may be for runs to count as seen on the same machine.
+pub const SAME_SPEED: f64 = 1.10;
+
+/// When each side's rounds ended (a comparison finished over several sittings shows it), the
+/// machine's matrix-product rate around each run, what is still missing, and a warning when the
+/// machine's speed moved by more than [`SAME_SPEED`] across the runs compared.
 pub fn when(rounds: usize, ours: &[Recorded], theirs: &[Recorded]) -> String {
     let mut lines = Vec::new();
     for (side, runs) in [("ours", ours), ("PyTorch's", theirs)] {
-        let ended: Vec<&str> = runs.iter().map(|r| r.finished.as_str()).collect();
         let mut line = format!("- {side}: {} of {rounds} rounds recorded", runs.len());
-        if !ended.is_empty() {
-            line += &format!(", ended {}", ended.join(", "));
+        for r in runs {
+            let rate: Vec<String> = r
+                .run
+                .machine_gflops
+                .iter()
+                .map(|g| format!("{g:.0}"))
+                .collect();
+            line += &format!("; ended {}", r.finished);
+            if !rate.is_empty() {
+                line += &format!(
+                    " (matrix products {} GFLOP/s before / after)",
+                    rate.join(" / ")
+                );
+            }
         }
         if runs.len() < rounds {
             line += "; run the same command again to measure the rest";
         }
         lines.push(line);
+    }
+    let rates: Vec<f64> = ours
+        .iter()
+        .chain(theirs)
+        .flat_map(|r| r.run.machine_gflops.iter().copied())
+        .collect();
+    let lo = rates.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = rates.iter().copied().fold(0.0, f64::max);
+    if rates.len() >= 2 && hi > SAME_SPEED * lo {
+        lines.push(format!(
+            "\n**The machine's speed moved while these runs were measured** (matrix products {lo:.0}–{hi:.0} GFLOP/s): the ratios above do not compare the two sides on the same machine. Measure again (`--force`) while it holds still."
+        ));
     }
     format!("Runs (from `{}`):\n\n{}\n", runlog::FILE, lines.join("\n"))
 }
@@ -413,7 +456,51 @@ mod tests {
             stages,
             seconds,
             accuracy: vec![("teacher".to_string(), acc)],
+            machine_gflops: vec![],
         }
+    }
+
+    fn recorded(side: &str, gflops: &[f64]) -> Recorded {
+        Recorded {
+            conditions: runlog::Conditions {
+                side: side.to_string(),
+                machine: "m".to_string(),
+                threads: 2,
+                settings: serde_json::Value::Null,
+                code: String::new(),
+            },
+            finished: "2026-12-02T09:01:40Z".to_string(),
+            run: Run {
+                machine_gflops: gflops.to_vec(),
+                ..run(1.0, None, 1.0, 0.9)
+            },
+        }
+    }
+
+    #[test]
+    fn the_runs_say_when_they_ended_and_warn_when_the_machine_changed_speed() {
+        let steady = when(
+            2,
+            &[recorded("ours", &[95.0, 97.0])],
+            &[recorded("pytorch", &[93.0, 100.0])],
+        );
+        assert!(
+            steady.contains("- ours: 1 of 2 rounds recorded; ended 2026-12-02T09:01:40Z (matrix products 95 / 97 GFLOP/s before / after); run the same command again"),
+            "{steady}"
+        );
+        assert!(!steady.contains("speed moved"), "{steady}");
+        // A shared host that turned fast during PyTorch's run (this machine, 2026-12-02).
+        let moved = when(
+            1,
+            &[recorded("ours", &[95.0, 97.0])],
+            &[recorded("pytorch", &[93.0, 175.0])],
+        );
+        assert!(
+            moved.contains("speed moved") && moved.contains("93–175 GFLOP/s"),
+            "{moved}"
+        );
+        // Records without the rate (none to compare) warn of nothing.
+        assert!(!when(1, &[recorded("ours", &[])], &[]).contains("speed moved"));
     }
 
     #[test]

@@ -139,6 +139,10 @@ fn a_whole_pipeline_run_is_recorded_and_the_same_command_reads_it_back() {
         "ours",
         "--rounds",
         "1",
+        "--reps",
+        "1",
+        "--batches",
+        "1",
     ];
     let sets = [
         "data.train_limit=400",
@@ -160,11 +164,17 @@ fn a_whole_pipeline_run_is_recorded_and_the_same_command_reads_it_back() {
     assert_eq!(runs[0].conditions.side, "ours");
     assert_eq!(runs[0].conditions.settings["teacher"]["epochs"], 1);
     assert_eq!(runs[0].run.stages.len(), 6, "{first}");
+    let rates = &runs[0].run.machine_gflops;
+    assert!(
+        rates.len() == 2 && rates.iter().all(|g| *g > 0.1),
+        "{rates:?}"
+    );
     let md = std::fs::read_to_string(&report).unwrap();
     assert!(
-        md.contains("- ours: 1 of 1 rounds recorded, ended 20"),
+        md.contains("- ours: 1 of 1 rounds recorded; ended 20"),
         "{md}"
     );
+    assert!(md.contains("GFLOP/s before / after)"), "{md}");
     assert!(
         md.contains("- PyTorch's: 0 of 1 rounds recorded; run the same command again"),
         "{md}"
