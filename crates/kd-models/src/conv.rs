@@ -104,18 +104,17 @@ impl Conv {
             candle_core::bail!("stacking convolutions of different geometries or inputs");
         }
         let weights: Vec<&Tensor> = convs.iter().map(|c| &c.weight).collect();
-        let bias = match convs.iter().all(|c| c.bias.is_none()) {
-            true => None,
-            false => {
-                let biases = convs
-                    .iter()
-                    .map(|c| match &c.bias {
-                        Some(b) => Ok(b.clone()),
-                        None => Tensor::zeros(c.cout, c.weight.dtype(), c.weight.device()),
-                    })
-                    .collect::<Result<Vec<_>>>()?;
-                Some(Tensor::cat(&biases, 0)?)
-            }
+        let bias = if convs.iter().all(|c| c.bias.is_none()) {
+            None
+        } else {
+            let biases = convs
+                .iter()
+                .map(|c| match &c.bias {
+                    Some(b) => Ok(b.clone()),
+                    None => Tensor::zeros(c.cout, c.weight.dtype(), c.weight.device()),
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Some(Tensor::cat(&biases, 0)?)
         };
         Ok(Conv {
             weight: Tensor::cat(&weights, 0)?,
@@ -321,9 +320,10 @@ impl CustomOp2 for ConvOp {
             x.apply_op3_no_bwd(weight, &grad.contiguous()?, &op)
         })?;
         let nx = if op.input_gradient { x.elem_count() } else { 0 };
-        let dx = match op.input_gradient {
-            true => Some(both.narrow(0, 0, nx)?.reshape(x.shape())?),
-            false => None,
+        let dx = if op.input_gradient {
+            Some(both.narrow(0, 0, nx)?.reshape(x.shape())?)
+        } else {
+            None
         };
         let dw = both
             .narrow(0, nx, weight.elem_count())?
@@ -412,14 +412,15 @@ impl ConvBackward {
         let plane = f.h * f.w;
         let dw_len = cout * f.depth();
         // `dx` (when needed) is built in place, with room for `dW` after it.
-        let mut dx = match self.input_gradient {
-            true => Some(Filling::new(
+        let mut dx = if self.input_gradient {
+            Some(Filling::new(
                 f.c,
                 f.b * plane,
                 columns(&chunks, plane),
                 dw_len,
-            )?),
-            false => None,
+            )?)
+        } else {
+            None
         };
         let dx_blocks: Vec<Option<Block<T>>> = match &mut dx {
             Some(dx) => dx.blocks()?.into_iter().map(Some).collect(),
