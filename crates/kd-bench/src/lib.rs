@@ -706,7 +706,7 @@ pub fn write_whole_pipeline(args: &Args, python: &std::path::Path) -> anyhow::Re
         .iter()
         .map(|s| format!(" --set {s}"))
         .collect();
-    let runs = |r: &[runlog::Recorded]| r.iter().map(|r| r.run.clone()).collect::<Vec<_>>();
+    let runs = |r: &[whole::Recorded]| r.iter().map(|r| r.run.clone()).collect::<Vec<_>>();
     let md = format!(
         "# The whole pipeline, side by side\n\n`kd-bench --pytorch PYTHON --whole-pipeline --rounds {}{sets}` on {} ({} teacher epochs, {} student epochs), {} threads each, on {}: our `kd-experiment pipeline` (each stage binary timed as a process) against PyTorch's script doing the same work (channels-last), alternating; seconds as median (range) over the rounds.\n\n{}\n{}",
         args.rounds,

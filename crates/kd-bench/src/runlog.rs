@@ -6,8 +6,8 @@
 //! Anything that changed (a rebuilt binary, another machine, another setting) is measured afresh;
 //! `--force` starts the record over.
 
-use crate::whole::Run;
 use anyhow::Context;
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
@@ -30,22 +30,22 @@ pub struct Conditions {
     pub code: String,
 }
 
-/// One side's whole run and when it ended (UTC).
+/// One side's run `R` (`whole::Run`) and when it ended (UTC).
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Recorded {
+pub struct Recorded<R> {
     pub conditions: Conditions,
     pub finished: String,
-    pub run: Run,
+    pub run: R,
 }
 
 /// The record on disk and in memory, in the order the runs ended.
 #[derive(Debug)]
-pub struct RunLog {
+pub struct RunLog<R> {
     path: PathBuf,
-    runs: Vec<Recorded>,
+    runs: Vec<Recorded<R>>,
 }
 
-impl RunLog {
+impl<R: Serialize + DeserializeOwned> RunLog<R> {
     /// The record at `path` (empty when there is none yet, or when `fresh`). A file that does
     /// not read as a record is an error naming it, not silently replaced.
     pub fn open(path: &Path, fresh: bool) -> anyhow::Result<Self> {
@@ -69,18 +69,18 @@ impl RunLog {
     }
 
     /// The runs recorded under `c`, in the order they ended.
-    pub fn under<'a>(&'a self, c: &'a Conditions) -> impl Iterator<Item = &'a Recorded> + 'a {
+    pub fn under<'a>(&'a self, c: &'a Conditions) -> impl Iterator<Item = &'a Recorded<R>> + 'a {
         self.runs.iter().filter(move |r| r.conditions == *c)
     }
 
     /// The `round`-th (from 1) run recorded under `c`.
-    pub fn get<'a>(&'a self, c: &'a Conditions, round: usize) -> Option<&'a Recorded> {
+    pub fn get<'a>(&'a self, c: &'a Conditions, round: usize) -> Option<&'a Recorded<R>> {
         self.under(c).nth(round.checked_sub(1)?)
     }
 
     /// Adds a run that just ended and writes the record (atomically: an interruption leaves the
     /// previous one whole).
-    pub fn add(&mut self, conditions: Conditions, run: Run) -> anyhow::Result<()> {
+    pub fn add(&mut self, conditions: Conditions, run: R) -> anyhow::Result<()> {
         let finished = humantime::format_rfc3339_seconds(std::time::SystemTime::now());
         self.runs.push(Recorded {
             conditions,
@@ -132,13 +132,9 @@ mod tests {
         }
     }
 
-    fn run(seconds: f64) -> Run {
-        Run {
-            stages: vec![("teacher".to_string(), seconds)],
-            seconds,
-            accuracy: vec![("teacher".to_string(), 0.9)],
-            machine_gflops: vec![90.0, 95.0],
-        }
+    /// A run's seconds stand for the run.
+    fn run(seconds: f64) -> f64 {
+        seconds
     }
 
     #[test]
@@ -146,13 +142,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("deeper").join(FILE);
         let (ours, theirs) = (conditions("ours", "a"), conditions("pytorch", "b"));
-        let mut log = RunLog::open(&path, false).unwrap();
+        let mut log = RunLog::<f64>::open(&path, false).unwrap();
         log.add(ours.clone(), run(10.0)).unwrap();
         log.add(theirs.clone(), run(20.0)).unwrap();
         log.add(ours.clone(), run(11.0)).unwrap();
 
-        let log = RunLog::open(&path, false).unwrap();
-        let seconds = |c: &Conditions, round| log.get(c, round).map(|r| r.run.seconds);
+        let log = RunLog::<f64>::open(&path, false).unwrap();
+        let seconds = |c: &Conditions, round| log.get(c, round).map(|r| r.run);
         assert_eq!(seconds(&ours, 1), Some(10.0));
         assert_eq!(seconds(&ours, 2), Some(11.0));
         assert_eq!(seconds(&ours, 3), None);
@@ -172,12 +168,12 @@ mod tests {
         );
 
         // --force: the record starts over, and the next run replaces the file.
-        let mut fresh = RunLog::open(&path, true).unwrap();
+        let mut fresh = RunLog::<f64>::open(&path, true).unwrap();
         assert_eq!(fresh.under(&ours).count(), 0);
         fresh.add(theirs.clone(), run(30.0)).unwrap();
-        let log = RunLog::open(&path, false).unwrap();
+        let log = RunLog::<f64>::open(&path, false).unwrap();
         assert_eq!(log.under(&ours).count(), 0);
-        assert_eq!(log.get(&theirs, 1).map(|r| r.run.seconds), Some(30.0));
+        assert_eq!(log.get(&theirs, 1).map(|r| r.run), Some(30.0));
     }
 
     #[test]
@@ -185,7 +181,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(FILE);
         std::fs::write(&path, "{ not json").unwrap();
-        let err = RunLog::open(&path, false).unwrap_err();
+        let err = RunLog::<f64>::open(&path, false).unwrap_err();
         let msg = format!("{err:#}");
         assert!(
             msg.contains(&path.display().to_string()) && msg.contains("--force"),

@@ -7,7 +7,7 @@
 //! (`runlog.rs`), so the same command run again finishes a comparison that was interrupted.
 
 use crate::pytorch::{run_script, Theirs};
-use crate::runlog::{self, Conditions, Recorded, RunLog};
+use crate::runlog::{self, Conditions, RunLog};
 use crate::{median, Args};
 use anyhow::Context;
 use kd_train::stage::Pipeline;
@@ -25,6 +25,9 @@ const STAGES: [&str; 6] = [
     "export",
     "report",
 ];
+
+/// A run as the record keeps it.
+pub type Recorded = runlog::Recorded<Run>;
 
 /// One whole run: every stage's seconds, the whole run's (start to exit) and the test
 /// accuracies of the three models.
@@ -71,7 +74,7 @@ pub fn rounds(
     p: &Pipeline,
     python: &Path,
 ) -> anyhow::Result<(Vec<Recorded>, Vec<Recorded>)> {
-    let mut log = RunLog::open(&args.out.join(runlog::FILE), args.pipeline.force)?;
+    let mut log = RunLog::<Run>::open(&args.out.join(runlog::FILE), args.pipeline.force)?;
     let ours_c = our_conditions(args, p)?;
     let theirs_c = match (args.side, their_conditions(p, python)) {
         (Some(Side::Ours), Err(e)) => {

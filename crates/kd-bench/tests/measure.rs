@@ -159,7 +159,7 @@ fn a_whole_pipeline_run_is_recorded_and_the_same_command_reads_it_back() {
 
     kd_bench::write_whole_pipeline(&args, &python).unwrap_or_else(|e| panic!("{e:#}"));
     let first = std::fs::read_to_string(&record).unwrap();
-    let runs: Vec<kd_bench::runlog::Recorded> = serde_json::from_str(&first).unwrap();
+    let runs: Vec<kd_bench::whole::Recorded> = serde_json::from_str(&first).unwrap();
     assert_eq!(runs.len(), 1, "{first}");
     assert_eq!(runs[0].conditions.side, "ours");
     assert_eq!(runs[0].conditions.settings["teacher"]["epochs"], 1);
