@@ -65,7 +65,8 @@ pub struct Args {
     /// With --whole-pipeline: run only this side's rounds now (the other side's recorded rounds
     /// are still read back and shown). Every side's run is recorded in
     /// `<out>/pipeline-runs.json` as it ends; the same command run again reads back what is
-    /// recorded under the same conditions and runs what is missing (`--force` starts over).
+    /// recorded under the same conditions and runs what is missing (`--force` runs every round
+    /// again; the earlier runs stay in the file).
     #[arg(long, value_enum, requires = "whole_pipeline")]
     pub side: Option<whole::Side>,
     /// Instead of timing, sample this measurement with `perf` and write where its CPU time goes

@@ -4,7 +4,8 @@
 //! so a comparison can outlast one sitting: running the same command again reads back every
 //! round's side already recorded under the same conditions and runs only what is missing.
 //! Anything that changed (a rebuilt binary, another machine, another setting) is measured afresh;
-//! `--force` starts the record over.
+//! `--force` measures every round afresh; the runs recorded before it stay in the file (a
+//! two-hour run is never thrown away) but none of them stands in.
 
 use anyhow::Context;
 use serde::de::DeserializeOwned;
@@ -35,6 +36,9 @@ pub struct Conditions {
 pub struct Recorded<R> {
     pub conditions: Conditions,
     pub finished: String,
+    /// Recorded before a later `--force`: kept in the file, never read back.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub superseded: bool,
     pub run: R,
 }
 
@@ -46,31 +50,36 @@ pub struct RunLog<R> {
 }
 
 impl<R: Serialize + DeserializeOwned> RunLog<R> {
-    /// The record at `path` (empty when there is none yet, or when `fresh`). A file that does
-    /// not read as a record is an error naming it, not silently replaced.
+    /// The record at `path` (empty when there is none yet). When `fresh` (`--force`) its runs
+    /// are kept in the file but none is read back. A file that does not read as a record is an
+    /// error naming it, never replaced.
     pub fn open(path: &Path, fresh: bool) -> anyhow::Result<Self> {
-        let runs = match (fresh, path.exists()) {
-            (false, true) => {
-                let text = std::fs::read_to_string(path)
-                    .with_context(|| format!("reading {}", path.display()))?;
-                serde_json::from_str(&text).with_context(|| {
-                    format!(
-                        "{} is not a record of whole-pipeline runs (remove it, or pass --force)",
-                        path.display()
-                    )
-                })?
-            }
-            _ => Vec::new(),
+        let mut runs: Vec<Recorded<R>> = if path.exists() {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            serde_json::from_str(&text).with_context(|| {
+                format!(
+                    "{} is not a record of whole-pipeline runs (move it away to start a new one)",
+                    path.display()
+                )
+            })?
+        } else {
+            Vec::new()
         };
+        if fresh {
+            runs.iter_mut().for_each(|r| r.superseded = true);
+        }
         Ok(Self {
             path: path.to_path_buf(),
             runs,
         })
     }
 
-    /// The runs recorded under `c`, in the order they ended.
+    /// The runs recorded under `c` since the last `--force`, in the order they ended.
     pub fn under<'a>(&'a self, c: &'a Conditions) -> impl Iterator<Item = &'a Recorded<R>> + 'a {
-        self.runs.iter().filter(move |r| r.conditions == *c)
+        self.runs
+            .iter()
+            .filter(move |r| !r.superseded && r.conditions == *c)
     }
 
     /// The `round`-th (from 1) run recorded under `c`.
@@ -85,6 +94,7 @@ impl<R: Serialize + DeserializeOwned> RunLog<R> {
         self.runs.push(Recorded {
             conditions,
             finished: finished.to_string(),
+            superseded: false,
             run,
         });
         if let Some(dir) = self.path.parent() {
@@ -167,13 +177,24 @@ mod tests {
             "{finished}"
         );
 
-        // --force: the record starts over, and the next run replaces the file.
+        // --force: nothing recorded stands in, but every run stays in the file, the new one
+        // after them (read back as a later round).
         let mut fresh = RunLog::<f64>::open(&path, true).unwrap();
         assert_eq!(fresh.under(&ours).count(), 0);
+        assert_eq!(fresh.get(&theirs, 1).map(|r| r.run), None);
         fresh.add(theirs.clone(), run(30.0)).unwrap();
+        assert_eq!(fresh.get(&theirs, 1).map(|r| r.run), Some(30.0));
+        // Read again without --force: only the run since; the earlier ones still in the file.
         let log = RunLog::<f64>::open(&path, false).unwrap();
         assert_eq!(log.under(&ours).count(), 0);
-        assert_eq!(log.get(&theirs, 1).map(|r| r.run), Some(30.0));
+        assert_eq!(seconds_of(&log, &theirs), [30.0]);
+        assert_eq!(log.runs.len(), 4);
+        let all: Vec<f64> = log.runs.iter().map(|r| r.run).collect();
+        assert_eq!(all, [10.0, 20.0, 11.0, 30.0]);
+    }
+
+    fn seconds_of(log: &RunLog<f64>, c: &Conditions) -> Vec<f64> {
+        log.under(c).map(|r| r.run).collect()
     }
 
     #[test]
@@ -184,9 +205,11 @@ mod tests {
         let err = RunLog::<f64>::open(&path, false).unwrap_err();
         let msg = format!("{err:#}");
         assert!(
-            msg.contains(&path.display().to_string()) && msg.contains("--force"),
+            msg.contains(&path.display().to_string()) && msg.contains("move it away"),
             "{msg}"
         );
+        // Not even --force replaces it.
+        assert!(RunLog::<f64>::open(&path, true).is_err());
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "{ not json");
     }
 

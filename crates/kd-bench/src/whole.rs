@@ -473,6 +473,7 @@ mod tests {
                 code: String::new(),
             },
             finished: "2026-12-02T09:01:40Z".to_string(),
+            superseded: false,
             run: Run {
                 machine_gflops: gflops.to_vec(),
                 ..run(1.0, None, 1.0, 0.9)
