@@ -123,6 +123,23 @@ impl Frame {
     /// Row `(ci, ky, kx)` of the columns for `images` into `dst` (zeros where the tap falls in
     /// the padding are left as they are).
     fn gather_row<T: WithDType>(&self, x: &[T], row: usize, images: Range<usize>, dst: &mut [T]) {
+        let k = self.op.kernel;
+        let tap = (row / (k * k), (row / k) % k, row % k);
+        if self.op.stride == 1 && self.ow == self.w {
+            self.gather_row_shifted(x, tap, images, dst);
+        } else {
+            self.gather_row_by_rows(x, tap, images, dst);
+        }
+    }
+
+    /// [`Self::gather_row`] for any geometry, output row by output row.
+    fn gather_row_by_rows<T: WithDType>(
+        &self,
+        x: &[T],
+        (ci, ky, kx): (usize, usize, usize),
+        images: Range<usize>,
+        dst: &mut [T],
+    ) {
         let Self {
             op,
             b,
@@ -132,8 +149,6 @@ impl Frame {
             ow,
             ..
         } = *self;
-        let k = op.kernel;
-        let (ci, ky, kx) = (row / (k * k), (row / k) % k, row % k);
         let xs = op.valid(kx, w, ow);
         if xs.is_empty() {
             return;
@@ -154,6 +169,39 @@ impl Frame {
                         out[ox] = src[ox * op.stride + kx - op.padding];
                     }
                 }
+            }
+        }
+    }
+
+    /// [`Self::gather_row`] for a stride of 1 and rows as wide as the input's ("same" padding):
+    /// the tap's valid outputs of an image are its plane shifted by `(ky − p)·w + kx − p`, so
+    /// they are one contiguous copy (a copy per output row costs a call for 3 to 28 values); the
+    /// values that the shift wraps into the ends of rows, where the tap falls in the padding, are
+    /// set back to zero.
+    fn gather_row_shifted<T: WithDType>(
+        &self,
+        x: &[T],
+        (ci, ky, kx): (usize, usize, usize),
+        images: Range<usize>,
+        dst: &mut [T],
+    ) {
+        let Self {
+            op, b, h, w, oh, ..
+        } = *self;
+        let (xs, ys) = (op.valid(kx, w, w), op.valid(ky, h, oh));
+        if xs.is_empty() || ys.is_empty() {
+            return;
+        }
+        let len = (ys.len() - 1) * w + xs.len();
+        // The first valid output's source, (ys.start + ky − p, xs.start + kx − p).
+        let from = (ys.start + ky - op.padding) * w + xs.start + kx - op.padding;
+        for (i, bi) in images.enumerate() {
+            let plane = &x[(ci * b + bi) * h * w..(ci * b + bi + 1) * h * w];
+            let out = &mut dst[i * oh * w..(i + 1) * oh * w];
+            let start = ys.start * w + xs.start;
+            out[start..start + len].copy_from_slice(&plane[from..from + len]);
+            for oy in ys.start..ys.end - 1 {
+                out[oy * w + xs.end..(oy + 1) * w + xs.start].fill(T::zero());
             }
         }
     }
@@ -291,6 +339,45 @@ mod tests {
                 (lhs - rhs).abs() < 1e-10 * lhs.abs().max(1.0),
                 "case {i}: {lhs} vs {rhs}"
             );
+        }
+    }
+
+    /// A stride-1 "same" convolution's columns, gathered as shifted planes, are the row-by-row
+    /// path's, bit for bit — kernels as large as the plane or larger included (a 5×5 on 3×3).
+    #[test]
+    fn shifted_planes_gather_the_row_by_row_columns() {
+        for (i, &(k, h, w)) in [
+            (3, 5, 6),
+            (5, 7, 7),
+            (5, 3, 3),
+            (3, 1, 4),
+            (7, 2, 9),
+            (1, 3, 3),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let op = Im2Col {
+                kernel: k,
+                stride: 1,
+                padding: k / 2,
+            };
+            let f = op.on((2, 3, h, w)).unwrap();
+            let x: Vec<f32> = rand(&[2, 3, h, w], 40 + i as u64)
+                .iter()
+                .map(|&v| v as f32)
+                .collect();
+            let n = 2 * h * w;
+            for row in 0..f.depth() {
+                let tap = (row / (k * k), (row / k) % k, row % k);
+                // Zeroed, as the columns are: where the tap falls in the padding, both must
+                // leave (or put back) a zero.
+                let (mut shifted, mut by_rows) = (vec![0f32; n], vec![0f32; n]);
+                f.gather_row_shifted(&x, tap, 1..3, &mut shifted);
+                f.gather_row_by_rows(&x, tap, 1..3, &mut by_rows);
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&shifted), bits(&by_rows), "case {i}, row {row}");
+            }
         }
     }
 

@@ -1,9 +1,11 @@
 //! Whole-array paths for the two pools that dominate: the 3×3 / stride 1 / padding 1 max-pool of
 //! every Inception block and the students' 2×2 / stride 2 max-pool. Each takes all planes as one
 //! array (no per-plane window tables) and gives the general path's bits, ties, signed zeros and
-//! NaNs included (tested against it).
+//! NaNs included (tested against it). Every task's loops run in AVX2 where the CPU has it
+//! ([`wide`]: the same code and bits, eight lanes instead of four).
 
 use super::max_nan;
+use crate::cpu::wide;
 use candle_core::WithDType;
 use rayon::prelude::*;
 use std::hint::select_unpredictable;
@@ -26,31 +28,35 @@ pub(super) fn same_3x3_max<T: WithDType>(x: &[T], h: usize, w: usize) -> Vec<T> 
     tmp.par_chunks_mut(per_task)
         .zip(x.par_chunks(per_task))
         .for_each(|(t, x)| {
-            let n = x.len();
-            for i in 1..n - 1 {
-                t[i] = max_nan(max_nan(x[i - 1], x[i]), x[i + 1]);
-            }
-            for s in (0..n).step_by(w) {
-                t[s] = max_nan(x[s], x[s + 1]);
-                t[s + w - 1] = max_nan(x[s + w - 2], x[s + w - 1]);
-            }
+            wide(|| {
+                let n = x.len();
+                for i in 1..n - 1 {
+                    t[i] = max_nan(max_nan(x[i - 1], x[i]), x[i + 1]);
+                }
+                for s in (0..n).step_by(w) {
+                    t[s] = max_nan(x[s], x[s + 1]);
+                    t[s + w - 1] = max_nan(x[s + w - 2], x[s + w - 1]);
+                }
+            })
         });
     let mut out = vec![T::from_f64(0.0); x.len()];
     out.par_chunks_mut(per_task)
         .zip(tmp.par_chunks(per_task))
         .for_each(|(o, t)| {
-            let n = t.len();
-            for i in w..n - w {
-                o[i] = max_nan(max_nan(t[i - w], t[i]), t[i + w]);
-            }
-            for p in (0..n).step_by(plane) {
-                for i in p..p + w {
-                    o[i] = max_nan(t[i], t[i + w]);
+            wide(|| {
+                let n = t.len();
+                for i in w..n - w {
+                    o[i] = max_nan(max_nan(t[i - w], t[i]), t[i + w]);
                 }
-                for i in p + plane - w..p + plane {
-                    o[i] = max_nan(t[i - w], t[i]);
+                for p in (0..n).step_by(plane) {
+                    for i in p..p + w {
+                        o[i] = max_nan(t[i], t[i + w]);
+                    }
+                    for i in p + plane - w..p + plane {
+                        o[i] = max_nan(t[i - w], t[i]);
+                    }
                 }
-            }
+            })
         });
     out
 }
@@ -65,13 +71,15 @@ pub(super) fn max_2x2<T: WithDType>(x: &[T], w: usize) -> Vec<T> {
     out.par_chunks_mut(pairs_per_task * ow)
         .zip(x.par_chunks(pairs_per_task * 2 * w))
         .for_each(|(out, x)| {
-            for (o, rows) in out.chunks_exact_mut(ow).zip(x.chunks_exact(2 * w)) {
-                let (a, b) = rows.split_at(w);
-                let (a, b) = (a.as_chunks::<2>().0, b.as_chunks::<2>().0);
-                for ((o, a), b) in o.iter_mut().zip(a).zip(b) {
-                    *o = max_nan(max_nan(a[0], a[1]), max_nan(b[0], b[1]));
+            wide(|| {
+                for (o, rows) in out.chunks_exact_mut(ow).zip(x.chunks_exact(2 * w)) {
+                    let (a, b) = rows.split_at(w);
+                    let (a, b) = (a.as_chunks::<2>().0, b.as_chunks::<2>().0);
+                    for ((o, a), b) in o.iter_mut().zip(a).zip(b) {
+                        *o = max_nan(max_nan(a[0], a[1]), max_nan(b[0], b[1]));
+                    }
                 }
-            }
+            })
         });
     out
 }
@@ -90,33 +98,38 @@ pub(super) fn max_2x2_backward<T: WithDType>(x: &[T], res: &[T], grad: &[T], w: 
         .zip(res.par_chunks(pairs_per_task * ow))
         .zip(grad.par_chunks(pairs_per_task * ow))
         .for_each(|(((gx, x), res), grad)| {
-            let rows = gx.chunks_exact_mut(2 * w).zip(x.chunks_exact(2 * w));
-            for ((gx, x), (res, grad)) in rows.zip(res.chunks_exact(ow).zip(grad.chunks_exact(ow)))
-            {
-                let (xa, xb) = x.split_at(w);
-                let (ga, gb) = gx.split_at_mut(w);
-                let windows = xa.as_chunks::<2>().0.iter().zip(xb.as_chunks::<2>().0);
-                let grads = ga
-                    .as_chunks_mut::<2>()
-                    .0
-                    .iter_mut()
-                    .zip(gb.as_chunks_mut::<2>().0);
-                for (((a, b), (ga, gb)), (&m, &g)) in windows.zip(grads).zip(res.iter().zip(grad)) {
-                    #[allow(clippy::eq_op)]
-                    let m_nan = m != m;
-                    #[allow(clippy::eq_op)]
-                    let hit = |v: T| v == m || (v != v && m_nan);
-                    let h0 = hit(a[0]);
-                    let h1 = !h0 && hit(a[1]);
-                    let h2 = !(h0 || h1) && hit(b[0]);
-                    let h3 = !(h0 || h1 || h2) && hit(b[1]);
-                    let g = zero + g;
-                    ga[0] = select_unpredictable(h0, g, zero);
-                    ga[1] = select_unpredictable(h1, g, zero);
-                    gb[0] = select_unpredictable(h2, g, zero);
-                    gb[1] = select_unpredictable(h3, g, zero);
+            wide(|| {
+                let rows = gx.chunks_exact_mut(2 * w).zip(x.chunks_exact(2 * w));
+                for ((gx, x), (res, grad)) in
+                    rows.zip(res.chunks_exact(ow).zip(grad.chunks_exact(ow)))
+                {
+                    let (xa, xb) = x.split_at(w);
+                    let (ga, gb) = gx.split_at_mut(w);
+                    let windows = xa.as_chunks::<2>().0.iter().zip(xb.as_chunks::<2>().0);
+                    let grads = ga
+                        .as_chunks_mut::<2>()
+                        .0
+                        .iter_mut()
+                        .zip(gb.as_chunks_mut::<2>().0);
+                    for (((a, b), (ga, gb)), (&m, &g)) in
+                        windows.zip(grads).zip(res.iter().zip(grad))
+                    {
+                        #[allow(clippy::eq_op)]
+                        let m_nan = m != m;
+                        #[allow(clippy::eq_op)]
+                        let hit = |v: T| v == m || (v != v && m_nan);
+                        let h0 = hit(a[0]);
+                        let h1 = !h0 && hit(a[1]);
+                        let h2 = !(h0 || h1) && hit(b[0]);
+                        let h3 = !(h0 || h1 || h2) && hit(b[1]);
+                        let g = zero + g;
+                        ga[0] = select_unpredictable(h0, g, zero);
+                        ga[1] = select_unpredictable(h1, g, zero);
+                        gb[0] = select_unpredictable(h2, g, zero);
+                        gb[1] = select_unpredictable(h3, g, zero);
+                    }
                 }
-            }
+            })
         });
     gx
 }
@@ -167,8 +180,10 @@ pub(super) fn same_3x3_max_with_argmax<T: WithDType>(
         .zip(code.par_chunks_mut(per_task))
         .zip(x.par_chunks(per_task))
         .for_each_init(Scratch::default, |s, ((o, c), x)| {
-            let (t, tc) = s.along_x(x, w);
-            along_y_with_argmax(t, tc, o, c, plane, w);
+            wide(|| {
+                let (t, tc) = s.along_x(x, w);
+                along_y_with_argmax(t, tc, o, c, plane, w);
+            })
         });
     (out, code)
 }
@@ -191,6 +206,7 @@ impl<T> Default for Scratch<T> {
 
 impl<T: WithDType> Scratch<T> {
     /// [`along_x_with_argmax`] of `x` (whole rows of `w`) into these buffers.
+    #[inline(always)]
     fn along_x(&mut self, x: &[T], w: usize) -> (&[T], &[u8]) {
         self.t.resize(x.len(), T::from_f64(0.0));
         self.tc.resize(x.len(), 0);
@@ -201,6 +217,7 @@ impl<T: WithDType> Scratch<T> {
 
 /// The first of [`same_3x3_max_with_argmax`]'s passes: each row's 3-wide maximum and the
 /// column (0..3) of its arg-max.
+#[inline(always)]
 fn along_x_with_argmax<T: WithDType>(x: &[T], t: &mut [T], tc: &mut [u8], w: usize) {
     let n = x.len();
     for i in 1..n - 1 {
@@ -214,6 +231,7 @@ fn along_x_with_argmax<T: WithDType>(x: &[T], t: &mut [T], tc: &mut [u8], w: usi
 }
 
 /// The second pass: the maximum of three row maxima and the tap code of the winner's arg-max.
+#[inline(always)]
 fn along_y_with_argmax<T: WithDType>(
     t: &[T],
     tc: &[u8],
@@ -255,23 +273,25 @@ pub(super) fn same_3x3_max_backward<T: WithDType>(
     gx.par_chunks_mut(per_task)
         .zip(argmax.par_chunks(per_task).zip(grad.par_chunks(per_task)))
         .for_each(|(gx, (argmax, grad))| {
-            let n = gx.len();
-            // Tap 8 (bottom right) is the output up and left of the input: the first in
-            // row-major order.
-            for tap in (0..9u8).rev() {
-                let back = (tap / 3) as usize * w + (tap % 3) as usize;
-                let (dst, src) = if back > w {
-                    let d = back - (w + 1);
-                    (d..n, 0..n - d)
-                } else {
-                    let d = (w + 1) - back;
-                    (0..n - d, d..n)
-                };
-                let from = argmax[src.clone()].iter().zip(&grad[src]);
-                for (a, (&c, &g)) in gx[dst].iter_mut().zip(from) {
-                    *a += select_unpredictable(c == tap, g, zero);
+            wide(|| {
+                let n = gx.len();
+                // Tap 8 (bottom right) is the output up and left of the input: the first in
+                // row-major order.
+                for tap in (0..9u8).rev() {
+                    let back = (tap / 3) as usize * w + (tap % 3) as usize;
+                    let (dst, src) = if back > w {
+                        let d = back - (w + 1);
+                        (d..n, 0..n - d)
+                    } else {
+                        let d = (w + 1) - back;
+                        (0..n - d, d..n)
+                    };
+                    let from = argmax[src.clone()].iter().zip(&grad[src]);
+                    for (a, (&c, &g)) in gx[dst].iter_mut().zip(from) {
+                        *a += select_unpredictable(c == tap, g, zero);
+                    }
                 }
-            }
+            })
         });
     gx
 }
@@ -299,26 +319,29 @@ pub(super) fn max_3x3_s2_with_argmax<T: WithDType>(
         .zip(code.par_chunks_mut(out_per_task))
         .zip(x.par_chunks(planes_per_task * plane))
         .for_each_init(Scratch::default, |s, ((o, c), x)| {
-            let (t, tc) = s.along_x(x, w);
-            let rows = o.chunks_exact_mut(ow).zip(c.chunks_exact_mut(ow));
-            for (i, (o, c)) in rows.enumerate() {
-                let (p, oy) = (i / oh, i % oh);
-                let row = |r: usize| {
-                    let s = p * plane + (2 * oy + r) * w;
-                    (&t[s..s + 2 * ow], &tc[s..s + 2 * ow])
-                };
-                if 2 * oy + 2 < h {
-                    down_3_rows(row(0), row(1), row(2), o, c);
-                } else {
-                    down_2_rows(row(0), row(1), o, c);
+            wide(|| {
+                let (t, tc) = s.along_x(x, w);
+                let rows = o.chunks_exact_mut(ow).zip(c.chunks_exact_mut(ow));
+                for (i, (o, c)) in rows.enumerate() {
+                    let (p, oy) = (i / oh, i % oh);
+                    let row = |r: usize| {
+                        let s = p * plane + (2 * oy + r) * w;
+                        (&t[s..s + 2 * ow], &tc[s..s + 2 * ow])
+                    };
+                    if 2 * oy + 2 < h {
+                        down_3_rows(row(0), row(1), row(2), o, c);
+                    } else {
+                        down_2_rows(row(0), row(1), o, c);
+                    }
                 }
-            }
+            })
         });
     (out, code)
 }
 
 /// One output row of [`max_3x3_s2_with_argmax`] from its window's three rows of x-maxima: the
 /// centres are the odd columns.
+#[inline(always)]
 fn down_3_rows<T: WithDType>(
     (a, ac): (&[T], &[u8]),
     (b, bc): (&[T], &[u8]),
@@ -343,6 +366,7 @@ fn down_3_rows<T: WithDType>(
 }
 
 /// [`down_3_rows`] for ceil mode's last window, clipped to two rows.
+#[inline(always)]
 fn down_2_rows<T: WithDType>(
     (a, ac): (&[T], &[u8]),
     (b, bc): (&[T], &[u8]),
@@ -372,19 +396,21 @@ pub(super) fn max_3x3_s2_backward<T: WithDType>(
         .zip(argmax.par_chunks(planes_per_task * out_plane))
         .zip(grad.par_chunks(planes_per_task * out_plane))
         .for_each(|((gx, argmax), grad)| {
-            for (gx, (argmax, grad)) in gx.chunks_exact_mut(plane).zip(
-                argmax
-                    .chunks_exact(out_plane)
-                    .zip(grad.chunks_exact(out_plane)),
-            ) {
-                let rows = argmax.chunks_exact(ow).zip(grad.chunks_exact(ow));
-                for (oy, (argmax, grad)) in rows.enumerate() {
-                    for (ox, (&c, &g)) in argmax.iter().zip(grad).enumerate() {
-                        let (ky, kx) = ((c / 3) as usize, (c % 3) as usize);
-                        gx[(2 * oy + ky) * w + 2 * ox + kx] += g;
+            wide(|| {
+                for (gx, (argmax, grad)) in gx.chunks_exact_mut(plane).zip(
+                    argmax
+                        .chunks_exact(out_plane)
+                        .zip(grad.chunks_exact(out_plane)),
+                ) {
+                    let rows = argmax.chunks_exact(ow).zip(grad.chunks_exact(ow));
+                    for (oy, (argmax, grad)) in rows.enumerate() {
+                        for (ox, (&c, &g)) in argmax.iter().zip(grad).enumerate() {
+                            let (ky, kx) = ((c / 3) as usize, (c % 3) as usize);
+                            gx[(2 * oy + ky) * w + 2 * ox + kx] += g;
+                        }
                     }
                 }
-            }
+            })
         });
     gx
 }
