@@ -132,6 +132,12 @@ impl Frame {
         }
     }
 
+    /// Channel `ci`'s plane of image `bi` in `x` `[c, b, h, w]`.
+    fn plane<'a, T>(&self, x: &'a [T], ci: usize, bi: usize) -> &'a [T] {
+        let (size, at) = (self.h * self.w, ci * self.b + bi);
+        &x[at * size..(at + 1) * size]
+    }
+
     /// [`Self::gather_row`] for any geometry, output row by output row.
     fn gather_row_by_rows<T: WithDType>(
         &self,
@@ -141,20 +147,14 @@ impl Frame {
         dst: &mut [T],
     ) {
         let Self {
-            op,
-            b,
-            h,
-            w,
-            oh,
-            ow,
-            ..
+            op, h, w, oh, ow, ..
         } = *self;
         let xs = op.valid(kx, w, ow);
         if xs.is_empty() {
             return;
         }
         for (i, bi) in images.enumerate() {
-            let plane = &x[(ci * b + bi) * h * w..(ci * b + bi + 1) * h * w];
+            let plane = self.plane(x, ci, bi);
             for oy in 0..oh {
                 let Some(iy) = op.source(oy, ky, h) else {
                     continue;
@@ -185,9 +185,7 @@ impl Frame {
         images: Range<usize>,
         dst: &mut [T],
     ) {
-        let Self {
-            op, b, h, w, oh, ..
-        } = *self;
+        let Self { op, h, w, oh, .. } = *self;
         let (xs, ys) = (op.valid(kx, w, w), op.valid(ky, h, oh));
         if xs.is_empty() || ys.is_empty() {
             return;
@@ -196,7 +194,7 @@ impl Frame {
         // The first valid output's source, (ys.start + ky − p, xs.start + kx − p).
         let from = (ys.start + ky - op.padding) * w + xs.start + kx - op.padding;
         for (i, bi) in images.enumerate() {
-            let plane = &x[(ci * b + bi) * h * w..(ci * b + bi + 1) * h * w];
+            let plane = self.plane(x, ci, bi);
             let out = &mut dst[i * oh * w..(i + 1) * oh * w];
             let start = ys.start * w + xs.start;
             out[start..start + len].copy_from_slice(&plane[from..from + len]);
