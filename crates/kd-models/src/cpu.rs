@@ -12,13 +12,13 @@ pub(crate) fn contiguous<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Res
     }
 }
 
-/// Runs `f` compiled for AVX2 when the CPU has it (checked at run time; std caches the answer), else as built
-/// (x86-64's baseline: 4-lane SSE2 vectors). For the element-wise loops of our kernels that
-/// compare, select and copy (the pools): the same code in 8-lane vectors, about twice as fast
-/// where its data is in cache, and the same bits: no arithmetic is reordered or fused (Rust
-/// contracts no `a·b + c` into an FMA), so every lane computes what the scalar code would. The
-/// loops must be inlined into `f` (`#[inline(always)]`) to be compiled for AVX2: a function
-/// called out of line keeps the baseline build.
+/// Runs `f` compiled for AVX2 when the CPU has it (checked at run time; std caches the answer),
+/// else as built (x86-64's baseline: 4-lane SSE2 vectors). For the element-wise loops of our
+/// kernels that compare, select and copy (the pools): the same code in 8-lane vectors, about
+/// twice as fast where its data is in cache, and the same bits: no arithmetic is reordered or
+/// fused (Rust contracts no `a·b + c` into an FMA), so every lane computes what the scalar code
+/// would. The loops must be inlined into `f` (`#[inline(always)]`) to be compiled for AVX2: a
+/// function called out of line keeps the baseline build.
 #[inline(always)]
 pub(crate) fn wide<R>(f: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]
