@@ -193,10 +193,10 @@ impl Frame {
         let len = (ys.len() - 1) * w + xs.len();
         // The first valid output's source, (ys.start + ky − p, xs.start + kx − p).
         let from = (ys.start + ky - op.padding) * w + xs.start + kx - op.padding;
+        let start = ys.start * w + xs.start;
         for (i, bi) in images.enumerate() {
             let plane = self.plane(x, ci, bi);
             let out = &mut dst[i * oh * w..(i + 1) * oh * w];
-            let start = ys.start * w + xs.start;
             out[start..start + len].copy_from_slice(&plane[from..from + len]);
             for oy in ys.start..ys.end - 1 {
                 out[oy * w + xs.end..(oy + 1) * w + xs.start].fill(T::zero());
