@@ -176,10 +176,12 @@ macro_rules! with_dtype {
         impl WithDType for $ty {
             const DTYPE: DType = DType::$dtype;
 
+            #[inline]
             fn from_f64(v: f64) -> Self {
                 $from_f64(v)
             }
 
+            #[inline]
             fn to_f64(self) -> f64 {
                 $to_f64(self)
             }
