@@ -18,12 +18,24 @@ pub(crate) fn contiguous<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Res
 /// twice as fast where its data is in cache, and the same bits: no arithmetic is reordered or
 /// fused (Rust contracts no `a·b + c` into an FMA), so every lane computes what the scalar code
 /// would. The loops must be inlined into `f` (`#[inline(always)]`) to be compiled for AVX2: a
-/// function called out of line keeps the baseline build. So must `f` itself: write the call as
-/// `wide(#[inline(always)] || ...)`. A closure is called from two places here (the AVX2 frame and
-/// the fallback), and LLVM compiled the larger ones out of line, leaving the AVX2 frame a bare
-/// jump into SSE2 code — four of the pools' eight tasks, found in the disassembly.
+/// function called out of line keeps the baseline build. So must `f` itself, which is why callers
+/// write `wide!(|| ...)`: the macro marks the closure `#[inline(always)]`. A plain closure is
+/// called from two places here (the AVX2 frame and the fallback), and LLVM compiled the larger
+/// ones out of line, leaving the AVX2 frame a bare jump into SSE2 code — four of the pools' eight
+/// tasks, found in the disassembly.
+macro_rules! wide {
+    ($f:expr) => {
+        $crate::cpu::run_wide(
+            #[inline(always)]
+            $f,
+        )
+    };
+}
+pub(crate) use wide;
+
+/// The function behind [`wide!`]; call it through the macro.
 #[inline(always)]
-pub(crate) fn wide<R>(f: impl FnOnce() -> R) -> R {
+pub(crate) fn run_wide<R>(f: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: `avx2` only enables AVX2 instructions, and this CPU has them (just checked).

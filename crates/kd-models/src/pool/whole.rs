@@ -2,7 +2,7 @@
 //! every Inception block and the students' 2×2 / stride 2 max-pool. Each takes all planes as one
 //! array (no per-plane window tables) and gives the general path's bits, ties, signed zeros and
 //! NaNs included (tested against it). Every task's loops run in AVX2 where the CPU has it
-//! ([`wide`]: the same code and bits, eight lanes instead of four).
+//! ([`wide!`]: the same code and bits, eight lanes instead of four).
 
 use super::max_nan;
 use crate::cpu::wide;
@@ -28,7 +28,7 @@ pub(super) fn same_3x3_max<T: WithDType>(x: &[T], h: usize, w: usize) -> Vec<T> 
     tmp.par_chunks_mut(per_task)
         .zip(x.par_chunks(per_task))
         .for_each(|(t, x)| {
-            wide(#[inline(always)] || {
+            wide!(|| {
                 let n = x.len();
                 for i in 1..n - 1 {
                     t[i] = max_nan(max_nan(x[i - 1], x[i]), x[i + 1]);
@@ -43,7 +43,7 @@ pub(super) fn same_3x3_max<T: WithDType>(x: &[T], h: usize, w: usize) -> Vec<T> 
     out.par_chunks_mut(per_task)
         .zip(tmp.par_chunks(per_task))
         .for_each(|(o, t)| {
-            wide(#[inline(always)] || {
+            wide!(|| {
                 let n = t.len();
                 for i in w..n - w {
                     o[i] = max_nan(max_nan(t[i - w], t[i]), t[i + w]);
@@ -71,7 +71,7 @@ pub(super) fn max_2x2<T: WithDType>(x: &[T], w: usize) -> Vec<T> {
     out.par_chunks_mut(pairs_per_task * ow)
         .zip(x.par_chunks(pairs_per_task * 2 * w))
         .for_each(|(out, x)| {
-            wide(#[inline(always)] || {
+            wide!(|| {
                 for (o, rows) in out.chunks_exact_mut(ow).zip(x.chunks_exact(2 * w)) {
                     let (a, b) = rows.split_at(w);
                     let (a, b) = (a.as_chunks::<2>().0, b.as_chunks::<2>().0);
@@ -98,7 +98,7 @@ pub(super) fn max_2x2_backward<T: WithDType>(x: &[T], res: &[T], grad: &[T], w: 
         .zip(res.par_chunks(pairs_per_task * ow))
         .zip(grad.par_chunks(pairs_per_task * ow))
         .for_each(|(((gx, x), res), grad)| {
-            wide(#[inline(always)] || {
+            wide!(|| {
                 let rows = gx.chunks_exact_mut(2 * w).zip(x.chunks_exact(2 * w));
                 for ((gx, x), (res, grad)) in
                     rows.zip(res.chunks_exact(ow).zip(grad.chunks_exact(ow)))
@@ -180,7 +180,7 @@ pub(super) fn same_3x3_max_with_argmax<T: WithDType>(
         .zip(code.par_chunks_mut(per_task))
         .zip(x.par_chunks(per_task))
         .for_each_init(Scratch::default, |s, ((o, c), x)| {
-            wide(#[inline(always)] || {
+            wide!(|| {
                 let (t, tc) = s.along_x(x, w);
                 along_y_with_argmax(t, tc, o, c, plane, w);
             })
@@ -273,7 +273,7 @@ pub(super) fn same_3x3_max_backward<T: WithDType>(
     gx.par_chunks_mut(per_task)
         .zip(argmax.par_chunks(per_task).zip(grad.par_chunks(per_task)))
         .for_each(|(gx, (argmax, grad))| {
-            wide(#[inline(always)] || {
+            wide!(|| {
                 let n = gx.len();
                 // Tap 8 (bottom right) is the output up and left of the input: the first in
                 // row-major order.
@@ -319,7 +319,7 @@ pub(super) fn max_3x3_s2_with_argmax<T: WithDType>(
         .zip(code.par_chunks_mut(out_per_task))
         .zip(x.par_chunks(planes_per_task * plane))
         .for_each_init(Scratch::default, |s, ((o, c), x)| {
-            wide(#[inline(always)] || {
+            wide!(|| {
                 let (t, tc) = s.along_x(x, w);
                 let rows = o.chunks_exact_mut(ow).zip(c.chunks_exact_mut(ow));
                 for (i, (o, c)) in rows.enumerate() {
@@ -396,7 +396,7 @@ pub(super) fn max_3x3_s2_backward<T: WithDType>(
         .zip(argmax.par_chunks(planes_per_task * out_plane))
         .zip(grad.par_chunks(planes_per_task * out_plane))
         .for_each(|((gx, argmax), grad)| {
-            wide(#[inline(always)] || {
+            wide!(|| {
                 for (gx, (argmax, grad)) in gx.chunks_exact_mut(plane).zip(
                     argmax
                         .chunks_exact(out_plane)
