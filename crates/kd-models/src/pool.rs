@@ -604,6 +604,20 @@ mod tests {
             .collect()
     }
 
+    /// [`tricky_input`] three ways, named: NaNs everywhere (every task of the whole-array paths
+    /// takes their NaN-aware instance), none (every task the NaN-free one), and a single NaN two
+    /// thirds in (tasks of both kinds in one call).
+    fn tricky_inputs(n: usize, seed: u64) -> Vec<(&'static str, Vec<f32>)> {
+        let with = tricky_input(n, seed);
+        let without: Vec<f32> = with
+            .iter()
+            .map(|&v| if v.is_nan() { -0.0 } else { v })
+            .collect();
+        let mut one = without.clone();
+        one[n * 2 / 3] = f32::NAN;
+        vec![("NaNs", with), ("no NaN", without), ("one NaN", one)]
+    }
+
     /// The bit patterns, so that comparisons see signed zeros and NaNs.
     fn bits(v: &[f32]) -> Vec<u32> {
         v.iter().map(|f| f.to_bits()).collect()
@@ -669,11 +683,12 @@ mod tests {
     fn same_3x3_max_equals_the_general_path_to_the_bit() {
         let p = Pool2d::max(3, 1).padding(1);
         for (h, w) in [(2, 2), (7, 7), (14, 14), (3, 5), (28, 28)] {
-            let x = tricky_input(700 * h * w, 3);
-            let g = Geometry { h, w, oh: h, ow: w };
-            let fast = same_3x3_max(&x, h, w);
-            let general = p.forward_planes_general(&x, g);
-            assert_eq!(bits(&fast), bits(&general), "{h}x{w}");
+            for (kind, x) in tricky_inputs(700 * h * w, 3) {
+                let g = Geometry { h, w, oh: h, ow: w };
+                let fast = same_3x3_max(&x, h, w);
+                let general = p.forward_planes_general(&x, g);
+                assert_eq!(bits(&fast), bits(&general), "{h}x{w}, {kind}");
+            }
         }
     }
 
@@ -685,19 +700,20 @@ mod tests {
         let p = Pool2d::max(3, 1).padding(1);
         for (h, w) in [(2, 2), (7, 7), (14, 14), (3, 5), (28, 28), (2, 9)] {
             let n = 300 * h * w;
-            let x = tricky_input(n, 7);
-            let (out, argmax) = same_3x3_max_with_argmax(&x, h, w);
-            assert_eq!(bits(&out), bits(&same_3x3_max(&x, h, w)), "{h}x{w}");
-            // Gradients whose sums depend on the order of the additions.
-            let grad: Vec<f32> = tricky_input(n, 8)
-                .iter()
-                .zip(distinct_input(n, 10))
-                .map(|(&v, r)| if v == 1.0 { (r * 1e5) as f32 } else { v * 0.1 })
-                .collect();
-            let g = Geometry { h, w, oh: h, ow: w };
-            let general = p.backward_planes_general(&x, &out, &grad, g);
-            let gathered = same_3x3_max_backward(&argmax, &grad, h, w);
-            assert_eq!(bits(&gathered), bits(&general), "{h}x{w} backward");
+            for (kind, x) in tricky_inputs(n, 7) {
+                let (out, argmax) = same_3x3_max_with_argmax(&x, h, w);
+                assert_eq!(bits(&out), bits(&same_3x3_max(&x, h, w)), "{h}x{w}, {kind}");
+                // Gradients whose sums depend on the order of the additions.
+                let grad: Vec<f32> = tricky_input(n, 8)
+                    .iter()
+                    .zip(distinct_input(n, 10))
+                    .map(|(&v, r)| if v == 1.0 { (r * 1e5) as f32 } else { v * 0.1 })
+                    .collect();
+                let g = Geometry { h, w, oh: h, ow: w };
+                let general = p.backward_planes_general(&x, &out, &grad, g);
+                let gathered = same_3x3_max_backward(&argmax, &grad, h, w);
+                assert_eq!(bits(&gathered), bits(&general), "{h}x{w} backward, {kind}");
+            }
         }
     }
 
@@ -724,19 +740,20 @@ mod tests {
                     ow: p.out_len(w).unwrap(),
                 };
                 let planes = 300;
-                let x = tricky_input(planes * h * w, 11);
-                let (out, argmax) = max_3x3_s2_with_argmax(&x, (h, w), (g.oh, g.ow));
-                let general = p.forward_planes_general(&x, g);
-                assert_eq!(bits(&out), bits(&general), "{p:?} {h}x{w}");
-                let n = planes * g.oh * g.ow;
-                let grad: Vec<f32> = tricky_input(n, 12)
-                    .iter()
-                    .zip(distinct_input(n, 13))
-                    .map(|(&v, r)| if v == 1.0 { (r * 1e5) as f32 } else { v * 0.1 })
-                    .collect();
-                let want = p.backward_planes_general(&x, &out, &grad, g);
-                let got = max_3x3_s2_backward(&argmax, &grad, (h, w), (g.oh, g.ow));
-                assert_eq!(bits(&got), bits(&want), "{p:?} {h}x{w} backward");
+                for (kind, x) in tricky_inputs(planes * h * w, 11) {
+                    let (out, argmax) = max_3x3_s2_with_argmax(&x, (h, w), (g.oh, g.ow));
+                    let general = p.forward_planes_general(&x, g);
+                    assert_eq!(bits(&out), bits(&general), "{p:?} {h}x{w}, {kind}");
+                    let n = planes * g.oh * g.ow;
+                    let grad: Vec<f32> = tricky_input(n, 12)
+                        .iter()
+                        .zip(distinct_input(n, 13))
+                        .map(|(&v, r)| if v == 1.0 { (r * 1e5) as f32 } else { v * 0.1 })
+                        .collect();
+                    let want = p.backward_planes_general(&x, &out, &grad, g);
+                    let got = max_3x3_s2_backward(&argmax, &grad, (h, w), (g.oh, g.ow));
+                    assert_eq!(bits(&got), bits(&want), "{p:?} {h}x{w} backward, {kind}");
+                }
             }
         }
     }
@@ -776,24 +793,29 @@ mod tests {
         let p = Pool2d::max(2, 2);
         for (h, w) in [(2, 2), (28, 28), (14, 14), (4, 6)] {
             let n = 300 * h * w;
-            let x = tricky_input(n, 5);
-            let g = Geometry {
-                h,
-                w,
-                oh: h / 2,
-                ow: w / 2,
-            };
-            assert!(p.is_even_2x2_max(g));
-            let fast = max_2x2(&x, w);
-            assert_eq!(
-                bits(&fast),
-                bits(&p.forward_planes_general(&x, g)),
-                "{h}x{w}"
-            );
-            let grad = tricky_input(n / 4, 6);
-            let fast_gx = max_2x2_backward(&x, &fast, &grad, w);
-            let general_gx = p.backward_planes_general(&x, &fast, &grad, g);
-            assert_eq!(bits(&fast_gx), bits(&general_gx), "{h}x{w} backward");
+            for (kind, x) in tricky_inputs(n, 5) {
+                let g = Geometry {
+                    h,
+                    w,
+                    oh: h / 2,
+                    ow: w / 2,
+                };
+                assert!(p.is_even_2x2_max(g));
+                let fast = max_2x2(&x, w);
+                assert_eq!(
+                    bits(&fast),
+                    bits(&p.forward_planes_general(&x, g)),
+                    "{h}x{w}, {kind}"
+                );
+                let grad = tricky_input(n / 4, 6);
+                let fast_gx = max_2x2_backward(&x, &fast, &grad, w);
+                let general_gx = p.backward_planes_general(&x, &fast, &grad, g);
+                assert_eq!(
+                    bits(&fast_gx),
+                    bits(&general_gx),
+                    "{h}x{w} backward, {kind}"
+                );
+            }
         }
         // Odd sizes take the general path.
         assert!(!p.is_even_2x2_max(Geometry {

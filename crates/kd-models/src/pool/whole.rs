@@ -2,7 +2,9 @@
 //! every Inception block and the students' 2×2 / stride 2 max-pool. Each takes all planes as one
 //! array (no per-plane window tables) and gives the general path's bits, ties, signed zeros and
 //! NaNs included (tested against it). Every task's loops run in AVX2 where the CPU has it
-//! ([`wide!`]: the same code and bits, eight lanes instead of four).
+//! ([`wide!`]: the same code and bits, eight lanes instead of four), and a task whose input holds
+//! no NaN — every task of a healthy network — takes the kernels' NaN-free instance (`NAN =
+//! false`, [`by_nan`]), where each comparison of a window is one instruction instead of four.
 
 use super::max_nan;
 use crate::cpu::wide;
@@ -27,38 +29,74 @@ pub(super) fn same_3x3_max<T: WithDType>(x: &[T], h: usize, w: usize) -> Vec<T> 
     let mut tmp = vec![T::from_f64(0.0); x.len()];
     tmp.par_chunks_mut(per_task)
         .zip(x.par_chunks(per_task))
-        .for_each(|(t, x)| {
-            wide!(|| {
-                let n = x.len();
-                for i in 1..n - 1 {
-                    t[i] = max_nan(max_nan(x[i - 1], x[i]), x[i + 1]);
-                }
-                for s in (0..n).step_by(w) {
-                    t[s] = max_nan(x[s], x[s + 1]);
-                    t[s + w - 1] = max_nan(x[s + w - 2], x[s + w - 1]);
-                }
-            })
-        });
+        .for_each(|(t, x)| wide!(|| by_nan!(x, max_along_x(x, t, w))));
     let mut out = vec![T::from_f64(0.0); x.len()];
     out.par_chunks_mut(per_task)
         .zip(tmp.par_chunks(per_task))
-        .for_each(|(o, t)| {
-            wide!(|| {
-                let n = t.len();
-                for i in w..n - w {
-                    o[i] = max_nan(max_nan(t[i - w], t[i]), t[i + w]);
-                }
-                for p in (0..n).step_by(plane) {
-                    for i in p..p + w {
-                        o[i] = max_nan(t[i], t[i + w]);
-                    }
-                    for i in p + plane - w..p + plane {
-                        o[i] = max_nan(t[i - w], t[i]);
-                    }
-                }
-            })
-        });
+        .for_each(|(o, t)| wide!(|| by_nan!(t, max_along_y(t, o, plane, w))));
     out
+}
+
+/// [`same_3x3_max`]'s first pass: each row's 3-wide maximum.
+#[inline(always)]
+fn max_along_x<const NAN: bool, T: WithDType>(x: &[T], t: &mut [T], w: usize) {
+    let n = x.len();
+    for i in 1..n - 1 {
+        t[i] = max_of::<NAN, T>(max_of::<NAN, T>(x[i - 1], x[i]), x[i + 1]);
+    }
+    for s in (0..n).step_by(w) {
+        t[s] = max_of::<NAN, T>(x[s], x[s + 1]);
+        t[s + w - 1] = max_of::<NAN, T>(x[s + w - 2], x[s + w - 1]);
+    }
+}
+
+/// [`same_3x3_max`]'s second pass: the maximum of three row maxima.
+#[inline(always)]
+fn max_along_y<const NAN: bool, T: WithDType>(t: &[T], o: &mut [T], plane: usize, w: usize) {
+    let n = t.len();
+    for i in w..n - w {
+        o[i] = max_of::<NAN, T>(max_of::<NAN, T>(t[i - w], t[i]), t[i + w]);
+    }
+    for p in (0..n).step_by(plane) {
+        for i in p..p + w {
+            o[i] = max_of::<NAN, T>(t[i], t[i + w]);
+        }
+        for i in p + plane - w..p + plane {
+            o[i] = max_of::<NAN, T>(t[i - w], t[i]);
+        }
+    }
+}
+
+/// `$call` with `NAN = true` if `$x` holds a NaN, else with `NAN = false` (`$call` names a
+/// function generic over `const NAN: bool` first, then the element type).
+macro_rules! by_nan {
+    ($x:expr, $f:ident($($arg:expr),* $(,)?)) => {
+        if has_nan($x) {
+            $f::<true, _>($($arg),*)
+        } else {
+            $f::<false, _>($($arg),*)
+        }
+    };
+}
+use by_nan;
+
+/// Whether `x` holds a NaN: one pass with no early exit, so that it vectorises (a task's input,
+/// in cache for the pass that follows).
+#[inline(always)]
+fn has_nan<T: WithDType>(x: &[T]) -> bool {
+    #[allow(clippy::eq_op)]
+    x.iter().fold(false, |any, &v| any | (v != v))
+}
+
+/// [`max_nan`], or (`NAN = false`) the same for inputs known to hold no NaN: the greater, the
+/// earlier on a tie — one comparison.
+#[inline(always)]
+fn max_of<const NAN: bool, T: WithDType>(m: T, v: T) -> T {
+    if NAN {
+        max_nan(m, v)
+    } else {
+        select_unpredictable(v > m, v, m)
+    }
 }
 
 /// The 2×2 / stride 2 max-pool of `[rows, w]` (all planes' rows in a row; `rows` and `w` even, so
@@ -70,18 +108,21 @@ pub(super) fn max_2x2<T: WithDType>(x: &[T], w: usize) -> Vec<T> {
     let mut out = vec![T::from_f64(0.0); x.len() / 4];
     out.par_chunks_mut(pairs_per_task * ow)
         .zip(x.par_chunks(pairs_per_task * 2 * w))
-        .for_each(|(out, x)| {
-            wide!(|| {
-                for (o, rows) in out.chunks_exact_mut(ow).zip(x.chunks_exact(2 * w)) {
-                    let (a, b) = rows.split_at(w);
-                    let (a, b) = (a.as_chunks::<2>().0, b.as_chunks::<2>().0);
-                    for ((o, a), b) in o.iter_mut().zip(a).zip(b) {
-                        *o = max_nan(max_nan(a[0], a[1]), max_nan(b[0], b[1]));
-                    }
-                }
-            })
-        });
+        .for_each(|(out, x)| wide!(|| by_nan!(x, max_2x2_rows(x, out, w))));
     out
+}
+
+/// [`max_2x2`] of whole pairs of rows `x` into their output rows `out`.
+#[inline(always)]
+fn max_2x2_rows<const NAN: bool, T: WithDType>(x: &[T], out: &mut [T], w: usize) {
+    let max = max_of::<NAN, T>;
+    for (o, rows) in out.chunks_exact_mut(w / 2).zip(x.chunks_exact(2 * w)) {
+        let (a, b) = rows.split_at(w);
+        let (a, b) = (a.as_chunks::<2>().0, b.as_chunks::<2>().0);
+        for ((o, a), b) in o.iter_mut().zip(a).zip(b) {
+            *o = max(max(a[0], a[1]), max(b[0], b[1]));
+        }
+    }
 }
 
 /// The input gradient of [`max_2x2`]: each output's gradient goes to the first input of its
@@ -136,30 +177,39 @@ pub(super) fn max_2x2_backward<T: WithDType>(x: &[T], res: &[T], grad: &[T], w: 
 
 /// Does `v` displace `m` as a window's arg-max so far? A greater value, or the first NaN: ties
 /// keep the earlier input, as the general path's backward search does.
+/// Without `NAN`, for inputs known to hold none: a greater value.
 #[inline(always)]
-fn displaces<T: WithDType>(m: T, v: T) -> bool {
+fn displaces<const NAN: bool, T: WithDType>(m: T, v: T) -> bool {
     #[allow(clippy::eq_op)]
     let (m_nan, v_nan) = (m != m, v != v);
-    v > m || (v_nan && !m_nan)
+    v > m || (NAN && v_nan && !m_nan)
 }
 
 /// The maximum of three taps taken in order (the general path's `max_nan` chain) and the code of
 /// its arg-max: `codes` are each tap's own, and the first of equal maxima keeps it.
 #[inline(always)]
-fn max3_with_code<T: WithDType>(a: T, b: T, c: T, (ka, kb, kc): (u8, u8, u8)) -> (T, u8) {
-    let ab = displaces(a, b);
+fn max3_with_code<const NAN: bool, T: WithDType>(
+    a: T,
+    b: T,
+    c: T,
+    (ka, kb, kc): (u8, u8, u8),
+) -> (T, u8) {
+    let ab = displaces::<NAN, T>(a, b);
     let m = select_unpredictable(ab, b, a);
     let k = select_unpredictable(ab, kb, ka);
     (
-        max_nan(max_nan(a, b), c),
-        select_unpredictable(displaces(m, c), kc, k),
+        max_of::<NAN, T>(max_of::<NAN, T>(a, b), c),
+        select_unpredictable(displaces::<NAN, T>(m, c), kc, k),
     )
 }
 
 /// [`max3_with_code`] for a window clipped to two taps.
 #[inline(always)]
-fn max2_with_code<T: WithDType>(a: T, b: T, (ka, kb): (u8, u8)) -> (T, u8) {
-    (max_nan(a, b), select_unpredictable(displaces(a, b), kb, ka))
+fn max2_with_code<const NAN: bool, T: WithDType>(a: T, b: T, (ka, kb): (u8, u8)) -> (T, u8) {
+    (
+        max_of::<NAN, T>(a, b),
+        select_unpredictable(displaces::<NAN, T>(a, b), kb, ka),
+    )
 }
 
 /// [`same_3x3_max`] that also returns each output's arg-max as a tap code `ky·3 + kx` (row and
@@ -180,12 +230,21 @@ pub(super) fn same_3x3_max_with_argmax<T: WithDType>(
         .zip(code.par_chunks_mut(per_task))
         .zip(x.par_chunks(per_task))
         .for_each_init(Scratch::default, |s, ((o, c), x)| {
-            wide!(|| {
-                let (t, tc) = s.along_x(x, w);
-                along_y_with_argmax(t, tc, o, c, plane, w);
-            })
+            wide!(|| by_nan!(x, same_3x3_task(s, x, (o, c), (plane, w))))
         });
     (out, code)
+}
+
+/// One task of [`same_3x3_max_with_argmax`]: whole planes `x` into their outputs and codes.
+#[inline(always)]
+fn same_3x3_task<const NAN: bool, T: WithDType>(
+    s: &mut Scratch<T>,
+    x: &[T],
+    (o, c): (&mut [T], &mut [u8]),
+    (plane, w): (usize, usize),
+) {
+    let (t, tc) = s.along_x::<NAN>(x, w);
+    along_y_with_argmax::<NAN, T>(t, tc, o, c, plane, w);
 }
 
 /// A task's buffers for the x-pass of a pool with arg-max, reused from task to task: the pass's
@@ -207,10 +266,10 @@ impl<T> Default for Scratch<T> {
 impl<T: WithDType> Scratch<T> {
     /// [`along_x_with_argmax`] of `x` (whole rows of `w`) into these buffers.
     #[inline(always)]
-    fn along_x(&mut self, x: &[T], w: usize) -> (&[T], &[u8]) {
+    fn along_x<const NAN: bool>(&mut self, x: &[T], w: usize) -> (&[T], &[u8]) {
         self.t.resize(x.len(), T::from_f64(0.0));
         self.tc.resize(x.len(), 0);
-        along_x_with_argmax(x, &mut self.t, &mut self.tc, w);
+        along_x_with_argmax::<NAN, T>(x, &mut self.t, &mut self.tc, w);
         (&self.t, &self.tc)
     }
 }
@@ -218,21 +277,26 @@ impl<T: WithDType> Scratch<T> {
 /// The first of [`same_3x3_max_with_argmax`]'s passes: each row's 3-wide maximum and the
 /// column (0..3) of its arg-max.
 #[inline(always)]
-fn along_x_with_argmax<T: WithDType>(x: &[T], t: &mut [T], tc: &mut [u8], w: usize) {
+fn along_x_with_argmax<const NAN: bool, T: WithDType>(
+    x: &[T],
+    t: &mut [T],
+    tc: &mut [u8],
+    w: usize,
+) {
     let n = x.len();
     for i in 1..n - 1 {
-        (t[i], tc[i]) = max3_with_code(x[i - 1], x[i], x[i + 1], (0, 1, 2));
+        (t[i], tc[i]) = max3_with_code::<NAN, T>(x[i - 1], x[i], x[i + 1], (0, 1, 2));
     }
     for s in (0..n).step_by(w) {
-        (t[s], tc[s]) = max2_with_code(x[s], x[s + 1], (1, 2));
+        (t[s], tc[s]) = max2_with_code::<NAN, T>(x[s], x[s + 1], (1, 2));
         let e = s + w - 1;
-        (t[e], tc[e]) = max2_with_code(x[e - 1], x[e], (0, 1));
+        (t[e], tc[e]) = max2_with_code::<NAN, T>(x[e - 1], x[e], (0, 1));
     }
 }
 
 /// The second pass: the maximum of three row maxima and the tap code of the winner's arg-max.
 #[inline(always)]
-fn along_y_with_argmax<T: WithDType>(
+fn along_y_with_argmax<const NAN: bool, T: WithDType>(
     t: &[T],
     tc: &[u8],
     o: &mut [T],
@@ -243,14 +307,16 @@ fn along_y_with_argmax<T: WithDType>(
     let n = t.len();
     for i in w..n - w {
         let codes = (tc[i - w], 3 + tc[i], 6 + tc[i + w]);
-        (o[i], code[i]) = max3_with_code(t[i - w], t[i], t[i + w], codes);
+        (o[i], code[i]) = max3_with_code::<NAN, T>(t[i - w], t[i], t[i + w], codes);
     }
     for p in (0..n).step_by(plane) {
         for i in p..p + w {
-            (o[i], code[i]) = max2_with_code(t[i], t[i + w], (3 + tc[i], 6 + tc[i + w]));
+            let codes = (3 + tc[i], 6 + tc[i + w]);
+            (o[i], code[i]) = max2_with_code::<NAN, T>(t[i], t[i + w], codes);
         }
         for i in p + plane - w..p + plane {
-            (o[i], code[i]) = max2_with_code(t[i - w], t[i], (tc[i - w], 3 + tc[i]));
+            let codes = (tc[i - w], 3 + tc[i]);
+            (o[i], code[i]) = max2_with_code::<NAN, T>(t[i - w], t[i], codes);
         }
     }
 }
@@ -319,30 +385,41 @@ pub(super) fn max_3x3_s2_with_argmax<T: WithDType>(
         .zip(code.par_chunks_mut(out_per_task))
         .zip(x.par_chunks(planes_per_task * plane))
         .for_each_init(Scratch::default, |s, ((o, c), x)| {
-            wide!(|| {
-                let (t, tc) = s.along_x(x, w);
-                let rows = o.chunks_exact_mut(ow).zip(c.chunks_exact_mut(ow));
-                for (i, (o, c)) in rows.enumerate() {
-                    let (p, oy) = (i / oh, i % oh);
-                    let row = |r: usize| {
-                        let s = p * plane + (2 * oy + r) * w;
-                        (&t[s..s + 2 * ow], &tc[s..s + 2 * ow])
-                    };
-                    if 2 * oy + 2 < h {
-                        down_3_rows(row(0), row(1), row(2), o, c);
-                    } else {
-                        down_2_rows(row(0), row(1), o, c);
-                    }
-                }
-            })
+            wide!(|| by_nan!(x, s2_task(s, x, (o, c), (h, w), (oh, ow))))
         });
     (out, code)
+}
+
+/// One task of [`max_3x3_s2_with_argmax`]: whole planes `x` into their outputs and codes.
+#[inline(always)]
+fn s2_task<const NAN: bool, T: WithDType>(
+    s: &mut Scratch<T>,
+    x: &[T],
+    (o, c): (&mut [T], &mut [u8]),
+    (h, w): (usize, usize),
+    (oh, ow): (usize, usize),
+) {
+    let plane = h * w;
+    let (t, tc) = s.along_x::<NAN>(x, w);
+    let rows = o.chunks_exact_mut(ow).zip(c.chunks_exact_mut(ow));
+    for (i, (o, c)) in rows.enumerate() {
+        let (p, oy) = (i / oh, i % oh);
+        let row = |r: usize| {
+            let s = p * plane + (2 * oy + r) * w;
+            (&t[s..s + 2 * ow], &tc[s..s + 2 * ow])
+        };
+        if 2 * oy + 2 < h {
+            down_3_rows::<NAN, T>(row(0), row(1), row(2), o, c);
+        } else {
+            down_2_rows::<NAN, T>(row(0), row(1), o, c);
+        }
+    }
 }
 
 /// One output row of [`max_3x3_s2_with_argmax`] from its window's three rows of x-maxima: the
 /// centres are the odd columns.
 #[inline(always)]
-fn down_3_rows<T: WithDType>(
+fn down_3_rows<const NAN: bool, T: WithDType>(
     (a, ac): (&[T], &[u8]),
     (b, bc): (&[T], &[u8]),
     (c, cc): (&[T], &[u8]),
@@ -361,13 +438,13 @@ fn down_3_rows<T: WithDType>(
     );
     for (ox, (o, code)) in o.iter_mut().zip(code.iter_mut()).enumerate() {
         let codes = (ac[ox][1], 3 + bc[ox][1], 6 + cc[ox][1]);
-        (*o, *code) = max3_with_code(a[ox][1], b[ox][1], c[ox][1], codes);
+        (*o, *code) = max3_with_code::<NAN, T>(a[ox][1], b[ox][1], c[ox][1], codes);
     }
 }
 
 /// [`down_3_rows`] for ceil mode's last window, clipped to two rows.
 #[inline(always)]
-fn down_2_rows<T: WithDType>(
+fn down_2_rows<const NAN: bool, T: WithDType>(
     (a, ac): (&[T], &[u8]),
     (b, bc): (&[T], &[u8]),
     o: &mut [T],
@@ -376,7 +453,7 @@ fn down_2_rows<T: WithDType>(
     let (a, b) = (a.as_chunks::<2>().0, b.as_chunks::<2>().0);
     let (ac, bc) = (ac.as_chunks::<2>().0, bc.as_chunks::<2>().0);
     for (ox, (o, code)) in o.iter_mut().zip(code.iter_mut()).enumerate() {
-        (*o, *code) = max2_with_code(a[ox][1], b[ox][1], (ac[ox][1], 3 + bc[ox][1]));
+        (*o, *code) = max2_with_code::<NAN, T>(a[ox][1], b[ox][1], (ac[ox][1], 3 + bc[ox][1]));
     }
 }
 
