@@ -334,32 +334,56 @@ pub(super) fn same_3x3_max_backward<T: WithDType>(
 ) -> Vec<T> {
     let plane = h * w;
     let per_task = plane * (TASK_ELEMENTS / plane).max(1);
-    let zero = T::from_f64(0.0);
-    let mut gx = vec![zero; grad.len()];
+    let mut gx = vec![T::from_f64(0.0); grad.len()];
     gx.par_chunks_mut(per_task)
         .zip(argmax.par_chunks(per_task).zip(grad.par_chunks(per_task)))
-        .for_each(|(gx, (argmax, grad))| {
-            wide!(|| {
-                let n = gx.len();
-                // Tap 8 (bottom right) is the output up and left of the input: the first in
-                // row-major order.
-                for tap in (0..9u8).rev() {
-                    let back = (tap / 3) as usize * w + (tap % 3) as usize;
-                    let (dst, src) = if back > w {
-                        let d = back - (w + 1);
-                        (d..n, 0..n - d)
-                    } else {
-                        let d = (w + 1) - back;
-                        (0..n - d, d..n)
-                    };
-                    let from = argmax[src.clone()].iter().zip(&grad[src]);
-                    for (a, (&c, &g)) in gx[dst].iter_mut().zip(from) {
-                        *a += select_unpredictable(c == tap, g, zero);
-                    }
-                }
-            })
-        });
+        .for_each(|(gx, (argmax, grad))| wide!(|| gather_3x3(argmax, grad, gx, w)));
     gx
+}
+
+/// One task of [`same_3x3_max_backward`], whole planes: each input's nine terms summed in a
+/// register, in one pass (a pass per tap read and wrote every sum nine times). Tap `t` (`ky·3 +
+/// kx`) points back at input `i` from output `i + w + 1 − (ky·w + kx)`: tap 8 (bottom right) from
+/// the output up and left of it, the first in row-major order, so the taps go from 8 down.
+#[inline(always)]
+fn gather_3x3<T: WithDType>(argmax: &[u8], grad: &[T], gx: &mut [T], w: usize) {
+    let n = gx.len();
+    // How far an output lies from the inputs it points at, either way.
+    let reach = w + 1;
+    // Where the output that points at input `i` through tap `8 − k` lies, from `i − reach`.
+    let from = |k: usize| 2 * reach - ((8 - k) / 3 * w + (8 - k) % 3);
+    let zero = T::zero();
+    let term = |o: usize, k: usize| select_unpredictable(argmax[o] == (8 - k) as u8, grad[o], zero);
+    // Inputs near the task's ends: only the outputs inside it.
+    let at_edge = |i: usize| {
+        (0..9)
+            .filter_map(|k| {
+                (i + from(k))
+                    .checked_sub(reach)
+                    .filter(|&o| o < n)
+                    .map(|o| (o, k))
+            })
+            .fold(zero, |sum, (o, k)| sum + term(o, k))
+    };
+    if n <= 2 * reach {
+        for (i, g) in gx.iter_mut().enumerate() {
+            *g = at_edge(i);
+        }
+        return;
+    }
+    for i in (0..reach).chain(n - reach..n) {
+        gx[i] = at_edge(i);
+    }
+    let len = n - 2 * reach;
+    let codes: [&[u8]; 9] = std::array::from_fn(|k| &argmax[from(k)..from(k) + len]);
+    let grads: [&[T]; 9] = std::array::from_fn(|k| &grad[from(k)..from(k) + len]);
+    for (j, g) in gx[reach..n - reach].iter_mut().enumerate() {
+        let mut sum = zero;
+        for k in 0..9 {
+            sum += select_unpredictable(codes[k][j] == (8 - k) as u8, grads[k][j], zero);
+        }
+        *g = sum;
+    }
 }
 
 /// The 3×3 / stride 2 / no-padding max-pool of `[planes, h, w]` (floor or ceil mode, `oh × ow`
