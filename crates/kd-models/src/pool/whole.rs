@@ -226,11 +226,12 @@ pub(super) fn same_3x3_max_with_argmax<T: WithDType>(
     let plane = h * w;
     let per_task = plane * (TASK_ELEMENTS / plane).max(1);
     let (mut out, mut code) = (vec![T::from_f64(0.0); x.len()], vec![0u8; x.len()]);
+    let edges = edges(per_task.min(x.len()), h, w);
     out.par_chunks_mut(per_task)
         .zip(code.par_chunks_mut(per_task))
         .zip(x.par_chunks(per_task))
         .for_each_init(Scratch::default, |s, ((o, c), x)| {
-            wide!(|| by_nan!(x, same_3x3_task(s, x, (o, c), (plane, w))))
+            wide!(|| by_nan!(x, same_3x3_task(s, x, (o, c), w, &edges)))
         });
     (out, code)
 }
@@ -241,10 +242,35 @@ fn same_3x3_task<const NAN: bool, T: WithDType>(
     s: &mut Scratch<T>,
     x: &[T],
     (o, c): (&mut [T], &mut [u8]),
-    (plane, w): (usize, usize),
+    w: usize,
+    edges: &[u8],
 ) {
-    let (t, tc) = s.along_x::<NAN>(x, w);
-    along_y_with_argmax::<NAN, T>(t, tc, o, c, plane, w);
+    let (t, tc) = s.along_x::<NAN>(x, w, edges);
+    along_y_with_argmax::<NAN, T>(t, tc, o, c, w, edges);
+}
+
+/// Bits of an [`edges`] byte: the element opens or closes its row, or its plane.
+const FIRST_COLUMN: u8 = 1;
+const LAST_COLUMN: u8 = 2;
+const FIRST_ROW: u8 = 4;
+const LAST_ROW: u8 = 8;
+
+/// Where each of `len` elements of whole `h × w` planes lies against its row's and its plane's
+/// edges, a byte each: one pattern for every task of a call (tasks hold whole planes), read by the
+/// passes in step with their data, so that their edge windows are computed in the same vector
+/// loop as the rest (a row is as short as 3 elements; clipped windows taken row by row afterwards
+/// were most of the work at 7×7).
+fn edges(len: usize, h: usize, w: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| {
+            let (col, row) = (i % w, i / w % h);
+            let bit = |on: bool, b: u8| if on { b } else { 0 };
+            bit(col == 0, FIRST_COLUMN)
+                | bit(col + 1 == w, LAST_COLUMN)
+                | bit(row == 0, FIRST_ROW)
+                | bit(row + 1 == h, LAST_ROW)
+        })
+        .collect()
 }
 
 /// A task's buffers for the x-pass of a pool with arg-max, reused from task to task: the pass's
@@ -264,60 +290,77 @@ impl<T> Default for Scratch<T> {
 }
 
 impl<T: WithDType> Scratch<T> {
-    /// [`along_x_with_argmax`] of `x` (whole rows of `w`) into these buffers.
+    /// [`along_x_with_argmax`] of `x` (whole rows of `w`, their [`edges`]) into these buffers.
     #[inline(always)]
-    fn along_x<const NAN: bool>(&mut self, x: &[T], w: usize) -> (&[T], &[u8]) {
+    fn along_x<const NAN: bool>(&mut self, x: &[T], w: usize, edges: &[u8]) -> (&[T], &[u8]) {
         self.t.resize(x.len(), T::from_f64(0.0));
         self.tc.resize(x.len(), 0);
-        along_x_with_argmax::<NAN, T>(x, &mut self.t, &mut self.tc, w);
+        along_x_with_argmax::<NAN, T>(x, &mut self.t, &mut self.tc, w, edges);
         (&self.t, &self.tc)
     }
 }
 
 /// The first of [`same_3x3_max_with_argmax`]'s passes: each row's 3-wide maximum and the
-/// column (0..3) of its arg-max.
+/// column (0..3) of its arg-max. At a row's end the tap beyond it is taken as the centre again,
+/// with the centre's code: the window `(c, c, r)` gives the maximum and arg-max of the clipped
+/// window `(c, r)`, bit for bit (the repeated tap never displaces, and its maximum is itself), so
+/// edges need no pass of their own.
 #[inline(always)]
 fn along_x_with_argmax<const NAN: bool, T: WithDType>(
     x: &[T],
     t: &mut [T],
     tc: &mut [u8],
     w: usize,
+    edges: &[u8],
 ) {
     let n = x.len();
+    // The task's ends open and close a row (`w ≥ 2`).
+    (t[0], tc[0]) = max2_with_code::<NAN, T>(x[0], x[1], (1, 2));
+    (t[n - 1], tc[n - 1]) = max2_with_code::<NAN, T>(x[n - 2], x[n - 1], (0, 1));
+    debug_assert!(w >= 2 && n.is_multiple_of(w) && edges.len() >= n);
     for i in 1..n - 1 {
-        (t[i], tc[i]) = max3_with_code::<NAN, T>(x[i - 1], x[i], x[i + 1], (0, 1, 2));
-    }
-    for s in (0..n).step_by(w) {
-        (t[s], tc[s]) = max2_with_code::<NAN, T>(x[s], x[s + 1], (1, 2));
-        let e = s + w - 1;
-        (t[e], tc[e]) = max2_with_code::<NAN, T>(x[e - 1], x[e], (0, 1));
+        let (first, last) = (edges[i] & FIRST_COLUMN != 0, edges[i] & LAST_COLUMN != 0);
+        let (l, kl) = (pick(first, x[i], x[i - 1]), pick(first, 1, 0));
+        let (r, kr) = (pick(last, x[i], x[i + 1]), pick(last, 1, 2));
+        (t[i], tc[i]) = max3_with_code::<NAN, T>(l, x[i], r, (kl, 1, kr));
     }
 }
 
+/// `if on { a } else { b }`, branch-free.
+#[inline(always)]
+fn pick<V>(on: bool, a: V, b: V) -> V {
+    select_unpredictable(on, a, b)
+}
+
 /// The second pass: the maximum of three row maxima and the tap code of the winner's arg-max.
+/// At a plane's top or bottom row the row beyond it is taken as the centre row again, as along x.
 #[inline(always)]
 fn along_y_with_argmax<const NAN: bool, T: WithDType>(
     t: &[T],
     tc: &[u8],
     o: &mut [T],
     code: &mut [u8],
-    plane: usize,
     w: usize,
+    edges: &[u8],
 ) {
     let n = t.len();
-    for i in w..n - w {
-        let codes = (tc[i - w], 3 + tc[i], 6 + tc[i + w]);
-        (o[i], code[i]) = max3_with_code::<NAN, T>(t[i - w], t[i], t[i + w], codes);
+    // The task's first and last rows open and close a plane (`h ≥ 2`).
+    for i in 0..w {
+        let codes = (3 + tc[i], 6 + tc[i + w]);
+        (o[i], code[i]) = max2_with_code::<NAN, T>(t[i], t[i + w], codes);
     }
-    for p in (0..n).step_by(plane) {
-        for i in p..p + w {
-            let codes = (3 + tc[i], 6 + tc[i + w]);
-            (o[i], code[i]) = max2_with_code::<NAN, T>(t[i], t[i + w], codes);
-        }
-        for i in p + plane - w..p + plane {
-            let codes = (tc[i - w], 3 + tc[i]);
-            (o[i], code[i]) = max2_with_code::<NAN, T>(t[i - w], t[i], codes);
-        }
+    for i in n - w..n {
+        let codes = (tc[i - w], 3 + tc[i]);
+        (o[i], code[i]) = max2_with_code::<NAN, T>(t[i - w], t[i], codes);
+    }
+    for i in w..n - w {
+        let (top, bottom) = (edges[i] & FIRST_ROW != 0, edges[i] & LAST_ROW != 0);
+        let (a, ka) = (pick(top, t[i], t[i - w]), pick(top, 3 + tc[i], tc[i - w]));
+        let (c, kc) = (
+            pick(bottom, t[i], t[i + w]),
+            pick(bottom, 3 + tc[i], 6 + tc[i + w]),
+        );
+        (o[i], code[i]) = max3_with_code::<NAN, T>(a, t[i], c, (ka, 3 + tc[i], kc));
     }
 }
 
@@ -405,11 +448,12 @@ pub(super) fn max_3x3_s2_with_argmax<T: WithDType>(
     let out_len = x.len() / plane * oh * ow;
     let (mut out, mut code) = (vec![T::from_f64(0.0); out_len], vec![0u8; out_len]);
     let out_per_task = planes_per_task * oh * ow;
+    let edges = edges((planes_per_task * plane).min(x.len()), h, w);
     out.par_chunks_mut(out_per_task)
         .zip(code.par_chunks_mut(out_per_task))
         .zip(x.par_chunks(planes_per_task * plane))
         .for_each_init(Scratch::default, |s, ((o, c), x)| {
-            wide!(|| by_nan!(x, s2_task(s, x, (o, c), (h, w), (oh, ow))))
+            wide!(|| by_nan!(x, s2_task(s, x, (o, c), (h, w), (oh, ow), &edges)))
         });
     (out, code)
 }
@@ -422,9 +466,10 @@ fn s2_task<const NAN: bool, T: WithDType>(
     (o, c): (&mut [T], &mut [u8]),
     (h, w): (usize, usize),
     (oh, ow): (usize, usize),
+    edges: &[u8],
 ) {
     let plane = h * w;
-    let (t, tc) = s.along_x::<NAN>(x, w);
+    let (t, tc) = s.along_x::<NAN>(x, w, edges);
     let rows = o.chunks_exact_mut(ow).zip(c.chunks_exact_mut(ow));
     for (i, (o, c)) in rows.enumerate() {
         let (p, oy) = (i / oh, i % oh);
