@@ -476,10 +476,10 @@ impl ConvBackward {
         if pointwise {
             dx.product(w.t(), dy)?;
         } else {
-            let dcols = fresh_product(w.t(), dy)?;
+            let mut dcols = fresh_product(w.t(), dy)?;
             dx.zero();
             for ci in 0..f.c {
-                f.scatter_channel(&dcols, ci, images.len(), dx.row(ci));
+                f.scatter_own_channel(&mut dcols, ci, images.len(), dx.row(ci));
             }
         }
         Ok((dw, Some(dx.written()?)))

@@ -215,6 +215,70 @@ impl Frame {
         dx
     }
 
+    /// [`Self::scatter_channel`] from columns that are the caller's to change (the convolution's
+    /// backward, whose `dcols` are its own): with a stride of 1 and rows as wide as the input's,
+    /// each tap's row is one shifted run over all `count` images ([`Self::scatter_shifted`]),
+    /// where the general scatter adds one output row at a time (3 to 28 values).
+    pub(crate) fn scatter_own_channel<T: WithDType>(
+        &self,
+        cols: &mut [T],
+        ci: usize,
+        count: usize,
+        dst: &mut [T],
+    ) {
+        if self.op.stride == 1 && self.ow == self.w && self.oh == self.h {
+            crate::cpu::wide!(|| self.scatter_shifted(cols, ci, count, dst))
+        } else {
+            self.scatter_channel(cols, ci, count, dst)
+        }
+    }
+
+    /// The shifted scatter: in each tap's row the outputs whose tap falls in the padding are set
+    /// to zero first — they see no input, and shifted with the rest they would land on a
+    /// neighbouring row's or image's pixels — then the row from its first valid output to its
+    /// last is added into `dst` shifted by `(ky − p)·w + kx − p`. Every input still receives its
+    /// taps in order, one term each; the cleared outputs add `+0` to sums that start from `+0`,
+    /// which never changes one (a sum from `+0` is never `−0`), so the bits are the general
+    /// scatter's.
+    #[inline(always)]
+    fn scatter_shifted<T: WithDType>(
+        &self,
+        cols: &mut [T],
+        ci: usize,
+        count: usize,
+        dst: &mut [T],
+    ) {
+        let Self { op, h, w, .. } = *self;
+        let (k, plane, zero) = (op.kernel, h * w, T::zero());
+        let n = count * plane;
+        for (tap, row) in cols[ci * k * k * n..(ci + 1) * k * k * n]
+            .chunks_exact_mut(n.max(1))
+            .enumerate()
+        {
+            let (ky, kx) = (tap / k, tap % k);
+            let (xs, ys) = (op.valid(kx, w, w), op.valid(ky, h, h));
+            if xs.is_empty() || ys.is_empty() || count == 0 {
+                continue;
+            }
+            for image in row.chunks_exact_mut(plane) {
+                image[..ys.start * w].fill(zero);
+                image[ys.end * w..].fill(zero);
+                for r in image[ys.start * w..ys.end * w].chunks_exact_mut(w) {
+                    r[..xs.start].fill(zero);
+                    r[xs.end..].fill(zero);
+                }
+            }
+            let start = ys.start * w + xs.start;
+            let end = (count - 1) * plane + (ys.end - 1) * w + xs.end;
+            // Output `o` reads input `o + (ky − p)·w + kx − p`; the first valid one a pixel inside.
+            let from = (ys.start + ky - op.padding) * w + xs.start + kx - op.padding;
+            let src = &row[start..end];
+            for (o, &v) in dst[from..from + src.len()].iter_mut().zip(src) {
+                *o += v;
+            }
+        }
+    }
+
     /// Adds channel `ci`'s `k·k` rows of `cols` (`count` images) into `dst` `[count, h, w]`,
     /// tap by tap in order.
     pub(crate) fn scatter_channel<T: WithDType>(
@@ -381,6 +445,52 @@ mod tests {
 
     /// A range of images gathers and scatters exactly the whole batch's columns for those
     /// images, bit for bit.
+    /// The shifted scatter gives the general scatter's bits, signed zeros and NaNs included, for
+    /// every "same" geometry the teacher uses and the smallest planes.
+    #[test]
+    fn shifted_scatter_equals_the_general_one_to_the_bit() {
+        let special = [-0.0f32, 0.0, f32::NAN, 1e30, -1e30];
+        for (k, p, h, w) in [
+            (3, 1, 7, 7),
+            (3, 1, 14, 14),
+            (5, 2, 7, 7),
+            (5, 2, 3, 3),
+            (3, 1, 1, 1),
+            (3, 1, 2, 5),
+        ] {
+            let op = Im2Col {
+                kernel: k,
+                stride: 1,
+                padding: p,
+            };
+            let (c, count) = (2, 3);
+            let frame = op.on((c, count, h, w)).unwrap();
+            let cols: Vec<f32> = rand(&[frame.depth(), count * h * w], 5)
+                .iter()
+                .enumerate()
+                .map(|(i, &v)| {
+                    if i % 7 == 3 {
+                        special[i / 7 % special.len()]
+                    } else {
+                        v as f32
+                    }
+                })
+                .collect();
+            for ci in 0..c {
+                let mut general = vec![0.0f32; count * h * w];
+                frame.scatter_channel(&cols, ci, count, &mut general);
+                let mut shifted = vec![0.0f32; count * h * w];
+                frame.scatter_own_channel(&mut cols.clone(), ci, count, &mut shifted);
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(
+                    bits(&shifted),
+                    bits(&general),
+                    "{k}x{k} at {h}x{w}, channel {ci}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn image_ranges_match_the_whole_batch() {
         let op = Im2Col {
