@@ -13,8 +13,8 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tenso
 use rayon::prelude::*;
 use std::sync::OnceLock;
 use whole::{
-    max_2x2, max_2x2_backward, max_3x3_s2_backward, max_3x3_s2_with_argmax, same_3x3_max,
-    same_3x3_max_backward, same_3x3_max_with_argmax,
+    avg_3x3_s2, avg_3x3_s2_backward, max_2x2, max_2x2_backward, max_3x3_s2_backward,
+    max_3x3_s2_with_argmax, same_3x3_max, same_3x3_max_backward, same_3x3_max_with_argmax,
 };
 
 mod whole;
@@ -252,6 +252,9 @@ impl Pool2d {
             if self.is_3x3_s2_max() {
                 return max_3x3_s2_with_argmax(x, (g.h, g.w), (g.oh, g.ow)).0;
             }
+            if self.is_3x3_s2_avg_floor() {
+                return avg_3x3_s2(x, (g.h, g.w), (g.oh, g.ow));
+            }
             self.forward_planes_general(x, g)
         })
     }
@@ -290,6 +293,14 @@ impl Pool2d {
         self.kind == PoolKind::Max && self.kernel == 3 && self.stride == 2 && self.padding == 0
     }
 
+    /// The auxiliary heads' 3×3 / stride 2 average pool without padding, floor mode (every window
+    /// whole).
+    fn is_3x3_s2_avg_floor(&self) -> bool {
+        self.kind == PoolKind::Avg
+            && (self.kernel, self.stride, self.padding) == (3, 2, 0)
+            && !self.ceil_mode
+    }
+
     /// The students' 2×2 / stride 2 max-pool, on planes of even height and width (every input in
     /// exactly one window).
     fn is_even_2x2_max(&self, g: Geometry) -> bool {
@@ -304,6 +315,9 @@ impl Pool2d {
         time("pools (backward)", || {
             if self.is_even_2x2_max(g) {
                 return max_2x2_backward(x, res, grad, g.w);
+            }
+            if self.is_3x3_s2_avg_floor() {
+                return avg_3x3_s2_backward(grad, (g.h, g.w), (g.oh, g.ow));
             }
             self.backward_planes_general(x, res, grad, g)
         })
@@ -618,6 +632,15 @@ mod tests {
         vec![("NaNs", with), ("no NaN", without), ("one NaN", one)]
     }
 
+    /// `x` with its ones made large and distinct and the rest scaled by 0.1: sums of these have
+    /// bits that depend on the order of the additions.
+    fn order_sensitive(x: &[f32], seed: u64) -> Vec<f32> {
+        x.iter()
+            .zip(distinct_input(x.len(), seed))
+            .map(|(&v, r)| if v == 1.0 { (r * 1e5) as f32 } else { v * 0.1 })
+            .collect()
+    }
+
     /// The bit patterns, so that comparisons see signed zeros and NaNs.
     fn bits(v: &[f32]) -> Vec<u32> {
         v.iter().map(|f| f.to_bits()).collect()
@@ -704,11 +727,7 @@ mod tests {
                 let (out, argmax) = same_3x3_max_with_argmax(&x, h, w);
                 assert_eq!(bits(&out), bits(&same_3x3_max(&x, h, w)), "{h}x{w}, {kind}");
                 // Gradients whose sums depend on the order of the additions.
-                let grad: Vec<f32> = tricky_input(n, 8)
-                    .iter()
-                    .zip(distinct_input(n, 10))
-                    .map(|(&v, r)| if v == 1.0 { (r * 1e5) as f32 } else { v * 0.1 })
-                    .collect();
+                let grad: Vec<f32> = order_sensitive(&tricky_input(n, 8), 10);
                 let g = Geometry { h, w, oh: h, ow: w };
                 let general = p.backward_planes_general(&x, &out, &grad, g);
                 let gathered = same_3x3_max_backward(&argmax, &grad, h, w);
@@ -745,17 +764,47 @@ mod tests {
                     let general = p.forward_planes_general(&x, g);
                     assert_eq!(bits(&out), bits(&general), "{p:?} {h}x{w}, {kind}");
                     let n = planes * g.oh * g.ow;
-                    let grad: Vec<f32> = tricky_input(n, 12)
-                        .iter()
-                        .zip(distinct_input(n, 13))
-                        .map(|(&v, r)| if v == 1.0 { (r * 1e5) as f32 } else { v * 0.1 })
-                        .collect();
+                    let grad: Vec<f32> = order_sensitive(&tricky_input(n, 12), 13);
                     let want = p.backward_planes_general(&x, &out, &grad, g);
                     let got = max_3x3_s2_backward(&argmax, &grad, (h, w), (g.oh, g.ow));
                     assert_eq!(bits(&got), bits(&want), "{p:?} {h}x{w} backward, {kind}");
                 }
             }
         }
+    }
+
+    /// The auxiliary heads' 3×3 / stride 2 average pool, forward and backward, gives the general
+    /// path's bits (signed zeros and NaNs included), over more planes than one task holds.
+    #[test]
+    fn avg_3x3_s2_equals_the_general_path_to_the_bit() {
+        let p = Pool2d::avg(3, 2);
+        for (h, w) in [(7, 7), (14, 14), (3, 3), (4, 4), (9, 6), (6, 9), (5, 3)] {
+            let g = Geometry {
+                h,
+                w,
+                oh: p.out_len(h).unwrap(),
+                ow: p.out_len(w).unwrap(),
+            };
+            assert!(p.is_3x3_s2_avg_floor());
+            let n = 400 * h * w;
+            for (kind, x) in tricky_inputs(n, 21) {
+                // Sums whose bits depend on the order of the additions.
+                let x = order_sensitive(&x, 23);
+                let fast = p.forward_planes(&x, g);
+                let general = p.forward_planes_general(&x, g);
+                assert_eq!(bits(&fast), bits(&general), "{h}x{w}, {kind}");
+                let m = 400 * g.oh * g.ow;
+                let grad: Vec<f32> = order_sensitive(&tricky_input(m, 22), 24);
+                let fast_gx = p.backward_planes(&x, &fast, &grad, g);
+                let general_gx = p.backward_planes_general(&x, &fast, &grad, g);
+                assert_eq!(
+                    bits(&fast_gx),
+                    bits(&general_gx),
+                    "{h}x{w} backward, {kind}"
+                );
+            }
+        }
+        assert!(!Pool2d::avg(3, 2).ceil().is_3x3_s2_avg_floor());
     }
 
     /// A tracked input takes the training op (codes kept) for both kept-arg-max pools; its

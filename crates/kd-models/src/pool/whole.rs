@@ -535,8 +535,7 @@ pub(super) fn max_3x3_s2_backward<T: WithDType>(
     (h, w): (usize, usize),
     (oh, ow): (usize, usize),
 ) -> Vec<T> {
-    let (plane, out_plane) = (h * w, oh * ow);
-    let planes_per_task = (TASK_ELEMENTS / plane).max(1);
+    let (plane, out_plane, planes_per_task) = task_planes((h, w), (oh, ow));
     let mut gx = vec![T::from_f64(0.0); grad.len() / out_plane * plane];
     gx.par_chunks_mut(planes_per_task * plane)
         .zip(argmax.par_chunks(planes_per_task * out_plane))
@@ -559,4 +558,79 @@ pub(super) fn max_3x3_s2_backward<T: WithDType>(
             })
         });
     gx
+}
+
+/// The 3×3 / stride 2 average pool without padding in floor mode (the auxiliary heads'), of
+/// `[planes, h, w]` into `oh × ow` per plane (h, w ≥ 3; every window whole, so every divisor is 9):
+/// along x each input's 3-wide sum with its neighbours in one contiguous pass (a window
+/// `2·ox .. 2·ox + 2` is the one centred on `2·ox + 1`), then along y the three rows' sums at the
+/// odd columns, divided by 9 — the general path's additions in its order, so its bits.
+pub(super) fn avg_3x3_s2<T: WithDType>(
+    x: &[T],
+    (h, w): (usize, usize),
+    (oh, ow): (usize, usize),
+) -> Vec<T> {
+    let plane = h * w;
+    let planes_per_task = (TASK_ELEMENTS / plane).max(1);
+    let mut out = vec![T::zero(); x.len() / plane * oh * ow];
+    let nine = T::from_f64(9.0);
+    out.par_chunks_mut(planes_per_task * oh * ow)
+        .zip(x.par_chunks(planes_per_task * plane))
+        .for_each_init(Vec::new, |t, (o, x)| {
+            wide!(|| {
+                let n = x.len();
+                t.clear();
+                t.push(T::zero());
+                t.extend((1..n - 1).map(|i| x[i - 1] + x[i] + x[i + 1]));
+                t.push(T::zero());
+                for (i, o) in o.chunks_exact_mut(ow).enumerate() {
+                    let (p, oy) = (i / oh, i % oh);
+                    let row = |r: usize| &t[p * plane + (2 * oy + r) * w..][..2 * ow];
+                    let (a, b, c) = (row(0), row(1), row(2));
+                    for (ox, o) in o.iter_mut().enumerate() {
+                        let col = 2 * ox + 1;
+                        *o = (a[col] + b[col] + c[col]) / nine;
+                    }
+                }
+            })
+        });
+    out
+}
+
+/// The input gradient of [`avg_3x3_s2`]: each output's gradient divided by 9 and added to the
+/// nine inputs of its window, the outputs of a plane in row-major order from zero (the general
+/// path's order, so its bits).
+pub(super) fn avg_3x3_s2_backward<T: WithDType>(
+    grad: &[T],
+    (h, w): (usize, usize),
+    (oh, ow): (usize, usize),
+) -> Vec<T> {
+    let (plane, out_plane, planes_per_task) = task_planes((h, w), (oh, ow));
+    let mut gx = vec![T::zero(); grad.len() / out_plane * plane];
+    let nine = T::from_f64(9.0);
+    gx.par_chunks_mut(planes_per_task * plane)
+        .zip(grad.par_chunks(planes_per_task * out_plane))
+        .for_each(|(gx, grad)| {
+            for (gx, grad) in gx.chunks_exact_mut(plane).zip(grad.chunks_exact(out_plane)) {
+                for (oy, grad) in grad.chunks_exact(ow).enumerate() {
+                    for (ox, &g) in grad.iter().enumerate() {
+                        let share = g / nine;
+                        for ky in 0..3 {
+                            let at = (2 * oy + ky) * w + 2 * ox;
+                            for v in &mut gx[at..at + 3] {
+                                *v += share;
+                            }
+                        }
+                    }
+                }
+            }
+        });
+    gx
+}
+
+/// A pool from `h × w` planes to `oh × ow`: the planes' sizes in and out, and whole planes per
+/// parallel task.
+fn task_planes((h, w): (usize, usize), (oh, ow): (usize, usize)) -> (usize, usize, usize) {
+    let plane = h * w;
+    (plane, oh * ow, (TASK_ELEMENTS / plane).max(1))
 }
