@@ -1,8 +1,8 @@
 //! Whole-array paths for the pools the networks use: the 3×3 / stride 1 / padding 1 max-pool of
 //! every Inception block, the 3×3 / stride 2 max-pool between the teacher's stages, its auxiliary
-//! heads' 3×3 / stride 2 average pool and the students' 2×2 / stride 2 max-pool. Each takes all planes as one
-//! array (no per-plane window tables) and gives the general path's bits, ties, signed zeros and
-//! NaNs included (tested against it). Every task's loops run in AVX2 where the CPU has it
+//! heads' 3×3 / stride 2 average pool and the students' 2×2 / stride 2 max-pool. Each takes all
+//! planes as one array (no per-plane window tables) and gives the general path's bits, ties,
+//! signed zeros and NaNs included (tested against it). Every task's loops run in AVX2 where the CPU has it
 //! ([`wide!`]: the same code and bits, eight lanes instead of four), and a task whose input holds
 //! no NaN — every task of a healthy network — takes the kernels' NaN-free instance (`NAN =
 //! false`, [`by_nan`]), where each comparison of a window is one instruction instead of four.
