@@ -443,8 +443,6 @@ mod tests {
         }
     }
 
-    /// A range of images gathers and scatters exactly the whole batch's columns for those
-    /// images, bit for bit.
     /// The shifted scatter gives the general scatter's bits, signed zeros and NaNs included, for
     /// every "same" geometry the teacher uses and the smallest planes.
     #[test]
@@ -491,6 +489,8 @@ mod tests {
         }
     }
 
+    /// A range of images gathers and scatters exactly the whole batch's columns for those
+    /// images, bit for bit.
     #[test]
     fn image_ranges_match_the_whole_batch() {
         let op = Im2Col {

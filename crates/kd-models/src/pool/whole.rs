@@ -2,10 +2,11 @@
 //! every Inception block, the 3×3 / stride 2 max-pool between the teacher's stages, its auxiliary
 //! heads' 3×3 / stride 2 average pool and the students' 2×2 / stride 2 max-pool. Each takes all
 //! planes as one array (no per-plane window tables) and gives the general path's bits, ties,
-//! signed zeros and NaNs included (tested against it). Every task's loops run in AVX2 where the CPU has it
-//! ([`wide!`]: the same code and bits, eight lanes instead of four), and a task whose input holds
-//! no NaN — every task of a healthy network — takes the kernels' NaN-free instance (`NAN =
-//! false`, [`by_nan`]), where each comparison of a window is one instruction instead of four.
+//! signed zeros and NaNs included (tested against it). Every task's loops run in AVX2 where the
+//! CPU has it ([`wide!`]: the same code and bits, eight lanes instead of four), and a task whose
+//! input holds no NaN — every task of a healthy network — takes the kernels' NaN-free instance
+//! (`NAN = false`, [`by_nan`]), where each comparison of a window is one instruction instead of
+//! four.
 
 use super::max_nan;
 use crate::cpu::wide;
@@ -177,8 +178,8 @@ pub(super) fn max_2x2_backward<T: WithDType>(x: &[T], res: &[T], grad: &[T], w: 
 }
 
 /// Does `v` displace `m` as a window's arg-max so far? A greater value, or the first NaN: ties
-/// keep the earlier input, as the general path's backward search does.
-/// Without `NAN`, for inputs known to hold none: a greater value.
+/// keep the earlier input, as the general path's backward search does. Without `NAN`, for inputs
+/// known to hold none: a greater value.
 #[inline(always)]
 fn displaces<const NAN: bool, T: WithDType>(m: T, v: T) -> bool {
     #[allow(clippy::eq_op)]
@@ -444,11 +445,10 @@ pub(super) fn max_3x3_s2_with_argmax<T: WithDType>(
     (h, w): (usize, usize),
     (oh, ow): (usize, usize),
 ) -> (Vec<T>, Vec<u8>) {
-    let plane = h * w;
-    let planes_per_task = (TASK_ELEMENTS / plane).max(1);
-    let out_len = x.len() / plane * oh * ow;
+    let (plane, out_plane, planes_per_task) = task_planes((h, w), (oh, ow));
+    let out_len = x.len() / plane * out_plane;
     let (mut out, mut code) = (vec![T::from_f64(0.0); out_len], vec![0u8; out_len]);
-    let out_per_task = planes_per_task * oh * ow;
+    let out_per_task = planes_per_task * out_plane;
     let edges = edges((planes_per_task * plane).min(x.len()), h, w);
     out.par_chunks_mut(out_per_task)
         .zip(code.par_chunks_mut(out_per_task))
@@ -571,11 +571,10 @@ pub(super) fn avg_3x3_s2<T: WithDType>(
     (h, w): (usize, usize),
     (oh, ow): (usize, usize),
 ) -> Vec<T> {
-    let plane = h * w;
-    let planes_per_task = (TASK_ELEMENTS / plane).max(1);
-    let mut out = vec![T::zero(); x.len() / plane * oh * ow];
+    let (plane, out_plane, planes_per_task) = task_planes((h, w), (oh, ow));
+    let mut out = vec![T::zero(); x.len() / plane * out_plane];
     let nine = T::from_f64(9.0);
-    out.par_chunks_mut(planes_per_task * oh * ow)
+    out.par_chunks_mut(planes_per_task * out_plane)
         .zip(x.par_chunks(planes_per_task * plane))
         .for_each_init(Vec::new, |t, (o, x)| {
             wide!(|| {
