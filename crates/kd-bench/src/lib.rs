@@ -261,10 +261,11 @@ fn side_by_side(args: &Args, p: &Pipeline, python: &std::path::Path) -> anyhow::
         ""
     };
     Ok(format!(
-        "\n## Side by side with PyTorch\n\nThe same models, batches and data, {} alternating rounds (ours, then PyTorch NCHW and channels-last), {} threads each; img/s as median (range) over every repetition of every round.{epoch_note}\n\n{}\n",
+        "\n## Side by side with PyTorch\n\nThe same models, batches and data, {} alternating rounds (ours, then PyTorch NCHW and channels-last), {} threads each; img/s as median (range) over every repetition of every round.{epoch_note}\n\n{}\n{}",
         args.rounds,
         threads(),
-        pytorch::table(&mine, &theirs).to_markdown()
+        pytorch::table(&mine, &theirs).to_markdown(),
+        pytorch::limit_shares(&mine, &theirs).unwrap_or_default()
     ))
 }
 

@@ -11,13 +11,18 @@ use std::path::Path;
 /// The script, built into this binary (written to a temporary file for each run).
 pub(crate) const SCRIPT: &str = include_str!("../pytorch/bench.py");
 
-/// Our measurements with a PyTorch counterpart, and the layouts PyTorch is run in.
+/// Our measurements with a PyTorch counterpart, in the order a round runs them, and the layouts
+/// PyTorch is run in. The matrix product comes right after the teacher step, so that the step's
+/// share of the limit is read against the limit of the same minutes ([`limit_shares`]).
 pub const COMPARED: [(&str, &[&str]); 4] = [
-    ("teacher-step", &["nchw", "channels-last"]),
+    (TEACHER_STEP, &["nchw", "channels-last"]),
+    (crate::MATMUL, &["nchw"]),
     ("precompute", &["nchw", "channels-last"]),
     ("student-kd-step", &["nchw"]),
-    (crate::MATMUL, &["nchw"]),
 ];
+
+/// The measurement whose arithmetic rate is read against the matrix-product limit.
+const TEACHER_STEP: &str = "teacher-step";
 
 /// The whole-process teacher epoch's name in the tables (`--epoch`, see `epoch.rs`).
 pub const EPOCH: &str = "teacher-epoch";
@@ -154,4 +159,117 @@ pub fn table(ours: &[Measurement], theirs: &[Theirs]) -> Table {
         ]);
     }
     t
+}
+
+/// The teacher step's share of the matrix-product limit, round by round, ours and PyTorch's
+/// (channels-last): each round measures the step and then the 2048² product, one after the other,
+/// so each share is read against the limit the machine had in the same minutes. On a shared host
+/// whose speed drifts by tens of percent within the hour, the medians of the two over all rounds
+/// can come from different minutes; the per-round shares cannot. `None` without a teacher step
+/// and a product to pair.
+pub fn limit_shares(ours: &[Measurement], theirs: &[Theirs]) -> Option<String> {
+    let step = ours.iter().find(|m| m.name == TEACHER_STEP)?;
+    // A training step does the forward's multiply-adds three times (forward, dx, dW), 2 FLOP each.
+    let flop = 6.0 * step.forward_macs_per_image as f64;
+    let shares = |steps: Vec<Vec<f64>>, products: Vec<Vec<f64>>| -> Vec<f64> {
+        steps
+            .iter()
+            .zip(&products)
+            .map(|(s, p)| 100.0 * flop * median(s) / 1e9 / matmul_gflops(median(p)))
+            .collect()
+    };
+    let of_ours = |name: &str| -> Vec<Vec<f64>> {
+        ours.iter()
+            .filter(|m| m.name == name)
+            .map(Measurement::images_per_sec)
+            .collect()
+    };
+    let of_theirs = |name: &str, layout: &str| -> Vec<Vec<f64>> {
+        theirs
+            .iter()
+            .filter(|t| t.name == name && t.layout == layout)
+            .map(Theirs::images_per_sec)
+            .collect()
+    };
+    let mine = shares(of_ours(TEACHER_STEP), of_ours(MATMUL));
+    if mine.is_empty() {
+        return None;
+    }
+    let cl = shares(
+        of_theirs(TEACHER_STEP, "channels-last"),
+        of_theirs(MATMUL, "nchw"),
+    );
+    Some(format!(
+        "\nThe teacher step's share of the matrix-product limit, round by round (each round's step, {:.0} MFLOP per training image, over the same round's 2048² product, measured right after it), median (range) over {} rounds: ours {}%, PyTorch channels-last {}%.\n",
+        flop / 1e6,
+        mine.len(),
+        crate::median_range(&mine, 0),
+        crate::median_range(&cl, 0),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ours(name: &str, per_sec: &[f64]) -> Measurement {
+        Measurement {
+            name: name.to_string(),
+            images_per_rep: 1,
+            seconds: per_sec.iter().map(|r| 1.0 / r).collect(),
+            split: Vec::new(),
+            forward_macs_per_image: 1_000_000,
+            peak_rss_kib: 0,
+            ops: Vec::new(),
+            conv_shapes: Vec::new(),
+        }
+    }
+
+    fn theirs(name: &str, layout: &str, per_sec: &[f64]) -> Theirs {
+        Theirs {
+            name: name.to_string(),
+            layout: layout.to_string(),
+            images_per_rep: 1,
+            seconds: per_sec.iter().map(|r| 1.0 / r).collect(),
+            stages: Vec::new(),
+            accuracy: Default::default(),
+        }
+    }
+
+    /// A product of 2048² runs `gflops` GFLOP/s at `per_sec` products a second.
+    fn products_at(gflops: f64) -> f64 {
+        gflops / matmul_gflops(1.0)
+    }
+
+    /// Each round's step is read against its own round's product: a machine twice as fast in
+    /// round 2 gives the same share twice, where the medians over all rounds would pair round
+    /// 1's step with a product between the two.
+    #[test]
+    fn each_rounds_step_is_read_against_its_own_rounds_product() {
+        // 6 MFLOP per training image: 10,000 img/s is 60 GFLOP/s.
+        let mine = [
+            ours(TEACHER_STEP, &[10_000.0, 9_000.0, 11_000.0]),
+            ours(MATMUL, &[products_at(120.0)]),
+            ours(TEACHER_STEP, &[20_000.0]),
+            ours(MATMUL, &[products_at(240.0)]),
+        ];
+        let pt = [
+            theirs(TEACHER_STEP, "nchw", &[1.0]),
+            theirs(TEACHER_STEP, "channels-last", &[5_000.0]),
+            theirs(MATMUL, "nchw", &[products_at(100.0)]),
+            theirs(TEACHER_STEP, "channels-last", &[8_000.0]),
+            theirs(MATMUL, "nchw", &[products_at(120.0)]),
+        ];
+        let line = limit_shares(&mine, &pt).unwrap();
+        assert!(line.contains("6 MFLOP per training image"), "{line}");
+        assert!(line.contains("over 2 rounds"), "{line}");
+        assert!(line.contains("ours 50 (50–50)%"), "{line}");
+        assert!(line.contains("PyTorch channels-last 35 (30–40)%"), "{line}");
+    }
+
+    #[test]
+    fn without_a_step_or_a_product_there_is_no_share() {
+        assert!(limit_shares(&[ours(MATMUL, &[1.0])], &[]).is_none());
+        assert!(limit_shares(&[ours(TEACHER_STEP, &[1.0])], &[]).is_none());
+    }
 }
