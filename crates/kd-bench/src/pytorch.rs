@@ -200,12 +200,22 @@ pub fn limit_shares(ours: &[Measurement], theirs: &[Theirs]) -> Option<String> {
         of_theirs(MATMUL, "nchw"),
     );
     Some(format!(
-        "\nThe teacher step's share of the matrix-product limit, round by round (each round's step, {:.0} MFLOP per training image, over the same round's 2048² product, measured right after it), median (range) over {} rounds: ours {}%, PyTorch channels-last {}%.\n",
+        "\nThe teacher step's share of the matrix-product limit, round by round (each round's step, {:.0} MFLOP per training image, over the same round's 2048² product, measured right after it), median (range) over {} rounds: ours {}, PyTorch channels-last {}.\n",
         flop / 1e6,
         mine.len(),
-        crate::median_range(&mine, 0),
-        crate::median_range(&cl, 0),
+        percent_range(&mine),
+        percent_range(&cl),
     ))
+}
+
+/// `46% (43–51%)`: the median and range of percentages, or `—` for none.
+fn percent_range(xs: &[f64]) -> String {
+    if xs.is_empty() {
+        return "—".to_string();
+    }
+    let lo = xs.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = xs.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    format!("{:.0}% ({lo:.0}–{hi:.0}%)", median(xs))
 }
 
 #[cfg(test)]
@@ -236,7 +246,7 @@ mod tests {
         }
     }
 
-    /// A product of 2048² runs `gflops` GFLOP/s at `per_sec` products a second.
+    /// The products a second at which a 2048² product runs `gflops` GFLOP/s.
     fn products_at(gflops: f64) -> f64 {
         gflops / matmul_gflops(1.0)
     }
@@ -263,13 +273,22 @@ mod tests {
         let line = limit_shares(&mine, &pt).unwrap();
         assert!(line.contains("6 MFLOP per training image"), "{line}");
         assert!(line.contains("over 2 rounds"), "{line}");
-        assert!(line.contains("ours 50 (50–50)%"), "{line}");
-        assert!(line.contains("PyTorch channels-last 35 (30–40)%"), "{line}");
+        assert!(line.contains("ours 50% (50–50%)"), "{line}");
+        assert!(
+            line.contains("PyTorch channels-last 35% (30–40%)"),
+            "{line}"
+        );
     }
 
     #[test]
     fn without_a_step_or_a_product_there_is_no_share() {
         assert!(limit_shares(&[ours(MATMUL, &[1.0])], &[]).is_none());
         assert!(limit_shares(&[ours(TEACHER_STEP, &[1.0])], &[]).is_none());
+        let mine = [
+            ours(TEACHER_STEP, &[10_000.0]),
+            ours(MATMUL, &[products_at(120.0)]),
+        ];
+        let line = limit_shares(&mine, &[]).unwrap();
+        assert!(line.contains("PyTorch channels-last —."), "{line}");
     }
 }
