@@ -14,7 +14,9 @@ use crate::gemm::{fresh_product, product, Block, Filling, View, Written};
 use crate::im2col::Frame;
 pub use crate::im2col::Im2Col;
 use crate::timing::{time, time_in_detail};
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, WithDType};
+use candle_core::{
+    CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Storage, Tensor, WithDType,
+};
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
 use std::ops::Range;
@@ -523,10 +525,6 @@ impl CustomOp3 for ConvBackward {
 #[derive(Debug, Clone, Copy)]
 pub struct BiasRelu;
 
-/// `(output, grad_output) → grad_output · [output > 0]`.
-#[derive(Debug, Clone, Copy)]
-struct ReluMask;
-
 /// `(channels, elements per channel)` of a channels-first tensor of any rank ≥ 1.
 pub(crate) fn rows(shape: &Shape) -> Result<(usize, usize)> {
     match shape.dims().first() {
@@ -564,12 +562,64 @@ fn bias_relu_row<T: WithDType>(row: &mut [T], b: T) {
 }
 
 /// The gradients of `y = relu(z + bias)` from `y` and `dy`: `dz = dy·[y > 0]` (PyTorch's ReLU
-/// rule) and `dbias = Σ dz` per channel.
+/// rule) and `dbias = Σ dz` per channel. One task per channel writes its row of `dz` and sums the
+/// row while it is in cache, with candle's own row sum (`VecOps::vec_reduce_sum`, what
+/// `dz.sum(1)` runs on each contiguous row), so `dbias` has `sum(1)`'s bits on every CPU, where
+/// `sum(1)` read all of `dz` again on one thread.
 fn relu_bias_gradients(y: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
     time("bias + ReLU (backward)", || {
-        let dz = y.apply_op2_no_bwd(&dy.contiguous()?, &ReluMask)?;
-        let db = dz.flatten_from(1)?.sum(1)?;
-        Ok((dz, db))
+        let (c, n) = rows(y.shape())?;
+        if y.shape() != dy.shape() {
+            candle_core::bail!(
+                "bias-relu backward: shapes {:?} and {:?}",
+                y.shape(),
+                dy.shape()
+            );
+        }
+        let dev = y.device();
+        if n == 0 {
+            return Ok((y.zeros_like()?, Tensor::zeros(c, y.dtype(), dev)?));
+        }
+        let dy = dy.contiguous()?;
+        let (ys, yl) = y.storage_and_layout();
+        let (gs, gl) = dy.storage_and_layout();
+        let (Storage::Cpu(ys), Storage::Cpu(gs)) = (&*ys, &*gs) else {
+            candle_core::bail!("bias-relu backward runs on the CPU");
+        };
+        fn run<T: WithDType>(y: &[T], g: &[T], n: usize) -> Result<(Vec<T>, Vec<T>)> {
+            let zero = T::zero();
+            par_build(y.len(), n, |c, out| {
+                let row = c * n..(c + 1) * n;
+                let (y, g) = (&y[row.clone()], &g[row]);
+                let masked = y
+                    .iter()
+                    .zip(g)
+                    .map(|(&y, &g)| if y > zero { g } else { zero });
+                out.fill_and_read(masked, |dz| {
+                    let mut sum = zero;
+                    // SAFETY: reads the `dz.len()` elements of `dz` and writes `sum`.
+                    #[allow(unsafe_code)]
+                    unsafe {
+                        T::vec_reduce_sum(dz.as_ptr(), &mut sum, dz.len())
+                    };
+                    sum
+                })
+            })
+        }
+        macro_rules! gradients {
+            ($t:ty) => {{
+                let (dz, db) = run(contiguous::<$t>(ys, yl)?, contiguous::<$t>(gs, gl)?, n)?;
+                Ok((
+                    Tensor::from_vec(dz, y.shape(), dev)?,
+                    Tensor::from_vec(db, c, dev)?,
+                ))
+            }};
+        }
+        match (ys, gs) {
+            (CpuStorage::F32(_), CpuStorage::F32(_)) => gradients!(f32),
+            (CpuStorage::F64(_), CpuStorage::F64(_)) => gradients!(f64),
+            _ => candle_core::bail!("bias-relu backward supports f32 and f64, of one dtype"),
+        }
     })
 }
 
@@ -613,42 +663,6 @@ impl CustomOp2 for BiasRelu {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (dz, db) = relu_bias_gradients(res, grad)?;
         Ok((Some(dz), Some(db)))
-    }
-}
-
-impl CustomOp2 for ReluMask {
-    fn name(&self) -> &'static str {
-        "kd-relu-mask"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        fn run<T: WithDType>(y: &[T], g: &[T]) -> Result<Vec<T>> {
-            let zero = T::from_f64(0.0);
-            const CHUNK: usize = 1 << 14;
-            let (out, _) = par_build(y.len(), CHUNK, |i, out| {
-                let part = i * CHUNK..((i + 1) * CHUNK).min(y.len());
-                let (y, g) = (&y[part.clone()], &g[part]);
-                let masked = y
-                    .iter()
-                    .zip(g)
-                    .map(|(&y, &g)| if y > zero { g } else { zero });
-                (out.fill(masked), ())
-            })?;
-            Ok(out)
-        }
-        if l1.shape() != l2.shape() {
-            candle_core::bail!("relu-mask: shapes {:?} and {:?}", l1.shape(), l2.shape());
-        }
-        let out = float_storage!(s1, "relu-mask", T => {
-            run(contiguous::<T>(s1, l1)?, contiguous::<T>(s2, l2)?)?
-        });
-        Ok((out, l1.shape().clone()))
     }
 }
 
@@ -938,5 +952,47 @@ pub(crate) mod tests {
             );
             assert!(d < 1e-12, "{name} gradient differs by {d}");
         }
+    }
+
+    /// The fused mask and row sum give candle's bits: `dz` as a select (a NaN gradient where
+    /// the output is 0 is dropped, a signed zero kept, a NaN where it passes carried into the sum) and `dbias` as `dz.sum(1)` adds, on rows
+    /// whose length leaves a tail after candle's 32-lane blocks and whose sums depend on the
+    /// order of addition.
+    #[test]
+    fn relu_bias_gradients_have_the_bits_of_a_mask_and_sum() {
+        let dev = Device::Cpu;
+        let shape = (6, 5, 7, 9);
+        let len = 6 * 5 * 7 * 9;
+        let y: Vec<f32> = rand(&[len], 4)
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| if i % 3 == 0 { 0.0 } else { v.abs() as f32 })
+            .collect();
+        let dy: Vec<f32> = rand(&[len], 5)
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| match i % 11 {
+                // NaNs in the first channel's row only: the other rows' sums stay numbers.
+                0 if i < 5 * 7 * 9 => f32::NAN,
+                1 => -0.0,
+                2 => v as f32 * 1e7,
+                _ => v as f32 * 1e-3,
+            })
+            .collect();
+        let y = Tensor::from_vec(y, shape, &dev).unwrap();
+        let dy = Tensor::from_vec(dy, shape, &dev).unwrap();
+        let (dz, db) = relu_bias_gradients(&y, &dy).unwrap();
+        let zeros = dy.zeros_like().unwrap();
+        let mask = y.gt(&y.zeros_like().unwrap()).unwrap();
+        let dz_ref = mask.where_cond(&dy, &zeros).unwrap();
+        let db_ref = dz_ref.flatten_from(1).unwrap().sum(1).unwrap();
+        let bits = |t: &Tensor| -> Vec<u32> {
+            let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            v.iter().map(|x| x.to_bits()).collect()
+        };
+        assert_eq!(bits(&dz), bits(&dz_ref));
+        assert_eq!(bits(&db), bits(&db_ref));
+        let db = db.to_vec1::<f32>().unwrap();
+        assert!(db[0].is_nan() && db[1..].iter().all(|v| v.is_finite() && *v != 0.0));
     }
 }

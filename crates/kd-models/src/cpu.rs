@@ -117,6 +117,22 @@ impl<T: WithDType> Slots<'_, T> {
         }
         Filled { at }
     }
+
+    /// [`Slots::fill`], then `read` on the chunk just written, while it is in cache.
+    #[inline(always)]
+    pub fn fill_and_read<R>(
+        self,
+        values: impl Iterator<Item = T>,
+        read: impl FnOnce(&[T]) -> R,
+    ) -> (Filled, R) {
+        let Slots { slots } = self;
+        let filled = Slots { slots: &mut *slots }.fill(values);
+        // SAFETY: `fill` wrote every element of `slots` (the values, then zeros for any it did not
+        // reach), and `MaybeUninit<T>` has `T`'s layout.
+        #[allow(unsafe_code)]
+        let written = unsafe { &*(&*slots as *const [MaybeUninit<T>] as *const [T]) };
+        (filled, read(written))
+    }
 }
 
 /// A fresh vector of `len` elements built in parallel, `chunk` elements per task (the last one
@@ -180,5 +196,16 @@ mod tests {
             }
         });
         assert!(r.is_err());
+    }
+
+    #[test]
+    fn fill_and_read_reads_what_was_written_zeros_included() {
+        let (v, seen) = par_build::<f32, Vec<f32>>(7, 4, |i, s| {
+            let n = if i == 0 { 3 } else { 2 };
+            s.fill_and_read((0..n).map(|k| (10 * i + k + 1) as f32), <[f32]>::to_vec)
+        })
+        .unwrap();
+        assert_eq!(v, vec![1.0, 2.0, 3.0, 0.0, 11.0, 12.0, 0.0]);
+        assert_eq!(seen, vec![vec![1.0, 2.0, 3.0, 0.0], vec![11.0, 12.0, 0.0]]);
     }
 }
