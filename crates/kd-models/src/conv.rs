@@ -955,9 +955,9 @@ pub(crate) mod tests {
     }
 
     /// The fused mask and row sum give candle's bits: `dz` as a select (a NaN gradient where
-    /// the output is 0 is dropped, a signed zero kept, a NaN where it passes carried into the sum) and `dbias` as `dz.sum(1)` adds, on rows
-    /// whose length leaves a tail after candle's 32-lane blocks and whose sums depend on the
-    /// order of addition.
+    /// the output is 0 is dropped, a signed zero kept, a NaN where it passes carried into the
+    /// sum) and `dbias` as `dz.sum(1)` adds, on rows whose length leaves a tail after candle's
+    /// 32-lane blocks and whose sums depend on the order of addition.
     #[test]
     fn relu_bias_gradients_have_the_bits_of_a_mask_and_sum() {
         let dev = Device::Cpu;
