@@ -386,9 +386,10 @@ impl CustomOp3 for ConvBiasRelu {
 const IMAGES_PER_CHUNK: usize = 8;
 
 /// The convolution's backward, `(x, weight, dy [c_out, b, oh, ow]) → [dx, dW]` flattened into
-/// one vector (`[dW]` alone without `input_gradient`). Each chunk of [`IMAGES_PER_CHUNK`] images is one task on one thread: its columns
-/// (gathered again rather than kept from the forward), `dW_chunk = dy_chunk · colsᵀ`,
-/// `dcols = Wᵀ · dy_chunk` and `dx_chunk = col2im(dcols)`, all in buffers the size of a chunk.
+/// one vector (`[dW]` alone without `input_gradient`). Each chunk of [`IMAGES_PER_CHUNK`] images
+/// is one task on one thread: its columns (gathered again rather than kept from the forward),
+/// `dW_chunk = dy_chunk · colsᵀ`, `dcols = Wᵀ · dy_chunk` and `dx_chunk = col2im(dcols)`, all in
+/// buffers the size of a chunk.
 ///
 /// `dW` reduces over every pixel of the batch (100,352 terms for 128 images of 28×28) into a small
 /// matrix, which `gemm` splits between threads by rows and columns only: as one product it ran on
