@@ -150,13 +150,18 @@ impl Measurement {
 
 /// `median (lo–hi)` of `xs` with `decimals` places, or "—" when there are none.
 pub(crate) fn median_range(xs: &[f64], decimals: usize) -> String {
+    median_range_in(xs, decimals, "")
+}
+
+/// [`median_range`] with a unit after the median and after the range's end: `46% (42–47%)`.
+pub(crate) fn median_range_in(xs: &[f64], decimals: usize, unit: &str) -> String {
     if xs.is_empty() {
         return "—".to_string();
     }
     let lo = xs.iter().copied().fold(f64::INFINITY, f64::min);
     let hi = xs.iter().copied().fold(0.0, f64::max);
     let p = decimals;
-    format!("{:.p$} ({lo:.p$}–{hi:.p$})", median(xs))
+    format!("{:.p$}{unit} ({lo:.p$}–{hi:.p$}{unit})", median(xs))
 }
 
 /// A fresh scratch folder `<out>/.<what>-<who>-<pid>` (a leftover of the same name cleared), for

@@ -203,19 +203,9 @@ pub fn limit_shares(ours: &[Measurement], theirs: &[Theirs]) -> Option<String> {
         "\nThe teacher step's share of the matrix-product limit, round by round (each round's step, {:.0} MFLOP per training image, over the same round's 2048² product, measured right after it), median (range) over {} rounds: ours {}, PyTorch channels-last {}.\n",
         flop / 1e6,
         mine.len(),
-        percent_range(&mine),
-        percent_range(&cl),
+        crate::median_range_in(&mine, 0, "%"),
+        crate::median_range_in(&cl, 0, "%"),
     ))
-}
-
-/// `46% (43–51%)`: the median and range of percentages, or `—` for none.
-fn percent_range(xs: &[f64]) -> String {
-    if xs.is_empty() {
-        return "—".to_string();
-    }
-    let lo = xs.iter().copied().fold(f64::INFINITY, f64::min);
-    let hi = xs.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    format!("{:.0}% ({lo:.0}–{hi:.0}%)", median(xs))
 }
 
 #[cfg(test)]
