@@ -306,37 +306,56 @@ impl CustomOp2 for ConvOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        // The images' gradient (the first convolution's input) is never needed.
-        let op = ConvBackward {
-            geometry: self.0,
-            input_gradient: x.track_op(),
-        };
-        let detail = || {
-            let (f, cout) = conv_dims(self.0, x.shape(), weight.shape()).ok()?;
-            let passes = 1 + usize::from(op.input_gradient);
-            let macs = passes * cout * f.depth() * f.b * f.pixels();
-            Some((self.0.detail("backward", f), macs as u64))
-        };
-        let kind = "convolution backward (per chunk of images)";
-        let both = time_in_detail(kind, detail, || {
-            x.apply_op3_no_bwd(weight, &grad.contiguous()?, &op)
-        })?;
-        let nx = if op.input_gradient { x.elem_count() } else { 0 };
-        let dx = if op.input_gradient {
-            Some(both.narrow(0, 0, nx)?.reshape(x.shape())?)
-        } else {
-            None
-        };
-        let dw = both
-            .narrow(0, nx, weight.elem_count())?
-            .reshape(weight.shape())?;
+        let (dx, dw, _) = backward(self.0, x, weight, grad, None)?;
         Ok((dx, Some(dw)))
     }
 }
 
+/// `(dx, dW, dbias)` of a convolution (with its bias and ReLU when `relu_output` is `y =
+/// relu(conv(x) + bias)`, then `grad` is `y`'s) through [`ConvBackward`]. No `dx` for an input
+/// that needs no gradient (the images, the first convolution's input).
+fn backward(
+    geometry: Im2Col,
+    x: &Tensor,
+    weight: &Tensor,
+    grad: &Tensor,
+    relu_output: Option<&Tensor>,
+) -> Result<(Option<Tensor>, Tensor, Option<Tensor>)> {
+    let op = ConvBackward {
+        geometry,
+        input_gradient: x.track_op(),
+        relu_output: relu_output.cloned(),
+    };
+    let detail = || {
+        let (f, cout) = conv_dims(geometry, x.shape(), weight.shape()).ok()?;
+        let passes = 1 + usize::from(op.input_gradient);
+        let macs = passes * cout * f.depth() * f.b * f.pixels();
+        Some((geometry.detail("backward", f), macs as u64))
+    };
+    let kind = "convolution backward (per chunk of images)";
+    let all = time_in_detail(kind, detail, || {
+        x.apply_op3_no_bwd(weight, &grad.contiguous()?, &op)
+    })?;
+    let nx = if op.input_gradient { x.elem_count() } else { 0 };
+    let nw = weight.elem_count();
+    let dx = if op.input_gradient {
+        Some(all.narrow(0, 0, nx)?.reshape(x.shape())?)
+    } else {
+        None
+    };
+    let dw = all.narrow(0, nx, nw)?.reshape(weight.shape())?;
+    let db = match relu_output {
+        Some(_) => Some(all.narrow(0, nx + nw, all.elem_count() - nx - nw)?),
+        None => None,
+    };
+    Ok((dx, dw, db))
+}
+
 /// `relu(conv(x) + bias)` as one op, `(x, weight, bias)`: the bias and ReLU applied to each
-/// chunk's output in cache, with the bits of [`ConvOp`] followed by [`BiasRelu`], forward and
-/// backward (whose gradient buffers and passes over `conv(x)` it saves).
+/// chunk's output in cache, with the bits of [`ConvOp`] followed by [`BiasRelu`]. Its backward
+/// masks `dy` chunk by chunk inside the convolution's backward ([`ConvBackward`]), so the
+/// gradient before the ReLU is never a whole tensor: `dx` and `dW` keep the separate ops' bits,
+/// and `dbias` is summed per chunk of images, the chunks' sums added in order.
 #[derive(Debug, Clone, Copy)]
 struct ConvBiasRelu(Im2Col);
 
@@ -375,9 +394,8 @@ impl CustomOp3 for ConvBiasRelu {
         res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (dz, db) = relu_bias_gradients(res, grad)?;
-        let (dx, dw) = ConvOp(self.0).bwd(x, weight, res, &dz)?;
-        Ok((dx, dw, Some(db)))
+        let (dx, dw, db) = backward(self.0, x, weight, grad, Some(res))?;
+        Ok((dx, Some(dw), db))
     }
 }
 
@@ -391,36 +409,58 @@ const IMAGES_PER_CHUNK: usize = 8;
 /// `dW_chunk = dy_chunk · colsᵀ`, `dcols = Wᵀ · dy_chunk` and `dx_chunk = col2im(dcols)`, all in
 /// buffers the size of a chunk.
 ///
+/// With `relu_output` (`y = relu(conv(x) + bias)`, [`ConvBiasRelu`]) `dy` is `y`'s gradient:
+/// each chunk first masks its columns, `dz = dy·[y > 0]` (PyTorch's ReLU rule), into a buffer of
+/// its own and sums its rows for the bias, and the result ends with `dbias`. A separate pass wrote
+/// the whole `dz` to memory and the products read it back.
+///
 /// `dW` reduces over every pixel of the batch (100,352 terms for 128 images of 28×28) into a small
 /// matrix, which `gemm` splits between threads by rows and columns only: as one product it ran on
 /// one thread. Chunks give every thread its share of the reduction.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct ConvBackward {
     geometry: Im2Col,
     /// Whether `dx` is computed (not for a network's input, the images).
     input_gradient: bool,
+    /// The output of a convolution with its bias and ReLU, whose gradient `dy` is.
+    relu_output: Option<Tensor>,
 }
 
+/// The backward's inputs: the convolution's input and weight, its output's gradient and, with a
+/// ReLU, its output.
+#[derive(Clone, Copy)]
+struct BackwardInputs<'a, T> {
+    x: &'a [T],
+    weight: &'a [T],
+    dy: &'a [T],
+    y: Option<&'a [T]>,
+}
+
+/// What one chunk of the backward returns: its share of `dW`, of `dbias` (with a ReLU) and the
+/// proof that its `dx` block is written (with `input_gradient`).
+type ChunkParts<T> = (Vec<T>, Vec<T>, Option<Written>);
+
 impl ConvBackward {
-    /// Chunk by chunk of images, each one task: its share of `dW` (added in chunk order
-    /// afterwards) and, with `input_gradient`, its images' `dx` written straight into their
-    /// columns of the result (a [`Block`]). The result is `[dx; dW]`, flat.
+    /// Chunk by chunk of images, each one task: its share of `dW` and `dbias` (added in chunk
+    /// order afterwards) and, with `input_gradient`, its images' `dx` written straight into their
+    /// columns of the result (a [`Block`]). The result is `[dx; dW; dbias]`, flat.
     fn run<T: WithDType>(
         &self,
-        (x, weight, dy): (&[T], &[T], &[T]),
+        inputs: BackwardInputs<'_, T>,
         f: Frame,
         cout: usize,
     ) -> Result<Vec<T>> {
         let chunks = image_chunks(f.b);
         let plane = f.h * f.w;
         let dw_len = cout * f.depth();
-        // `dx` (when needed) is built in place, with room for `dW` after it.
+        let db_len = if inputs.y.is_some() { cout } else { 0 };
+        // `dx` (when needed) is built in place, with room for `dW` and `dbias` after it.
         let mut dx = if self.input_gradient {
             Some(Filling::new(
                 f.c,
                 f.b * plane,
                 columns(&chunks, plane),
-                dw_len,
+                dw_len + db_len,
             )?)
         } else {
             None
@@ -432,35 +472,47 @@ impl ConvBackward {
         let parts = chunks
             .par_iter()
             .zip(dx_blocks)
-            .map(|(images, dx)| self.chunk((x, weight, dy), f, cout, images.clone(), dx))
+            .map(|(images, dx)| self.chunk(inputs, f, cout, images.clone(), dx))
             .collect::<Result<Vec<_>>>()?;
-        let (dw_parts, written): (Vec<_>, Vec<_>) = parts.into_iter().unzip();
-        let mut dw = vec![T::from_f64(0.0); dw_len];
-        for part in &dw_parts {
-            for (acc, v) in dw.iter_mut().zip(part) {
-                *acc += *v;
-            }
+        let mut dw = vec![T::zero(); dw_len];
+        let mut db = vec![T::zero(); db_len];
+        let mut written = Vec::with_capacity(parts.len());
+        for (dw_part, db_part, w) in parts {
+            add_into(&mut dw, &dw_part);
+            add_into(&mut db, &db_part);
+            written.extend(w);
         }
-        let Some(dx) = dx else {
-            return Ok(dw);
+        let mut out = match dx {
+            Some(dx) => dx.finish(written)?,
+            None => Vec::with_capacity(dw_len + db_len),
         };
-        let mut out = dx.finish(written.into_iter().flatten().collect())?;
         out.extend_from_slice(&dw);
+        out.extend_from_slice(&db);
         Ok(out)
     }
 
-    /// One chunk: its `dW` share, and its `dx` written into `dx` (with the block's proof).
+    /// One chunk: its `dW` and `dbias` shares, and its `dx` written into `dx` (with the block's
+    /// proof).
     fn chunk<T: WithDType>(
         &self,
-        (x, weight, dy): (&[T], &[T], &[T]),
+        BackwardInputs { x, weight, dy, y }: BackwardInputs<'_, T>,
         f: Frame,
         cout: usize,
         images: Range<usize>,
         dx: Option<Block<'_, T>>,
-    ) -> Result<(Vec<T>, Option<Written>)> {
+    ) -> Result<ChunkParts<T>> {
         let (n, depth, px) = (f.b * f.pixels(), f.depth(), f.pixels());
         let cn = images.len() * px;
-        let dy = View::rows(&dy[images.start * px..], cout, cn, n);
+        let at = images.start * px..images.end * px;
+        let masked;
+        let (dy, db) = match y {
+            None => (View::rows(&dy[at.start..], cout, cn, n), Vec::new()),
+            Some(y) => {
+                let db;
+                (masked, db) = relu_masked_columns((y, dy), n, at);
+                (View::rows(&masked, cout, cn, cn), db)
+            }
+        };
         let pointwise = self.geometry.is_pointwise();
         let gathered;
         let cols = if pointwise {
@@ -469,11 +521,10 @@ impl ConvBackward {
             gathered = f.gather(x, images.clone());
             View::rows(&gathered, depth, cn, cn)
         };
-        let zero = T::from_f64(0.0);
-        let mut dw = vec![zero; cout * depth];
+        let mut dw = vec![T::zero(); cout * depth];
         product(&mut dw, depth, dy, cols.t())?;
         let Some(mut dx) = dx else {
-            return Ok((dw, None));
+            return Ok((dw, db, None));
         };
         let w = View::rows(weight, cout, depth, depth);
         if pointwise {
@@ -485,8 +536,59 @@ impl ConvBackward {
                 f.scatter_own_channel(&mut dcols, ci, images.len(), dx.row(ci));
             }
         }
-        Ok((dw, Some(dx.written()?)))
+        Ok((dw, db, Some(dx.written()?)))
     }
+}
+
+/// `acc += part`, element by element.
+fn add_into<T: WithDType>(acc: &mut [T], part: &[T]) {
+    for (a, &v) in acc.iter_mut().zip(part) {
+        *a += v;
+    }
+}
+
+/// ReLU's gradient rule (PyTorch's): `dy` where the output `y` is positive, else zero (a NaN
+/// gradient where the output is 0 is dropped).
+#[inline(always)]
+fn relu_pass<T: WithDType>(y: T, dy: T) -> T {
+    let zero = T::zero();
+    if y > zero {
+        dy
+    } else {
+        zero
+    }
+}
+
+/// A row's sum with candle's own row sum (`VecOps::vec_reduce_sum`, what `sum(1)` runs on each
+/// contiguous row).
+fn row_sum<T: WithDType>(row: &[T]) -> T {
+    let mut sum = T::zero();
+    // SAFETY: reads the `row.len()` elements of `row` and writes `sum`.
+    #[allow(unsafe_code)]
+    unsafe {
+        T::vec_reduce_sum(row.as_ptr(), &mut sum, row.len())
+    };
+    sum
+}
+
+/// Columns `at` of the channel rows (`n` long) of `y` and `dy`, masked: `dz = dy·[y > 0]` as a
+/// row-major `[c, at.len()]` matrix, and each of its rows' sum.
+fn relu_masked_columns<T: WithDType>(
+    (y, dy): (&[T], &[T]),
+    n: usize,
+    at: Range<usize>,
+) -> (Vec<T>, Vec<T>) {
+    let c = y.len() / n.max(1);
+    let mut dz = Vec::with_capacity(c * at.len());
+    let mut sums = Vec::with_capacity(c);
+    for ci in 0..c {
+        let row = ci * n + at.start..ci * n + at.end;
+        let start = dz.len();
+        let masked = y[row.clone()].iter().zip(&dy[row]);
+        dz.extend(masked.map(|(&y, &g)| relu_pass(y, g)));
+        sums.push(row_sum(&dz[start..]));
+    }
+    (dz, sums)
 }
 
 impl CustomOp3 for ConvBackward {
@@ -509,13 +611,29 @@ impl CustomOp3 for ConvBackward {
         } else {
             0
         };
-        let len = nx + l2.shape().elem_count();
+        let nb = if self.relu_output.is_some() { cout } else { 0 };
+        let len = nx + l2.shape().elem_count() + nb;
         if l3.shape().elem_count() != cout * f.b * f.pixels() {
             candle_core::bail!("convolution backward: output gradient {:?}", l3.shape());
         }
+        let relu_output = self.relu_output.as_ref().map(Tensor::storage_and_layout);
+        let y_storage = match &relu_output {
+            Some((_, l)) if l.shape() != l3.shape() => candle_core::bail!(
+                "convolution backward: output {:?} for a gradient {:?}",
+                l.shape(),
+                l3.shape()
+            ),
+            Some((s, l)) => match &**s {
+                Storage::Cpu(s) => Some((s, *l)),
+                _ => candle_core::bail!("convolution backward: its output is not on the CPU"),
+            },
+            None => None,
+        };
         let out = float_storage!(s1, "convolution backward", T => {
             let (x, w) = (contiguous::<T>(s1, l1)?, contiguous::<T>(s2, l2)?);
-            self.run((x, w, contiguous::<T>(s3, l3)?), f, cout)?
+            let y = y_storage.map(|(s, l)| contiguous::<T>(s, l)).transpose()?;
+            let dy = contiguous::<T>(s3, l3)?;
+            self.run(BackwardInputs { x, weight: w, dy, y }, f, cout)?
         });
         Ok((out, Shape::from(len)))
     }
@@ -588,23 +706,11 @@ fn relu_bias_gradients(y: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
             candle_core::bail!("bias-relu backward runs on the CPU");
         };
         fn run<T: WithDType>(y: &[T], g: &[T], n: usize) -> Result<(Vec<T>, Vec<T>)> {
-            let zero = T::zero();
             par_build(y.len(), n, |c, out| {
                 let row = c * n..(c + 1) * n;
                 let (y, g) = (&y[row.clone()], &g[row]);
-                let masked = y
-                    .iter()
-                    .zip(g)
-                    .map(|(&y, &g)| if y > zero { g } else { zero });
-                out.fill_and_read(masked, |dz| {
-                    let mut sum = zero;
-                    // SAFETY: reads the `dz.len()` elements of `dz` and writes `sum`.
-                    #[allow(unsafe_code)]
-                    unsafe {
-                        T::vec_reduce_sum(dz.as_ptr(), &mut sum, dz.len())
-                    };
-                    sum
-                })
+                let masked = y.iter().zip(g).map(|(&y, &g)| relu_pass(y, g));
+                out.fill_and_read(masked, row_sum)
             })
         }
         macro_rules! gradients {
@@ -837,7 +943,9 @@ pub(crate) mod tests {
 
     /// The fused convolution + bias + ReLU gives the bits of the convolution followed by the
     /// separate bias + ReLU op, over several chunks of images: its output without gradients
-    /// (inference), and with them its output and the input's, weight's and bias's gradients.
+    /// (inference), and with them its output and the input's and weight's gradients. The bias's
+    /// is summed chunk by chunk (its documented order, to the bit) and agrees with the separate
+    /// op's to f32 precision.
     #[test]
     fn fused_epilogue_keeps_the_bits() {
         let dev = Device::Cpu;
@@ -908,14 +1016,55 @@ pub(crate) mod tests {
             );
             assert_eq!(bits(&yf), bits(&ys), "case {i}: output");
             let (gf, gs) = (grads(&yf), grads(&ys));
-            for (name, v) in [("input", &x), ("weight", &wt), ("bias", &bias)] {
+            for (name, v) in [("input", &x), ("weight", &wt)] {
                 let (a, b) = (
                     gf.get(v.as_tensor()).unwrap(),
                     gs.get(v.as_tensor()).unwrap(),
                 );
                 assert_eq!(bits(a), bits(b), "case {i}: {name} gradient");
             }
+            let db = gf.get(bias.as_tensor()).unwrap();
+            assert_eq!(
+                bits(db),
+                bits(&chunked_bias_gradient(&yf, probe.as_tensor())),
+                "case {i}"
+            );
+            let apart = gs.get(bias.as_tensor()).unwrap();
+            let d = max_rel_diff(
+                &db.to_dtype(DType::F64).unwrap(),
+                &apart.to_dtype(DType::F64).unwrap(),
+            );
+            assert!(d < 1e-5, "case {i}: bias gradient differs by {d}");
+            // An input that needs no gradient (the images): the same weight and bias gradients.
+            let gp = grads(&conv(true).forward_relu(&plain).unwrap());
+            assert!(gp.get(&plain).is_none(), "case {i}");
+            for v in [&wt, &bias] {
+                let (a, b) = (
+                    gp.get(v.as_tensor()).unwrap(),
+                    gf.get(v.as_tensor()).unwrap(),
+                );
+                assert_eq!(bits(a), bits(b), "case {i}: without the input's gradient");
+            }
         }
+    }
+
+    /// `Σ dy·[y > 0]` per channel of `[c, b, h, w]` the way the fused backward adds it: each chunk
+    /// of images' rows summed by candle's `sum(1)`, the chunks' sums added in order from zero.
+    fn chunked_bias_gradient(y: &Tensor, dy: &Tensor) -> Tensor {
+        let zeros = dy.zeros_like().unwrap();
+        let dz = y
+            .gt(&y.zeros_like().unwrap())
+            .unwrap()
+            .where_cond(dy, &zeros)
+            .unwrap();
+        let (c, b) = (dz.dim(0).unwrap(), dz.dim(1).unwrap());
+        let mut sum = Tensor::zeros(c, dz.dtype(), dz.device()).unwrap();
+        for start in (0..b).step_by(IMAGES_PER_CHUNK) {
+            let len = IMAGES_PER_CHUNK.min(b - start);
+            let chunk = dz.narrow(1, start, len).unwrap().contiguous().unwrap();
+            sum = (sum + chunk.flatten_from(1).unwrap().sum(1).unwrap()).unwrap();
+        }
+        sum
     }
 
     /// The fused bias + ReLU against candle's `broadcast_add` + `relu`, values and gradients.
