@@ -24,7 +24,10 @@ const KINDS: [(&str, &[&str]); 12] = [
     ),
     ("pools (max and average)", &["kd_models::pool"]),
     ("BatchNorm + ReLU", &["kd_models::norm"]),
-    ("bias + ReLU", &["BiasRelu", "relu_bias_gradients", "relu_masked_columns"]),
+    (
+        "bias + ReLU",
+        &["BiasRelu", "relu_bias_gradients", "relu_masked_columns"],
+    ),
     ("optimiser (Adam)", &["optim::", "Adam"]),
     ("matrix products (gemm, with packing)", &["gemm"]),
     (
