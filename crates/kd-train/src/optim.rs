@@ -7,6 +7,7 @@
 use crate::config::Schedule;
 use candle_core::backprop::GradStore;
 use candle_core::{Result, Tensor, Var};
+use rayon::prelude::*;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AdamParams {
@@ -107,35 +108,62 @@ impl Adam {
         self.params.lr = lr;
     }
 
-    /// One update from the gradients of `loss.backward()`. Variables without a gradient are left
-    /// alone.
+    /// One update from the gradients of `loss.backward()`, the variables in parallel (each
+    /// element's update is its own, so the bits do not depend on the thread count). Variables
+    /// without a gradient are left alone.
     pub fn step(&mut self, grads: &GradStore) -> Result<()> {
         self.step += 1;
         let p = self.params;
         let bc1 = 1.0 - p.beta1.powi(self.step as i32);
-        let bc2_sqrt = (1.0 - p.beta2.powi(self.step as i32)).sqrt();
-        let step_size = (p.lr / bc1) as f32;
-        let (b1, b2, eps) = (p.beta1 as f32, p.beta2 as f32, p.eps as f32);
-        let decay = (1.0 - p.lr * p.weight_decay) as f32;
-        for ((_, var), (m, v)) in self
-            .vars
-            .iter()
-            .zip(self.m.iter_mut().zip(self.v.iter_mut()))
-        {
-            let Some(g) = grads.get(var.as_tensor()) else {
-                continue;
-            };
-            let g = g.flatten_all()?.to_vec1::<f32>()?;
-            let mut w = var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
-            for i in 0..w.len() {
-                m[i] = b1 * m[i] + (1.0 - b1) * g[i];
-                v[i] = b2 * v[i] + (1.0 - b2) * g[i] * g[i];
-                let denom = (v[i].sqrt() / bc2_sqrt as f32) + eps;
-                w[i] = w[i] * decay - step_size * m[i] / denom;
-            }
-            var.set(&Tensor::from_vec(w, var.shape(), var.device())?)?;
+        let update = Update {
+            step_size: (p.lr / bc1) as f32,
+            bc2_sqrt: (1.0 - p.beta2.powi(self.step as i32)).sqrt() as f32,
+            b1: p.beta1 as f32,
+            b2: p.beta2 as f32,
+            eps: p.eps as f32,
+            decay: (1.0 - p.lr * p.weight_decay) as f32,
+        };
+        self.vars
+            .par_iter()
+            .zip(self.m.par_iter_mut().zip(self.v.par_iter_mut()))
+            .try_for_each(|((_, var), (m, v))| match grads.get(var.as_tensor()) {
+                Some(g) => update.apply(var, g, (m.as_mut_slice(), v.as_mut_slice())),
+                None => Ok(()),
+            })
+    }
+}
+
+/// One step's constants of Adam's update.
+#[derive(Debug, Clone, Copy)]
+struct Update {
+    step_size: f32,
+    bc2_sqrt: f32,
+    b1: f32,
+    b2: f32,
+    eps: f32,
+    decay: f32,
+}
+
+impl Update {
+    /// The update of one variable from its gradient, its moments moved in place.
+    fn apply(&self, var: &Var, g: &Tensor, (m, v): (&mut [f32], &mut [f32])) -> Result<()> {
+        let Self {
+            step_size,
+            bc2_sqrt,
+            b1,
+            b2,
+            eps,
+            decay,
+        } = *self;
+        let g = g.flatten_all()?.to_vec1::<f32>()?;
+        let mut w = var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
+        for i in 0..w.len() {
+            m[i] = b1 * m[i] + (1.0 - b1) * g[i];
+            v[i] = b2 * v[i] + (1.0 - b2) * g[i] * g[i];
+            let denom = (v[i].sqrt() / bc2_sqrt) + eps;
+            w[i] = w[i] * decay - step_size * m[i] / denom;
         }
-        Ok(())
+        var.set(&Tensor::from_vec(w, var.shape(), var.device())?)
     }
 }
 
