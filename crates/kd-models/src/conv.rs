@@ -344,10 +344,9 @@ fn backward(
         None
     };
     let dw = all.narrow(0, nx, nw)?.reshape(weight.shape())?;
-    let db = match relu_output {
-        Some(_) => Some(all.narrow(0, nx + nw, all.elem_count() - nx - nw)?),
-        None => None,
-    };
+    let db = relu_output
+        .map(|_| all.narrow(0, nx + nw, all.elem_count() - nx - nw))
+        .transpose()?;
     Ok((dx, dw, db))
 }
 
