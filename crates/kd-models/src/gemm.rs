@@ -316,6 +316,26 @@ mod tests {
             .collect()
     }
 
+    /// A product reads the same bits from a block of columns of wider rows as from a copy of
+    /// that block (what the convolution's backward relies on when it copies the columns of rows
+    /// that would thrash the cache).
+    #[test]
+    fn strided_and_copied_operands_give_the_same_bits() {
+        let (m, k, n, wide) = (24, 600, 40, 4096);
+        let (a, b) = (ramp(m * wide, 0.011), ramp(n * wide, 0.013));
+        let at = 1000;
+        let copied: Vec<f32> = (0..n)
+            .flat_map(|r| b[r * wide + at..r * wide + at + k].to_vec())
+            .collect();
+        let (mut strided_out, mut copied_out) = (vec![0.0f32; m * n], vec![0.0f32; m * n]);
+        let a = View::rows(&a[at..], m, k, wide);
+        product(&mut strided_out, n, a, View::rows(&b[at..], n, k, wide).t()).unwrap();
+        product(&mut copied_out, n, a, View::rows(&copied, n, k, k).t()).unwrap();
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&strided_out), bits(&copied_out));
+        assert!(strided_out.iter().any(|&x| x != 0.0));
+    }
+
     /// Products written block by block equal one product of the whole matrix, to the bit.
     #[test]
     fn blocks_of_columns_build_the_whole_product() {
