@@ -336,6 +336,26 @@ mod tests {
         assert!(strided_out.iter().any(|&x| x != 0.0));
     }
 
+    /// `(b · a)ᵀ` computed as `aᵀ · bᵀ` has the same bits as `b · a` (what lets the convolution's
+    /// backward compute its weight gradient transposed where that is faster), for a long inner
+    /// dimension as in `dW = dy · colsᵀ`.
+    #[test]
+    fn a_transposed_product_has_the_same_bits() {
+        for (m, k, n) in [(48, 392, 144), (16, 72, 9), (7, 1000, 33)] {
+            let (dy, cols) = (ramp(m * k, 0.011), ramp(n * k, 0.013));
+            let (mut dw, mut dw_t) = (vec![0.0f32; m * n], vec![0.0f32; n * m]);
+            let (dy, cols) = (View::rows(&dy, m, k, k), View::rows(&cols, n, k, k));
+            product(&mut dw, n, dy, cols.t()).unwrap();
+            product(&mut dw_t, m, cols, dy.t()).unwrap();
+            for i in 0..m {
+                for j in 0..n {
+                    assert_eq!(dw[i * n + j].to_bits(), dw_t[j * m + i].to_bits());
+                }
+            }
+            assert!(dw.iter().any(|&x| x != 0.0));
+        }
+    }
+
     /// Products written block by block equal one product of the whole matrix, to the bit.
     #[test]
     fn blocks_of_columns_build_the_whole_product() {
