@@ -402,16 +402,6 @@ impl CustomOp3 for ConvBiasRelu {
 /// one partial product per chunk, added in chunk order — does not depend on the thread count.
 const IMAGES_PER_CHUNK: usize = 8;
 
-/// The most columns per chunk (`IMAGES_PER_CHUNK` × the output plane) for which a chunk computes
-/// its weight gradient transposed, `dWᵀ = cols · dyᵀ` (`depth × c_out`, row-major), rather than
-/// `dW = dy · colsᵀ`. The bits are the same (`gemm` adds over the columns in the same order either
-/// way), and `gemm` runs faster when the destination's rows are the longer side: on planes of 7×7
-/// and 3×3 (392 and 72 columns) the 1×1 backward went from 24.4 / 22.6 / 24.7 to 19.8 / 21.8 /
-/// 21.7 ms per batch and the 5×5 from 10.2 / 8.9 / 10.4 to 7.5 / 8.8 / 8.8 (1 thread, 3
-/// alternating rounds). At 14×14 and 28×28 (1,568 and 6,272 columns), where the columns are read
-/// from `dy`'s rows 100 KB apart, it was slower (3×3 at 28×28: 44.4 → 52.2 ms).
-const TRANSPOSED_DW_MAX_COLUMNS: usize = 512;
-
 /// The convolution's backward, `(x, weight, dy [c_out, b, oh, ow]) → [dx, dW]` flattened into
 /// one vector (`[dW]` alone without `input_gradient`). Each chunk of [`IMAGES_PER_CHUNK`] images
 /// is one task on one thread: its columns (gathered again rather than kept from the forward),
@@ -445,8 +435,15 @@ struct BackwardInputs<'a, T> {
     y: Option<&'a [T]>,
 }
 
-/// The weight gradient's shape, `c_out × depth`, and whether the chunks compute it transposed
-/// ([`TRANSPOSED_DW_MAX_COLUMNS`]).
+/// The weight gradient's shape, `c_out × depth`, and whether the chunks compute it transposed:
+/// `dWᵀ = cols · dyᵀ` (`depth × c_out`, row-major) rather than `dW = dy · colsᵀ`, which they do
+/// when `depth > c_out`, as in most of GoogLeNet's convolutions. The bits are the same (`gemm`
+/// adds over the columns in the same order either way), and `gemm` runs faster when the
+/// destination's rows are the longer side. One thread, `dW`'s product alone (temporary timers),
+/// 2 alternating rounds: 3×3 at 28×28, 48 → 144·9 channels, 21.3 / 19.0 → 17.0 / 14.8 ms per
+/// batch; at 14×14, 32 → 48·9, 9.8 / 9.3 → 7.4 / 6.9; 1×1 at 7×7, 150 → 16, 1.4 → 0.7. Where
+/// `c_out ≥ depth` (the 1×1s at 14×14 with 44 and 72 outputs from 48 and 64 inputs) it was slower
+/// (1.5 / 2.9 → 1.7 / 3.4 ms).
 #[derive(Clone, Copy)]
 struct DwLayout {
     cout: usize,
@@ -470,7 +467,7 @@ impl ConvBackward {
         let chunks = image_chunks(f.b);
         let plane = f.h * f.w;
         let dw_len = cout * f.depth();
-        let transposed = IMAGES_PER_CHUNK * f.pixels() <= TRANSPOSED_DW_MAX_COLUMNS;
+        let transposed = f.depth() > cout;
         let db_len = if inputs.y.is_some() { cout } else { 0 };
         // `dx` (when needed) is built in place, with room for `dW` and `dbias` after it.
         let mut dx = if self.input_gradient {
@@ -531,7 +528,16 @@ impl ConvBackward {
         let cn = images.len() * px;
         let at = images.start * px..images.end * px;
         let masked;
+        let copied;
         let (dy, db) = match y {
+            // `dyᵀ` as the product's right operand is packed a few values from each of its rows
+            // at a time: rows 100 KB apart (14×14 and 28×28 planes, 128 images) thrash L1 (see
+            // `sets_alias`). Read from a copy of its columns, `dW`'s product at 28×28 took 15–17
+            // ms per batch instead of 27–29.
+            None if transposed && sets_alias::<T>(n, cout) => {
+                copied = columns_of(dy, n, at);
+                (View::rows(&copied, cout, cn, cn), Vec::new())
+            }
             None => (View::rows(&dy[at.start..], cout, cn, n), Vec::new()),
             Some(y) => {
                 let db;
@@ -580,6 +586,16 @@ impl ConvBackward {
 /// costs more than it saves. `gemm`'s bits do not depend on its operands' strides.
 fn sets_alias<T>(n: usize, rows: usize) -> bool {
     rows > 16 && (n * std::mem::size_of::<T>()).is_multiple_of(2048)
+}
+
+/// Columns `at` of every row of the row-major matrix `m` (rows `n` apart), as a contiguous
+/// matrix.
+fn columns_of<T: WithDType>(m: &[T], n: usize, at: Range<usize>) -> Vec<T> {
+    let mut out = Vec::with_capacity(m.len() / n.max(1) * at.len());
+    for row in m.chunks_exact(n) {
+        out.extend_from_slice(&row[at.clone()]);
+    }
+    out
 }
 
 /// `acc += part`, element by element.
