@@ -438,12 +438,13 @@ struct BackwardInputs<'a, T> {
 /// The weight gradient's shape, `c_out × depth`, and whether the chunks compute it transposed:
 /// `dWᵀ = cols · dyᵀ` (`depth × c_out`, row-major) rather than `dW = dy · colsᵀ`, which they do
 /// when `depth > c_out`, as in most of GoogLeNet's convolutions. The bits are the same (`gemm`
-/// adds over the columns in the same order either way), and `gemm` runs faster when the
-/// destination's rows are the longer side. One thread, `dW`'s product alone (temporary timers),
-/// 2 alternating rounds: 3×3 at 28×28, 48 → 144·9 channels, 21.3 / 19.0 → 17.0 / 14.8 ms per
-/// batch; at 14×14, 32 → 48·9, 9.8 / 9.3 → 7.4 / 6.9; 1×1 at 7×7, 150 → 16, 1.4 → 0.7. Where
-/// `c_out ≥ depth` (the 1×1s at 14×14 with 44 and 72 outputs from 48 and 64 inputs) it was slower
-/// (1.5 / 2.9 → 1.7 / 3.4 ms).
+/// adds over the columns in the same order either way), but `gemm`'s speed follows the
+/// destination's layout, and it ran these products faster into `depth × c_out`. One thread,
+/// `dW`'s product alone (temporary timers), 2 alternating rounds, ms per batch: 3×3 at 28×28
+/// (16 → 48 channels) 21.3 / 19.0 → 17.0 / 14.8; 3×3 at 14×14 (32 → 48) 9.8 / 9.3 → 7.4 / 6.9;
+/// 5×5 at 7×7 (6 → 16) 1.4 → 0.7. Where `c_out ≥ depth` (the 1×1s at 14×14 with 44 and 72
+/// outputs from 48 and 64 inputs) it was slower (1.5 / 2.9 → 1.7 / 3.4). `docs/speed.md`,
+/// fourteenth round.
 #[derive(Clone, Copy)]
 struct DwLayout {
     cout: usize,
