@@ -884,6 +884,9 @@ pub(crate) mod tests {
             // of f64): the backward copies each chunk's columns out (`sets_alias`).
             (24, 5, 1, 1, 0, 16, 16),
             (20, 6, 1, 1, 0, 16, 16),
+            // `dW` transposed (`depth` 36 > 20 outputs) from a copy of `dy`'s chunk: 20 rows of
+            // 16×16 planes of f64, a multiple of 2 KiB apart (`DwLayout`).
+            (4, 20, 3, 1, 1, 16, 16),
         ];
         for (i, &(cin, cout, k, s, p, h, w)) in cases.iter().enumerate() {
             // Odd cases span several chunks of the backward, the last one short.
