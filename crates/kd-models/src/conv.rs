@@ -405,8 +405,8 @@ const IMAGES_PER_CHUNK: usize = 8;
 /// The convolution's backward, `(x, weight, dy [c_out, b, oh, ow]) → [dx, dW]` flattened into
 /// one vector (`[dW]` alone without `input_gradient`). Each chunk of [`IMAGES_PER_CHUNK`] images
 /// is one task on one thread: its columns (gathered again rather than kept from the forward),
-/// `dW_chunk = dy_chunk · colsᵀ` (computed transposed, see [`DwLayout`]), `dcols = Wᵀ · dy_chunk` and `dx_chunk = col2im(dcols)`, all in
-/// buffers the size of a chunk.
+/// `dW_chunk = dy_chunk · colsᵀ` (mostly computed transposed, see [`DwLayout`]),
+/// `dcols = Wᵀ · dy_chunk` and `dx_chunk = col2im(dcols)`, all in buffers the size of a chunk.
 ///
 /// With `relu_output` (`y = relu(conv(x) + bias)`, [`ConvBiasRelu`]) `dy` is `y`'s gradient:
 /// each chunk first masks its columns, `dz = dy·[y > 0]` (PyTorch's ReLU rule), into a buffer of
