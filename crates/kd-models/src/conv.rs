@@ -468,7 +468,10 @@ impl ConvBackward {
         let chunks = image_chunks(f.b);
         let plane = f.h * f.w;
         let dw_len = cout * f.depth();
-        let transposed = f.depth() > cout;
+        let dw_layout = DwLayout {
+            cout,
+            transposed: f.depth() > cout,
+        };
         let db_len = if inputs.y.is_some() { cout } else { 0 };
         // `dx` (when needed) is built in place, with room for `dW` and `dbias` after it.
         let mut dx = if self.input_gradient {
@@ -488,10 +491,7 @@ impl ConvBackward {
         let parts = chunks
             .par_iter()
             .zip(dx_blocks)
-            .map(|(images, dx)| {
-                let dw = DwLayout { cout, transposed };
-                self.chunk(inputs, f, dw, images.clone(), dx)
-            })
+            .map(|(images, dx)| self.chunk(inputs, f, dw_layout, images.clone(), dx))
             .collect::<Result<Vec<_>>>()?;
         let mut dw = vec![T::zero(); dw_len];
         let mut db = vec![T::zero(); db_len];
@@ -505,7 +505,7 @@ impl ConvBackward {
             Some(dx) => dx.finish(written)?,
             None => Vec::with_capacity(dw_len + db_len),
         };
-        if transposed {
+        if dw_layout.transposed {
             let depth = f.depth();
             out.extend((0..dw_len).map(|i| dw[(i % depth) * cout + i / depth]));
         } else {
