@@ -73,6 +73,10 @@ pub struct Args {
     /// (by kind of work) to `<out>/profile-<measurement>.md` (e.g. `teacher-step`).
     #[arg(long, value_name = "MEASUREMENT")]
     pub profile: Option<String>,
+    /// The convolutions' table in bench.md one row per layer, named by its channels (`16 → 48
+    /// channels`), instead of one row per kernel and input size.
+    #[arg(long)]
+    pub by_layer: bool,
 }
 
 /// The matrix-product limit: a square f32 product of this size, ours and (with `--pytorch`)
@@ -225,6 +229,9 @@ fn ours(args: &Args, name: &str) -> anyhow::Result<Measurement> {
     .arg(&args.pipeline.artifacts);
     for s in &args.pipeline.overrides {
         cmd.args(["--set", s]);
+    }
+    if args.by_layer {
+        cmd.arg("--by-layer");
     }
     let out = cmd.stderr(std::process::Stdio::inherit()).output()?;
     if !out.status.success() {
@@ -667,6 +674,7 @@ impl Targets {
 /// Runs every measurement in a child process and writes the tables.
 pub fn run(args: &Args) -> anyhow::Result<()> {
     if let Some(name) = &args.only {
+        kd_models::timing::by_layer(args.by_layer);
         println!("{}", serde_json::to_string(&measure(args, name)?)?);
         return Ok(());
     }
@@ -844,12 +852,13 @@ fn render(args: &Args, p: &Pipeline, results: &[Measurement]) -> String {
         gflops.join("; ")
     ) + &limit_line(results)
         + &ops_table(args, results)
-        + &conv_shapes_table(results)
+        + &conv_shapes_table(args, results)
 }
 
-/// The teacher step's convolutions by pass, kernel and input size: wall time per batch and the
-/// arithmetic rate of their matrix products (im2col and col2im included).
-fn conv_shapes_table(results: &[Measurement]) -> String {
+/// The teacher step's convolutions by pass, kernel and input size (and channels, layer by layer,
+/// with `--by-layer`): wall time per batch and the arithmetic rate of their matrix products
+/// (im2col and col2im included).
+fn conv_shapes_table(args: &Args, results: &[Measurement]) -> String {
     let Some(m) = results
         .iter()
         .find(|m| m.name == "teacher-step" && !m.conv_shapes.is_empty())
@@ -858,16 +867,27 @@ fn conv_shapes_table(results: &[Measurement]) -> String {
     };
     let mut rows = m.conv_shapes.clone();
     rows.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let (what, summed) = if args.by_layer {
+        (
+            "pass, kernel at input size, channels",
+            "Every layer (layers alike in all of these summed)",
+        )
+    } else {
+        (
+            "pass, kernel at input size",
+            "Every convolution of a kind summed",
+        )
+    };
     let mut t = Table::new(&[
-        "convolutions: pass, kernel at input size",
-        "ms per batch",
-        "GFLOP/s",
+        format!("convolutions: {what}"),
+        "ms per batch".into(),
+        "GFLOP/s".into(),
     ]);
     for (shape, secs, gflops) in rows {
         t.row(&[shape, format!("{:.1}", secs * 1e3), format!("{gflops:.0}")]);
     }
     format!(
-        "\n## The teacher step's convolutions by shape\n\nEvery convolution of a kind summed (each timed around its work, all threads; a backward computes dW and, except for the first layer's, dx: twice the forward's multiply-adds).\n\n{}",
+        "\n## The teacher step's convolutions by shape\n\n{summed} (each timed around its work, all threads; a backward computes dW and, except for the first layer's, dx: twice the forward's multiply-adds).\n\n{}",
         t.to_markdown()
     )
 }

@@ -232,7 +232,7 @@ impl ConvOp {
         let chunks = image_chunks(f.b);
         let mut out = Filling::new(cout, n, columns(&chunks, px), 0)?;
         let blocks = out.blocks()?;
-        let detail = || Some((self.0.detail("forward", f), (cout * depth * n) as u64));
+        let detail = || Some((self.0.detail("forward", f, cout), (cout * depth * n) as u64));
         let kind = "convolution forward (per chunk of images)";
         let written = time_in_detail(kind, detail, || {
             chunks
@@ -330,7 +330,7 @@ fn backward(
         let (f, cout) = conv_dims(geometry, x.shape(), weight.shape()).ok()?;
         let passes = 1 + usize::from(op.input_gradient);
         let macs = passes * cout * f.depth() * f.b * f.pixels();
-        Some((geometry.detail("backward", f), macs as u64))
+        Some((geometry.detail("backward", f, cout), macs as u64))
     };
     let kind = "convolution backward (per chunk of images)";
     let all = time_in_detail(kind, detail, || {

@@ -40,15 +40,21 @@ impl Im2Col {
         Ok((len + 2 * self.padding - self.kernel) / self.stride + 1)
     }
 
-    /// A convolution's `pass` on `f` for [`crate::timing`]: e.g. `backward, 3×3 at 14×14`
-    /// (`/2` for a stride of 2).
-    pub(crate) fn detail(&self, pass: &str, f: Frame) -> String {
+    /// A convolution's `pass` on `f` with `cout` outputs for [`crate::timing`]: e.g.
+    /// `backward, 3×3 at 14×14` (`/2` for a stride of 2), and `, 32 → 48 channels` after it
+    /// when timing [`crate::timing::by_layer`].
+    pub(crate) fn detail(&self, pass: &str, f: Frame, cout: usize) -> String {
+        self.label(pass, f, crate::timing::is_by_layer().then_some(cout))
+    }
+
+    fn label(&self, pass: &str, f: Frame, cout: Option<usize>) -> String {
         let k = self.kernel;
         let stride = match self.stride {
             1 => String::new(),
             s => format!("/{s}"),
         };
-        format!("{pass}, {k}×{k}{stride} at {}×{}", f.h, f.w)
+        let channels = cout.map_or(String::new(), |o| format!(", {} → {o} channels", f.c));
+        format!("{pass}, {k}×{k}{stride} at {}×{}{channels}", f.h, f.w)
     }
 
     /// Whether the columns are the input itself (a 1×1 convolution, stride 1, no padding).
@@ -491,6 +497,21 @@ mod tests {
 
     /// A range of images gathers and scatters exactly the whole batch's columns for those
     /// images, bit for bit.
+    #[test]
+    fn labels_name_the_shape_and_by_layer_the_channels() {
+        let op = Im2Col {
+            kernel: 3,
+            stride: 2,
+            padding: 1,
+        };
+        let f = op.on((16, 4, 28, 28)).unwrap();
+        assert_eq!(op.label("forward", f, None), "forward, 3×3/2 at 28×28");
+        assert_eq!(
+            op.label("backward", f, Some(48)),
+            "backward, 3×3/2 at 28×28, 16 → 48 channels"
+        );
+    }
+
     #[test]
     fn image_ranges_match_the_whole_batch() {
         let op = Im2Col {

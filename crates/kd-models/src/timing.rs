@@ -10,6 +10,7 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 static ON: AtomicBool = AtomicBool::new(false);
+static BY_LAYER: AtomicBool = AtomicBool::new(false);
 static TOTALS: Mutex<BTreeMap<&'static str, (f64, u64)>> = Mutex::new(BTreeMap::new());
 /// Finer kinds within a kind (a convolution's pass, kernel and input size): seconds and
 /// multiply-adds.
@@ -18,6 +19,16 @@ static DETAILS: Mutex<BTreeMap<String, (f64, u64)>> = Mutex::new(BTreeMap::new()
 /// Starts (or stops) timing; the totals so far are kept until [`take`].
 pub fn enable(on: bool) {
     ON.store(on, Ordering::Relaxed);
+}
+
+/// Whether the finer kinds name each convolution by its channels (`16 → 48 channels`), one row
+/// per layer, instead of summing the layers of one kernel and input size.
+pub fn by_layer(on: bool) {
+    BY_LAYER.store(on, Ordering::Relaxed);
+}
+
+pub(crate) fn is_by_layer() -> bool {
+    BY_LAYER.load(Ordering::Relaxed)
 }
 
 /// The totals since the last call, `(kind, seconds, calls)` by kind, and a fresh start.
