@@ -495,8 +495,8 @@ mod tests {
         }
     }
 
-    /// A range of images gathers and scatters exactly the whole batch's columns for those
-    /// images, bit for bit.
+    /// A convolution's timing label names its pass, kernel, stride and input size, and with
+    /// `--by-layer` its channels.
     #[test]
     fn labels_name_the_shape_and_by_layer_the_channels() {
         let op = Im2Col {
@@ -512,6 +512,8 @@ mod tests {
         );
     }
 
+    /// A range of images gathers and scatters exactly the whole batch's columns for those
+    /// images, bit for bit.
     #[test]
     fn image_ranges_match_the_whole_batch() {
         let op = Im2Col {
