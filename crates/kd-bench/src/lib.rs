@@ -295,14 +295,17 @@ fn time_ops(
     args: &Args,
     mut step: impl FnMut(usize) -> anyhow::Result<Vec<(&'static str, f64)>>,
 ) -> anyhow::Result<((Vec<f64>, Split), OpTimes)> {
-    let t = time_reps(args, |i| {
-        if i == 1 {
-            // The warm-up step is over: count from the first timed one.
-            kd_models::timing::take();
-            kd_models::timing::take_details();
-            kd_models::timing::enable(true);
-        }
-        step(i)
+    // As training and the precompute run their batches: the other workers kept awake.
+    let t = kd_train::awake::workers_awake(|| {
+        time_reps(args, |i| {
+            if i == 1 {
+                // The warm-up step is over: count from the first timed one.
+                kd_models::timing::take();
+                kd_models::timing::take_details();
+                kd_models::timing::enable(true);
+            }
+            step(i)
+        })
     });
     kd_models::timing::enable(false);
     let steps = (args.reps * args.batches).max(1) as f64;

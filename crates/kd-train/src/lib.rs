@@ -1,6 +1,7 @@
 //! What every stage shares: the pipeline file, losses, the optimiser and schedule, the training
 //! loop, evaluation, checkpoints, run manifests and the command-line plumbing.
 
+pub mod awake;
 pub mod cli;
 pub mod config;
 pub mod experiment;

@@ -209,6 +209,20 @@ impl<'a> Trainer<'a> {
             self.steps_per_epoch,
             format!("{name} epoch {epoch}/{epochs}"),
         );
+        let sums = crate::awake::workers_awake(|| self.epoch_steps(epoch, loss_fn, t0, &bar))?;
+        bar.finish_and_clear();
+        Ok(sums)
+    }
+
+    /// The steps of [`Self::train_epoch`], the progress bar moved after each.
+    fn epoch_steps(
+        &mut self,
+        epoch: usize,
+        loss_fn: &mut impl FnMut(&Batch, &[Tensor]) -> candle_core::Result<Tensor>,
+        t0: Instant,
+        bar: &ProgressBar,
+    ) -> Result<Sums, TrainError> {
+        let (name, epochs) = (self.spec.name, self.spec.settings.epochs);
         let mut sums = Sums::default();
         for batch in epoch_batches(self.spec, epoch, self.steps_per_epoch) {
             if crate::interrupt::requested() {
@@ -236,7 +250,6 @@ impl<'a> Trainer<'a> {
             }
             bar.set_message(status);
         }
-        bar.finish_and_clear();
         Ok(sums)
     }
 
@@ -503,6 +516,18 @@ pub fn predict_batches(
     label: &str,
 ) -> Result<Vec<Vec<f32>>, TrainError> {
     let bar = progress(batches.num_batches(), label.to_string());
+    let out = crate::awake::workers_awake(|| predict_each(model, batches, label, &bar))?;
+    bar.finish_and_clear();
+    Ok(out)
+}
+
+/// The batches of [`predict_batches`], one forward each, the progress bar moved after each.
+fn predict_each(
+    model: &dyn Classifier,
+    batches: Batches,
+    label: &str,
+    bar: &ProgressBar,
+) -> Result<Vec<Vec<f32>>, TrainError> {
     let mut out: Vec<Vec<f32>> = Vec::new();
     for batch in batches {
         crate::interrupt::check(if label.is_empty() {
@@ -519,7 +544,6 @@ pub fn predict_batches(
         }
         bar.inc(1);
     }
-    bar.finish_and_clear();
     Ok(out)
 }
 
