@@ -13,10 +13,11 @@ pub mod runlog;
 pub mod whole;
 
 use anyhow::Context;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use clap::Parser;
 use kd_data::Batches;
 use kd_models::{Classifier, Trainable};
+use kd_train::halves::Forward;
 use kd_train::loss::{cross_entropy, kd_loss, KdWeights};
 use kd_train::optim::{Adam, AdamParams};
 use kd_train::stage::layout::{CHECKPOINT, KNOWLEDGE, KNOWLEDGE_FILE, TEACHER};
@@ -543,13 +544,15 @@ impl Bench<'_> {
         let mut opt = optimiser(&model, t.lr)?;
         let timings = time_ops(self.args, |i| {
             let b = batch(data, &rows(data, i * tb, tb), t.augment, i as u64)?;
-            let (loss, f) = timed(|| {
-                let heads = model.model.forward_t(&b.images, true)?;
-                let loss = kd_train::loss::teacher_loss(&heads, &b.labels, t.aux_weight)?;
-                loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
-                Ok(loss)
+            // As `kd-teacher` trains: two halves where the model allows it (`kd_train::halves`).
+            let (forward, f) = timed(|| {
+                let forward = Forward::run(&model, &b, &mut |b, heads| {
+                    kd_train::loss::teacher_loss(heads, &b.labels, t.aux_weight)
+                })?;
+                forward.loss()?;
+                Ok(forward)
             })?;
-            let (grads, bw) = timed(|| Ok(loss.backward()?))?;
+            let (grads, bw) = timed(|| Ok(forward.backward(&model)?))?;
             let ((), o) = timed(|| Ok(opt.step(&grads)?))?;
             Ok(vec![("forward", f), ("backward", bw), ("optimiser", o)])
         })?;

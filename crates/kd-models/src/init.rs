@@ -136,6 +136,56 @@ impl DropoutRng {
             Err(p) => p.into_inner().set_word_pos(pos),
         }
     }
+
+    /// Streams for the `parts` of one batch trained apart (`kd_train::halves`): each starts
+    /// where this one stands, on a ChaCha stream of its own, so a part's masks do not depend on
+    /// which part draws first. [`Self::advance_past`] moves this one on afterwards.
+    pub fn split(&self, parts: usize) -> Vec<DropoutRng> {
+        let rng = match self.0.lock() {
+            Ok(r) => r.clone(),
+            Err(p) => p.into_inner().clone(),
+        };
+        (0..parts as u64)
+            .map(|i| {
+                let mut part = rng.clone();
+                part.set_stream(rng.get_stream().wrapping_add(1 + i));
+                part.set_word_pos(rng.get_word_pos());
+                DropoutRng(Arc::new(Mutex::new(part)))
+            })
+            .collect()
+    }
+
+    /// Moves this stream on by every word that `parts` (from [`Self::split`]) drew, so the next
+    /// split starts past all of them.
+    pub fn advance_past(&self, parts: &[DropoutRng]) {
+        let start = self.word_pos();
+        let drawn: u128 = parts.iter().map(|p| p.word_pos() - start).sum();
+        self.set_word_pos(start + drawn);
+    }
+
+    /// Runs `f` with the dropout layers that it runs on this thread drawing from this stream
+    /// instead of their own.
+    pub fn draw_in<R>(&self, f: impl FnOnce() -> R) -> R {
+        let previous = DRAWING_FROM.with(|s| s.replace(Some(self.clone())));
+        let _restore = Restore(previous);
+        f()
+    }
+}
+
+thread_local! {
+    /// The stream that [`DropoutRng::draw_in`] set for this thread.
+    static DRAWING_FROM: std::cell::RefCell<Option<DropoutRng>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Puts back the thread's previous stream, even if the closure unwinds.
+struct Restore(Option<DropoutRng>);
+
+impl Drop for Restore {
+    fn drop(&mut self) {
+        let previous = self.0.take();
+        DRAWING_FROM.with(|s| *s.borrow_mut() = previous);
+    }
 }
 
 /// Inverted dropout with masks from a [`DropoutRng`]; the identity in eval mode.
@@ -160,9 +210,11 @@ impl Dropout {
         let keep = 1.0 - self.p;
         let scale = (1.0 / keep) as f32;
         let n = xs.elem_count();
+        let stream = DRAWING_FROM
+            .with(|s| s.borrow().clone())
+            .unwrap_or_else(|| self.rng.clone());
         let mask: Vec<f32> = {
-            let mut rng = self
-                .rng
+            let mut rng = stream
                 .0
                 .lock()
                 .map_err(|_| candle_core::Error::Msg("poisoned rng".into()))?;
@@ -178,6 +230,40 @@ impl Dropout {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A dropout layer's mask on 64 ones, as the kept positions.
+    fn mask(d: &Dropout) -> Vec<bool> {
+        let x = Tensor::ones(64, DType::F32, &Device::Cpu).unwrap();
+        let y = d.forward_t(&x, true).unwrap().to_vec1::<f32>().unwrap();
+        y.iter().map(|v| *v > 0.0).collect()
+    }
+
+    /// The parts of a split draw their own masks (different from each other and from the
+    /// stream's own), the same whichever draws first; `draw_in` gives the layer back its own
+    /// stream afterwards; `advance_past` moves the stream on by what both parts drew.
+    #[test]
+    fn split_streams_draw_their_own_masks_in_any_order() {
+        let rng = DropoutRng::new(9);
+        let layer = Dropout::new(0.5, &rng);
+        let parts = rng.split(2);
+        let first = parts[0].draw_in(|| mask(&layer));
+        let second = parts[1].draw_in(|| mask(&layer));
+        assert_ne!(first, second);
+        assert_eq!(rng.word_pos(), 0, "the layer drew from the parts' streams");
+        let again = DropoutRng::new(9).split(2);
+        assert_eq!(again[1].draw_in(|| mask(&layer)), second);
+        assert_eq!(again[0].draw_in(|| mask(&layer)), first);
+        let drawn = parts[0].word_pos() + parts[1].word_pos();
+        rng.advance_past(&parts);
+        assert_eq!(rng.word_pos(), drawn);
+        let own = mask(&layer);
+        assert_ne!(own, first);
+        assert_eq!(
+            rng.word_pos(),
+            drawn * 3 / 2,
+            "the layer drew from its own stream again"
+        );
+    }
 
     #[test]
     fn same_seed_same_weights_whatever_the_order() {

@@ -36,6 +36,12 @@ pub trait Classifier: Send + Sync {
     fn heads(&self) -> &'static [&'static str];
     /// Logits `[batch, classes]` of every head. Dropout is active only when `train` is true.
     fn forward_t(&self, xs: &Tensor, train: bool) -> candle_core::Result<Vec<Tensor>>;
+    /// Whether a training forward computes each row of the batch from that row alone (no
+    /// BatchNorm, whose statistics mix the rows): then a batch can be trained as parts whose
+    /// gradients add up to the batch's (`kd_train::halves`). Dropout masks are drawn per row.
+    fn rows_independent(&self) -> bool {
+        false
+    }
     /// The eval-mode computation as a graph of standard operators, input `input` (NCHW), one
     /// output per head, named as [`Classifier::heads`].
     fn inference_graph(&self, input: &str) -> candle_core::Result<graph::InferenceGraph>;

@@ -5,6 +5,7 @@ pub mod awake;
 pub mod cli;
 pub mod config;
 pub mod experiment;
+pub mod halves;
 pub mod interrupt;
 pub mod layout;
 pub mod loss;

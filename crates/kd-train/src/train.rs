@@ -264,9 +264,8 @@ impl<'a> Trainer<'a> {
         let s = self.spec.settings;
         let lr = learning_rate(s.schedule, s.lr, self.step, self.total_steps);
         self.opt.set_lr(lr);
-        let heads = self.model.model.forward_t(&batch.images, true)?;
-        let loss = loss_fn(batch, &heads)?;
-        let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let forward = crate::halves::Forward::run(self.model, batch, loss_fn)?;
+        let value = forward.loss()?;
         if !value.is_finite() {
             let kept = if self.report.best_epoch > 0 {
                 format!(
@@ -282,11 +281,12 @@ impl<'a> Trainer<'a> {
                 self.spec.name, self.step
             )));
         }
-        self.opt.step(&loss.backward()?)?;
+        let main = forward.logits(0)?;
+        self.opt.step(&forward.backward(self.model)?)?;
         sums.loss += value * batch.len as f64;
         let (hits, labelled) = match self.spec.labelled {
-            Some(mask) => correct_labelled(&heads[0], batch, mask)?,
-            None => (correct(&heads[0], &batch.labels)?, batch.len),
+            Some(mask) => correct_labelled(&main, batch, mask)?,
+            None => (correct(&main, &batch.labels)?, batch.len),
         };
         sums.hits += hits;
         sums.labelled += labelled;

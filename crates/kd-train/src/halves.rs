@@ -1,0 +1,317 @@
+//! A training step's forward and backward, over the whole batch or over its two halves at once.
+//!
+//! A step is a few hundred parallel loops (our convolutions, pools, BatchNorms) joined by candle's
+//! graph work, which runs on one thread: the concatenations, the gradients that meet, the loss. On
+//! two threads that serial work left the second thread idle for a tenth of the step, and two
+//! one-thread processes together trained 15–20% faster than one two-thread process
+//! (`docs/speed.md`, sixteenth round). So where the model computes every row of a batch from that
+//! row alone ([`kd_models::Classifier::rows_independent`]: no BatchNorm), the batch is trained as two halves,
+//! each half's forward and backward on a worker of its own, and one half's serial work runs while
+//! the other half computes:
+//! - each half's loss is the batch-mean loss of its rows, weighted by its share of the batch, so
+//!   the two losses add up to the batch's and so do the two gradients (every loss of `loss.rs` is
+//!   a mean over the batch's rows);
+//! - each half draws its dropout masks from a stream of its own ([`kd_models::DropoutRng::split`]);
+//! - the gradients add in the halves' order, variable by variable.
+//!
+//! The split is always in two, whatever the thread count (on one thread the halves run one after
+//! the other), so the bytes do not depend on the thread count. They differ from a whole-batch
+//! step's (the weight gradients add in another order, the masks come from other streams).
+
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Result, Tensor};
+use kd_data::Batch;
+use kd_models::Trainable;
+use rayon::prelude::*;
+
+/// A step's forward: its parts' heads and losses (one part, the whole batch, or two halves).
+pub struct Forward {
+    parts: Vec<Part>,
+}
+
+/// A part of the batch: its heads and its loss (weighted by its share of the batch).
+struct Part {
+    heads: Vec<Tensor>,
+    loss: Tensor,
+}
+
+impl Forward {
+    /// The forward in training mode and `loss_fn` on each part: the halves of `batch` where the
+    /// model's rows are independent and the batch has two rows or more, else the whole batch.
+    pub fn run(
+        model: &Trainable,
+        batch: &Batch,
+        loss_fn: &mut impl FnMut(&Batch, &[Tensor]) -> Result<Tensor>,
+    ) -> Result<Self> {
+        if !model.model.rows_independent() || batch.len < 2 {
+            let heads = model.model.forward_t(&batch.images, true)?;
+            let loss = loss_fn(batch, &heads)?;
+            return Ok(Self {
+                parts: vec![Part { heads, loss }],
+            });
+        }
+        let first = batch.len.div_ceil(2);
+        let halves = [
+            rows(batch, 0, first)?,
+            rows(batch, first, batch.len - first)?,
+        ];
+        let streams = model.dropout.split(2);
+        let [h0, h1] = on_two_workers(|i| {
+            streams[i].draw_in(|| model.model.forward_t(&halves[i].images, true))
+        });
+        model.dropout.advance_past(&streams);
+        let mut parts = Vec::with_capacity(2);
+        for (half, heads) in halves.iter().zip([h0?, h1?]) {
+            let share = half.len as f64 / batch.len as f64;
+            let loss = (loss_fn(half, &heads)? * share)?;
+            parts.push(Part { heads, loss });
+        }
+        Ok(Self { parts })
+    }
+
+    /// The batch's loss: the parts' weighted losses added, in f64.
+    pub fn loss(&self) -> Result<f64> {
+        let mut total = 0.0;
+        for part in &self.parts {
+            total += part.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        }
+        Ok(total)
+    }
+
+    /// Head `head`'s logits for the whole batch, the parts' rows in order.
+    pub fn logits(&self, head: usize) -> Result<Tensor> {
+        let heads: Vec<&Tensor> = self.parts.iter().map(|p| &p.heads[head]).collect();
+        match heads.as_slice() {
+            [one] => Ok((*one).clone()),
+            many => Tensor::cat(many, 0),
+        }
+    }
+
+    /// The gradients of the batch's loss: each part's backward (the halves on two workers), the
+    /// halves' gradients added variable by variable in the halves' order.
+    pub fn backward(self, model: &Trainable) -> Result<GradStore> {
+        let mut parts = self.parts.into_iter();
+        let (Some(first), second) = (parts.next(), parts.next()) else {
+            candle_core::bail!("a step's forward had no part");
+        };
+        let Some(second) = second else {
+            return first.loss.backward();
+        };
+        let losses = [&first.loss, &second.loss];
+        let [g0, g1] = on_two_workers(|i| losses[i].backward());
+        add_gradients(g0?, g1?, model)
+    }
+}
+
+/// Rows `start..start + len` of `batch`, as a batch of their own.
+fn rows(batch: &Batch, start: usize, len: usize) -> Result<Batch> {
+    Ok(Batch {
+        images: batch.images.narrow(0, start, len)?,
+        labels: batch.labels.narrow(0, start, len)?,
+        rows: batch.rows.narrow(0, start, len)?,
+        views: batch
+            .views
+            .as_ref()
+            .map(|v| v.narrow(0, start, len))
+            .transpose()?,
+        len,
+    })
+}
+
+/// `f(0)` and `f(1)` on two different workers of the current rayon pool (each call from start
+/// to end on its worker, so what it sets for its thread is its own), or one after the other
+/// where the pool has one thread. The other workers, if any, help both through work stealing.
+fn on_two_workers<T: Send>(f: impl Fn(usize) -> T + Sync) -> [T; 2] {
+    if rayon::current_num_threads() < 2 {
+        return [f(0), f(1)];
+    }
+    let mut out = rayon::broadcast(|worker| (worker.index() < 2).then(|| f(worker.index())));
+    let second = out.get_mut(1).and_then(Option::take);
+    let first = out.get_mut(0).and_then(Option::take);
+    [
+        first.unwrap_or_else(|| f(0)),
+        second.unwrap_or_else(|| f(1)),
+    ]
+}
+
+/// `g0 + g1` for every variable of `model` (in parallel over the variables; each sum is `g0`'s
+/// gradient plus `g1`'s).
+fn add_gradients(mut g0: GradStore, g1: GradStore, model: &Trainable) -> Result<GradStore> {
+    let vars = model.vars.varmap.all_vars();
+    let sums: Vec<Option<Tensor>> = vars
+        .par_iter()
+        .map(|v| match (g0.get(v), g1.get(v)) {
+            (Some(a), Some(b)) => a.add(b).map(Some),
+            (None, Some(b)) => Ok(Some(b.clone())),
+            _ => Ok(None),
+        })
+        .collect::<Result<_>>()?;
+    for (v, sum) in vars.iter().zip(sums) {
+        if let Some(sum) = sum {
+            g0.insert(v, sum);
+        }
+    }
+    Ok(g0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::loss::{cross_entropy, teacher_loss};
+    use candle_core::Device;
+    use candle_nn::Init;
+    use kd_models::graph::InferenceGraph;
+    use kd_models::{Classifier, DropoutRng, InputSpec, SeededVarMap};
+
+    /// `rows` images of `side`×`side` (one channel) and their labels below `classes`, from a
+    /// fixed sequence.
+    fn batch(rows: usize, side: usize, classes: u32) -> Batch {
+        let pixels: Vec<f32> = (0..rows * side * side)
+            .map(|i| ((i * 7919 % 1000) as f32 / 500.0) - 1.0)
+            .collect();
+        let labels: Vec<u32> = (0..rows as u32).map(|i| (i * 7 + 3) % classes).collect();
+        let rows_idx: Vec<u32> = (0..rows as u32).collect();
+        Batch {
+            images: Tensor::from_vec(pixels, (rows, 1, side, side), &Device::Cpu).unwrap(),
+            labels: Tensor::from_vec(labels, rows, &Device::Cpu).unwrap(),
+            rows: Tensor::from_vec(rows_idx, rows, &Device::Cpu).unwrap(),
+            views: None,
+            len: rows,
+        }
+    }
+
+    /// A linear classifier whose rows are independent and that has no dropout: its halves must
+    /// give the whole batch's loss, logits and gradient.
+    struct Affine(Tensor);
+
+    impl Classifier for Affine {
+        fn heads(&self) -> &'static [&'static str] {
+            &["main"]
+        }
+        fn forward_t(&self, xs: &Tensor, _train: bool) -> Result<Vec<Tensor>> {
+            Ok(vec![xs.flatten_from(1)?.matmul(&self.0)?])
+        }
+        fn rows_independent(&self) -> bool {
+            true
+        }
+        fn inference_graph(&self, _input: &str) -> Result<InferenceGraph> {
+            candle_core::bail!("a test model")
+        }
+    }
+
+    fn bits(t: &Tensor) -> Vec<u32> {
+        t.flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .map(|v| v.to_bits())
+            .collect()
+    }
+
+    /// Seven rows (halves of 4 and 3, so the weights by share matter): the halves' loss,
+    /// main logits and weight gradient agree with the whole batch's to f32 rounding.
+    #[test]
+    fn the_halves_add_up_to_the_whole_batch() {
+        let vars = SeededVarMap::new(5);
+        let init = Init::Randn {
+            mean: 0.0,
+            stdev: 0.5,
+        };
+        let w = vars
+            .var_builder(&Device::Cpu)
+            .get_with_hints((16, 3), "w", init)
+            .unwrap();
+        let model = Trainable {
+            model: Box::new(Affine(w.clone())),
+            vars,
+            dropout: DropoutRng::new(5),
+        };
+        let b = batch(7, 4, 3);
+        let mut ce = |b: &Batch, heads: &[Tensor]| cross_entropy(&heads[0], &b.labels);
+        let forward = Forward::run(&model, &b, &mut ce).unwrap();
+        assert_eq!(forward.parts.len(), 2);
+        let (loss, logits) = (forward.loss().unwrap(), forward.logits(0).unwrap());
+        let grad = forward.backward(&model).unwrap().get(&w).unwrap().clone();
+
+        let heads = model.model.forward_t(&b.images, true).unwrap();
+        let whole = ce(&b, &heads).unwrap();
+        let whole_grad = whole.backward().unwrap().get(&w).unwrap().clone();
+        let whole_loss = whole.to_scalar::<f32>().unwrap() as f64;
+        assert!(
+            (loss - whole_loss).abs() < 1e-6,
+            "{loss} against {whole_loss}"
+        );
+        let values = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let gap = |a: &Tensor, b: &Tensor| {
+            let (a, b) = (values(a), values(b));
+            a.iter()
+                .zip(&b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0.0, f32::max)
+        };
+        assert!(gap(&logits, &heads[0]) < 1e-6);
+        assert!(
+            gap(&grad, &whole_grad) < 1e-6,
+            "{}",
+            gap(&grad, &whole_grad)
+        );
+        assert!(gap(&whole_grad, &whole_grad.zeros_like().unwrap()) > 1e-3);
+    }
+
+    /// One `googlenet` teacher step's loss, main logits, every gradient and the dropout stream's
+    /// position after it, as bits, on a pool of `threads` threads.
+    fn googlenet_step(arch: &str, threads: usize) -> (u64, Vec<u32>, Vec<Vec<u32>>, u128, usize) {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            let spec = InputSpec {
+                channels: 1,
+                height: 28,
+                width: 28,
+                classes: 10,
+            };
+            let model = Trainable::new(arch, &spec, 3, &Device::Cpu).unwrap();
+            let b = batch(5, 28, 10);
+            let mut loss_fn = |b: &Batch, heads: &[Tensor]| teacher_loss(heads, &b.labels, 0.3);
+            let forward = Forward::run(&model, &b, &mut loss_fn).unwrap();
+            let parts = forward.parts.len();
+            let (loss, logits) = (forward.loss().unwrap(), forward.logits(0).unwrap());
+            let grads = forward.backward(&model).unwrap();
+            let vars = model.vars.varmap.data().lock().unwrap().clone();
+            let mut names: Vec<&String> = vars.keys().collect();
+            names.sort();
+            let grads = names
+                .iter()
+                .filter_map(|n| grads.get(&vars[*n]).map(bits))
+                .collect();
+            (
+                loss.to_bits(),
+                bits(&logits),
+                grads,
+                model.dropout.word_pos(),
+                parts,
+            )
+        })
+    }
+
+    /// The halves of a `googlenet` step (5 rows: 3 and 2) give the same bytes on one, two and
+    /// three threads, and the dropout stream moves on by the masks of both halves; a
+    /// `googlenet-bn` step (BatchNorm mixes the rows) stays whole.
+    #[test]
+    fn halves_give_the_same_bytes_on_one_two_and_three_threads() {
+        let one = googlenet_step("googlenet", 1);
+        assert_eq!(one.4, 2);
+        assert!(one.2.len() > 100, "{} gradients", one.2.len());
+        assert!(one.3 > 0);
+        for threads in [2, 3] {
+            assert!(
+                googlenet_step("googlenet", threads) == one,
+                "{threads} threads"
+            );
+        }
+        assert_eq!(googlenet_step("googlenet-bn", 2).4, 1);
+    }
+}
