@@ -50,6 +50,7 @@ pub fn ours(args: &Args, p: &Pipeline) -> anyhow::Result<Measurement> {
         peak_rss_kib: 0,
         ops: Vec::new(),
         conv_shapes: Vec::new(),
+        parts: 1,
     })
 }
 

@@ -142,6 +142,10 @@ pub struct Measurement {
     /// Wall seconds per batch and GFLOP/s of the convolutions by pass, kernel and input size.
     #[serde(default)]
     pub conv_shapes: Vec<(String, f64, f64)>,
+    /// How many parts of each batch ran at once, each timing its ops on its own thread (2 for a
+    /// teacher trained in halves, `kd_train::halves`; 0 or 1 for one).
+    #[serde(default)]
+    pub parts: usize,
 }
 
 impl Measurement {
@@ -288,6 +292,9 @@ fn side_by_side(args: &Args, p: &Pipeline, python: &std::path::Path) -> anyhow::
 struct OpTimes {
     kinds: Vec<(String, f64)>,
     shapes: Vec<(String, f64, f64)>,
+    /// How many parts of the batch ran at once, each on its own thread (`kd_train::halves`), so
+    /// that the ops' times add up to about that many times the wall time; 0 or 1 for one.
+    parts: usize,
 }
 
 /// [`time_reps`] with our ops timing themselves (`kd_models::timing`) during the timed steps:
@@ -318,7 +325,14 @@ fn time_ops(
         .into_iter()
         .map(|(shape, secs, macs)| (shape, secs / steps, 2.0 * macs as f64 / secs / 1e9))
         .collect();
-    Ok((t?, OpTimes { kinds, shapes }))
+    Ok((
+        t?,
+        OpTimes {
+            kinds,
+            shapes,
+            parts: 1,
+        },
+    ))
 }
 
 /// Seconds per repetition of each named part of a step.
@@ -470,6 +484,7 @@ pub fn measure(args: &Args, name: &str) -> anyhow::Result<Measurement> {
         peak_rss_kib: peak_rss_kib(),
         ops: timing.ops.kinds,
         conv_shapes: timing.ops.shapes,
+        parts: timing.ops.parts,
     })
 }
 
@@ -557,8 +572,9 @@ impl Bench<'_> {
             Ok(vec![("forward", f), ("backward", bw), ("optimiser", o)])
         })?;
         let (timings, ops) = timings;
+        let parts = if model.model.rows_independent() { 2 } else { 1 };
         Ok(Timing {
-            ops,
+            ops: OpTimes { parts, ..ops },
             ..Self::timing(tb * self.args.batches, timings, macs)
         })
     }
@@ -893,7 +909,8 @@ fn conv_shapes_table(args: &Args, results: &[Measurement]) -> String {
         t.row(&[shape, format!("{:.1}", secs * 1e3), format!("{gflops:.0}")]);
     }
     format!(
-        "\n## The teacher step's convolutions by shape\n\n{summed} (each timed around its work, all threads; a backward computes dW and, except for the first layer's, dx: twice the forward's multiply-adds).\n\n{}",
+        "\n## The teacher step's convolutions by shape\n\n{summed} (each timed around its work, all threads{}; a backward computes dW and, except for the first layer's, dx: twice the forward's multiply-adds).\n\n{}",
+        if m.parts > 1 { ", the batch's parts at once each on its own thread: per-thread rates" } else { "" },
         t.to_markdown()
     )
 }
@@ -915,7 +932,10 @@ fn ops_table(args: &Args, results: &[Measurement]) -> String {
             .map_or(0.0, |(_, v)| v.iter().sum::<f64>())
             / steps
     };
-    let total = m.seconds.iter().sum::<f64>() / steps;
+    // With the batch's parts on their own threads at once, each op is timed on its part's
+    // thread: the ops add up to that many threads' time, the base of the shares.
+    let threads_at_once = m.parts.max(1) as f64;
+    let total = m.seconds.iter().sum::<f64>() / steps * threads_at_once;
     let mut rows: Vec<(String, f64)> = m.ops.clone();
     for (phase, what) in [
         ("forward", "reshapes, concatenations, the losses"),
@@ -932,7 +952,7 @@ fn ops_table(args: &Args, results: &[Measurement]) -> String {
             .sum();
         rows.push((
             format!("the rest of the {phase}: candle's own ops ({what})"),
-            (part(phase) - ours).max(0.0),
+            (part(phase) * threads_at_once - ours).max(0.0),
         ));
     }
     rows.push(("optimiser (Adam)".to_string(), part("optimiser")));
@@ -945,9 +965,22 @@ fn ops_table(args: &Args, results: &[Measurement]) -> String {
             format!("{:.0}%", 100.0 * s / total),
         ]);
     }
+    let base = if m.parts > 1 {
+        format!(
+            "The batch ran as {} parts at once (`kd_train::halves`), each on a thread of its own: each of our ops is timed around its work on its part's thread, and the shares are of the {} threads' time ({:.0} ms per batch, {} × the wall time); the rest is candle's.",
+            m.parts,
+            m.parts,
+            total * 1e3,
+            m.parts
+        )
+    } else {
+        format!(
+            "Wall time per batch ({:.0} ms in all): each of our ops timed around its work (all threads), the rest is candle's.",
+            total * 1e3
+        )
+    };
     format!(
-        "\n## Where the teacher step's time goes\n\nWall time per batch ({:.0} ms in all): each of our ops timed around its work (all threads), the rest is candle's.\n\n{}",
-        total * 1e3,
+        "\n## Where the teacher step's time goes\n\n{base}\n\n{}",
         t.to_markdown()
     )
 }
@@ -971,4 +1004,53 @@ fn limit_line(results: &[Measurement]) -> String {
         );
     }
     line + ".\n"
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A teacher step whose batch ran as two halves at once: each op was timed on its half's
+    /// thread, so the shares are of two threads' time (400 ms per batch for a 200 ms step), and
+    /// the rest of each phase is that phase's time on two threads less our ops'.
+    #[test]
+    fn two_parts_at_once_count_two_threads_time() {
+        let args = Args::parse_from(["kd-bench", "--batches", "1"]);
+        let phase = |name: &str, s: f64| (name.to_string(), vec![s]);
+        let m = Measurement {
+            name: "teacher-step".into(),
+            images_per_rep: 128,
+            seconds: vec![0.2],
+            split: vec![
+                phase("forward", 0.08),
+                phase("backward", 0.12),
+                phase("optimiser", 0.0),
+            ],
+            forward_macs_per_image: 1,
+            peak_rss_kib: 0,
+            ops: vec![
+                ("convolution forward (per chunk of images)".into(), 0.14),
+                ("convolution backward (per chunk of images)".into(), 0.2),
+            ],
+            conv_shapes: Vec::new(),
+            parts: 2,
+        };
+        let table = ops_table(&args, std::slice::from_ref(&m));
+        assert!(table.contains("2 parts at once") && table.contains("400 ms per batch"));
+        let row = |what: &str| {
+            table
+                .lines()
+                .find(|l| l.contains(what))
+                .map(|l| l.split('|').map(str::trim).collect::<Vec<_>>())
+                .unwrap_or_default()
+        };
+        assert_eq!(row("convolution backward")[2..4], ["200.0", "50%"]);
+        assert_eq!(row("the rest of the forward")[2..4], ["20.0", "5%"]);
+        assert_eq!(row("the rest of the backward")[2..4], ["40.0", "10%"]);
+        let whole = ops_table(&args, &[Measurement { parts: 1, ..m }]);
+        assert!(
+            whole.contains("Wall time per batch (200 ms in all)"),
+            "{whole}"
+        );
+    }
 }

@@ -222,6 +222,7 @@ mod tests {
             peak_rss_kib: 0,
             ops: Vec::new(),
             conv_shapes: Vec::new(),
+            parts: 1,
         }
     }
 
