@@ -572,7 +572,7 @@ impl Bench<'_> {
             Ok(vec![("forward", f), ("backward", bw), ("optimiser", o)])
         })?;
         let (timings, ops) = timings;
-        let parts = if model.model.rows_independent() { 2 } else { 1 };
+        let parts = if model.model.trains_in_halves() { 2 } else { 1 };
         Ok(Timing {
             ops: OpTimes { parts, ..ops },
             ..Self::timing(tb * self.args.batches, timings, macs)

@@ -242,8 +242,6 @@ impl AuxHead {
 pub struct GoogLeNet {
     stem: Vec<BasicConv>,
     imagenet_stem: bool,
-    /// BatchNorm after every convolution (`googlenet-bn`): its statistics mix a batch's rows.
-    batch_norm: bool,
     blocks: Vec<Inception>,
     aux1: AuxHead,
     aux2: AuxHead,
@@ -296,7 +294,6 @@ impl GoogLeNet {
         Ok(Self {
             stem,
             imagenet_stem: cfg.imagenet_stem,
-            batch_norm: bn,
             blocks,
             aux1: AuxHead::new(aux1_in, cfg, spec.classes, rng, vb.pp("aux1"))?,
             aux2: AuxHead::new(aux2_in, cfg, spec.classes, rng, vb.pp("aux2"))?,
@@ -315,8 +312,8 @@ impl Classifier for GoogLeNet {
         Self::HEADS
     }
 
-    fn rows_independent(&self) -> bool {
-        !self.batch_norm
+    fn trains_in_halves(&self) -> bool {
+        true
     }
 
     fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Vec<Tensor>> {

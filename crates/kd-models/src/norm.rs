@@ -10,9 +10,12 @@
 
 use crate::conv::BiasRelu;
 use crate::cpu::{contiguous, par_build};
+use crate::meeting::{attending, Meeting};
 use crate::timing::time;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor, Var, WithDType};
 use candle_nn::{Init, VarBuilder};
+use rayon::prelude::*;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// torchvision's GoogLeNet `BasicConv2d` uses ε = 0.001.
@@ -69,11 +72,22 @@ impl BatchNormRelu {
                 _ => Tensor::cat(&norms.iter().map(|b| pick(b)).collect::<Vec<_>>(), 0),
             }
         };
-        let op = BnReluOp::default();
-        let stats = op.stats.clone();
+        // Trained in two halves at once (`kd_train::halves`): the whole batch's statistics, and
+        // one half (the first) moves the running statistics.
+        let meeting = attending();
+        let first_or_whole = meeting.as_ref().is_none_or(|(_, half)| *half == 0);
+        let op = BnReluOp {
+            meeting,
+            ..BnReluOp::default()
+        };
+        let (stats, count) = (op.stats.clone(), op.count.clone());
         let y = z
             .contiguous()?
             .apply_op3(&cat(|b| &b.weight)?, &cat(|b| &b.bias)?, op)?;
+        if !first_or_whole {
+            return Ok(y);
+        }
+        let n = count.load(Ordering::Acquire).max(n);
         let stats = lock(&stats)?;
         let mut at = 0;
         for norm in norms {
@@ -146,6 +160,10 @@ impl RowStats {
 #[derive(Debug, Default)]
 struct BnReluOp {
     stats: Arc<Mutex<Vec<RowStats>>>,
+    /// How many values per channel the statistics cover (both halves' with a meeting).
+    count: Arc<AtomicUsize>,
+    /// The other half of the batch's BatchNorms, and which half this is (`kd_train::halves`).
+    meeting: Option<(Arc<Meeting>, usize)>,
 }
 
 fn lock(m: &Mutex<Vec<RowStats>>) -> Result<std::sync::MutexGuard<'_, Vec<RowStats>>> {
@@ -233,23 +251,77 @@ fn forward_rows<T: WithDType>(
     n: usize,
 ) -> Result<(Vec<T>, Vec<RowStats>)> {
     time("BatchNorm + ReLU (forward)", || {
-        let zero = T::from_f64(0.0);
         par_build(z.len(), n, |c, out| {
             let zr = &z[c * n..(c + 1) * n];
             let s = shifted_moments(zr);
-            let a = T::from_f64(g[c].to_f64() * s.inv_std());
-            let (mean, bc) = (T::from_f64(s.mean), b[c]);
-            let y = zr.iter().map(|&v| {
-                let x = (v - mean) * a + bc;
-                if x > zero {
-                    x
-                } else {
-                    zero
-                }
-            });
-            (out.fill(y), s)
+            (out.fill(normalized(zr, s, g[c], b[c])), s)
         })
     })
+}
+
+/// `relu(γ·(z − μ)/√(σ² + ε) + β)` along a row, in `T`'s arithmetic.
+#[inline(always)]
+fn normalized<T: WithDType>(zr: &[T], s: RowStats, g: T, b: T) -> impl Iterator<Item = T> + '_ {
+    let zero = T::from_f64(0.0);
+    let a = T::from_f64(g.to_f64() * s.inv_std());
+    let mean = T::from_f64(s.mean);
+    zr.iter().map(move |&v| {
+        let x = (v - mean) * a + b;
+        if x > zero {
+            x
+        } else {
+            zero
+        }
+    })
+}
+
+/// [`forward_rows`] for one half of a batch: each channel's count, mean and `Σ(x − mean)²`
+/// exchanged with the other half's, combined in the halves' order (Chan et al.'s pairwise
+/// update), and the rows normalised by the whole batch's statistics. Also the whole count.
+fn met_forward_rows<T: WithDType>(
+    (z, g, b): (&[T], &[T], &[T]),
+    n: usize,
+    (meeting, half): (&Meeting, usize),
+) -> Result<(Vec<T>, Vec<RowStats>, usize)> {
+    time("BatchNorm + ReLU (forward)", || {
+        let own: Vec<RowStats> = (0..g.len())
+            .into_par_iter()
+            .map(|c| shifted_moments(&z[c * n..(c + 1) * n]))
+            .collect();
+        let mut part = vec![n as f64];
+        part.extend(own.iter().flat_map(|s| [s.mean, s.var * n as f64]));
+        let [p0, p1] = meeting.exchange(half, part)?;
+        check_part(&p0, &p1, g.len())?;
+        let (n0, n1) = (p0[0], p1[0]);
+        let total = n0 + n1;
+        let stats: Vec<RowStats> = (0..g.len())
+            .map(|c| {
+                let (m0, q0, m1, q1) = (p0[1 + 2 * c], p0[2 + 2 * c], p1[1 + 2 * c], p1[2 + 2 * c]);
+                let d = m1 - m0;
+                RowStats {
+                    mean: m0 + d * n1 / total,
+                    var: ((q0 + q1 + d * d * n0 * n1 / total) / total).max(0.0),
+                }
+            })
+            .collect();
+        let (y, _) = par_build(z.len(), n, |c, out| {
+            let zr = &z[c * n..(c + 1) * n];
+            (out.fill(normalized(zr, stats[c], g[c], b[c])), ())
+        })?;
+        Ok((y, stats, total as usize))
+    })
+}
+
+/// Both halves' exchanged parts hold a count and two sums for each of `c` channels.
+fn check_part(p0: &[f64], p1: &[f64], c: usize) -> Result<()> {
+    if p0.len() != 1 + 2 * c || p1.len() != 1 + 2 * c {
+        candle_core::bail!(
+            "batch-norm: the halves brought {} and {} sums for {c} channels",
+            p0.len(),
+            p1.len()
+        );
+    }
+    Ok(())
 }
 
 /// `(dz, dγ, dβ)` from the saved statistics, the input, the output and the output's gradient:
@@ -264,26 +336,84 @@ fn backward_rows<T: WithDType>(
     n: usize,
 ) -> Result<(Vec<T>, Vec<T>, Vec<T>)> {
     time("BatchNorm + ReLU (backward)", || {
-        let zero = T::from_f64(0.0);
         let (dz, sums) = par_build(z.len(), n, |c, out| {
             let row = c * n..(c + 1) * n;
             let (zr, yr, dyr) = (&z[row.clone()], &y[row.clone()], &dy[row]);
             let s = stats[c];
-            let inv_std = s.inv_std();
-            let (sum_g, sum_gz) = gradient_sums(zr, yr, dyr, s.mean);
-            let sum_gx = sum_gz * inv_std;
-            let k = gamma[c].to_f64() * inv_std / n as f64;
-            let a = T::from_f64(k * n as f64);
-            let b = T::from_f64(-k * inv_std * sum_gx);
-            let cc = T::from_f64(-k * sum_g);
-            let mean = T::from_f64(s.mean);
-            let dzr = zr.iter().zip(yr).zip(dyr).map(|((&zv, &yv), &dv)| {
-                let g = std::hint::select_unpredictable(yv > zero, dv, zero);
-                g * a + (zv - mean) * b + cc
-            });
-            (out.fill(dzr), (T::from_f64(sum_gx), T::from_f64(sum_g)))
+            let sums = gradient_sums(zr, yr, dyr, s.mean);
+            let dzr = dz_row((zr, yr, dyr), s, gamma[c], n as f64, sums);
+            let sum_gx = sums.1 * s.inv_std();
+            (out.fill(dzr), (T::from_f64(sum_gx), T::from_f64(sums.0)))
         })?;
         let (dgamma, dbeta) = sums.into_iter().unzip();
+        Ok((dz, dgamma, dbeta))
+    })
+}
+
+/// A row's `dz = γ/(n·σ)·(n·g − Σg − ẑ·Σgẑ)` as `g·A + (z − μ)·B + C` in `T`'s arithmetic,
+/// from the statistics, γ, the count `n` and `(Σg, Σg·(z − μ))` over the batch.
+#[inline(always)]
+fn dz_row<'a, T: WithDType>(
+    (zr, yr, dyr): (&'a [T], &'a [T], &'a [T]),
+    s: RowStats,
+    gamma: T,
+    n: f64,
+    (sum_g, sum_gz): (f64, f64),
+) -> impl Iterator<Item = T> + 'a {
+    let zero = T::from_f64(0.0);
+    let inv_std = s.inv_std();
+    let sum_gx = sum_gz * inv_std;
+    let k = gamma.to_f64() * inv_std / n;
+    let a = T::from_f64(k * n);
+    let b = T::from_f64(-k * inv_std * sum_gx);
+    let cc = T::from_f64(-k * sum_g);
+    let mean = T::from_f64(s.mean);
+    zr.iter().zip(yr).zip(dyr).map(move |((&zv, &yv), &dv)| {
+        let g = std::hint::select_unpredictable(yv > zero, dv, zero);
+        g * a + (zv - mean) * b + cc
+    })
+}
+
+/// [`backward_rows`] for one half of a batch: each channel's `Σg` and `Σg·(z − μ)` exchanged
+/// with the other half's and added in the halves' order, `dz` from the whole batch's sums and
+/// count; `dγ` and `dβ` are this half's own sums (the halves' gradients are added afterwards).
+fn met_backward_rows<T: WithDType>(
+    stats: &[RowStats],
+    (z, y, dy, gamma): (&[T], &[T], &[T], &[T]),
+    n: usize,
+    (meeting, half): (&Meeting, usize),
+) -> Result<(Vec<T>, Vec<T>, Vec<T>)> {
+    time("BatchNorm + ReLU (backward)", || {
+        let c = gamma.len();
+        let own: Vec<(f64, f64)> = (0..c)
+            .into_par_iter()
+            .map(|ch| {
+                let row = ch * n..(ch + 1) * n;
+                let (zr, yr, dyr) = (&z[row.clone()], &y[row.clone()], &dy[row]);
+                gradient_sums(zr, yr, dyr, stats[ch].mean)
+            })
+            .collect();
+        let mut part = vec![n as f64];
+        part.extend(own.iter().flat_map(|&(g, gz)| [g, gz]));
+        let [p0, p1] = meeting.exchange(half, part)?;
+        check_part(&p0, &p1, c)?;
+        let total = p0[0] + p1[0];
+        let (dz, _) = par_build(z.len(), n, |ch, out| {
+            let row = ch * n..(ch + 1) * n;
+            let (zr, yr, dyr) = (&z[row.clone()], &y[row.clone()], &dy[row]);
+            let sums = (
+                p0[1 + 2 * ch] + p1[1 + 2 * ch],
+                p0[2 + 2 * ch] + p1[2 + 2 * ch],
+            );
+            (
+                out.fill(dz_row((zr, yr, dyr), stats[ch], gamma[ch], total, sums)),
+                (),
+            )
+        })?;
+        let dgamma = (0..c)
+            .map(|ch| T::from_f64(own[ch].1 * stats[ch].inv_std()))
+            .collect();
+        let dbeta = own.iter().map(|&(g, _)| T::from_f64(g)).collect();
         Ok((dz, dgamma, dbeta))
     })
 }
@@ -315,12 +445,19 @@ impl CustomOp3 for BnReluOp {
         }
         macro_rules! run {
             ($t:ty, $variant:ident) => {{
-                let (o, s) = forward_rows(
+                let (z, g, b) = (
                     contiguous::<$t>(s1, l1)?,
                     contiguous::<$t>(s2, l2)?,
                     contiguous::<$t>(s3, l3)?,
-                    n,
-                )?;
+                );
+                let (o, s, count) = match &self.meeting {
+                    None => {
+                        let (o, s) = forward_rows(z, g, b, n)?;
+                        (o, s, n)
+                    }
+                    Some((m, half)) => met_forward_rows((z, g, b), n, (m, *half))?,
+                };
+                self.count.store(count, Ordering::Release);
                 (CpuStorage::$variant(o), s)
             }};
         }
@@ -357,14 +494,16 @@ impl CustomOp3 for BnReluOp {
         let (zc, yc, gc, wc) = (cpu(&zs)?, cpu(&ys)?, cpu(&gs)?, cpu(&ws)?);
         macro_rules! run {
             ($t:ty) => {{
-                let (dz, dg, db) = backward_rows(
-                    &stats,
+                let rows = (
                     contiguous::<$t>(zc, zl)?,
                     contiguous::<$t>(yc, yl)?,
                     contiguous::<$t>(gc, gl)?,
                     contiguous::<$t>(wc, wl)?,
-                    n,
-                )?;
+                );
+                let (dz, dg, db) = match &self.meeting {
+                    None => backward_rows(&stats, rows.0, rows.1, rows.2, rows.3, n)?,
+                    Some((m, half)) => met_backward_rows(&stats, rows, n, (m, *half))?,
+                };
                 let d = z.device();
                 (
                     Tensor::from_vec(dz, z.shape(), d)?,

@@ -4,29 +4,36 @@
 //! graph work, which runs on one thread: the concatenations, the gradients that meet, the loss. On
 //! two threads that serial work left the second thread idle for a tenth of the step, and two
 //! one-thread processes together trained 15–20% faster than one two-thread process
-//! (`docs/speed.md`, sixteenth round). So where the model computes every row of a batch from that
-//! row alone ([`kd_models::Classifier::rows_independent`]: no BatchNorm), the batch is trained as two halves,
-//! each half's forward and backward on a worker of its own, and one half's serial work runs while
-//! the other half computes:
+//! (`docs/speed.md`, sixteenth round). So where the model allows it
+//! ([`kd_models::Classifier::trains_in_halves`]: the GoogLeNets), the batch is trained as two
+//! halves, each half's forward and backward on a worker of its own, and one half's serial work
+//! runs while the other half computes:
 //! - each half's loss is the batch-mean loss of its rows, weighted by its share of the batch, so
 //!   the two losses add up to the batch's and so do the two gradients (every loss of `loss.rs` is
 //!   a mean over the batch's rows);
 //! - each half draws its dropout masks from a stream of its own ([`kd_models::DropoutRng::split`]);
+//! - each BatchNorm's halves meet ([`kd_models::meeting`]) to normalise with the whole batch's
+//!   statistics and to take the whole batch's sums in the backward, as one BatchNorm over the
+//!   batch would;
 //! - the gradients add in the halves' order, variable by variable.
 //!
-//! The split is always in two, whatever the thread count (on one thread the halves run one after
-//! the other), so the bytes do not depend on the thread count. They differ from a whole-batch
+//! The split is always in two, whatever the thread count (on one thread the halves take turns on
+//! two threads), so the bytes do not depend on the thread count. They differ from a whole-batch
 //! step's (the weight gradients add in another order, the masks come from other streams).
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Result, Tensor};
 use kd_data::Batch;
+use kd_models::meeting::Meeting;
 use kd_models::Trainable;
 use rayon::prelude::*;
+use std::sync::Arc;
 
-/// A step's forward: its parts' heads and losses (one part, the whole batch, or two halves).
+/// A step's forward: its parts' heads and losses (one part, the whole batch, or two halves),
+/// and the halves' meeting place, which their backward uses again.
 pub struct Forward {
     parts: Vec<Part>,
+    meeting: Option<Arc<Meeting>>,
 }
 
 /// A part of the batch: its heads and its loss (weighted by its share of the batch).
@@ -37,17 +44,18 @@ struct Part {
 
 impl Forward {
     /// The forward in training mode and `loss_fn` on each part: the halves of `batch` where the
-    /// model's rows are independent and the batch has two rows or more, else the whole batch.
+    /// model trains in halves and the batch has two rows or more, else the whole batch.
     pub fn run(
         model: &Trainable,
         batch: &Batch,
         loss_fn: &mut impl FnMut(&Batch, &[Tensor]) -> Result<Tensor>,
     ) -> Result<Self> {
-        if !model.model.rows_independent() || batch.len < 2 {
+        if !model.model.trains_in_halves() || batch.len < 2 {
             let heads = model.model.forward_t(&batch.images, true)?;
             let loss = loss_fn(batch, &heads)?;
             return Ok(Self {
                 parts: vec![Part { heads, loss }],
+                meeting: None,
             });
         }
         let first = batch.len.div_ceil(2);
@@ -55,18 +63,26 @@ impl Forward {
             rows(batch, 0, first)?,
             rows(batch, first, batch.len - first)?,
         ];
+        let meeting = if rayon::current_num_threads() < 2 {
+            Meeting::taking_turns()
+        } else {
+            Meeting::new()
+        };
         let streams = model.dropout.split(2);
-        let [h0, h1] = on_two_workers(|i| {
+        let [h0, h1] = at_once(&meeting, |i| {
             streams[i].draw_in(|| model.model.forward_t(&halves[i].images, true))
-        });
+        })?;
         model.dropout.advance_past(&streams);
         let mut parts = Vec::with_capacity(2);
-        for (half, heads) in halves.iter().zip([h0?, h1?]) {
+        for (half, heads) in halves.iter().zip([h0, h1]) {
             let share = half.len as f64 / batch.len as f64;
             let loss = (loss_fn(half, &heads)? * share)?;
             parts.push(Part { heads, loss });
         }
-        Ok(Self { parts })
+        Ok(Self {
+            parts,
+            meeting: Some(meeting),
+        })
     }
 
     /// The batch's loss: the parts' weighted losses added, in f64.
@@ -87,19 +103,20 @@ impl Forward {
         }
     }
 
-    /// The gradients of the batch's loss: each part's backward (the halves on two workers), the
-    /// halves' gradients added variable by variable in the halves' order.
+    /// The gradients of the batch's loss: each part's backward (the halves at once, meeting
+    /// again at every BatchNorm), the halves' gradients added variable by variable in the
+    /// halves' order.
     pub fn backward(self, model: &Trainable) -> Result<GradStore> {
         let mut parts = self.parts.into_iter();
-        let (Some(first), second) = (parts.next(), parts.next()) else {
+        let Some(first) = parts.next() else {
             candle_core::bail!("a step's forward had no part");
         };
-        let Some(second) = second else {
+        let (Some(second), Some(meeting)) = (parts.next(), self.meeting) else {
             return first.loss.backward();
         };
         let losses = [&first.loss, &second.loss];
-        let [g0, g1] = on_two_workers(|i| losses[i].backward());
-        add_gradients(g0?, g1?, model)
+        let [g0, g1] = at_once(&meeting, |i| losses[i].backward())?;
+        add_gradients(g0, g1, model)
     }
 }
 
@@ -118,20 +135,49 @@ fn rows(batch: &Batch, start: usize, len: usize) -> Result<Batch> {
     })
 }
 
-/// `f(0)` and `f(1)` on two different workers of the current rayon pool (each call from start
-/// to end on its worker, so what it sets for its thread is its own), or one after the other
-/// where the pool has one thread. The other workers, if any, help both through work stealing.
-fn on_two_workers<T: Send>(f: impl Fn(usize) -> T + Sync) -> [T; 2] {
-    if rayon::current_num_threads() < 2 {
-        return [f(0), f(1)];
+/// `f(0)` and `f(1)` as the meeting's two halves, at once: on two different workers of the
+/// current rayon pool where it has two (each call from start to end on its worker, so what it
+/// sets for its thread is its own; the other workers, if any, help both by stealing), else on
+/// this thread and a thread of a one-thread pool of its own, taking turns. The first error wins
+/// over the other half's "the other half failed".
+fn at_once<T: Send>(
+    meeting: &Arc<Meeting>,
+    f: impl Fn(usize) -> Result<T> + Sync,
+) -> Result<[T; 2]> {
+    let half = |i: usize| meeting.attend(i, || f(i));
+    let (first, second) = if rayon::current_num_threads() < 2 {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .stack_size(256 << 20)
+            .thread_name(|_| "kd-half-1".into())
+            .build()
+            .map_err(|e| candle_core::Error::Msg(format!("a thread for the second half: {e}")))?;
+        std::thread::scope(|s| {
+            let second = s.spawn(|| pool.install(|| half(1)));
+            let first = half(0);
+            let second = second.join().unwrap_or_else(|_| {
+                Err(candle_core::Error::Msg("the second half panicked".into()))
+            });
+            (first, second)
+        })
+    } else {
+        let mut out = rayon::broadcast(|worker| (worker.index() < 2).then(|| half(worker.index())));
+        let second = out.get_mut(1).and_then(Option::take);
+        let first = out.get_mut(0).and_then(Option::take);
+        (
+            first.unwrap_or_else(|| half(0)),
+            second.unwrap_or_else(|| half(1)),
+        )
+    };
+    match (first, second) {
+        (Ok(a), Ok(b)) => Ok([a, b]),
+        (Err(e), Ok(_)) | (Ok(_), Err(e)) => Err(e),
+        (Err(a), Err(b)) => Err(if meeting.failed_first() == Some(1) {
+            b
+        } else {
+            a
+        }),
     }
-    let mut out = rayon::broadcast(|worker| (worker.index() < 2).then(|| f(worker.index())));
-    let second = out.get_mut(1).and_then(Option::take);
-    let first = out.get_mut(0).and_then(Option::take);
-    [
-        first.unwrap_or_else(|| f(0)),
-        second.unwrap_or_else(|| f(1)),
-    ]
 }
 
 /// `g0 + g1` for every variable of `model` (in parallel over the variables; each sum is `g0`'s
@@ -191,7 +237,7 @@ mod tests {
         fn forward_t(&self, xs: &Tensor, _train: bool) -> Result<Vec<Tensor>> {
             Ok(vec![xs.flatten_from(1)?.matmul(&self.0)?])
         }
-        fn rows_independent(&self) -> bool {
+        fn trains_in_halves(&self) -> bool {
             true
         }
         fn inference_graph(&self, _input: &str) -> Result<InferenceGraph> {
@@ -297,21 +343,116 @@ mod tests {
         })
     }
 
-    /// The halves of a `googlenet` step (5 rows: 3 and 2) give the same bytes on one, two and
-    /// three threads, and the dropout stream moves on by the masks of both halves; a
-    /// `googlenet-bn` step (BatchNorm mixes the rows) stays whole.
+    /// The halves of a `googlenet` and a `googlenet-bn` step (5 rows: 3 and 2) give the same
+    /// bytes on one, two and three threads (one thread: the halves take turns), and the dropout
+    /// stream moves on by the masks of both halves.
     #[test]
     fn halves_give_the_same_bytes_on_one_two_and_three_threads() {
-        let one = googlenet_step("googlenet", 1);
-        assert_eq!(one.4, 2);
-        assert!(one.2.len() > 100, "{} gradients", one.2.len());
-        assert!(one.3 > 0);
-        for threads in [2, 3] {
-            assert!(
-                googlenet_step("googlenet", threads) == one,
-                "{threads} threads"
-            );
+        for arch in ["googlenet", "googlenet-bn"] {
+            let one = googlenet_step(arch, 1);
+            assert_eq!(one.4, 2);
+            assert!(one.2.len() > 100, "{} gradients", one.2.len());
+            assert!(one.3 > 0);
+            for threads in [2, 3] {
+                assert!(
+                    googlenet_step(arch, threads) == one,
+                    "{arch}, {threads} threads"
+                );
+            }
         }
-        assert_eq!(googlenet_step("googlenet-bn", 2).4, 1);
+    }
+
+    /// A linear layer, BatchNorm + ReLU over its 6 outputs, a linear layer to 3 classes: the
+    /// rows meet only in the BatchNorm.
+    struct Normed {
+        w: Tensor,
+        norm: kd_models::norm::BatchNormRelu,
+        v: Tensor,
+    }
+
+    impl Classifier for Normed {
+        fn heads(&self) -> &'static [&'static str] {
+            &["main"]
+        }
+        fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Vec<Tensor>> {
+            let z = xs.flatten_from(1)?.matmul(&self.w)?.t()?.contiguous()?;
+            let y = self.norm.forward_t(&z, train)?.t()?;
+            Ok(vec![y.matmul(&self.v)?])
+        }
+        fn trains_in_halves(&self) -> bool {
+            true
+        }
+        fn inference_graph(&self, _input: &str) -> Result<InferenceGraph> {
+            candle_core::bail!("a test model")
+        }
+    }
+
+    /// With the halves meeting at the BatchNorm (on two threads, and taking turns on one), the
+    /// loss, every gradient and the running statistics are the whole batch's, to f32 rounding.
+    #[test]
+    fn batch_norm_halves_meet_to_the_whole_batch() {
+        let build = || {
+            let vars = SeededVarMap::new(11);
+            let vb = vars.var_builder(&Device::Cpu);
+            let init = Init::Randn {
+                mean: 0.0,
+                stdev: 0.5,
+            };
+            let w = vb.get_with_hints((16, 6), "w", init).unwrap();
+            let norm = kd_models::norm::BatchNormRelu::new(6, vb.pp("bn")).unwrap();
+            let v = vb.get_with_hints((6, 3), "v", init).unwrap();
+            Trainable {
+                model: Box::new(Normed { w, norm, v }),
+                vars,
+                dropout: DropoutRng::new(11),
+            }
+        };
+        let b = batch(9, 4, 3);
+        let mut ce = |b: &Batch, heads: &[Tensor]| cross_entropy(&heads[0], &b.labels);
+        let values = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let state = |m: &Trainable, g: &GradStore| {
+            let vars = m.vars.varmap.data().lock().unwrap().clone();
+            let mut names: Vec<&String> = vars.keys().collect();
+            names.sort();
+            names
+                .iter()
+                .map(|n| {
+                    let var = &vars[*n];
+                    g.get(var).map_or_else(|| values(var.as_tensor()), values)
+                })
+                .collect::<Vec<_>>()
+        };
+        let whole = build();
+        let heads = whole.model.forward_t(&b.images, true).unwrap();
+        let loss = ce(&b, &heads).unwrap();
+        let expected = state(&whole, &loss.backward().unwrap());
+        let expected_loss = loss.to_scalar::<f32>().unwrap() as f64;
+        for threads in [1, 2] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            let model = build();
+            let (value, got) = pool.install(|| {
+                let forward = Forward::run(&model, &b, &mut ce).unwrap();
+                assert_eq!(forward.parts.len(), 2);
+                let value = forward.loss().unwrap();
+                (value, state(&model, &forward.backward(&model).unwrap()))
+            });
+            assert!(
+                (value - expected_loss).abs() < 1e-6,
+                "{value} against {expected_loss}"
+            );
+            // Gradients of w, v, γ, β; the running mean and variance (no gradient: their values).
+            assert_eq!(got.len(), 6);
+            for (g, e) in got.iter().zip(&expected) {
+                let gap = g
+                    .iter()
+                    .zip(e)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0.0, f32::max);
+                assert!(gap < 1e-5, "{threads} threads: {gap}");
+            }
+        }
     }
 }

@@ -1,0 +1,245 @@
+//! Where the two halves of a batch trained at once (`kd_train::halves`) exchange a BatchNorm's
+//! per-channel sums, so that each half normalises with the whole batch's statistics and its
+//! backward uses the whole batch's sums (PyTorch's `SyncBatchNorm`, between two threads).
+//!
+//! Both halves run the same graph, so they reach the same BatchNorms in the same order: the
+//! k-th exchange of one half meets the k-th of the other. Each half leaves its partial sums in a
+//! slot of the exchange's parity and moves its round counter on; it reads both slots once the
+//! other's counter has reached the same round. A half cannot refill a slot the other still reads:
+//! to start round r + 2 it must have passed round r + 1, which the other only enters once it has
+//! read round r.
+//!
+//! A half waits spinning (a sleeping thread woke 150–300 µs late on the 2-vCPU machine of
+//! `docs/speed.md`; a step has about 115 exchanges), then yielding its core. With one thread
+//! ([`Meeting::taking_turns`]) the two halves run on two threads of which only one computes at a
+//! time: a half that reaches an exchange before the other hands it the turn. A half that fails
+//! closes the meeting: the other's exchanges then return an error instead of waiting for ever.
+
+use candle_core::Result;
+use std::cell::RefCell;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// How long a waiting half spins before it yields its core between looks.
+const SPIN: Duration = Duration::from_micros(200);
+
+/// The two halves' meeting place for one training step.
+#[derive(Debug, Default)]
+pub struct Meeting {
+    /// Exchanges each half has entered.
+    rounds: [AtomicU64; 2],
+    /// Partial sums by the round's parity, then by half.
+    slots: [[Mutex<Vec<f64>>; 2]; 2],
+    closed: AtomicBool,
+    /// The half that failed first, if one did.
+    failed: Mutex<Option<usize>>,
+    /// With one thread: whose turn it is to compute (`None`: both compute at once).
+    turn: Option<(Mutex<usize>, Condvar)>,
+}
+
+impl Meeting {
+    /// Two halves computing at once, on two threads.
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// Two halves on two threads of which one computes at a time, half 0 first: what one thread
+    /// allows.
+    pub fn taking_turns() -> Arc<Self> {
+        Arc::new(Self {
+            turn: Some((Mutex::new(0), Condvar::new())),
+            ..Self::default()
+        })
+    }
+
+    /// Runs `f` as half `half`: the BatchNorms it builds on this thread meet the other half
+    /// here. With turns, it starts on its turn and hands the turn over when it returns.
+    pub fn attend<R>(self: &Arc<Self>, half: usize, f: impl FnOnce() -> Result<R>) -> Result<R> {
+        let previous = ATTENDING.with(|a| a.replace(Some((Arc::clone(self), half))));
+        let _leave = Leave {
+            meeting: self,
+            half,
+            previous,
+        };
+        self.wait_turn(half)?;
+        let out = f();
+        if out.is_err() {
+            self.fail(half);
+        }
+        out
+    }
+
+    /// The half that failed first (and closed the meeting), if one did.
+    pub fn failed_first(&self) -> Option<usize> {
+        *lock(&self.failed)
+    }
+
+    /// Half `half` failed: no more exchanges, the other half's fail instead of waiting for it.
+    fn fail(&self, half: usize) {
+        lock(&self.failed).get_or_insert(half);
+        self.closed.store(true, Ordering::Release);
+        if let Some((turn, ready)) = &self.turn {
+            drop(lock(turn));
+            ready.notify_all();
+        }
+    }
+
+    /// Half `half` brings its partial sums and gets both halves' (in half order) once the
+    /// other has brought its own for the same round.
+    pub(crate) fn exchange(&self, half: usize, part: Vec<f64>) -> Result<[Vec<f64>; 2]> {
+        let other = 1 - half;
+        let round = self.rounds[half].load(Ordering::Relaxed) + 1;
+        let parity = (round % 2) as usize;
+        *lock(&self.slots[parity][half]) = part;
+        self.rounds[half].store(round, Ordering::Release);
+        if self.rounds[other].load(Ordering::Acquire) < round {
+            if self.turn.is_some() {
+                self.hand_turn(other);
+                self.wait_turn(half)?;
+            }
+            self.wait_for(other, round)?;
+        }
+        Ok([
+            lock(&self.slots[parity][0]).clone(),
+            lock(&self.slots[parity][1]).clone(),
+        ])
+    }
+
+    /// Waits until half `other` has entered `round`, spinning, then yielding.
+    fn wait_for(&self, other: usize, round: u64) -> Result<()> {
+        let start = Instant::now();
+        while self.rounds[other].load(Ordering::Acquire) < round {
+            if self.closed.load(Ordering::Acquire) {
+                candle_core::bail!("batch-norm: the other half of the batch failed");
+            }
+            // Help the other half meanwhile (its pending chunks, on the pool both run on).
+            if rayon::yield_now() == Some(rayon::Yield::Executed) {
+                continue;
+            }
+            if start.elapsed() < SPIN {
+                std::hint::spin_loop();
+            } else {
+                std::thread::yield_now();
+            }
+        }
+        Ok(())
+    }
+
+    fn hand_turn(&self, to: usize) {
+        if let Some((turn, ready)) = &self.turn {
+            *lock(turn) = to;
+            ready.notify_all();
+        }
+    }
+
+    fn wait_turn(&self, half: usize) -> Result<()> {
+        let Some((turn, ready)) = &self.turn else {
+            return Ok(());
+        };
+        let mut t = lock(turn);
+        while *t != half {
+            if self.closed.load(Ordering::Acquire) {
+                candle_core::bail!("batch-norm: the other half of the batch failed");
+            }
+            t = ready.wait(t).unwrap_or_else(|p| p.into_inner());
+        }
+        Ok(())
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+thread_local! {
+    /// The meeting and half that [`Meeting::attend`] set for this thread.
+    static ATTENDING: RefCell<Option<(Arc<Meeting>, usize)>> = const { RefCell::new(None) };
+}
+
+/// The meeting this thread's BatchNorms attend, and as which half.
+pub(crate) fn attending() -> Option<(Arc<Meeting>, usize)> {
+    ATTENDING.with(|a| a.borrow().clone())
+}
+
+/// Leaving [`Meeting::attend`]: the thread's previous meeting back, the turn handed to the other
+/// half, and the meeting closed if the half is unwinding.
+struct Leave<'a> {
+    meeting: &'a Meeting,
+    half: usize,
+    previous: Option<(Arc<Meeting>, usize)>,
+}
+
+impl Drop for Leave<'_> {
+    fn drop(&mut self) {
+        let previous = self.previous.take();
+        ATTENDING.with(|a| *a.borrow_mut() = previous);
+        if std::thread::panicking() {
+            self.meeting.fail(self.half);
+        }
+        self.meeting.hand_turn(1 - self.half);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    /// 200 exchanges between two threads: each gets both halves' parts of the same round, in
+    /// half order.
+    fn exchanges(meeting: &Arc<Meeting>, half: usize, busy: &AtomicUsize) -> Result<()> {
+        meeting.attend(half, || {
+            for round in 0..200u32 {
+                assert_eq!(busy.fetch_add(1, Ordering::SeqCst), 0, "one half at a time");
+                let t = Instant::now();
+                while t.elapsed() < Duration::from_micros(20) {
+                    std::hint::spin_loop();
+                }
+                busy.fetch_sub(1, Ordering::SeqCst);
+                let part = vec![f64::from(round), half as f64];
+                let (m, h) = attending().expect("attending");
+                assert!(Arc::ptr_eq(&m, meeting) && h == half);
+                let [p0, p1] = m.exchange(half, part)?;
+                assert_eq!(
+                    (p0, p1),
+                    (vec![f64::from(round), 0.0], vec![f64::from(round), 1.0])
+                );
+            }
+            Ok(())
+        })
+    }
+
+    #[test]
+    fn halves_meet_round_by_round_at_once_and_taking_turns() {
+        for meeting in [Meeting::new(), Meeting::taking_turns()] {
+            let turns = meeting.turn.is_some();
+            // Taking turns, never two halves computing at once; at once, no such check.
+            let (a, b) = (AtomicUsize::new(0), AtomicUsize::new(0));
+            let (busy0, busy1) = if turns { (&a, &a) } else { (&a, &b) };
+            std::thread::scope(|s| {
+                let other = s.spawn(|| exchanges(&meeting, 1, busy1));
+                exchanges(&meeting, 0, busy0).expect("half 0");
+                other.join().expect("no panic").expect("half 1");
+            });
+            assert!(attending().is_none());
+        }
+    }
+
+    /// A half that fails releases the other, waiting at its next exchange, with an error that
+    /// says so; the meeting remembers which half failed first.
+    #[test]
+    fn a_failing_half_releases_the_other() {
+        for meeting in [Meeting::new(), Meeting::taking_turns()] {
+            let waiting = std::thread::scope(|s| {
+                let other = s.spawn(|| meeting.attend(1, || meeting.exchange(1, vec![1.0])));
+                let failed: Result<()> = meeting.attend(0, || candle_core::bail!("out of memory"));
+                assert!(failed.is_err());
+                other.join().expect("no panic")
+            });
+            let e = waiting.expect_err("released with an error").to_string();
+            assert!(e.contains("other half"), "{e}");
+            assert_eq!(meeting.failed_first(), Some(0));
+        }
+    }
+}
