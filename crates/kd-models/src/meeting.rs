@@ -32,6 +32,8 @@ pub struct Meeting {
     /// Partial sums by the round's parity, then by half.
     slots: [[Mutex<Vec<f64>>; 2]; 2],
     closed: AtomicBool,
+    /// Halves that have left the meeting (after their last exchange of the pass).
+    left: [AtomicBool; 2],
     /// The half that failed first, if one did.
     failed: Mutex<Option<usize>>,
     /// With one thread: whose turn it is to compute (`None`: both compute at once).
@@ -68,6 +70,13 @@ impl Meeting {
             self.fail(half);
         }
         out
+    }
+
+    /// Before the halves of a pass (a forward, a backward) attend: neither has left yet.
+    pub fn begin_pass(&self) {
+        for left in &self.left {
+            left.store(false, Ordering::Release);
+        }
     }
 
     /// The half that failed first (and closed the meeting), if one did.
@@ -110,9 +119,7 @@ impl Meeting {
     fn wait_for(&self, other: usize, round: u64) -> Result<()> {
         let start = Instant::now();
         while self.rounds[other].load(Ordering::Acquire) < round {
-            if self.closed.load(Ordering::Acquire) {
-                candle_core::bail!("batch-norm: the other half of the batch failed");
-            }
+            self.check_open(other, round)?;
             // Help the other half meanwhile (its pending chunks, on the pool both run on).
             if rayon::yield_now() == Some(rayon::Yield::Executed) {
                 continue;
@@ -139,12 +146,44 @@ impl Meeting {
         };
         let mut t = lock(turn);
         while *t != half {
-            if self.closed.load(Ordering::Acquire) {
-                candle_core::bail!("batch-norm: the other half of the batch failed");
-            }
+            // The other half leaves under this lock, handing the turn over as it does: if it
+            // has left and the turn is not ours, it never comes back.
+            self.check_open(1 - half, u64::MAX)?;
             t = ready.wait(t).unwrap_or_else(|p| p.into_inner());
         }
         Ok(())
+    }
+
+    /// An error if half `other` failed, or left before entering `round` (the halves' graphs
+    /// differ: it would never come). It enters its rounds before it leaves, so its round is read
+    /// again after its leaving is seen.
+    fn check_open(&self, other: usize, round: u64) -> Result<()> {
+        if self.closed.load(Ordering::Acquire) {
+            candle_core::bail!("batch-norm: the other half of the batch failed");
+        }
+        if self.left[other].load(Ordering::Acquire)
+            && self.rounds[other].load(Ordering::Acquire) < round
+        {
+            candle_core::bail!(
+                "batch-norm: the other half of the batch met fewer BatchNorms (it left after {} exchanges; this half waits for exchange {round})",
+                self.rounds[other].load(Ordering::Acquire)
+            );
+        }
+        Ok(())
+    }
+
+    /// Half `half` leaves the pass: with turns, under the turn's lock and handing the turn over.
+    fn leave(&self, half: usize) {
+        match &self.turn {
+            Some((turn, ready)) => {
+                let mut t = lock(turn);
+                self.left[half].store(true, Ordering::Release);
+                *t = 1 - half;
+                drop(t);
+                ready.notify_all();
+            }
+            None => self.left[half].store(true, Ordering::Release),
+        }
     }
 }
 
@@ -177,7 +216,7 @@ impl Drop for Leave<'_> {
         if std::thread::panicking() {
             self.meeting.fail(self.half);
         }
-        self.meeting.hand_turn(1 - self.half);
+        self.meeting.leave(self.half);
     }
 }
 
@@ -217,6 +256,7 @@ mod tests {
             // Taking turns, never two halves computing at once; at once, no such check.
             let (a, b) = (AtomicUsize::new(0), AtomicUsize::new(0));
             let (busy0, busy1) = if turns { (&a, &a) } else { (&a, &b) };
+            meeting.begin_pass();
             std::thread::scope(|s| {
                 let other = s.spawn(|| exchanges(&meeting, 1, busy1));
                 exchanges(&meeting, 0, busy0).expect("half 0");
@@ -226,20 +266,55 @@ mod tests {
         }
     }
 
+    /// Half 1 waits at its first exchange while half 0 runs `first` (at once, then taking
+    /// turns): the error that releases half 1 and the half that failed first, for each kind of
+    /// meeting.
+    fn release_messages(
+        first: impl Fn(&Arc<Meeting>) -> Result<()> + Sync,
+    ) -> Vec<(String, Option<usize>)> {
+        [Meeting::new(), Meeting::taking_turns()]
+            .iter()
+            .map(|meeting| {
+                meeting.begin_pass();
+                let waiting = std::thread::scope(|s| {
+                    let other = s.spawn(|| meeting.attend(1, || meeting.exchange(1, vec![1.0])));
+                    let _ = meeting.attend(0, || first(meeting));
+                    other.join().expect("no panic")
+                });
+                let e = waiting.expect_err("released with an error").to_string();
+                (e, meeting.failed_first())
+            })
+            .collect()
+    }
+
     /// A half that fails releases the other, waiting at its next exchange, with an error that
     /// says so; the meeting remembers which half failed first.
     #[test]
     fn a_failing_half_releases_the_other() {
-        for meeting in [Meeting::new(), Meeting::taking_turns()] {
-            let waiting = std::thread::scope(|s| {
-                let other = s.spawn(|| meeting.attend(1, || meeting.exchange(1, vec![1.0])));
-                let failed: Result<()> = meeting.attend(0, || candle_core::bail!("out of memory"));
-                assert!(failed.is_err());
-                other.join().expect("no panic")
-            });
-            let e = waiting.expect_err("released with an error").to_string();
-            assert!(e.contains("other half"), "{e}");
-            assert_eq!(meeting.failed_first(), Some(0));
+        let failed = |m: &Arc<Meeting>| {
+            assert_eq!(m.failed_first(), None);
+            candle_core::bail!("out of memory")
+        };
+        for (e, first) in release_messages(failed) {
+            assert!(e.contains("other half of the batch failed"), "{e}");
+            assert_eq!(first, Some(0));
+        }
+    }
+
+    /// A half that leaves after fewer exchanges than the other (graphs that differ) releases
+    /// the other with an error instead of leaving it waiting, at once and taking turns.
+    #[test]
+    fn a_half_that_leaves_early_releases_the_other() {
+        for (e, first) in release_messages(|_| Ok(())) {
+            assert!(
+                e.contains("met fewer BatchNorms (it left after 0 exchanges"),
+                "{e}"
+            );
+            assert_eq!(
+                first,
+                Some(1),
+                "the waiting half fails, not the one that left"
+            );
         }
     }
 }

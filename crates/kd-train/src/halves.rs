@@ -144,6 +144,7 @@ fn at_once<T: Send>(
     meeting: &Arc<Meeting>,
     f: impl Fn(usize) -> Result<T> + Sync,
 ) -> Result<[T; 2]> {
+    meeting.begin_pass();
     let half = |i: usize| meeting.attend(i, || f(i));
     let (first, second) = if rayon::current_num_threads() < 2 {
         let pool = rayon::ThreadPoolBuilder::new()
