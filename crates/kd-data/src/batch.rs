@@ -232,6 +232,24 @@ pub struct Batch {
     pub len: usize,
 }
 
+impl Batch {
+    /// Rows `start..start + len` of this batch, as a batch of their own (views of the same
+    /// tensors).
+    pub fn rows(&self, start: usize, len: usize) -> candle_core::Result<Batch> {
+        Ok(Batch {
+            images: self.images.narrow(0, start, len)?,
+            labels: self.labels.narrow(0, start, len)?,
+            rows: self.rows.narrow(0, start, len)?,
+            views: self
+                .views
+                .as_ref()
+                .map(|v| v.narrow(0, start, len))
+                .transpose()?,
+            len,
+        })
+    }
+}
+
 /// Mini-batches over a subset of rows of one image tensor, in order or shuffled per epoch.
 pub struct Batches<'a> {
     images: &'a Tensor,

@@ -39,7 +39,7 @@ pub trait Classifier: Send + Sync {
     fn forward_t(&self, xs: &Tensor, train: bool) -> candle_core::Result<Vec<Tensor>>;
     /// Whether a training step may run the batch as two halves at once (`kd_train::halves`):
     /// every row computed from that row alone but for BatchNorm, whose halves meet to share the
-    /// whole batch's statistics ([`meeting`]). The models measured faster so say yes.
+    /// whole batch's statistics ([`meeting`]). Yes for the models measured faster so (the GoogLeNets).
     fn trains_in_halves(&self) -> bool {
         false
     }

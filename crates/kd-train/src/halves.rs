@@ -59,10 +59,7 @@ impl Forward {
             });
         }
         let first = batch.len.div_ceil(2);
-        let halves = [
-            rows(batch, 0, first)?,
-            rows(batch, first, batch.len - first)?,
-        ];
+        let halves = [batch.rows(0, first)?, batch.rows(first, batch.len - first)?];
         let meeting = if rayon::current_num_threads() < 2 {
             Meeting::taking_turns()
         } else {
@@ -118,21 +115,6 @@ impl Forward {
         let [g0, g1] = at_once(&meeting, |i| losses[i].backward())?;
         add_gradients(g0, g1, model)
     }
-}
-
-/// Rows `start..start + len` of `batch`, as a batch of their own.
-fn rows(batch: &Batch, start: usize, len: usize) -> Result<Batch> {
-    Ok(Batch {
-        images: batch.images.narrow(0, start, len)?,
-        labels: batch.labels.narrow(0, start, len)?,
-        rows: batch.rows.narrow(0, start, len)?,
-        views: batch
-            .views
-            .as_ref()
-            .map(|v| v.narrow(0, start, len))
-            .transpose()?,
-        len,
-    })
 }
 
 /// `f(0)` and `f(1)` as the meeting's two halves, at once: on two different workers of the
