@@ -32,6 +32,8 @@ pub struct Meeting {
     /// Partial sums by the round's parity, then by half.
     slots: [[Mutex<Vec<f64>>; 2]; 2],
     closed: AtomicBool,
+    /// Halves that have arrived in this pass ([`Meeting::attend`]).
+    arrived: [AtomicBool; 2],
     /// Halves that have left the meeting (after their last exchange of the pass).
     left: [AtomicBool; 2],
     /// The half that failed first, if one did.
@@ -56,7 +58,8 @@ impl Meeting {
     }
 
     /// Runs `f` as half `half`: the BatchNorms it builds on this thread meet the other half
-    /// here. With turns, it starts on its turn and hands the turn over when it returns.
+    /// here. At once, it starts once the other half has arrived ([`Self::arrive`]); with turns,
+    /// on its turn, and it hands the turn over when it returns.
     pub fn attend<R>(self: &Arc<Self>, half: usize, f: impl FnOnce() -> Result<R>) -> Result<R> {
         let previous = ATTENDING.with(|a| a.replace(Some((Arc::clone(self), half))));
         let _leave = Leave {
@@ -64,6 +67,7 @@ impl Meeting {
             half,
             previous,
         };
+        self.arrive(half)?;
         self.wait_turn(half)?;
         let out = f();
         if out.is_err() {
@@ -72,11 +76,49 @@ impl Meeting {
         out
     }
 
-    /// Before the halves of a pass (a forward, a backward) attend: neither has left yet.
+    /// Before the halves of a pass (a forward, a backward) attend: neither has arrived or left
+    /// yet.
     pub fn begin_pass(&self) {
-        for left in &self.left {
-            left.store(false, Ordering::Release);
+        for flag in self.arrived.iter().chain(&self.left) {
+            flag.store(false, Ordering::Release);
         }
+    }
+
+    /// Whether half `half` has arrived in this pass.
+    pub fn has_arrived(&self, half: usize) -> bool {
+        self.arrived
+            .get(half)
+            .is_some_and(|a| a.load(Ordering::Acquire))
+    }
+
+    /// Half `half` arrives; at once, it waits for the other to arrive before it computes
+    /// (spinning, then yielding its core, taking no other work meanwhile).
+    ///
+    /// Without this wait, the other half's worker — in the pool, looking for work when the
+    /// halves were handed out — could steal a piece of this half's first parallel op before
+    /// taking up its own half. rayon runs the work that a waiting worker finds on top of the job
+    /// it waits in, so the worker could then start its half inside that piece, and its half's
+    /// first exchange would wait for this half, which waits for the piece: for ever. This hung a
+    /// 2-thread `googlenet-bn` step once in a few thousand (`docs/speed.md`, seventeenth round).
+    /// Once both have arrived, neither half's work can be beneath the other's half: its worker
+    /// took up its half first.
+    fn arrive(&self, half: usize) -> Result<()> {
+        self.arrived[half].store(true, Ordering::Release);
+        if self.turn.is_some() {
+            return Ok(());
+        }
+        let start = Instant::now();
+        while !self.arrived[1 - half].load(Ordering::Acquire) {
+            if self.closed.load(Ordering::Acquire) {
+                candle_core::bail!("batch-norm: the other half of the batch failed");
+            }
+            if start.elapsed() < SPIN {
+                std::hint::spin_loop();
+            } else {
+                std::thread::yield_now();
+            }
+        }
+        Ok(())
     }
 
     /// The half that failed first (and closed the meeting), if one did.

@@ -370,26 +370,28 @@ mod tests {
         }
     }
 
+    /// A [`Normed`] model for images of 4×4 pixels, its weights drawn from seed 11.
+    fn normed() -> Trainable {
+        let vars = SeededVarMap::new(11);
+        let vb = vars.var_builder(&Device::Cpu);
+        let init = Init::Randn {
+            mean: 0.0,
+            stdev: 0.5,
+        };
+        let w = vb.get_with_hints((16, 6), "w", init).unwrap();
+        let norm = kd_models::norm::BatchNormRelu::new(6, vb.pp("bn")).unwrap();
+        let v = vb.get_with_hints((6, 3), "v", init).unwrap();
+        Trainable {
+            model: Box::new(Normed { w, norm, v }),
+            vars,
+            dropout: DropoutRng::new(11),
+        }
+    }
+
     /// With the halves meeting at the BatchNorm (on two threads, and taking turns on one), the
     /// loss, every gradient and the running statistics are the whole batch's, to f32 rounding.
     #[test]
     fn batch_norm_halves_meet_to_the_whole_batch() {
-        let build = || {
-            let vars = SeededVarMap::new(11);
-            let vb = vars.var_builder(&Device::Cpu);
-            let init = Init::Randn {
-                mean: 0.0,
-                stdev: 0.5,
-            };
-            let w = vb.get_with_hints((16, 6), "w", init).unwrap();
-            let norm = kd_models::norm::BatchNormRelu::new(6, vb.pp("bn")).unwrap();
-            let v = vb.get_with_hints((6, 3), "v", init).unwrap();
-            Trainable {
-                model: Box::new(Normed { w, norm, v }),
-                vars,
-                dropout: DropoutRng::new(11),
-            }
-        };
         let b = batch(9, 4, 3);
         let mut ce = |b: &Batch, heads: &[Tensor]| cross_entropy(&heads[0], &b.labels);
         let values = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
@@ -405,7 +407,7 @@ mod tests {
                 })
                 .collect::<Vec<_>>()
         };
-        let whole = build();
+        let whole = normed();
         let heads = whole.model.forward_t(&b.images, true).unwrap();
         let loss = ce(&b, &heads).unwrap();
         let expected = state(&whole, &loss.backward().unwrap());
@@ -415,7 +417,7 @@ mod tests {
                 .num_threads(threads)
                 .build()
                 .unwrap();
-            let model = build();
+            let model = normed();
             let (value, got) = pool.install(|| {
                 let forward = Forward::run(&model, &b, &mut ce).unwrap();
                 assert_eq!(forward.parts.len(), 2);
@@ -437,5 +439,28 @@ mod tests {
                 assert!(gap < 1e-5, "{threads} threads: {gap}");
             }
         }
+    }
+
+    /// On two threads, each half of every pass starts its work only once the other half has
+    /// arrived ([`Meeting::attend`]), the other worker polling for work as in training. The hang
+    /// this prevents (a half started on top of a stolen piece of the other's work) needs a
+    /// worker preempted at one instruction, so it is checked by this order rather than by
+    /// waiting for a hang: 20,000 steps of [`normed`] with a third thread spinning beside them
+    /// did not hang without the wait.
+    #[test]
+    fn each_half_starts_once_the_other_has_arrived() {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        let meeting = Meeting::new();
+        let seen: Vec<[bool; 2]> = pool.install(|| {
+            crate::awake::workers_awake(|| {
+                (0..500)
+                    .map(|_| at_once(&meeting, |i| Ok(meeting.has_arrived(1 - i))).unwrap())
+                    .collect()
+            })
+        });
+        assert!(seen.iter().all(|s| *s == [true, true]));
     }
 }
