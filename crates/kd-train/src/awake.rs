@@ -15,7 +15,7 @@
 //! op splits its work and adds its partial results in the same fixed order, so the bytes are
 //! the same.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -25,20 +25,48 @@ const SPIN: Duration = Duration::from_micros(500);
 /// Runs `run` with the other workers of the current rayon pool polling for work until it
 /// returns (or unwinds). Outside a pool, or in a pool of one thread, it only runs `run`.
 pub fn workers_awake<R>(run: impl FnOnce() -> R) -> R {
+    awake_counting(|_| run())
+}
+
+/// [`workers_awake`], `run` given the count of workers that have taken up their loops.
+fn awake_counting<R>(run: impl FnOnce(&AtomicUsize) -> R) -> R {
     let Some(me) = rayon::current_thread_index() else {
-        return run();
+        return run(&AtomicUsize::new(0));
     };
     if rayon::current_num_threads() < 2 {
-        return run();
+        return run(&AtomicUsize::new(0));
     }
     let stop = Stop(Arc::new(AtomicBool::new(false)));
     let flag = Arc::clone(&stop.0);
+    let polling = Arc::new(AtomicUsize::new(0));
+    let started = Arc::clone(&polling);
     rayon::spawn_broadcast(move |worker| {
         if worker.index() != me {
+            started.fetch_add(1, Ordering::AcqRel);
             poll_until(&flag);
         }
     });
-    run()
+    wait_until_polling(&polling, rayon::current_num_threads() - 1);
+    run(&polling)
+}
+
+/// Waits (spinning, then yielding the core) until `others` workers are polling, before `run`
+/// queues any work. A worker that was looking for work when the loops were handed out could
+/// otherwise steal a piece of `run`'s first parallel op before it takes up its loop; rayon runs
+/// the work that a waiting worker finds on top of the job it waits in, so the worker could then
+/// start its loop inside that piece, and the loop (which only ends when `run` returns) would never
+/// let the piece finish, nor `run` return. The same race hung the halves of a step
+/// (`kd_models::meeting::Meeting::attend`, `docs/speed.md`, seventeenth round). The workers are
+/// idle or polling when an epoch starts, so they take up their loops at once.
+fn wait_until_polling(polling: &AtomicUsize, others: usize) {
+    let start = Instant::now();
+    while polling.load(Ordering::Acquire) < others {
+        if start.elapsed() < SPIN {
+            std::hint::spin_loop();
+        } else {
+            std::thread::yield_now();
+        }
+    }
 }
 
 /// Sets the flag when dropped, so that the workers stop polling even if `run` unwinds.
@@ -109,5 +137,23 @@ mod tests {
             std::thread::spawn(|| workers_awake(|| 7)).join().ok(),
             Some(7)
         );
+    }
+
+    /// Every other worker has taken up its loop before `run` starts (500 times on two threads,
+    /// three on three): none can steal a piece of `run` first and start its loop on top of it.
+    #[test]
+    fn run_starts_once_every_other_worker_polls() {
+        for threads in [2, 3] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .expect("a pool");
+            let seen: Vec<usize> = pool.install(|| {
+                (0..500)
+                    .map(|_| awake_counting(|polling| polling.load(Ordering::Acquire)))
+                    .collect()
+            });
+            assert!(seen.iter().all(|&n| n == threads - 1), "{threads} threads");
+        }
     }
 }
