@@ -229,7 +229,7 @@ impl ConvOp {
         cout: usize,
     ) -> Result<Vec<T>> {
         let (n, depth, px) = (f.b * f.pixels(), f.depth(), f.pixels());
-        let chunks = image_chunks(f.b);
+        let chunks = forward_chunks(f.b, &f);
         let mut out = Filling::new(cout, n, columns(&chunks, px), 0)?;
         let blocks = out.blocks()?;
         let detail = || Some((self.0.detail("forward", f, cout), (cout * depth * n) as u64));
@@ -263,10 +263,41 @@ impl ConvOp {
 
 /// The batch `0..b` in chunks of [`IMAGES_PER_CHUNK`] images, the last one shorter.
 fn image_chunks(b: usize) -> Vec<Range<usize>> {
+    chunks_of(b, IMAGES_PER_CHUNK)
+}
+
+/// The batch `0..b` in chunks of `per` images, the last one shorter.
+fn chunks_of(b: usize, per: usize) -> Vec<Range<usize>> {
     (0..b)
-        .step_by(IMAGES_PER_CHUNK)
-        .map(|s| s..(s + IMAGES_PER_CHUNK).min(b))
+        .step_by(per.max(1))
+        .map(|s| s..(s + per.max(1)).min(b))
         .collect()
+}
+
+/// The fewest columns (images × output pixels) a task of the forward multiplies where the
+/// planes are small: chunks of [`IMAGES_PER_CHUNK`] images were 72 columns at 3×3 and 392 at 7×7,
+/// products so short that packing the weights for each cost about as much as the product.
+const FORWARD_COLUMNS: usize = 1568;
+
+/// The most values a forward task's columns hold (2 MiB of f32) where the planes are large: 8
+/// images of the stem's 3×3 at 28×28 (16 input channels) were 903,168 (3.6 MB), written by
+/// im2col and read back by the product from beyond L2; 4 images fit.
+const FORWARD_COLUMN_VALUES: usize = 1 << 19;
+
+/// The forward's chunks of images: [`IMAGES_PER_CHUNK`], fewer where their columns would exceed
+/// [`FORWARD_COLUMN_VALUES`], more where they would be under [`FORWARD_COLUMNS`]; at least one
+/// chunk per thread of the pool where the batch allows. The forward's bits do not depend on the
+/// chunks (each output column is its own sum; the smoke pipeline's bytes are the same).
+/// Measured against chunks of 8, alternating (`docs/speed.md`, seventeenth round).
+fn forward_chunks(b: usize, f: &Frame) -> Vec<Range<usize>> {
+    let (depth, px) = (f.depth().max(1), f.pixels().max(1));
+    let per = if depth * px * IMAGES_PER_CHUNK > FORWARD_COLUMN_VALUES {
+        FORWARD_COLUMN_VALUES / (depth * px)
+    } else {
+        IMAGES_PER_CHUNK.max(FORWARD_COLUMNS / px)
+    };
+    let most = b.div_ceil(rayon::current_num_threads().max(1)).max(1);
+    chunks_of(b, per.clamp(1, most))
 }
 
 /// The columns of each chunk of images in a `[c, batch·plane]` matrix.
@@ -398,8 +429,10 @@ impl CustomOp3 for ConvBiasRelu {
     }
 }
 
-/// Images per task of the convolution's backward. Fixed, so that the weight gradient's sum —
-/// one partial product per chunk, added in chunk order — does not depend on the thread count.
+/// Images per task of the convolution's backward, and the forward's where its columns are
+/// neither too many nor too few ([`forward_chunks`]). Fixed in the backward, so that the weight
+/// gradient's sum — one partial product per chunk, added in chunk order — does not depend on the
+/// thread count.
 const IMAGES_PER_CHUNK: usize = 8;
 
 /// The convolution's backward, `(x, weight, dy [c_out, b, oh, ow]) → [dx, dW]` flattened into
@@ -1216,5 +1249,77 @@ pub(crate) mod tests {
         assert_eq!(bits(&db), bits(&db_ref));
         let db = db.to_vec1::<f32>().unwrap();
         assert!(db[0].is_nan() && db[1..].iter().all(|v| v.is_finite() && *v != 0.0));
+    }
+
+    /// The forward's chunks cover the batch once, in order: the stem's 3×3 at 28×28 (16
+    /// channels) in chunks whose columns fit [`FORWARD_COLUMN_VALUES`]; 3×3 planes in chunks of
+    /// at least [`FORWARD_COLUMNS`] columns; 14×14 in [`IMAGES_PER_CHUNK`]; never fewer chunks
+    /// than threads where the batch allows.
+    #[test]
+    fn forward_chunks_fit_the_budget_and_cover_the_batch() {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        let same = Im2Col {
+            kernel: 3,
+            stride: 1,
+            padding: 1,
+        };
+        pool.install(|| {
+            for (c, b, side, per) in [
+                (16, 64, 28, 4),
+                (48, 64, 3, 32),
+                (32, 64, 14, 8),
+                (16, 3, 28, 2),
+            ] {
+                let f = same.on((c, b, side, side)).unwrap();
+                let chunks = forward_chunks(b, &f);
+                let covered: Vec<usize> = chunks.iter().flat_map(|r| r.clone()).collect();
+                assert_eq!(covered, (0..b).collect::<Vec<_>>(), "{c}×{side}²");
+                assert_eq!(chunks[0].len(), per, "{c}×{side}²");
+                assert!(chunks.len() >= 2, "{c}×{side}²: one chunk for two threads");
+                if side == 28 {
+                    assert!(per * f.depth() * f.pixels() <= FORWARD_COLUMN_VALUES);
+                }
+                if side == 3 {
+                    assert!(per * f.pixels() >= FORWARD_COLUMNS.min(b / 2 * f.pixels()));
+                }
+            }
+        });
+    }
+
+    /// The forward's bits do not depend on its chunks: 9 images of the stem's shape (chunks of
+    /// 4, 4, 1) give the bits of each image convolved alone (one chunk of 1).
+    #[test]
+    fn forward_bits_do_not_depend_on_the_chunks() {
+        let dev = Device::Cpu;
+        let (cin, cout, b) = (16, 8, 9);
+        let values = |shape: &[usize], seed| -> Tensor {
+            let v: Vec<f32> = rand(shape, seed).iter().map(|&x| x as f32).collect();
+            Tensor::from_vec(v, shape, &dev).unwrap()
+        };
+        let conv = Conv {
+            weight: values(&[cout, cin, 3, 3], 81),
+            bias: None,
+            geometry: Im2Col {
+                kernel: 3,
+                stride: 1,
+                padding: 1,
+            },
+            cout,
+        };
+        let x = values(&[cin, b, 28, 28], 82);
+        let bits = |t: &Tensor| -> Vec<u32> {
+            let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            v.iter().map(|f| f.to_bits()).collect()
+        };
+        let whole = conv.forward(&x).unwrap();
+        let alone: Vec<Tensor> = (0..b)
+            .map(|i| conv.forward(&x.narrow(1, i, 1).unwrap()).unwrap())
+            .collect();
+        let alone = Tensor::cat(&alone, 1).unwrap();
+        assert_eq!(whole.dims(), alone.dims());
+        assert_eq!(bits(&whole), bits(&alone));
     }
 }
