@@ -229,7 +229,7 @@ impl ConvOp {
         cout: usize,
     ) -> Result<Vec<T>> {
         let (n, depth, px) = (f.b * f.pixels(), f.depth(), f.pixels());
-        let chunks = forward_chunks(f.b, &f);
+        let chunks = forward_chunks(&f);
         let mut out = Filling::new(cout, n, columns(&chunks, px), 0)?;
         let blocks = out.blocks()?;
         let detail = || Some((self.0.detail("forward", f, cout), (cout * depth * n) as u64));
@@ -289,8 +289,8 @@ const FORWARD_COLUMN_VALUES: usize = 1 << 19;
 /// chunk per thread of the pool where the batch allows. The forward's bits do not depend on the
 /// chunks (each output column is its own sum; the smoke pipeline's bytes are the same).
 /// Measured against chunks of 8, alternating (`docs/speed.md`, seventeenth round).
-fn forward_chunks(b: usize, f: &Frame) -> Vec<Range<usize>> {
-    let (depth, px) = (f.depth().max(1), f.pixels().max(1));
+fn forward_chunks(f: &Frame) -> Vec<Range<usize>> {
+    let (b, depth, px) = (f.b, f.depth().max(1), f.pixels().max(1));
     let per = if depth * px * IMAGES_PER_CHUNK > FORWARD_COLUMN_VALUES {
         FORWARD_COLUMN_VALUES / (depth * px)
     } else {
@@ -1274,7 +1274,7 @@ pub(crate) mod tests {
                 (16, 3, 28, 2),
             ] {
                 let f = same.on((c, b, side, side)).unwrap();
-                let chunks = forward_chunks(b, &f);
+                let chunks = forward_chunks(&f);
                 let covered: Vec<usize> = chunks.iter().flat_map(|r| r.clone()).collect();
                 assert_eq!(covered, (0..b).collect::<Vec<_>>(), "{c}×{side}²");
                 assert_eq!(chunks[0].len(), per, "{c}×{side}²");
