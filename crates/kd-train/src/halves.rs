@@ -144,13 +144,16 @@ fn at_once<T: Send>(
             (first, second)
         })
     } else {
+        // One result per worker, and a pool of two or more has workers 0 and 1. (Running a
+        // missing half here, after the other, would hang: each half waits for the other to
+        // arrive.)
         let mut out = rayon::broadcast(|worker| (worker.index() < 2).then(|| half(worker.index())));
-        let second = out.get_mut(1).and_then(Option::take);
-        let first = out.get_mut(0).and_then(Option::take);
-        (
-            first.unwrap_or_else(|| half(0)),
-            second.unwrap_or_else(|| half(1)),
-        )
+        let mut take = |i: usize| {
+            out.get_mut(i).and_then(Option::take).unwrap_or_else(|| {
+                Err(candle_core::Error::Msg(format!("half {i} found no worker")))
+            })
+        };
+        (take(0), take(1))
     };
     match (first, second) {
         (Ok(a), Ok(b)) => Ok([a, b]),
