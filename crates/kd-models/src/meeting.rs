@@ -107,18 +107,15 @@ impl Meeting {
         if self.turn.is_some() {
             return Ok(());
         }
-        let start = Instant::now();
-        while !self.arrived[1 - half].load(Ordering::Acquire) {
+        spin_until(SPIN, || {
+            if self.arrived[1 - half].load(Ordering::Acquire) {
+                return Ok(true);
+            }
             if self.closed.load(Ordering::Acquire) {
                 candle_core::bail!("batch-norm: the other half of the batch failed");
             }
-            if start.elapsed() < SPIN {
-                std::hint::spin_loop();
-            } else {
-                std::thread::yield_now();
-            }
-        }
-        Ok(())
+            Ok(false)
+        })
     }
 
     /// The half that failed first (and closed the meeting), if one did.
@@ -159,20 +156,17 @@ impl Meeting {
 
     /// Waits until half `other` has entered `round`, spinning, then yielding.
     fn wait_for(&self, other: usize, round: u64) -> Result<()> {
-        let start = Instant::now();
-        while self.rounds[other].load(Ordering::Acquire) < round {
+        spin_until(SPIN, || loop {
+            if self.rounds[other].load(Ordering::Acquire) >= round {
+                return Ok(true);
+            }
             self.check_open(other, round)?;
-            // Help the other half meanwhile (its pending chunks, on the pool both run on).
-            if rayon::yield_now() == Some(rayon::Yield::Executed) {
-                continue;
+            // Help the other half meanwhile (its pending chunks, on the pool both run on),
+            // looking again after each.
+            if rayon::yield_now() != Some(rayon::Yield::Executed) {
+                return Ok(false);
             }
-            if start.elapsed() < SPIN {
-                std::hint::spin_loop();
-            } else {
-                std::thread::yield_now();
-            }
-        }
-        Ok(())
+        })
     }
 
     fn hand_turn(&self, to: usize) {
@@ -227,6 +221,20 @@ impl Meeting {
             None => self.left[half].store(true, Ordering::Release),
         }
     }
+}
+
+/// Waits until `ready` says so, looking again at once for `spin`, then yielding the core between
+/// looks; an error from `ready` ends the wait with it.
+pub fn spin_until(spin: Duration, mut ready: impl FnMut() -> Result<bool>) -> Result<()> {
+    let start = Instant::now();
+    while !ready()? {
+        if start.elapsed() < spin {
+            std::hint::spin_loop();
+        } else {
+            std::thread::yield_now();
+        }
+    }
+    Ok(())
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {

@@ -59,14 +59,9 @@ fn awake_counting<R>(run: impl FnOnce(&AtomicUsize) -> R) -> R {
 /// (`kd_models::meeting::Meeting::attend`, `docs/speed.md`, seventeenth round). The workers are
 /// idle or polling when an epoch starts, so they take up their loops at once.
 fn wait_until_polling(polling: &AtomicUsize, others: usize) {
-    let start = Instant::now();
-    while polling.load(Ordering::Acquire) < others {
-        if start.elapsed() < SPIN {
-            std::hint::spin_loop();
-        } else {
-            std::thread::yield_now();
-        }
-    }
+    let all = || Ok(polling.load(Ordering::Acquire) >= others);
+    // `all` never fails.
+    let _ = kd_models::meeting::spin_until(SPIN, all);
 }
 
 /// Sets the flag when dropped, so that the workers stop polling even if `run` unwinds.
