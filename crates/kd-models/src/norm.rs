@@ -14,9 +14,12 @@ use crate::meeting::{attending, Meeting};
 use crate::timing::time;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor, Var, WithDType};
 use candle_nn::{Init, VarBuilder};
+use lanes::Lanes;
 use rayon::prelude::*;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+
+mod lanes;
 
 /// torchvision's GoogLeNet `BasicConv2d` uses ε = 0.001.
 const EPS: f64 = 1e-3;
@@ -171,8 +174,8 @@ fn lock(m: &Mutex<Vec<RowStats>>) -> Result<std::sync::MutexGuard<'_, Vec<RowSta
         .map_err(|_| candle_core::Error::Msg("batch-norm statistics lock poisoned".into()))
 }
 
-/// Partial sums per row: element `i` goes to partial sum `i % LANES` (independent sums over
-/// fixed-size arrays, which the compiler turns into vector compares, selects and adds).
+/// Partial sums per row: element `i` goes to partial sum `i % LANES` (independent sums, side by
+/// side in vector registers: [`lanes`]).
 const LANES: usize = 8;
 /// [`gradient_sums`] adds in `T`'s arithmetic over blocks of this many elements, and the blocks'
 /// sums in f64, in order. A fixed order: the bytes do not depend on the thread count.
@@ -182,17 +185,10 @@ const BLOCK: usize = 64;
 /// [`LANES`] partial sums, with `k` the row's first value (a shift that keeps
 /// `E[(x−k)²] − E[x−k]²` from cancelling when the mean is large against the spread).
 #[inline(always)]
-fn shifted_moments<T: WithDType>(row: &[T]) -> RowStats {
+fn shifted_moments<T: Lanes>(row: &[T]) -> RowStats {
     let k = row.first().map_or(0.0, |v| v.to_f64());
-    let (mut s, mut q) = ([0f64; LANES], [0f64; LANES]);
-    let (lanes, rest) = row.as_chunks::<LANES>();
-    for c in lanes {
-        for l in 0..LANES {
-            let d = c[l].to_f64() - k;
-            s[l] += d;
-            q[l] += d * d;
-        }
-    }
+    let (chunks, rest) = row.as_chunks::<LANES>();
+    let (s, q) = T::moment_lanes(chunks, k);
     let (mut s1, mut s2) = (s.iter().sum::<f64>(), q.iter().sum::<f64>());
     for v in rest {
         let d = v.to_f64() - k;
@@ -207,66 +203,69 @@ fn shifted_moments<T: WithDType>(row: &[T]) -> RowStats {
     }
 }
 
-/// `(Σ g, Σ g·(z − μ))` over a row, `g = dy·[y > 0]`.
+/// `(Σ g, Σ g·(z − μ))` over a row, `g = dy·[x > 0]` with `x` the forward's value before the
+/// ReLU ([`Affine`]).
 #[inline(always)]
-fn gradient_sums<T: WithDType>(z: &[T], y: &[T], dy: &[T], mean: f64) -> (f64, f64) {
-    let (zero, mean_t) = (T::from_f64(0.0), T::from_f64(mean));
-    let (mut sg, mut sgz) = (0f64, 0f64);
-    let (mut s, mut q) = ([zero; LANES], [zero; LANES]);
-    let flush = |s: &mut [T; LANES], q: &mut [T; LANES], sg: &mut f64, sgz: &mut f64| {
-        *sg += s.iter().map(|v| v.to_f64()).sum::<f64>();
-        *sgz += q.iter().map(|v| v.to_f64()).sum::<f64>();
-        (*s, *q) = ([zero; LANES], [zero; LANES]);
-    };
-    let ((zb, zr), (yb, yr), (db, dr)) = (
-        z.as_chunks::<LANES>(),
-        y.as_chunks::<LANES>(),
-        dy.as_chunks::<LANES>(),
-    );
-    for (i, ((z, y), d)) in zb.iter().zip(yb).zip(db).enumerate() {
-        for l in 0..LANES {
-            let g = std::hint::select_unpredictable(y[l] > zero, d[l], zero);
-            s[l] += g;
-            q[l] += g * (z[l] - mean_t);
-        }
-        if (i + 1) % (BLOCK / LANES) == 0 {
-            flush(&mut s, &mut q, &mut sg, &mut sgz);
-        }
+fn gradient_sums<T: Lanes>(z: &[T], dy: &[T], f: Affine<T>) -> (f64, f64) {
+    let zero = T::from_f64(0.0);
+    let ((zb, zr), (db, dr)) = (z.as_chunks::<LANES>(), dy.as_chunks::<LANES>());
+    let mut acc = T::gradient_lanes((zb, db), f);
+    for (l, (&z, &d)) in zr.iter().zip(dr).enumerate() {
+        let (x, centred) = f.apply(z);
+        let g = std::hint::select_unpredictable(x > zero, d, zero);
+        acc.s[l] += g;
+        acc.q[l] += g * centred;
     }
-    for (l, ((&z, &y), &d)) in zr.iter().zip(yr).zip(dr).enumerate() {
-        let g = std::hint::select_unpredictable(y > zero, d, zero);
-        s[l] += g;
-        q[l] += g * (z - mean_t);
-    }
-    flush(&mut s, &mut q, &mut sg, &mut sgz);
-    (sg, sgz)
+    acc.flush();
+    (acc.sg, acc.sgz)
 }
 
 /// `y = relu(γ·ẑ + β)` and each channel's statistics; one task per channel (its row is
 /// contiguous), statistics in one pass, the output in `T`'s arithmetic.
-fn forward_rows<T: WithDType>(
-    z: &[T],
-    g: &[T],
-    b: &[T],
-    n: usize,
-) -> Result<(Vec<T>, Vec<RowStats>)> {
+fn forward_rows<T: Lanes>(z: &[T], g: &[T], b: &[T], n: usize) -> Result<(Vec<T>, Vec<RowStats>)> {
     time("BatchNorm + ReLU (forward)", || {
         par_build(z.len(), n, |c, out| {
             let zr = &z[c * n..(c + 1) * n];
             let s = shifted_moments(zr);
-            (out.fill(normalized(zr, s, g[c], b[c])), s)
+            (out.fill(normalized(zr, Affine::new(s, g[c], b[c]))), s)
         })
     })
 }
 
+/// A channel's map before the ReLU, `x = (z − μ)·a + β` with `a = γ/√(σ² + ε)`, in `T`'s
+/// arithmetic. The forward's output is `relu(x)`; the backward recomputes `x > 0` from `z` with
+/// the same operations (so bit for bit the forward's test) instead of reading the output back:
+/// one stream of memory less in each of its two passes.
+#[derive(Debug, Clone, Copy)]
+struct Affine<T> {
+    mean: T,
+    a: T,
+    b: T,
+}
+
+impl<T: WithDType> Affine<T> {
+    fn new(s: RowStats, gamma: T, beta: T) -> Self {
+        Self {
+            mean: T::from_f64(s.mean),
+            a: T::from_f64(gamma.to_f64() * s.inv_std()),
+            b: beta,
+        }
+    }
+
+    /// `(x, z − μ)`.
+    #[inline(always)]
+    fn apply(&self, z: T) -> (T, T) {
+        let centred = z - self.mean;
+        (centred * self.a + self.b, centred)
+    }
+}
+
 /// `relu(γ·(z − μ)/√(σ² + ε) + β)` along a row, in `T`'s arithmetic.
 #[inline(always)]
-fn normalized<T: WithDType>(zr: &[T], s: RowStats, g: T, b: T) -> impl Iterator<Item = T> + '_ {
+fn normalized<T: WithDType>(zr: &[T], f: Affine<T>) -> impl Iterator<Item = T> + '_ {
     let zero = T::from_f64(0.0);
-    let a = T::from_f64(g.to_f64() * s.inv_std());
-    let mean = T::from_f64(s.mean);
     zr.iter().map(move |&v| {
-        let x = (v - mean) * a + b;
+        let (x, _) = f.apply(v);
         if x > zero {
             x
         } else {
@@ -278,7 +277,7 @@ fn normalized<T: WithDType>(zr: &[T], s: RowStats, g: T, b: T) -> impl Iterator<
 /// [`forward_rows`] for one half of a batch: each channel's count, mean and `Σ(x − mean)²`
 /// exchanged with the other half's, combined in the halves' order (Chan et al.'s pairwise
 /// update), and the rows normalised by the whole batch's statistics. Also the whole count.
-fn met_forward_rows<T: WithDType>(
+fn met_forward_rows<T: Lanes>(
     (z, g, b): (&[T], &[T], &[T]),
     n: usize,
     (meeting, half): (&Meeting, usize),
@@ -306,7 +305,10 @@ fn met_forward_rows<T: WithDType>(
             .collect();
         let (y, _) = par_build(z.len(), n, |c, out| {
             let zr = &z[c * n..(c + 1) * n];
-            (out.fill(normalized(zr, stats[c], g[c], b[c])), ())
+            (
+                out.fill(normalized(zr, Affine::new(stats[c], g[c], b[c]))),
+                (),
+            )
         })?;
         Ok((y, stats, total as usize))
     })
@@ -324,24 +326,25 @@ fn check_part(p0: &[f64], p1: &[f64], c: usize) -> Result<()> {
     Ok(())
 }
 
-/// `(dz, dγ, dβ)` from the saved statistics, the input, the output and the output's gradient:
-/// per channel the sums, then `dz = γ/(n·σ)·(n·g − Σg − ẑ·Σgẑ)` as `g·A + (z − μ)·B + C` in
-/// `T`'s arithmetic.
-fn backward_rows<T: WithDType>(
+/// What the backward reads: the input `z`, the output's gradient `dy`, γ and β (the ReLU's
+/// mask is recomputed from `z`, [`Affine`]).
+type BackwardRows<'a, T> = (&'a [T], &'a [T], &'a [T], &'a [T]);
+
+/// `(dz, dγ, dβ)` from the saved statistics, the input and the output's gradient: per channel
+/// the sums, then `dz = γ/(n·σ)·(n·g − Σg − ẑ·Σgẑ)` as `g·A + (z − μ)·B + C` in `T`'s
+/// arithmetic.
+fn backward_rows<T: Lanes>(
     stats: &[RowStats],
-    z: &[T],
-    y: &[T],
-    dy: &[T],
-    gamma: &[T],
+    (z, dy, gamma, beta): BackwardRows<'_, T>,
     n: usize,
 ) -> Result<(Vec<T>, Vec<T>, Vec<T>)> {
     time("BatchNorm + ReLU (backward)", || {
         let (dz, sums) = par_build(z.len(), n, |c, out| {
             let row = c * n..(c + 1) * n;
-            let (zr, yr, dyr) = (&z[row.clone()], &y[row.clone()], &dy[row]);
-            let s = stats[c];
-            let sums = gradient_sums(zr, yr, dyr, s.mean);
-            let dzr = dz_row((zr, yr, dyr), s, gamma[c], n as f64, sums);
+            let (zr, dyr) = (&z[row.clone()], &dy[row]);
+            let (s, f) = (stats[c], Affine::new(stats[c], gamma[c], beta[c]));
+            let sums = gradient_sums(zr, dyr, f);
+            let dzr = dz_row((zr, dyr), (s, f), gamma[c], n as f64, sums);
             let sum_gx = sums.1 * s.inv_std();
             (out.fill(dzr), (T::from_f64(sum_gx), T::from_f64(sums.0)))
         })?;
@@ -351,11 +354,12 @@ fn backward_rows<T: WithDType>(
 }
 
 /// A row's `dz = γ/(n·σ)·(n·g − Σg − ẑ·Σgẑ)` as `g·A + (z − μ)·B + C` in `T`'s arithmetic,
-/// from the statistics, γ, the count `n` and `(Σg, Σg·(z − μ))` over the batch.
+/// from the statistics and the forward's map, γ, the count `n` and `(Σg, Σg·(z − μ))` over the
+/// batch.
 #[inline(always)]
 fn dz_row<'a, T: WithDType>(
-    (zr, yr, dyr): (&'a [T], &'a [T], &'a [T]),
-    s: RowStats,
+    (zr, dyr): (&'a [T], &'a [T]),
+    (s, f): (RowStats, Affine<T>),
     gamma: T,
     n: f64,
     (sum_g, sum_gz): (f64, f64),
@@ -367,30 +371,32 @@ fn dz_row<'a, T: WithDType>(
     let a = T::from_f64(k * n);
     let b = T::from_f64(-k * inv_std * sum_gx);
     let cc = T::from_f64(-k * sum_g);
-    let mean = T::from_f64(s.mean);
-    zr.iter().zip(yr).zip(dyr).map(move |((&zv, &yv), &dv)| {
-        let g = std::hint::select_unpredictable(yv > zero, dv, zero);
-        g * a + (zv - mean) * b + cc
+    zr.iter().zip(dyr).map(move |(&zv, &dv)| {
+        let (x, centred) = f.apply(zv);
+        let g = std::hint::select_unpredictable(x > zero, dv, zero);
+        g * a + centred * b + cc
     })
 }
 
 /// [`backward_rows`] for one half of a batch: each channel's `Σg` and `Σg·(z − μ)` exchanged
 /// with the other half's and added in the halves' order, `dz` from the whole batch's sums and
 /// count; `dγ` and `dβ` are this half's own sums (the halves' gradients are added afterwards).
-fn met_backward_rows<T: WithDType>(
+fn met_backward_rows<T: Lanes>(
     stats: &[RowStats],
-    (z, y, dy, gamma): (&[T], &[T], &[T], &[T]),
+    (z, dy, gamma, beta): BackwardRows<'_, T>,
     n: usize,
     (meeting, half): (&Meeting, usize),
 ) -> Result<(Vec<T>, Vec<T>, Vec<T>)> {
     time("BatchNorm + ReLU (backward)", || {
         let c = gamma.len();
+        let maps: Vec<Affine<T>> = (0..c)
+            .map(|ch| Affine::new(stats[ch], gamma[ch], beta[ch]))
+            .collect();
         let own: Vec<(f64, f64)> = (0..c)
             .into_par_iter()
             .map(|ch| {
                 let row = ch * n..(ch + 1) * n;
-                let (zr, yr, dyr) = (&z[row.clone()], &y[row.clone()], &dy[row]);
-                gradient_sums(zr, yr, dyr, stats[ch].mean)
+                gradient_sums(&z[row.clone()], &dy[row], maps[ch])
             })
             .collect();
         let mut part = vec![n as f64];
@@ -400,15 +406,13 @@ fn met_backward_rows<T: WithDType>(
         let total = p0[0] + p1[0];
         let (dz, _) = par_build(z.len(), n, |ch, out| {
             let row = ch * n..(ch + 1) * n;
-            let (zr, yr, dyr) = (&z[row.clone()], &y[row.clone()], &dy[row]);
             let sums = (
                 p0[1 + 2 * ch] + p1[1 + 2 * ch],
                 p0[2 + 2 * ch] + p1[2 + 2 * ch],
             );
-            (
-                out.fill(dz_row((zr, yr, dyr), stats[ch], gamma[ch], total, sums)),
-                (),
-            )
+            let rows = (&z[row.clone()], &dy[row]);
+            let dzr = dz_row(rows, (stats[ch], maps[ch]), gamma[ch], total, sums);
+            (out.fill(dzr), ())
         })?;
         let dgamma = (0..c)
             .map(|ch| T::from_f64(own[ch].1 * stats[ch].inv_std()))
@@ -474,15 +478,15 @@ impl CustomOp3 for BnReluOp {
         &self,
         z: &Tensor,
         gamma: &Tensor,
-        _beta: &Tensor,
-        res: &Tensor,
+        beta: &Tensor,
+        _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (c, n) = crate::conv::rows(z.shape())?;
         let stats = lock(&self.stats)?.clone();
         let grad = grad.contiguous()?;
         let (zs, zl) = z.storage_and_layout();
-        let (ys, yl) = res.storage_and_layout();
+        let (bs, bl) = beta.storage_and_layout();
         let (gs, gl) = grad.storage_and_layout();
         let (ws, wl) = gamma.storage_and_layout();
         fn cpu(s: &Storage) -> Result<&CpuStorage> {
@@ -491,17 +495,17 @@ impl CustomOp3 for BnReluOp {
                 _ => candle_core::bail!("batch-norm backward runs on the CPU"),
             }
         }
-        let (zc, yc, gc, wc) = (cpu(&zs)?, cpu(&ys)?, cpu(&gs)?, cpu(&ws)?);
+        let (zc, gc, wc, bc) = (cpu(&zs)?, cpu(&gs)?, cpu(&ws)?, cpu(&bs)?);
         macro_rules! run {
             ($t:ty) => {{
                 let rows = (
                     contiguous::<$t>(zc, zl)?,
-                    contiguous::<$t>(yc, yl)?,
                     contiguous::<$t>(gc, gl)?,
                     contiguous::<$t>(wc, wl)?,
+                    contiguous::<$t>(bc, bl)?,
                 );
                 let (dz, dg, db) = match &self.meeting {
-                    None => backward_rows(&stats, rows.0, rows.1, rows.2, rows.3, n)?,
+                    None => backward_rows(&stats, rows, n)?,
                     Some((m, half)) => met_backward_rows(&stats, rows, n, (m, *half))?,
                 };
                 let d = z.device();
