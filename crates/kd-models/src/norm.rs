@@ -9,7 +9,7 @@
 //! running statistics and folds them into a per-channel scale and shift.
 
 use crate::conv::BiasRelu;
-use crate::cpu::{contiguous, par_build};
+use crate::cpu::{contiguous, par_build, wide};
 use crate::meeting::{attending, Meeting};
 use crate::timing::time;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor, Var, WithDType};
@@ -227,7 +227,10 @@ fn forward_rows<T: Lanes>(z: &[T], g: &[T], b: &[T], n: usize) -> Result<(Vec<T>
         par_build(z.len(), n, |c, out| {
             let zr = &z[c * n..(c + 1) * n];
             let s = shifted_moments(zr);
-            (out.fill(normalized(zr, Affine::new(s, g[c], b[c]))), s)
+            (
+                wide!(|| out.fill(normalized(zr, Affine::new(s, g[c], b[c])))),
+                s,
+            )
         })
     })
 }
@@ -306,7 +309,7 @@ fn met_forward_rows<T: Lanes>(
         let (y, _) = par_build(z.len(), n, |c, out| {
             let zr = &z[c * n..(c + 1) * n];
             (
-                out.fill(normalized(zr, Affine::new(stats[c], g[c], b[c]))),
+                wide!(|| out.fill(normalized(zr, Affine::new(stats[c], g[c], b[c])))),
                 (),
             )
         })?;
@@ -346,7 +349,10 @@ fn backward_rows<T: Lanes>(
             let sums = gradient_sums(zr, dyr, f);
             let dzr = dz_row((zr, dyr), (s, f), gamma[c], n as f64, sums);
             let sum_gx = sums.1 * s.inv_std();
-            (out.fill(dzr), (T::from_f64(sum_gx), T::from_f64(sums.0)))
+            (
+                wide!(|| out.fill(dzr)),
+                (T::from_f64(sum_gx), T::from_f64(sums.0)),
+            )
         })?;
         let (dgamma, dbeta) = sums.into_iter().unzip();
         Ok((dz, dgamma, dbeta))
@@ -412,7 +418,7 @@ fn met_backward_rows<T: Lanes>(
             );
             let rows = (&z[row.clone()], &dy[row]);
             let dzr = dz_row(rows, (stats[ch], maps[ch]), gamma[ch], total, sums);
-            (out.fill(dzr), ())
+            (wide!(|| out.fill(dzr)), ())
         })?;
         let dgamma = (0..c)
             .map(|ch| T::from_f64(own[ch].1 * stats[ch].inv_std()))
