@@ -19,6 +19,7 @@ pub fn pipeline_args(root: &Path) -> kd_train::PipelineArgs {
         force: false,
         resume: false,
         skip_bad_images: false,
+        device: None,
     }
 }
 

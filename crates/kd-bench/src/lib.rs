@@ -415,7 +415,7 @@ fn optimiser(model: &Trainable, lr: f64) -> anyhow::Result<Adam> {
         .iter()
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
-    Ok(Adam::new(vars, AdamParams::new(lr, 0.0)))
+    Ok(Adam::new(vars, AdamParams::new(lr, 0.0))?)
 }
 
 /// The teacher the other measurements distil from: the pipeline's checkpoint if it exists,

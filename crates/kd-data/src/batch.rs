@@ -248,6 +248,24 @@ impl Batch {
             len,
         })
     }
+
+    /// The batch on `device` (itself when it is there already).
+    pub fn to_device(&self, device: &Device) -> candle_core::Result<Batch> {
+        if self.images.device().same_device(device) {
+            return Ok(self.clone());
+        }
+        Ok(Batch {
+            images: self.images.to_device(device)?,
+            labels: self.labels.to_device(device)?,
+            rows: self.rows.to_device(device)?,
+            views: self
+                .views
+                .as_ref()
+                .map(|v| v.to_device(device))
+                .transpose()?,
+            len: self.len,
+        })
+    }
 }
 
 /// Mini-batches over a subset of rows of one image tensor, in order or shuffled per epoch.

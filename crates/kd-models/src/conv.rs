@@ -168,6 +168,12 @@ impl Conv {
     /// ([`ConvBiasRelu`]), applied to each chunk of images while it is in cache; the sum before
     /// the ReLU is never a tensor of the graph.
     pub fn forward_relu(&self, xs: &Tensor) -> Result<Tensor> {
+        if crate::portable::active(xs) {
+            return match &self.bias {
+                Some(b) => crate::portable::bias_relu(&self.matmul(xs)?, b),
+                None => crate::portable::relu(&self.matmul(xs)?),
+            };
+        }
         match &self.bias {
             Some(b) => {
                 self.count_macs(xs)?;
@@ -181,6 +187,9 @@ impl Conv {
     /// `W · im2col(x)` as `[c_out, batch, oh, ow]`: one node of the autograd graph ([`ConvOp`]).
     pub(crate) fn matmul(&self, xs: &Tensor) -> Result<Tensor> {
         self.count_macs(xs)?;
+        if crate::portable::active(xs) {
+            return crate::portable::conv(xs, &self.weight, self.geometry);
+        }
         xs.contiguous()?
             .apply_op2(&self.weight, ConvOp(self.geometry))
     }
@@ -1321,5 +1330,79 @@ pub(crate) mod tests {
         let alone = Tensor::cat(&alone, 1).unwrap();
         assert_eq!(whole.dims(), alone.dims());
         assert_eq!(bits(&whole), bits(&alone));
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod portable_tests {
+    use super::*;
+    use candle_core::{DType, Device, Var};
+
+    /// `(output, gradient of each input)` of `f` on Vars made of `inputs`, under the loss
+    /// `Σ y · sin(0.37 k + 0.1)`.
+    pub(crate) fn with_grads(
+        f: impl Fn(&[Tensor]) -> Tensor,
+        inputs: &[(Vec<f32>, Vec<usize>)],
+    ) -> Vec<Vec<f32>> {
+        let vars: Vec<Var> = inputs
+            .iter()
+            .map(|(v, s)| Var::from_vec(v.clone(), s.as_slice(), &Device::Cpu).unwrap())
+            .collect();
+        let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let y = f(&ts);
+        let n = y.elem_count() as u32;
+        let k = Tensor::arange(0u32, n, &Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
+        let lw = k
+            .affine(0.37, 0.1)
+            .unwrap()
+            .sin()
+            .unwrap()
+            .reshape(y.shape())
+            .unwrap();
+        let g = (&y * lw).unwrap().sum_all().unwrap().backward().unwrap();
+        let v = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let mut out = vec![v(&y)];
+        out.extend(ts.iter().map(|t| v(g.get(t).unwrap())));
+        out
+    }
+
+    /// The GPU's convolution (our im2col, candle's product and its backward, our col2im) gives
+    /// the fused CPU op's output and gradients to the bit, for the geometries the networks use.
+    #[test]
+    fn the_portable_convolution_has_the_fused_ops_bits() {
+        for (k, s, p, h) in [
+            (1, 1, 0, 7),
+            (3, 1, 1, 7),
+            (5, 1, 2, 7),
+            (3, 1, 1, 14),
+            (5, 1, 2, 4),
+            (7, 2, 3, 16),
+            (3, 2, 1, 9),
+        ] {
+            let (c, b, co) = (8, 6, 32);
+            let x: Vec<f32> = (0..c * b * h * h)
+                .map(|i| ((i as f32) * 0.913).sin())
+                .collect();
+            let w: Vec<f32> = (0..co * c * k * k)
+                .map(|i| ((i as f32) * 0.531).cos())
+                .collect();
+            let geo = Im2Col {
+                kernel: k,
+                stride: s,
+                padding: p,
+            };
+            let inputs = [(x, vec![c, b, h, h]), (w, vec![co, c, k, k])];
+            let fused = with_grads(|t| t[0].apply_op2(&t[1], ConvOp(geo)).unwrap(), &inputs);
+            let port = with_grads(
+                |t| crate::portable::conv(&t[0], &t[1], geo).unwrap(),
+                &inputs,
+            );
+            for (what, (a, b)) in ["output", "dx", "dW"].iter().zip(fused.iter().zip(&port)) {
+                assert!(a == b, "{k}x{k}/s{s} pad {p} at {h}px: {what} differs");
+            }
+        }
     }
 }

@@ -13,7 +13,7 @@ use crate::init::{Dropout, DropoutRng};
 use crate::layers::{linear, BasicConv, Dense, InitScheme};
 use crate::pool::Pool2d;
 use crate::{Classifier, InputSpec};
-use candle_core::{Result, Tensor};
+use candle_core::{Device, Result, Tensor};
 use candle_nn::VarBuilder;
 
 /// Channels of one inception block: `(c1, c3_reduce, c3, c5_reduce, c5, pool_proj)`.
@@ -247,6 +247,7 @@ pub struct GoogLeNet {
     aux2: AuxHead,
     dropout: Dropout,
     fc: Dense,
+    device: Device,
 }
 
 const BLOCK_NAMES: [&str; 9] = [
@@ -292,6 +293,7 @@ impl GoogLeNet {
         let aux1_in = out_channels(&cfg.blocks[2]);
         let aux2_in = out_channels(&cfg.blocks[5]);
         Ok(Self {
+            device: vb.device().clone(),
             stem,
             imagenet_stem: cfg.imagenet_stem,
             blocks,
@@ -310,6 +312,10 @@ impl GoogLeNet {
 impl Classifier for GoogLeNet {
     fn heads(&self) -> &'static [&'static str] {
         Self::HEADS
+    }
+
+    fn device(&self) -> &Device {
+        &self.device
     }
 
     fn trains_in_halves(&self) -> bool {

@@ -342,6 +342,17 @@ impl CustomOp1 for Im2Col {
         Ok((out, shape))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let frame = self.on(l.shape().dims4()?)?;
+        let shape = Shape::from((frame.depth(), frame.b * frame.pixels()));
+        Ok((crate::gpu::im2col(&frame, s, l)?, shape))
+    }
+
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let frame = self.on(arg.dims4()?)?;
         Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&frame)?))
@@ -357,6 +368,16 @@ impl CustomOp1 for Frame {
         let shape = Shape::from((self.c, self.b, self.h, self.w));
         let out = float_storage!(s, "col2im", T => self.scatter_all(contiguous::<T>(s, l)?));
         Ok((out, shape))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let shape = Shape::from((self.c, self.b, self.h, self.w));
+        Ok((crate::gpu::col2im(self, s, l)?, shape))
     }
 }
 

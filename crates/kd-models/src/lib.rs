@@ -8,10 +8,15 @@
 //! | `student-cnn` | the seed's student adapted to 28×28 | 20,490 (10 classes) |
 //! | `student-seed` | the seed's `Studentmodel` at 224×224 | 41,029 (5 classes) |
 
+pub mod adam;
 pub mod conv;
 mod cpu;
+pub mod device;
 mod gemm;
 pub mod googlenet;
+#[cfg(feature = "cuda")]
+#[allow(unsafe_code)] // kernel launches and `DeviceRepr` for their arguments; each has its SAFETY
+mod gpu;
 pub mod graph;
 mod im2col;
 pub mod init;
@@ -20,6 +25,7 @@ pub mod macs;
 pub mod meeting;
 pub mod norm;
 pub mod pool;
+pub mod portable;
 pub mod student;
 pub mod timing;
 
@@ -46,6 +52,8 @@ pub trait Classifier: Send + Sync {
     /// The eval-mode computation as a graph of standard operators, input `input` (NCHW), one
     /// output per head, named as [`Classifier::heads`].
     fn inference_graph(&self, input: &str) -> candle_core::Result<graph::InferenceGraph>;
+    /// Where the weights are: inputs go there before [`Classifier::forward_t`].
+    fn device(&self) -> &Device;
 }
 
 /// The input a model is built for.

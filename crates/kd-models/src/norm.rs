@@ -57,9 +57,11 @@ impl BatchNormRelu {
     pub fn forward_t(&self, z: &Tensor, train: bool) -> Result<Tensor> {
         if !train {
             let (scale, shift) = self.scale_shift()?;
-            return z
-                .broadcast_mul(&crate::conv::per_channel(&scale, z.rank())?)?
-                .apply_op2_no_bwd(&shift, &BiasRelu);
+            let scaled = z.broadcast_mul(&crate::conv::per_channel(&scale, z.rank())?)?;
+            if crate::portable::active(z) {
+                return crate::portable::bias_relu(&scaled, &shift);
+            }
+            return scaled.apply_op2_no_bwd(&shift, &BiasRelu);
         }
         Self::forward_stacked(&[self], z)
     }
@@ -75,6 +77,17 @@ impl BatchNormRelu {
                 _ => Tensor::cat(&norms.iter().map(|b| pick(b)).collect::<Vec<_>>(), 0),
             }
         };
+        if crate::portable::active(z) {
+            let (y, mean, var) =
+                crate::portable::batch_norm_relu(z, &cat(|b| &b.weight)?, &cat(|b| &b.bias)?, EPS)?;
+            let mut at = 0;
+            for norm in norms {
+                let c = norm.running_mean.elem_count();
+                norm.move_running_to(&mean.narrow(0, at, c)?, &var.narrow(0, at, c)?, n)?;
+                at += c;
+            }
+            return Ok(y);
+        }
         // Trained in two halves at once (`kd_train::halves`): the whole batch's statistics, and
         // one half (the first) moves the running statistics.
         let meeting = attending();
@@ -124,10 +137,26 @@ impl BatchNormRelu {
         let var: Vec<f32> = stats.iter().map(|s| (s.var * unbiased) as f32).collect();
         for (running, batch) in [(&self.running_mean, mean), (&self.running_var, var)] {
             let batch = Tensor::from_vec(batch, stats.len(), device)?;
-            let next = ((running * (1.0 - MOMENTUM))? + (batch * MOMENTUM)?)?;
-            Var::from_tensor(running)?.set(&next)?;
+            Self::move_towards(running, &batch)?;
         }
         Ok(())
+    }
+
+    /// [`Self::move_running`] from statistics on the device (the GPU's path): the batch's mean
+    /// and biased variance `[c]`, `n` values per channel.
+    fn move_running_to(&self, mean: &Tensor, var: &Tensor, n: usize) -> Result<()> {
+        if !self.running_mean.is_variable() {
+            return Ok(());
+        }
+        let unbiased = n as f64 / (n.max(2) - 1) as f64;
+        Self::move_towards(&self.running_mean, mean)?;
+        Self::move_towards(&self.running_var, &(var * unbiased)?)
+    }
+
+    /// `running ← (1 − momentum)·running + momentum·batch`.
+    fn move_towards(running: &Tensor, batch: &Tensor) -> Result<()> {
+        let next = ((running * (1.0 - MOMENTUM))? + (batch * MOMENTUM)?)?;
+        Var::from_tensor(running)?.set(&next)
     }
 }
 
@@ -137,6 +166,13 @@ impl BatchNormRelu {
         let scale = (&self.weight / (&self.running_var + EPS)?.sqrt()?)?;
         let shift = (&self.bias - (&self.running_mean * &scale)?)?;
         Ok((scale, shift))
+    }
+
+    /// The running mean and variance, one after the other.
+    #[cfg(test)]
+    fn running_stats_for_test(&self) -> Vec<f32> {
+        let v = |t: &Tensor| t.to_vec1::<f32>().unwrap_or_default();
+        [v(&self.running_mean), v(&self.running_var)].concat()
     }
 
     /// Built from plain tensors (a loaded checkpoint), not variables being trained.
@@ -718,5 +754,51 @@ mod tests {
         let y2 = bn2.forward_t(&z, true).unwrap().to_vec2::<f32>().unwrap();
         assert_eq!(y2, y0);
         assert_eq!(bn2.running_mean.to_vec1::<f32>().unwrap(), rm);
+    }
+}
+
+#[cfg(test)]
+mod portable_tests {
+    use crate::conv::portable_tests::with_grads;
+    use candle_core::{DType, Device};
+
+    /// BatchNorm + ReLU in training mode as the GPU runs it (candle's reductions and autograd)
+    /// against the fused CPU op: output and input gradient within f32 rounding (the fused op
+    /// sums in f64), for channel lengths from a 1×1 plane of 6 images to 7×7 planes.
+    #[test]
+    fn the_portable_batch_norm_matches_the_fused_op() {
+        for (c, n, phase) in [
+            (32, 294, 0.1f32),
+            (8, 294, 0.7),
+            (32, 6, 0.2),
+            (16, 96, 0.9),
+        ] {
+            let run = |portable: bool| {
+                let vm = candle_nn::VarMap::new();
+                let vb = candle_nn::VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+                let bn = crate::norm::BatchNormRelu::new(c, vb).unwrap();
+                let z: Vec<f32> = (0..c * n)
+                    .map(|i| ((i as f32) * 0.913 + phase).sin() * 2.0 + 0.3)
+                    .collect();
+                let f = |t: &[candle_core::Tensor]| bn.forward_t(&t[0], true).unwrap();
+                let out = if portable {
+                    crate::portable::forced(|| with_grads(f, &[(z.clone(), vec![c, n])]))
+                } else {
+                    with_grads(f, &[(z.clone(), vec![c, n])])
+                };
+                let running = bn.running_stats_for_test();
+                (out, running)
+            };
+            let ((fused, rf), (port, rp)) = (run(false), run(true));
+            let d = |a: &[f32], b: &[f32]| {
+                a.iter()
+                    .zip(b)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max)
+            };
+            assert!(d(&fused[0], &port[0]) < 2e-6, "c{c} n{n}: output");
+            assert!(d(&fused[1], &port[1]) < 2e-6, "c{c} n{n}: dz");
+            assert!(d(&rf, &rp) < 2e-6, "c{c} n{n}: running statistics");
+        }
     }
 }

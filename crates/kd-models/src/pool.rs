@@ -89,7 +89,7 @@ impl Pool2d {
 
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let xs = xs.contiguous()?;
-        if xs.track_op() {
+        if xs.track_op() && !crate::portable::active(&xs) {
             let (_, _, h, w) = xs.dims4()?;
             if let Some(op) = MaxTraining::of(*self, (h, w)) {
                 return xs.apply_op1(op);
@@ -372,6 +372,21 @@ struct Geometry {
     ow: usize,
 }
 
+#[cfg(feature = "cuda")]
+impl Geometry {
+    /// The kernels' view: every plane of an input `[b, c, h, w]`.
+    fn planes(&self, input: &Layout) -> Result<crate::gpu::Planes> {
+        let (b, c, _, _) = input.shape().dims4()?;
+        Ok(crate::gpu::Planes {
+            planes: b * c,
+            h: self.h,
+            w: self.w,
+            oh: self.oh,
+            ow: self.ow,
+        })
+    }
+}
+
 impl CustomOp1 for Pool2d {
     fn name(&self) -> &'static str {
         "kd-pool2d"
@@ -388,6 +403,17 @@ impl CustomOp1 for Pool2d {
             }
             _ => candle_core::bail!("pool2d supports f32 and f64, not {:?}", storage.dtype()),
         };
+        Ok((out, shape))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (shape, g) = self.geometry(layout)?;
+        let out = crate::gpu::pool_forward(self, g.planes(layout)?, storage, layout)?;
         Ok((out, shape))
     }
 
@@ -542,6 +568,28 @@ impl CustomOp3 for PoolBackward {
             _ => candle_core::bail!("pool2d backward supports f32 and f64, not {:?}", s1.dtype()),
         };
         Ok((out, l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (out_shape, g) = self.0.geometry(l1)?;
+        if l2.shape() != &out_shape || l3.shape() != &out_shape {
+            candle_core::bail!(
+                "pool2d backward: output {:?}, expected {out_shape:?}",
+                l2.shape()
+            );
+        }
+        let inputs = [(s1, l1), (s2, l2), (s3, l3)];
+        let dx = crate::gpu::pool_backward(&self.0, g.planes(l1)?, inputs)?;
+        Ok((dx, l1.shape().clone()))
     }
 }
 

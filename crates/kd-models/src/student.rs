@@ -8,7 +8,7 @@ use crate::init::{Dropout, DropoutRng};
 use crate::layers::{linear, Dense, InitScheme};
 use crate::pool::Pool2d;
 use crate::{Classifier, InputSpec};
-use candle_core::{Result, Tensor};
+use candle_core::{Device, Result, Tensor};
 use candle_nn::VarBuilder;
 
 /// One conv stage: `(out_channels, kernel, stride, padding)`, then ReLU and `pool`.
@@ -40,6 +40,7 @@ pub struct StudentCnn {
     pool: Pool2d,
     dropout: Dropout,
     fc: Dense,
+    device: Device,
 }
 
 fn conv_out(len: usize, k: usize, s: usize, p: usize) -> Result<usize> {
@@ -73,6 +74,7 @@ impl StudentCnn {
             cin = cout;
         }
         Ok(Self {
+            device: vb.device().clone(),
             convs,
             pool: cfg.pool,
             dropout: Dropout::new(0.4, rng),
@@ -88,6 +90,10 @@ impl StudentCnn {
 impl Classifier for StudentCnn {
     fn heads(&self) -> &'static [&'static str] {
         Self::HEADS
+    }
+
+    fn device(&self) -> &Device {
+        &self.device
     }
 
     fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Vec<Tensor>> {

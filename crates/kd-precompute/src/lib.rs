@@ -7,7 +7,6 @@
 //! `kd-precompute merge` checks them and writes the same knowledge file, byte for byte.
 
 use anyhow::Context as _;
-use candle_core::Device;
 use kd_knowledge::shard::{Shard, ShardMeta, ShardSpec, SHARD_FORMAT_VERSION};
 use kd_knowledge::{
     DatasetRef, KnowledgeFile, LogitDtype, LogitStorage, Metadata, RowData, TeacherRef, Transform,
@@ -255,7 +254,7 @@ impl Job {
     fn infer(&self, rows: &[u32], label: &str) -> anyhow::Result<(Vec<Vec<f32>>, f64)> {
         let arch = &self.meta.teacher.architecture;
         let teacher =
-            kd_models::load_frozen(arch, &self.data.spec, &self.checkpoint, &Device::Cpu)?;
+            kd_models::load_frozen(arch, &self.data.spec, &self.checkpoint, &self.data.device)?;
         anyhow::ensure!(
             teacher
                 .heads()
@@ -327,7 +326,7 @@ impl Job {
     fn run_views(&self, v: &ViewsMeta, started: Instant) -> anyhow::Result<Manifest> {
         let arch = &self.meta.teacher.architecture;
         let teacher =
-            kd_models::load_frozen(arch, &self.data.spec, &self.checkpoint, &Device::Cpu)?;
+            kd_models::load_frozen(arch, &self.data.spec, &self.checkpoint, &self.data.device)?;
         let d = &self.data;
         let (n, k, c) = (d.all_rows.len(), v.count, self.meta.dataset.classes);
         tracing::info!(

@@ -10,7 +10,6 @@ pub mod svg;
 pub mod sweep;
 
 use anyhow::Context;
-use candle_core::Device;
 use kd_train::manifest::stage_key;
 use kd_train::stage::layout::{
     CHECKPOINT, EXPORT, KNOWLEDGE, REPORT, STUDENT_BASELINE, STUDENT_KD, TEACHER,
@@ -266,7 +265,7 @@ fn measure(
         let record = run.train.as_ref().context("a training stage")?;
         let arch = &record.architecture;
         let checkpoint = pipeline.dir(stage).join(CHECKPOINT);
-        let model = kd_models::load_frozen(arch, &data.spec, &checkpoint, &Device::Cpu)?;
+        let model = kd_models::load_frozen(arch, &data.spec, &checkpoint, &data.device)?;
         // One warm-up batch, then the whole test set at the measured batch size.
         let warm = &data.test_rows[..data.test_rows.len().min(batch)];
         evaluate(

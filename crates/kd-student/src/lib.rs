@@ -2,7 +2,7 @@
 //! targets (Hinton KD with a temperature), never loading the teacher. `--baseline` trains the same
 //! student with the same schedule and seed on the labels alone, as the control.
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use kd_knowledge::targets::{SoftTargets, ViewChoice};
 use kd_knowledge::DatasetRef;
 use kd_train::config::{StudentConfig, ViewTargets};
@@ -201,6 +201,8 @@ fn describe(path: &Path, t: &SoftTargets, heads: &[String], w: &KdWeights, cfg: 
 /// mask when only some rows carry a label.
 struct KdBatchLoss<'a> {
     targets: &'a SoftTargets,
+    /// The teacher's logits per head, on the device the student trains on (uploaded once).
+    heads: Vec<Tensor>,
     weights: KdWeights,
     /// 1 where a row of the training file carries a label (f32), when not all do.
     labelled: Option<Tensor>,
@@ -215,10 +217,16 @@ impl<'a> KdBatchLoss<'a> {
         let labelled = data
             .label_mask
             .as_ref()
-            .map(|m| Tensor::from_vec(m.iter().map(|&x| x as f32).collect(), m.len(), &Device::Cpu))
+            .map(|m| Tensor::from_vec(m.iter().map(|&x| x as f32).collect(), m.len(), &data.device))
             .transpose()?;
+        let heads = targets
+            .heads
+            .iter()
+            .map(|h| h.to_device(&data.device))
+            .collect::<candle_core::Result<_>>()?;
         Ok(Self {
             targets,
+            heads,
             weights,
             labelled,
         })
@@ -231,7 +239,6 @@ impl<'a> KdBatchLoss<'a> {
             at = (at + v)?;
         }
         let teacher: Vec<Tensor> = self
-            .targets
             .heads
             .iter()
             .map(|h| h.index_select(&at, 0))

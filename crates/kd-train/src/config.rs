@@ -19,6 +19,10 @@ pub enum ConfigError {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PipelineConfig {
+    /// Where every stage computes (`--device` overrides it): `cpu`, `cuda`, `cuda:N` or `auto`
+    /// (the GPU when the binary has CUDA and one answers). Not part of any stage's freshness key.
+    #[serde(default)]
+    pub device: crate::device::DeviceChoice,
     pub data: DataConfig,
     pub teacher: TeacherConfig,
     #[serde(default)]

@@ -50,7 +50,9 @@ impl Forward {
         batch: &Batch,
         loss_fn: &mut impl FnMut(&Batch, &[Tensor]) -> Result<Tensor>,
     ) -> Result<Self> {
-        if !model.model.trains_in_halves() || batch.len < 2 {
+        // On a GPU one batch is what fills it: no halves.
+        let gpu = !model.model.device().is_cpu();
+        if !model.model.trains_in_halves() || batch.len < 2 || gpu {
             let heads = model.model.forward_t(&batch.images, true)?;
             let loss = loss_fn(batch, &heads)?;
             return Ok(Self {
@@ -217,6 +219,11 @@ mod tests {
     struct Affine(Tensor);
 
     impl Classifier for Affine {
+        fn device(&self) -> &Device {
+            static CPU: Device = Device::Cpu;
+            &CPU
+        }
+
         fn heads(&self) -> &'static [&'static str] {
             &["main"]
         }
@@ -357,6 +364,11 @@ mod tests {
     }
 
     impl Classifier for Normed {
+        fn device(&self) -> &Device {
+            static CPU: Device = Device::Cpu;
+            &CPU
+        }
+
         fn heads(&self) -> &'static [&'static str] {
             &["main"]
         }

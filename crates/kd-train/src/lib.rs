@@ -4,6 +4,7 @@
 pub mod awake;
 pub mod cli;
 pub mod config;
+pub mod device;
 pub mod experiment;
 pub mod halves;
 pub mod interrupt;

@@ -25,6 +25,9 @@ pub struct Manifest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub run: Option<crate::RunRecord>,
     pub threads: usize,
+    /// Where it computed: `cpu`, or the GPU by model and driver ([`crate::device`]).
+    #[serde(default = "crate::device::cpu")]
+    pub device: String,
     pub version: String,
     pub wall_seconds: f64,
     /// Stage-specific numbers: per-epoch metrics, accuracies, throughput.
@@ -57,6 +60,7 @@ impl Manifest {
             seed: None,
             run: None,
             threads: candle_core::utils::get_num_threads(),
+            device: crate::device::opened(),
             version: env!("CARGO_PKG_VERSION").to_string(),
             wall_seconds: 0.0,
             metrics: serde_json::Value::Null,

@@ -33,10 +33,47 @@ impl AdamParams {
 
 pub struct Adam {
     vars: Vec<(String, Var)>,
-    m: Vec<Vec<f32>>,
-    v: Vec<Vec<f32>>,
+    moments: Vec<Moments>,
     step: u64,
     pub params: AdamParams,
+}
+
+/// One variable's moments where its values are: plain vectors for a variable on the CPU, one
+/// tensor `[m; v]` on its GPU for a variable there (updated in place, no host round trip).
+enum Moments {
+    Host(Vec<f32>, Vec<f32>),
+    Device(Tensor),
+}
+
+impl Moments {
+    /// Zero moments beside `var`.
+    fn zeros(var: &Var) -> Result<Self> {
+        let n = var.elem_count();
+        Ok(match var.device() {
+            candle_core::Device::Cpu => Self::Host(vec![0.0; n], vec![0.0; n]),
+            device => Self::Device(Tensor::zeros(2 * n, candle_core::DType::F32, device)?),
+        })
+    }
+
+    /// Saved moments beside `var`.
+    fn from_saved(var: &Var, m: &[f32], v: &[f32]) -> Result<Self> {
+        Ok(match var.device() {
+            candle_core::Device::Cpu => Self::Host(m.to_vec(), v.to_vec()),
+            device => Self::Device(Tensor::new([m, v].concat().as_slice(), device)?),
+        })
+    }
+
+    /// `(m, v)` on the host.
+    fn read(&self) -> Result<(Vec<f32>, Vec<f32>)> {
+        match self {
+            Self::Host(m, v) => Ok((m.clone(), v.clone())),
+            Self::Device(mv) => {
+                let mut m = mv.to_vec1::<f32>()?;
+                let v = m.split_off(m.len() / 2);
+                Ok((m, v))
+            }
+        }
+    }
 }
 
 /// Everything Adam carries from one step to the next, by variable name: what a resumed run
@@ -51,35 +88,34 @@ pub struct AdamState {
 impl Adam {
     /// `vars` by name; they are updated in name order, so the result does not depend on the
     /// order a hash map hands them out.
-    pub fn new(mut vars: Vec<(String, Var)>, params: AdamParams) -> Self {
+    pub fn new(mut vars: Vec<(String, Var)>, params: AdamParams) -> Result<Self> {
         vars.sort_by(|a, b| a.0.cmp(&b.0));
-        let m = vars
+        let moments = vars
             .iter()
-            .map(|(_, v)| vec![0.0; v.elem_count()])
-            .collect();
-        let v = vars
-            .iter()
-            .map(|(_, v)| vec![0.0; v.elem_count()])
-            .collect();
-        Self {
+            .map(|(_, v)| Moments::zeros(v))
+            .collect::<Result<_>>()?;
+        Ok(Self {
             vars,
-            m,
-            v,
+            moments,
             step: 0,
             params,
-        }
+        })
     }
 
-    pub fn state(&self) -> AdamState {
-        AdamState {
+    pub fn state(&self) -> Result<AdamState> {
+        let moments = self
+            .vars
+            .iter()
+            .zip(&self.moments)
+            .map(|((n, _), mv)| {
+                let (m, v) = mv.read()?;
+                Ok((n.clone(), m, v))
+            })
+            .collect::<Result<_>>()?;
+        Ok(AdamState {
             step: self.step,
-            moments: self
-                .vars
-                .iter()
-                .zip(self.m.iter().zip(&self.v))
-                .map(|((n, _), (m, v))| (n.clone(), m.clone(), v.clone()))
-                .collect(),
-        }
+            moments,
+        })
     }
 
     /// Restores a saved state; it must be for the same variables.
@@ -98,8 +134,13 @@ impl Adam {
                 ));
             }
         }
-        self.m = state.moments.iter().map(|(_, m, _)| m.clone()).collect();
-        self.v = state.moments.into_iter().map(|(_, _, v)| v).collect();
+        self.moments = self
+            .vars
+            .iter()
+            .zip(&state.moments)
+            .map(|((_, var), (_, m, v))| Moments::from_saved(var, m, v))
+            .collect::<Result<_>>()
+            .map_err(|e| e.to_string())?;
         self.step = state.step;
         Ok(())
     }
@@ -125,10 +166,11 @@ impl Adam {
         };
         self.vars
             .par_iter()
-            .zip(self.m.par_iter_mut().zip(self.v.par_iter_mut()))
-            .try_for_each(|((_, var), (m, v))| match grads.get(var.as_tensor()) {
-                Some(g) => update.apply(var, g, (m.as_mut_slice(), v.as_mut_slice())),
-                None => Ok(()),
+            .zip(self.moments.par_iter_mut())
+            .try_for_each(|((_, var), mv)| match (grads.get(var.as_tensor()), mv) {
+                (Some(g), Moments::Host(m, v)) => update.apply(var, g, (m, v)),
+                (Some(g), Moments::Device(mv)) => update.on_device(var, g, mv),
+                (None, _) => Ok(()),
             })
     }
 }
@@ -167,6 +209,21 @@ impl Update {
     }
 }
 
+impl Update {
+    /// The same update on the variable's device, in place ([`kd_models::adam::AdamStep`]).
+    fn on_device(&self, var: &Var, g: &Tensor, mv: &Tensor) -> Result<()> {
+        let step = kd_models::adam::AdamStep {
+            b1: self.b1,
+            b2: self.b2,
+            step_size: self.step_size,
+            bc2_sqrt: self.bc2_sqrt,
+            eps: self.eps,
+            decay: self.decay,
+        };
+        step.apply(var.as_tensor(), &g.flatten_all()?, mv)
+    }
+}
+
 /// The learning rate at `step` of `total` steps.
 pub fn learning_rate(schedule: Schedule, base: f64, step: usize, total: usize) -> f64 {
     match schedule {
@@ -183,6 +240,47 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
+    /// The in-place update the GPU runs ([`Update::on_device`], here on the CPU) gives the
+    /// host loop's bits, weight decay included.
+    #[test]
+    fn the_in_place_update_has_the_host_loops_bits() {
+        let n = 1000;
+        let values = |seed: f32| {
+            (0..n)
+                .map(|i| ((i as f32) * 0.731 + seed).sin() * 3.0)
+                .collect::<Vec<f32>>()
+        };
+        let host = Var::from_vec(values(0.0), n, &Device::Cpu).unwrap();
+        let inplace = Var::from_vec(values(0.0), n, &Device::Cpu).unwrap();
+        let (mut m, mut v) = (vec![0.0; n], vec![0.0; n]);
+        let mv = Tensor::zeros(2 * n, candle_core::DType::F32, &Device::Cpu).unwrap();
+        for t in 1..=4 {
+            let update = Update {
+                step_size: 0.01 / (1.0 - 0.9f32.powi(t)),
+                bc2_sqrt: (1.0 - 0.999f32.powi(t)).sqrt(),
+                b1: 0.9,
+                b2: 0.999,
+                eps: 1e-8,
+                decay: 1.0 - 0.01 * 0.05,
+            };
+            let g = Tensor::new(values(t as f32).as_slice(), &Device::Cpu).unwrap();
+            update.apply(&host, &g, (&mut m, &mut v)).unwrap();
+            update.on_device(&inplace, &g, &mv).unwrap();
+        }
+        let bits = |t: &Tensor| {
+            t.to_vec1::<f32>()
+                .unwrap()
+                .iter()
+                .map(|x| x.to_bits())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(bits(host.as_tensor()), bits(inplace.as_tensor()));
+        assert_eq!(
+            bits(&mv),
+            bits(&Tensor::new([m, v].concat().as_slice(), &Device::Cpu).unwrap())
+        );
+    }
+
     #[test]
     fn adam_matches_pytorch_on_a_quadratic() {
         // The update of torch.optim.Adam's documentation, written out in Python (float64):
@@ -190,7 +288,7 @@ mod tests {
         //                   w -= lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps)
         //   w = [1, -2], lr = 0.1 -> [0.7015862729460302, -1.700623392046465]
         let w = Var::from_vec(vec![1.0f32, -2.0], 2, &Device::Cpu).unwrap();
-        let mut opt = Adam::new(vec![("w".into(), w.clone())], AdamParams::new(0.1, 0.0));
+        let mut opt = Adam::new(vec![("w".into(), w.clone())], AdamParams::new(0.1, 0.0)).unwrap();
         for _ in 0..3 {
             let loss = w.as_tensor().sqr().unwrap().sum_all().unwrap();
             opt.step(&loss.backward().unwrap()).unwrap();

@@ -98,6 +98,9 @@ pub struct PipelineArgs {
     /// Photos that do not decode are skipped and counted instead of failing (data.skip_bad_images).
     #[arg(long)]
     pub skip_bad_images: bool,
+    /// Where to compute: cpu, cuda, cuda:N or auto (overrides the pipeline file's `device`).
+    #[arg(long)]
+    pub device: Option<crate::device::DeviceChoice>,
 }
 
 /// The usual training flags, shorthands for `--set <section>.<key>=...`.
@@ -155,6 +158,9 @@ impl PipelineArgs {
         }
         if self.skip_bad_images {
             sets.push("data.skip_bad_images=true".into());
+        }
+        if let Some(device) = self.device {
+            sets.push(format!("device=\"{device}\""));
         }
         sets.extend_from_slice(extra);
         let config = PipelineConfig::load(&self.pipeline, &sets)?;
@@ -288,6 +294,7 @@ impl Pipeline {
         let n = dataset.train.len();
         train_rows.extend((n - dataset.unlabelled) as u32..n as u32);
         let device = Device::Cpu;
+        let compute = self.config.device.open()?;
         let label_mask = (labelled_rows.len() < train_rows.len())
             .then(|| hide_labels(&mut dataset, &train_rows, &labelled_rows));
         let loaded = LoadedData {
@@ -305,6 +312,7 @@ impl Pipeline {
             test_rows: (0..dataset.test.len() as u32).collect(),
             train_fingerprint,
             test_fingerprint: dataset.test.fingerprint(),
+            device: compute,
             train_rows,
             labelled_rows,
             val_rows,
@@ -357,6 +365,9 @@ pub struct LoadedData {
     pub test_rows: Vec<u32>,
     pub train_fingerprint: String,
     pub test_fingerprint: String,
+    /// Where the models compute (`device` in the pipeline file). The images stay in memory on
+    /// the CPU, where batches are gathered and augmented; each batch is then moved there.
+    pub device: Device,
 }
 
 impl LoadedData {

@@ -151,7 +151,7 @@ impl<'a> Trainer<'a> {
         Ok(Self {
             model,
             spec,
-            opt: Adam::new(vars, AdamParams::new(settings.lr, settings.weight_decay)),
+            opt: Adam::new(vars, AdamParams::new(settings.lr, settings.weight_decay))?,
             steps_per_epoch,
             total_steps: steps_per_epoch * settings.epochs,
             step: 0,
@@ -264,6 +264,7 @@ impl<'a> Trainer<'a> {
         let s = self.spec.settings;
         let lr = learning_rate(s.schedule, s.lr, self.step, self.total_steps);
         self.opt.set_lr(lr);
+        let batch = &batch.to_device(self.model.model.device())?;
         let forward = crate::halves::Forward::run(self.model, batch, loss_fn)?;
         let value = forward.loss()?;
         if !value.is_finite() {
@@ -369,7 +370,7 @@ impl<'a> Trainer<'a> {
             report: self.report.clone(),
         };
         let weights = self.model.named_tensors();
-        crate::resume::save(self.spec.resume, &progress, &weights, &self.opt.state())
+        crate::resume::save(self.spec.resume, &progress, &weights, &self.opt.state()?)
     }
 }
 
@@ -475,7 +476,7 @@ pub fn evaluate(
     let (mut hits, mut loss, mut n) = (0.0, 0.0, 0usize);
     for batch in Batches::new(set.images, set.labels, set.rows, batch_size) {
         crate::interrupt::check("evaluating")?;
-        let batch = batch?;
+        let batch = batch?.to_device(model.device())?;
         let heads = model.forward_t(&batch.images, false)?;
         hits += correct(&heads[0], &batch.labels)?;
         loss += crate::loss::cross_entropy(&heads[0], &batch.labels)?
@@ -535,7 +536,7 @@ fn predict_each(
         } else {
             label
         })?;
-        let heads = model.forward_t(&batch?.images, false)?;
+        let heads = model.forward_t(&batch?.images.to_device(model.device())?, false)?;
         if out.is_empty() {
             out = vec![Vec::new(); heads.len()];
         }

@@ -7,7 +7,7 @@ use crate::stage::{threads, LoadedData, Pipeline};
 use crate::table::Table;
 use crate::train::{evaluate, fit, FitSpec};
 use crate::TrainError;
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use kd_data::Batch;
 use kd_models::{load_frozen, Trainable};
 use std::collections::BTreeMap;
@@ -97,7 +97,7 @@ impl TrainingStage<'_> {
         }
         let partial = dir.join(PARTIAL_CHECKPOINT);
         kd_models::check_input(self.arch, &data.spec)?;
-        let model = Trainable::new(self.arch, &data.spec, self.train.seed, &Device::Cpu)?;
+        let model = Trainable::new(self.arch, &data.spec, self.train.seed, &data.device)?;
         let settings = self.settings_for(data, model.num_parameters());
         let spec = FitSpec {
             name: self.stage,
@@ -119,7 +119,7 @@ impl TrainingStage<'_> {
         };
         let fit = fit(&model, &spec, loss_fn)?;
         // The test set is read once, by the checkpoint that validation chose.
-        let best = load_frozen(self.arch, &data.spec, &partial, &Device::Cpu)?;
+        let best = load_frozen(self.arch, &data.spec, &partial, &data.device)?;
         let test = evaluate(best.as_ref(), data.test(), 256)?;
         let record = crate::TrainRecord {
             architecture: self.arch.to_string(),

@@ -1,0 +1,190 @@
+// The CUDA side of kd-models' own ops, on activations laid out channels-first, [c, b, h, w]
+// (a pool reads planes, so any layout whose last two axes are h and w). f32 only.
+//
+// Every kernel writes each output element from one thread, and every sum runs in a fixed order
+// (no atomics), so the same inputs give the same bits on the same GPU. The backward kernels
+// gather: each input element sums the outputs that read it, in the order the CPU's scatter adds
+// them (taps, then outputs, ascending).
+//
+// Compiled to PTX by kd-models' build.rs (`--features cuda`), loaded by src/gpu.rs.
+
+#include <stdint.h>
+
+struct Conv {
+    int c, b, h, w, k, stride, pad, oh, ow;
+};
+
+// cols [c*k*k, b*oh*ow] from x [c, b, h, w]; zero where the tap reads the padding.
+extern "C" __global__ void kd_im2col(const float *x, float *cols, Conv g) {
+    const int64_t n = (int64_t)g.b * g.oh * g.ow;
+    const int64_t total = (int64_t)g.c * g.k * g.k * n;
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total;
+         i += (int64_t)gridDim.x * blockDim.x) {
+        const int64_t col = i % n;
+        const int64_t row = i / n;
+        const int kx = row % g.k;
+        const int ky = (row / g.k) % g.k;
+        const int ci = row / (g.k * g.k);
+        const int ox = col % g.ow;
+        const int oy = (col / g.ow) % g.oh;
+        const int bi = col / ((int64_t)g.ow * g.oh);
+        const int iy = oy * g.stride + ky - g.pad;
+        const int ix = ox * g.stride + kx - g.pad;
+        float v = 0.0f;
+        if (iy >= 0 && iy < g.h && ix >= 0 && ix < g.w) {
+            v = x[(((int64_t)ci * g.b + bi) * g.h + iy) * g.w + ix];
+        }
+        cols[i] = v;
+    }
+}
+
+// dx [c, b, h, w] from dcols [c*k*k, b*oh*ow]: each input sums the columns that read it, taps
+// in order (ky, then kx), as the CPU's col2im adds them.
+extern "C" __global__ void kd_col2im(const float *cols, float *dx, Conv g) {
+    const int64_t n = (int64_t)g.b * g.oh * g.ow;
+    const int64_t total = (int64_t)g.c * g.b * g.h * g.w;
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total;
+         i += (int64_t)gridDim.x * blockDim.x) {
+        const int ix = i % g.w;
+        const int iy = (i / g.w) % g.h;
+        const int bi = (i / ((int64_t)g.w * g.h)) % g.b;
+        const int ci = i / ((int64_t)g.w * g.h * g.b);
+        float acc = 0.0f;
+        for (int ky = 0; ky < g.k; ++ky) {
+            const int ty = iy + g.pad - ky;
+            if (ty < 0 || ty % g.stride != 0) continue;
+            const int oy = ty / g.stride;
+            if (oy >= g.oh) continue;
+            for (int kx = 0; kx < g.k; ++kx) {
+                const int tx = ix + g.pad - kx;
+                if (tx < 0 || tx % g.stride != 0) continue;
+                const int ox = tx / g.stride;
+                if (ox >= g.ow) continue;
+                const int64_t row = ((int64_t)ci * g.k + ky) * g.k + kx;
+                acc += cols[row * n + ((int64_t)bi * g.oh + oy) * g.ow + ox];
+            }
+        }
+        dx[i] = acc;
+    }
+}
+
+struct Pool {
+    int planes, h, w, oh, ow, k, stride, pad, is_max;
+};
+
+// The window of output o along an axis of `len`: [start, end) clipped to the input, and its
+// length with the padding counted (PyTorch's divisor), as Pool2d::window.
+__device__ __forceinline__ void window(const Pool &p, int o, int len, int *lo, int *hi, int *with_pad) {
+    const int start = o * p.stride - p.pad;
+    int end = start + p.k;
+    if (end > len + p.pad) end = len + p.pad;
+    *with_pad = end - start;
+    *lo = start < 0 ? 0 : start;
+    *hi = end < len ? end : len;
+}
+
+extern "C" __global__ void kd_pool_forward(const float *x, float *y, Pool p) {
+    const int64_t total = (int64_t)p.planes * p.oh * p.ow;
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total;
+         i += (int64_t)gridDim.x * blockDim.x) {
+        const int ox = i % p.ow;
+        const int oy = (i / p.ow) % p.oh;
+        const int64_t plane = i / ((int64_t)p.ow * p.oh);
+        int y0, y1, wy, x0, x1, wx;
+        window(p, oy, p.h, &y0, &y1, &wy);
+        window(p, ox, p.w, &x0, &x1, &wx);
+        const float *src = x + plane * p.h * p.w;
+        float acc = src[y0 * p.w + x0];
+        bool first = true;
+        for (int yy = y0; yy < y1; ++yy) {
+            for (int xx = x0; xx < x1; ++xx) {
+                if (first) { first = false; continue; }
+                const float v = src[yy * p.w + xx];
+                acc = p.is_max ? ((v > acc || isnan(v)) ? v : acc) : acc + v;  // NaN wins, as on the CPU
+            }
+        }
+        y[i] = p.is_max ? acc : acc / (float)(wy * wx);
+    }
+}
+
+// The input gradient: a max-pool output's gradient goes to the first input (row-major) of its
+// window equal to the output (PyTorch's arg-max); an average's is spread over its window.
+extern "C" __global__ void kd_pool_backward(const float *x, const float *y, const float *dy, float *dx,
+                                            Pool p) {
+    const int64_t total = (int64_t)p.planes * p.h * p.w;
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total;
+         i += (int64_t)gridDim.x * blockDim.x) {
+        const int ix = i % p.w;
+        const int iy = (i / p.w) % p.h;
+        const int64_t plane = i / ((int64_t)p.w * p.h);
+        const float *src = x + plane * p.h * p.w;
+        const float *out = y + plane * p.oh * p.ow;
+        const float *g = dy + plane * p.oh * p.ow;
+        // Outputs whose window [o*s - pad, o*s - pad + k) holds this input.
+        int oy_lo = iy + p.pad - p.k + 1;
+        oy_lo = oy_lo <= 0 ? 0 : (oy_lo + p.stride - 1) / p.stride;
+        int oy_hi = (iy + p.pad) / p.stride;
+        if (oy_hi > p.oh - 1) oy_hi = p.oh - 1;
+        int ox_lo = ix + p.pad - p.k + 1;
+        ox_lo = ox_lo <= 0 ? 0 : (ox_lo + p.stride - 1) / p.stride;
+        int ox_hi = (ix + p.pad) / p.stride;
+        if (ox_hi > p.ow - 1) ox_hi = p.ow - 1;
+        float acc = 0.0f;
+        for (int oy = oy_lo; oy <= oy_hi; ++oy) {
+            int y0, y1, wy;
+            window(p, oy, p.h, &y0, &y1, &wy);
+            if (iy < y0 || iy >= y1) continue;
+            for (int ox = ox_lo; ox <= ox_hi; ++ox) {
+                int x0, x1, wx;
+                window(p, ox, p.w, &x0, &x1, &wx);
+                if (ix < x0 || ix >= x1) continue;
+                const int64_t o = (int64_t)oy * p.ow + ox;
+                if (!p.is_max) {
+                    acc += g[o] / (float)(wy * wx);
+                    continue;
+                }
+                // Is this input the window's first maximum?
+                const float m = out[o];
+                const bool nan = isnan(m);
+                bool mine = false;
+                for (int yy = y0; yy < y1 && !mine; ++yy) {
+                    int xx = x0;
+                    for (; xx < x1; ++xx) {
+                        const float v = src[yy * p.w + xx];
+                        if (nan ? isnan(v) : v == m) break;
+                    }
+                    if (xx < x1) {
+                        mine = (yy == iy && xx == ix);
+                        break;
+                    }
+                }
+                if (mine) acc += g[o];
+            }
+        }
+        dx[i] = acc;
+    }
+}
+
+// Adam's constants for one step (kd_train::optim::Update).
+struct Adam {
+    int n;
+    float b1, b2, step_size, bc2_sqrt, eps, decay;
+};
+
+// In place on one variable's moments mv = [m (n), v (n)] from its gradient g. The operations of
+// the CPU's loop, each rounded as there (no fused multiply-add), so the same bits.
+extern "C" __global__ void kd_adam_moments(float *mv, const float *g, Adam a) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < a.n; i += gridDim.x * blockDim.x) {
+        const float gi = g[i];
+        mv[i] = __fadd_rn(__fmul_rn(a.b1, mv[i]), __fmul_rn(1.0f - a.b1, gi));
+        mv[a.n + i] = __fadd_rn(__fmul_rn(a.b2, mv[a.n + i]), __fmul_rn(__fmul_rn(1.0f - a.b2, gi), gi));
+    }
+}
+
+// In place on the variable w from its moments: w·decay − step_size·m / (√v / √(1 − β₂ᵗ) + ε).
+extern "C" __global__ void kd_adam_weights(float *w, const float *mv, Adam a) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < a.n; i += gridDim.x * blockDim.x) {
+        const float denom = __fadd_rn(__fdiv_rn(__fsqrt_rn(mv[a.n + i]), a.bc2_sqrt), a.eps);
+        w[i] = __fsub_rn(__fmul_rn(w[i], a.decay), __fdiv_rn(__fmul_rn(a.step_size, mv[i]), denom));
+    }
+}

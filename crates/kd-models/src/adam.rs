@@ -1,0 +1,145 @@
+//! Adam's update of one variable where its values live, as two in-place ops: the moments
+//! `[m; v]` (one tensor of `2n`) moved by the gradient, then the weights moved by the moments.
+//! On a GPU that is two kernel launches per variable and no copy to the host; on the CPU the
+//! same loops, each operation rounded as in `kd_train::optim` (no fused multiply-add), so both
+//! give the CPU optimiser's bits.
+
+use candle_core::{CpuStorage, InplaceOp2, Layout, Result, Tensor};
+
+/// One step's constants: `m ← β₁m + (1−β₁)g`, `v ← β₂v + (1−β₂)g²`,
+/// `w ← w·decay − step_size·m / (√v / bc2_sqrt + ε)`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamStep {
+    pub b1: f32,
+    pub b2: f32,
+    pub step_size: f32,
+    pub bc2_sqrt: f32,
+    pub eps: f32,
+    pub decay: f32,
+}
+
+impl AdamStep {
+    /// Moves `moments` (`[m; v]`, `2n` f32) by `grad` (`n`), then `weights` (`n`) by them, in
+    /// place on their device.
+    pub fn apply(&self, weights: &Tensor, grad: &Tensor, moments: &Tensor) -> Result<()> {
+        let n = weights.elem_count();
+        if grad.elem_count() != n || moments.elem_count() != 2 * n {
+            candle_core::bail!(
+                "adam: {n} weights, {} gradients, {} moments",
+                grad.elem_count(),
+                moments.elem_count()
+            );
+        }
+        moments.inplace_op2(&grad.contiguous()?, &Moments(*self))?;
+        weights.inplace_op2(moments, &Weights(*self))
+    }
+
+    /// The moments' pass on one element.
+    fn moments(&self, m: &mut f32, v: &mut f32, g: f32) {
+        *m = self.b1 * *m + (1.0 - self.b1) * g;
+        *v = self.b2 * *v + (1.0 - self.b2) * g * g;
+    }
+
+    /// The weights' pass on one element.
+    fn weight(&self, w: f32, m: f32, v: f32) -> f32 {
+        let denom = (v.sqrt() / self.bc2_sqrt) + self.eps;
+        w * self.decay - self.step_size * m / denom
+    }
+
+    #[cfg(feature = "cuda")]
+    fn args(&self, n: usize) -> Result<crate::gpu::AdamArgs> {
+        Ok(crate::gpu::AdamArgs {
+            n: i32::try_from(n)
+                .map_err(|_| candle_core::Error::Msg(format!("adam: {n} values")))?,
+            b1: self.b1,
+            b2: self.b2,
+            step_size: self.step_size,
+            bc2_sqrt: self.bc2_sqrt,
+            eps: self.eps,
+            decay: self.decay,
+        })
+    }
+}
+
+/// A contiguous f32 layout's range.
+fn range(l: &Layout, what: &str) -> Result<std::ops::Range<usize>> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(a..b),
+        None => candle_core::bail!("adam: the {what} are not contiguous"),
+    }
+}
+
+struct Moments(AdamStep);
+struct Weights(AdamStep);
+
+impl InplaceOp2 for Moments {
+    fn name(&self) -> &'static str {
+        "kd-adam-moments"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<()> {
+        let (CpuStorage::F32(mv), CpuStorage::F32(g)) = (s1, s2) else {
+            candle_core::bail!("adam: f32 only");
+        };
+        let g = &g[range(l2, "gradients")?];
+        let (m, v) = mv[range(l1, "moments")?].split_at_mut(g.len());
+        for ((m, v), &g) in m.iter_mut().zip(v).zip(g) {
+            self.0.moments(m, v, g);
+        }
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &mut candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<()> {
+        let args = self.0.args(l2.shape().elem_count())?;
+        crate::gpu::adam("kd_adam_moments", (s1, l1), (s2, l2), args)
+    }
+}
+
+impl InplaceOp2 for Weights {
+    fn name(&self) -> &'static str {
+        "kd-adam-weights"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<()> {
+        let (CpuStorage::F32(w), CpuStorage::F32(mv)) = (s1, s2) else {
+            candle_core::bail!("adam: f32 only");
+        };
+        let w = &mut w[range(l1, "weights")?];
+        let (m, v) = mv[range(l2, "moments")?].split_at(w.len());
+        for ((w, &m), &v) in w.iter_mut().zip(m).zip(v) {
+            *w = self.0.weight(*w, m, v);
+        }
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &mut candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<()> {
+        let args = self.0.args(l1.shape().elem_count())?;
+        crate::gpu::adam("kd_adam_weights", (s1, l1), (s2, l2), args)
+    }
+}

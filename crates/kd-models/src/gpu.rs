@@ -1,0 +1,226 @@
+//! The CUDA side of our ops (`--features cuda`): launches the kernels of `cuda/kernels.cu`
+//! (compiled to PTX by `build.rs`) on candle's CUDA storage, for the custom ops whose CPU side
+//! lives beside them (im2col and col2im in [`crate::im2col`], the pools in [`crate::pool`]).
+//!
+//! The rest of a network on the GPU is candle's own CUDA ops ([`crate::portable`]): the
+//! products (cuBLAS), BatchNorm's statistics, ReLU, concatenation, the heads.
+//!
+//! Every kernel writes each output element exactly once and sums in a fixed order, so a run is
+//! repeatable to the bit on the same GPU.
+
+use crate::im2col::Frame;
+use crate::pool::{Pool2d, PoolKind};
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::WrapErr;
+use candle_core::{CudaStorage, Layout, Result};
+
+/// The PTX of `cuda/kernels.cu`, loaded once per device under [`MODULE`].
+const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/kd_kernels.ptx"));
+const MODULE: &str = "kd-models";
+
+/// A convolution's geometry as the kernels read it (`struct Conv` in kernels.cu).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct ConvArgs {
+    c: i32,
+    b: i32,
+    h: i32,
+    w: i32,
+    k: i32,
+    stride: i32,
+    pad: i32,
+    oh: i32,
+    ow: i32,
+}
+
+// SAFETY: plain `#[repr(C)]` integers, the layout of `struct Conv` in kernels.cu.
+unsafe impl DeviceRepr for ConvArgs {}
+
+/// A pool's geometry as the kernels read it (`struct Pool` in kernels.cu).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct PoolArgs {
+    planes: i32,
+    h: i32,
+    w: i32,
+    oh: i32,
+    ow: i32,
+    k: i32,
+    stride: i32,
+    pad: i32,
+    is_max: i32,
+}
+
+// SAFETY: plain `#[repr(C)]` integers, the layout of `struct Pool` in kernels.cu.
+unsafe impl DeviceRepr for PoolArgs {}
+
+/// `usize` → the kernels' `int`, refusing what does not fit.
+fn int(v: usize, what: &str) -> Result<i32> {
+    i32::try_from(v).map_err(|_| {
+        candle_core::Error::Msg(format!("{what} {v} is too large for the GPU kernels"))
+    })
+}
+
+fn conv_args(f: &Frame) -> Result<ConvArgs> {
+    let (oh, ow) = f.out_size();
+    Ok(ConvArgs {
+        c: int(f.c, "channels")?,
+        b: int(f.b, "batch")?,
+        h: int(f.h, "height")?,
+        w: int(f.w, "width")?,
+        k: int(f.op.kernel, "kernel")?,
+        stride: int(f.op.stride, "stride")?,
+        pad: int(f.op.padding, "padding")?,
+        oh: int(oh, "output height")?,
+        ow: int(ow, "output width")?,
+    })
+}
+
+/// `cols [c·k·k, b·oh·ow]` of `x [c, b, h, w]`.
+pub(crate) fn im2col(f: &Frame, s: &CudaStorage, l: &Layout) -> Result<CudaStorage> {
+    let len = f.depth() * f.b * f.pixels();
+    launch("kd_im2col", &[(s, l)], len, conv_args(f)?)
+}
+
+/// `dx [c, b, h, w]` of the columns' gradient `[c·k·k, b·oh·ow]`.
+pub(crate) fn col2im(f: &Frame, s: &CudaStorage, l: &Layout) -> Result<CudaStorage> {
+    let len = f.c * f.b * f.h * f.w;
+    launch("kd_col2im", &[(s, l)], len, conv_args(f)?)
+}
+
+/// A pool's geometry on `planes` planes of `h × w` → `oh × ow`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Planes {
+    pub planes: usize,
+    pub h: usize,
+    pub w: usize,
+    pub oh: usize,
+    pub ow: usize,
+}
+
+fn pool_args(p: &Pool2d, g: Planes) -> Result<PoolArgs> {
+    Ok(PoolArgs {
+        planes: int(g.planes, "planes")?,
+        h: int(g.h, "height")?,
+        w: int(g.w, "width")?,
+        oh: int(g.oh, "output height")?,
+        ow: int(g.ow, "output width")?,
+        k: int(p.kernel, "kernel")?,
+        stride: int(p.stride, "stride")?,
+        pad: int(p.padding, "padding")?,
+        is_max: i32::from(p.kind == PoolKind::Max),
+    })
+}
+
+/// The pooled planes `[planes, oh, ow]`.
+pub(crate) fn pool_forward(
+    p: &Pool2d,
+    g: Planes,
+    s: &CudaStorage,
+    l: &Layout,
+) -> Result<CudaStorage> {
+    let len = g.planes * g.oh * g.ow;
+    launch("kd_pool_forward", &[(s, l)], len, pool_args(p, g)?)
+}
+
+/// The input gradient `[planes, h, w]` from the input, the output and the output's gradient.
+pub(crate) fn pool_backward(
+    p: &Pool2d,
+    g: Planes,
+    inputs: [(&CudaStorage, &Layout); 3],
+) -> Result<CudaStorage> {
+    let len = g.planes * g.h * g.w;
+    launch("kd_pool_backward", &inputs, len, pool_args(p, g)?)
+}
+
+/// Runs `kernel(inputs…, out, args)` over `len` f32 outputs, one thread per output (a grid-stride
+/// loop past the grid's size).
+fn launch<A: DeviceRepr>(
+    kernel: &str,
+    inputs: &[(&CudaStorage, &Layout)],
+    len: usize,
+    args: A,
+) -> Result<CudaStorage> {
+    let Some((first, _)) = inputs.first() else {
+        candle_core::bail!("{kernel}: no input");
+    };
+    let dev = first.device().clone();
+    let views = inputs
+        .iter()
+        .map(|(s, l)| match l.contiguous_offsets() {
+            Some((a, b)) => Ok(s.as_cuda_slice::<f32>()?.slice(a..b)),
+            None => candle_core::bail!("{kernel}: an input is not contiguous"),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let func = dev.get_or_load_custom_func(kernel, MODULE, PTX)?;
+    // SAFETY: the kernel writes every one of the `len` elements before anything reads them.
+    let out = unsafe { dev.alloc::<f32>(len.max(1))? };
+    let mut builder = func.builder();
+    for v in &views {
+        builder.arg(v);
+    }
+    builder.arg(&out);
+    builder.arg(&args);
+    // SAFETY: the arguments match the kernel's signature in kernels.cu (f32 pointers, the
+    // output, the geometry struct by value); every index the kernel reads is inside its input.
+    unsafe { builder.launch(grid(len)) }.w()?;
+    Ok(CudaStorage::wrap_cuda_slice(out, dev))
+}
+
+/// Adam's constants for one step (`struct Adam` in kernels.cu).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct AdamArgs {
+    pub n: i32,
+    pub b1: f32,
+    pub b2: f32,
+    pub step_size: f32,
+    pub bc2_sqrt: f32,
+    pub eps: f32,
+    pub decay: f32,
+}
+
+// SAFETY: plain `#[repr(C)]` numbers, the layout of `struct Adam` in kernels.cu.
+unsafe impl DeviceRepr for AdamArgs {}
+
+/// Runs `kernel(target, input, args)` in place on `target`'s `n` elements (Adam's two passes).
+pub(crate) fn adam(
+    kernel: &str,
+    (target, tl): (&mut CudaStorage, &Layout),
+    (input, il): (&CudaStorage, &Layout),
+    args: AdamArgs,
+) -> Result<()> {
+    let (Some((t0, t1)), Some((i0, i1))) = (tl.contiguous_offsets(), il.contiguous_offsets())
+    else {
+        candle_core::bail!("{kernel}: an input is not contiguous");
+    };
+    let dev = input.device().clone();
+    let func = dev.get_or_load_custom_func(kernel, MODULE, PTX)?;
+    let input = input.as_cuda_slice::<f32>()?.slice(i0..i1);
+    let mut target = target.as_cuda_slice_mut::<f32>()?.slice_mut(t0..t1);
+    let mut builder = func.builder();
+    builder.arg(&mut target);
+    builder.arg(&input);
+    builder.arg(&args);
+    let n = usize::try_from(args.n).unwrap_or(0);
+    // SAFETY: the arguments match the kernel's signature (the target, the input, the constants
+    // by value); the kernel touches `n` elements of the input and `n` (weights) or `2n`
+    // (moments) of the target, which the caller sized so.
+    unsafe { builder.launch(grid(n)) }.w()?;
+    Ok(())
+}
+
+/// One thread per element, 256 a block, a grid-stride loop past 2^20 blocks.
+fn grid(len: usize) -> LaunchConfig {
+    let threads = 256u32;
+    LaunchConfig {
+        grid_dim: (
+            len.div_ceil(threads as usize).clamp(1, 1 << 20) as u32,
+            1,
+            1,
+        ),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
