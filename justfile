@@ -124,6 +124,17 @@ python-env:
 build:
     cargo build --release --workspace --bins
 
+# The stage binaries with CUDA (`--features cuda`), no GPU or toolkit needed here: nvcc 13.0 from PyPI -> ~/.cache/kd-distill/target-cuda/release (docs/gpu.md)
+[group('gpu')]
+build-cuda:
+    deploy/gpu/build.sh
+
+# Build with CUDA and pack `.gpu/` for the GPU check; on the GPU machine: `bash deploy/gpu/check.sh` with `.gpu` carried (docs/gpu.md)
+[group('gpu')]
+gpu-check: data build-cuda
+    deploy/gpu/pack.sh
+    @echo 'packed .gpu/: on the GPU machine run `bash deploy/gpu/check.sh full` from the repository root'
+
 # Run the test suite: unit and end-to-end tests on the smoke pipeline, then the SLURM test (`just test FILTER` runs the matching cargo tests only)
 [group('checks')]
 test *args='': data data-photos build python-env

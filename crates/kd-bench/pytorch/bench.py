@@ -154,13 +154,21 @@ def kd_loss(student, teacher, labels, t=1.0, hard=0.55, soft=0.45):
     return hard * F.cross_entropy(student, labels) + soft * t * t * kl
 
 
+def sync(args):
+    """A GPU works asynchronously: wait for its work before reading the clock."""
+    if args.device != "cpu":
+        torch.cuda.synchronize()
+
+
 def timed_reps(args, step):
     step(0)
+    sync(args)
     seconds = []
     for r in range(args.reps):
         t0 = time.perf_counter()
         for b in range(args.batches):
             step(1 + r * args.batches + b)
+        sync(args)
         seconds.append(time.perf_counter() - t0)
     return seconds
 
@@ -305,6 +313,8 @@ def main():
     p.add_argument("--reps", type=int, default=9)
     p.add_argument("--batches", type=int, default=5)
     p.add_argument("--layout", default="nchw", choices=["nchw", "channels-last"])
+    p.add_argument("--device", default="cpu", help="cpu or cuda: where the measurements (not the epoch or pipeline runs) compute")
+    p.add_argument("--tf32", action="store_true", help="with --device cuda: let cuDNN and cuBLAS use TF32 (PyTorch's default for convolutions); off, fp32 as ours")
     p.add_argument("--val-size", type=int, default=5000, help="teacher-epoch: images held out")
     p.add_argument("--out", default=".", help="teacher-epoch: where the weights go")
     p.add_argument("--batch-size", type=int, default=128, help="teacher-epoch: training batch")
@@ -322,8 +332,13 @@ def main():
     torch.manual_seed(0)
     images = read_idx(f"{a.data}/train-images-idx3-ubyte.gz").float().div(255).sub(0.2860).div(0.3530).unsqueeze(1)
     labels = read_idx(f"{a.data}/train-labels-idx1-ubyte.gz").long()
+    dev = torch.device(a.device)
+    if a.device != "cpu":
+        # fp32 as ours: PyTorch's convolutions default to TF32 on this GPU generation.
+        torch.backends.cudnn.allow_tf32 = a.tf32
+        torch.backends.cuda.matmul.allow_tf32 = a.tf32
     if a.only == "matmul-2048":
-        m1, m2 = torch.randn(2048, 2048), torch.randn(2048, 2048)
+        m1, m2 = torch.randn(2048, 2048, device=dev), torch.randn(2048, 2048, device=dev)
         seconds = timed_reps(a, lambda i: m1 @ m2)
         print(json.dumps({"name": a.only, "layout": a.layout, "images_per_rep": a.batches, "seconds": seconds}))
         return
@@ -341,16 +356,18 @@ def main():
                           "stages": stages, "accuracy": acc}))
         return
     bs = 256 if a.only == "precompute" else 128
+    # On a GPU the training set is uploaded once and batches are slices of it.
+    images, labels = images.to(dev), labels.to(dev)
 
     def batch(i):
         lo = (i * bs) % (len(images) - bs)
         return images[lo : lo + bs].contiguous(memory_format=fmt), labels[lo : lo + bs]
 
     if a.only in ("teacher-step", "precompute"):
-        model = GoogLeNet(bn=a.teacher == "googlenet-bn").to(memory_format=fmt)
+        model = GoogLeNet(bn=a.teacher == "googlenet-bn").to(dev, memory_format=fmt)
     elif a.only == "student-kd-step":
-        model = Student().to(memory_format=fmt)
-        cached = torch.randn(len(images), 10)
+        model = Student().to(dev, memory_format=fmt)
+        cached = torch.randn(len(images), 10, device=dev)
     else:
         raise SystemExit(f"unknown measurement {a.only}")
 
@@ -378,7 +395,11 @@ def main():
             opt.step()
 
     seconds = timed_reps(a, step)
-    print(json.dumps({"name": a.only, "layout": a.layout, "images_per_rep": bs * a.batches, "seconds": seconds}))
+    result = {"name": a.only, "layout": a.layout, "images_per_rep": bs * a.batches, "seconds": seconds}
+    if a.device != "cpu":
+        result["device"] = torch.cuda.get_device_name()
+        result["gpu_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

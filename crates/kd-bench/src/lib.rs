@@ -7,6 +7,7 @@
 //! taken from remembered figures.
 
 pub mod epoch;
+pub mod parity;
 pub mod profile;
 pub mod pytorch;
 pub mod runlog;
@@ -78,6 +79,11 @@ pub struct Args {
     /// channels`), instead of one row per kernel and input size.
     #[arg(long)]
     pub by_layer: bool,
+    /// Instead of timing: every op and network on the CPU and on the GPU (`--device cuda`),
+    /// forward and gradients compared; writes `<out>/parity.md` and `parity.json`, fails if a
+    /// check does.
+    #[arg(long)]
+    pub parity: bool,
 }
 
 /// The matrix-product limit: a square f32 product of this size, ours and (with `--pytorch`)
@@ -235,6 +241,12 @@ fn ours(args: &Args, name: &str) -> anyhow::Result<Measurement> {
     for s in &args.pipeline.overrides {
         cmd.args(["--set", s]);
     }
+    if let Some(d) = args.pipeline.device {
+        cmd.args(["--device", &d.to_string()]);
+    }
+    if let Some(d) = &args.pipeline.data_dir {
+        cmd.arg("--data-dir").arg(d);
+    }
     if args.by_layer {
         cmd.arg("--by-layer");
     }
@@ -372,8 +384,15 @@ fn time_reps(
 fn timed<T>(f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<(T, f64)> {
     let t0 = Instant::now();
     let out = f()?;
+    // A GPU works asynchronously: the part ends when its work has.
+    if let Some(device) = COMPUTE.get() {
+        device.synchronize()?;
+    }
     Ok((out, t0.elapsed().as_secs_f64()))
 }
+
+/// The device the measurements compute on (`device` in the pipeline, `--device`).
+static COMPUTE: std::sync::OnceLock<Device> = std::sync::OnceLock::new();
 
 /// Rows `[start, start + n)` of the training rows, wrapping around.
 fn rows(data: &LoadedData, start: usize, n: usize) -> Vec<u32> {
@@ -424,10 +443,10 @@ fn frozen_teacher(p: &Pipeline, data: &LoadedData) -> anyhow::Result<Box<dyn Cla
     let arch = &p.config.teacher.arch;
     let ckpt = p.dir(TEACHER).join(CHECKPOINT);
     Ok(if ckpt.is_file() {
-        kd_models::load_frozen(arch, &data.spec, &ckpt, &Device::Cpu)?
+        kd_models::load_frozen(arch, &data.spec, &ckpt, &data.device)?
     } else {
-        let t = Trainable::new(arch, &data.spec, 0, &Device::Cpu)?;
-        kd_models::frozen(arch, &data.spec, t.named_tensors(), &Device::Cpu)?
+        let t = Trainable::new(arch, &data.spec, 0, &data.device)?;
+        kd_models::frozen(arch, &data.spec, t.named_tensors(), &data.device)?
     })
 }
 
@@ -439,19 +458,19 @@ fn knowledge(p: &Pipeline, data: &LoadedData, heads: &[String]) -> anyhow::Resul
         if k.meta.dataset.rows == data.dataset.train.len() {
             return heads
                 .iter()
-                .map(|h| k.logits(h, &Device::Cpu).map_err(Into::into))
+                .map(|h| k.logits(h, &data.device).map_err(Into::into))
                 .collect();
         }
     }
     let n = data.dataset.train.len();
     heads
         .iter()
-        .map(|_| Tensor::randn(0f32, 3.0, (n, data.spec.classes), &Device::Cpu).map_err(Into::into))
+        .map(|_| Tensor::randn(0f32, 3.0, (n, data.spec.classes), &data.device).map_err(Into::into))
         .collect()
 }
 
 fn forward_macs(model: &dyn Classifier, data: &LoadedData) -> anyhow::Result<u64> {
-    let x = data.train_images.narrow(0, 0, 1)?;
+    let x = data.train_images.narrow(0, 0, 1)?.to_device(&data.device)?;
     let (out, macs) = kd_models::macs::count(|| model.forward_t(&x, false));
     out?;
     Ok(macs)
@@ -461,6 +480,7 @@ fn forward_macs(model: &dyn Classifier, data: &LoadedData) -> anyhow::Result<u64
 pub fn measure(args: &Args, name: &str) -> anyhow::Result<Measurement> {
     let p = args.pipeline.open(&[])?;
     let data = p.load_data()?;
+    let _ = COMPUTE.set(data.device.clone());
     let b = Bench {
         args,
         p: &p,
@@ -542,8 +562,9 @@ impl Bench<'_> {
     /// The machine's matrix-product limit as candle reaches it: `--batches` products of two
     /// 2048×2048 f32 matrices per repetition (the "images" of this measurement).
     fn matmul_limit(&self) -> anyhow::Result<Timing> {
-        let a = Tensor::randn(0f32, 1.0, (MATMUL_N, MATMUL_N), &Device::Cpu)?;
-        let b = Tensor::randn(0f32, 1.0, (MATMUL_N, MATMUL_N), &Device::Cpu)?;
+        let dev = &self.data.device;
+        let a = Tensor::randn(0f32, 1.0, (MATMUL_N, MATMUL_N), dev)?;
+        let b = Tensor::randn(0f32, 1.0, (MATMUL_N, MATMUL_N), dev)?;
         let t = time_reps(self.args, |_| {
             let (_, s) = timed(|| Ok(a.matmul(&b)?))?;
             Ok(vec![("matmul", s)])
@@ -554,11 +575,12 @@ impl Bench<'_> {
     fn teacher_step(&self) -> anyhow::Result<Timing> {
         let (t, data) = (&self.p.config.teacher, self.data);
         let tb = t.batch_size;
-        let model = Trainable::new(&t.arch, &data.spec, t.seed, &Device::Cpu)?;
+        let model = Trainable::new(&t.arch, &data.spec, t.seed, &data.device)?;
         let macs = forward_macs(model.model.as_ref(), data)?;
         let mut opt = optimiser(&model, t.lr)?;
         let timings = time_ops(self.args, |i| {
             let b = batch(data, &rows(data, i * tb, tb), t.augment, i as u64)?;
+            let b = b.to_device(&data.device)?;
             // As `kd-teacher` trains: two halves where the model allows it (`kd_train::halves`).
             let (forward, f) = timed(|| {
                 let forward = Forward::run(&model, &b, &mut |b, heads| {
@@ -587,7 +609,7 @@ impl Bench<'_> {
         let model: Box<dyn Classifier> = if frozen {
             frozen_teacher(p, data)?
         } else {
-            Trainable::new(&p.config.teacher.arch, &data.spec, 0, &Device::Cpu)?.model
+            Trainable::new(&p.config.teacher.arch, &data.spec, 0, &data.device)?.model
         };
         let macs = forward_macs(model.as_ref(), data)?;
         let (timings, ops) = time_ops(self.args, |i| {
@@ -611,7 +633,7 @@ impl Bench<'_> {
     fn student_step(&self, name: &str) -> anyhow::Result<Timing> {
         let (p, data, s) = (self.p, self.data, &self.p.config.student);
         let sb = s.batch_size;
-        let model = Trainable::new(&s.arch, &data.spec, s.seed, &Device::Cpu)?;
+        let model = Trainable::new(&s.arch, &data.spec, s.seed, &data.device)?;
         let macs = forward_macs(model.model.as_ref(), data)?;
         let mut opt = optimiser(&model, s.lr)?;
         let targets = Targets::new(p, data, name)?;
@@ -619,6 +641,7 @@ impl Bench<'_> {
         let (timings, ops) = time_ops(self.args, |i| {
             kd_train::interrupt::check("measuring")?;
             let b = batch(data, &rows(data, i * sb, sb), s.augment, i as u64)?;
+            let b = b.to_device(&data.device)?;
             let mut parts = Vec::new();
             let teacher = targets.of(&b, &mut parts)?;
             let (loss, f) = timed(|| {
@@ -693,6 +716,31 @@ impl Targets {
     }
 }
 
+/// [`parity`]'s checks on the pipeline's device, written to `<out>/parity.{md,json}`.
+fn write_parity(args: &Args) -> anyhow::Result<()> {
+    let p = args.pipeline.open(&[])?;
+    let gpu = p.config.device.open()?;
+    if gpu.is_cpu() {
+        tracing::warn!("parity: no GPU (device = {}); comparing the GPU's path run on the CPU, without the CUDA kernels", p.config.device);
+    }
+    let checks = parity::checks(&gpu)?;
+    let md = parity::render(&kd_models::device::describe(&gpu), &checks);
+    std::fs::create_dir_all(&args.out)?;
+    kd_data::write_atomic_bytes(&args.out.join("parity.md"), md.as_bytes())?;
+    let json = serde_json::to_string_pretty(&checks)?;
+    kd_data::write_atomic_bytes(&args.out.join("parity.json"), json.as_bytes())?;
+    println!("{md}");
+    let failed: Vec<&str> = checks
+        .iter()
+        .filter(|c| !c.passed)
+        .map(|c| c.what.as_str())
+        .collect();
+    if !failed.is_empty() {
+        anyhow::bail!("parity failed: {}", failed.join("; "));
+    }
+    Ok(())
+}
+
 /// Runs every measurement in a child process and writes the tables.
 pub fn run(args: &Args) -> anyhow::Result<()> {
     if let Some(name) = &args.only {
@@ -702,6 +750,9 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     }
     if let Some(name) = &args.profile {
         return write_profile(args, name);
+    }
+    if args.parity {
+        return write_parity(args);
     }
     if let (true, Some(python)) = (args.whole_pipeline, &args.pytorch) {
         return write_whole_pipeline(args, python);

@@ -91,6 +91,9 @@ fn common_flags(a: &PipelineArgs) -> Vec<String> {
     if let Some(d) = &a.data_dir {
         v.extend(["--data-dir".to_string(), d.display().to_string()]);
     }
+    if let Some(d) = a.device {
+        v.extend(["--device".to_string(), d.to_string()]);
+    }
     for (on, flag) in [
         (a.force, "--force"),
         (a.resume, "--resume"),

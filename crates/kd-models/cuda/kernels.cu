@@ -188,3 +188,102 @@ extern "C" __global__ void kd_adam_weights(float *w, const float *mv, Adam a) {
         w[i] = __fsub_rn(__fmul_rn(w[i], a.decay), __fdiv_rn(__fmul_rn(a.step_size, mv[i]), denom));
     }
 }
+
+// BatchNorm + ReLU in training mode on z [c, n] (channels-first: a channel is a row), in four
+// kernels instead of candle's dozens of small ops. One block per channel for the reductions,
+// each thread summing a fixed stride of the row in double, then a fixed tree: the same bits on
+// every run.
+
+#define BN_THREADS 256
+
+// Sums a double across the block; thread 0 gets the total. Fixed order.
+__device__ double block_sum(double v, double *shared) {
+    shared[threadIdx.x] = v;
+    __syncthreads();
+    for (int s = BN_THREADS / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) shared[threadIdx.x] += shared[threadIdx.x + s];
+        __syncthreads();
+    }
+    const double total = shared[0];
+    __syncthreads();
+    return total;
+}
+
+struct Norm {
+    int c, n;
+    float eps;
+};
+
+// stats [2c]: each channel's mean and biased variance (two passes over the row, in double).
+extern "C" __global__ void kd_bn_stats(const float *z, float *stats, Norm a) {
+    __shared__ double shared[BN_THREADS];
+    const float *row = z + (int64_t)blockIdx.x * a.n;
+    double s = 0.0;
+    for (int i = threadIdx.x; i < a.n; i += BN_THREADS) s += row[i];
+    const double mean = block_sum(s, shared) / a.n;
+    double q = 0.0;
+    for (int i = threadIdx.x; i < a.n; i += BN_THREADS) {
+        const double d = row[i] - mean;
+        q += d * d;
+    }
+    const double var = block_sum(q, shared) / a.n;
+    if (threadIdx.x == 0) {
+        stats[blockIdx.x] = (float)mean;
+        stats[a.c + blockIdx.x] = (float)var;
+    }
+}
+
+// The normalised value of z[i] in channel ch: (z − μ) / √(σ² + ε). stats [2c]: means, variances.
+__device__ __forceinline__ float normalised(float z, const float *stats, int ch, const Norm &a) {
+    return (z - stats[ch]) * rsqrtf(stats[a.c + ch] + a.eps);
+}
+
+// y = max(0, x̂·γ + β). gb [2c]: γ, β.
+extern "C" __global__ void kd_bn_relu_forward(const float *z, const float *gb, const float *stats, float *y,
+                                              Norm a) {
+    const int64_t total = (int64_t)a.c * a.n;
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total;
+         i += (int64_t)gridDim.x * blockDim.x) {
+        const int ch = i / a.n;
+        const float v = normalised(z[i], stats, ch, a) * gb[ch] + gb[a.c + ch];
+        y[i] = v > 0.0f ? v : 0.0f;
+    }
+}
+
+// The backward's sums per channel over the elements the ReLU passed (x̂·γ + β > 0):
+// sums[ch] = Σ dy·x̂ (dγ), sums[c + ch] = Σ dy (dβ).
+extern "C" __global__ void kd_bn_relu_sums(const float *z, const float *dy, const float *gb, const float *stats,
+                                           float *sums, Norm a) {
+    __shared__ double shared[BN_THREADS];
+    const int ch = blockIdx.x;
+    const float *zr = z + (int64_t)ch * a.n;
+    const float *gr = dy + (int64_t)ch * a.n;
+    double sg = 0.0, sgx = 0.0;
+    for (int i = threadIdx.x; i < a.n; i += BN_THREADS) {
+        const float x = normalised(zr[i], stats, ch, a);
+        if (x * gb[ch] + gb[a.c + ch] > 0.0f) {
+            sg += gr[i];
+            sgx += (double)gr[i] * x;
+        }
+    }
+    const double dgamma = block_sum(sgx, shared);
+    const double dbeta = block_sum(sg, shared);
+    if (threadIdx.x == 0) {
+        sums[ch] = (float)dgamma;
+        sums[a.c + ch] = (float)dbeta;
+    }
+}
+
+// dz = γ/σ · (g − Σg/n − x̂·Σg·x̂/n), g = dy where the ReLU passed.
+extern "C" __global__ void kd_bn_relu_dz(const float *z, const float *dy, const float *gb, const float *stats,
+                                         const float *sums, float *dz, Norm a) {
+    const int64_t total = (int64_t)a.c * a.n;
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total;
+         i += (int64_t)gridDim.x * blockDim.x) {
+        const int ch = i / a.n;
+        const float x = normalised(z[i], stats, ch, a);
+        const float g = x * gb[ch] + gb[a.c + ch] > 0.0f ? dy[i] : 0.0f;
+        const float k = gb[ch] * rsqrtf(stats[a.c + ch] + a.eps);
+        dz[i] = k * (g - sums[a.c + ch] / a.n - x * sums[ch] / a.n);
+    }
+}

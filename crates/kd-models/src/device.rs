@@ -5,6 +5,38 @@ use candle_core::Device;
 /// Whether this build can run on a CUDA GPU (`--features cuda`).
 pub const CUDA_BUILT: bool = cfg!(feature = "cuda");
 
+/// Whether the CUDA driver's library can be loaded (a CUDA build opens it at run time; without
+/// it candle's first CUDA call would panic instead of failing).
+pub fn cuda_driver_present() -> bool {
+    #[cfg(feature = "cuda")]
+    #[allow(unsafe_code)]
+    // SAFETY: tries to dlopen libcuda under its usual names and closes it again; no call into it.
+    unsafe {
+        candle_core::cuda_backend::cudarc::driver::sys::is_culib_present()
+    }
+    #[cfg(not(feature = "cuda"))]
+    false
+}
+
+/// A CUDA device, with cuBLAS and cuRAND opened. A library that cannot be loaded is an error
+/// here, not a panic later (cudarc panics when it loads one it cannot find).
+pub fn open_cuda(ordinal: usize) -> candle_core::Result<Device> {
+    if !cuda_driver_present() {
+        candle_core::bail!("no CUDA driver (libcuda.so) on this machine");
+    }
+    match std::panic::catch_unwind(|| Device::new_cuda(ordinal)) {
+        Ok(device) => device,
+        Err(panic) => {
+            let why = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "a CUDA library could not be loaded".into());
+            candle_core::bail!("{why}")
+        }
+    }
+}
+
 /// `cpu`, or `cuda:N (<GPU model>, CUDA driver <major.minor>)`.
 pub fn describe(device: &Device) -> String {
     match device {

@@ -224,3 +224,116 @@ fn grid(len: usize) -> LaunchConfig {
         shared_mem_bytes: 0,
     }
 }
+
+/// BatchNorm's sizes and ε (`struct Norm` in kernels.cu).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct NormArgs {
+    c: i32,
+    n: i32,
+    eps: f32,
+}
+
+// SAFETY: plain `#[repr(C)]` numbers, the layout of `struct Norm` in kernels.cu.
+unsafe impl DeviceRepr for NormArgs {}
+
+/// One block of `BN_THREADS` per channel, for the reductions.
+fn per_channel(c: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (c.max(1) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// A contiguous f32 input as a view.
+fn view<'a>(
+    (s, l): (&'a CudaStorage, &Layout),
+    what: &str,
+) -> Result<candle_core::cuda_backend::cudarc::driver::CudaView<'a, f32>> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(s.as_cuda_slice::<f32>()?.slice(a..b)),
+        None => candle_core::bail!("{what}: not contiguous"),
+    }
+}
+
+fn norm_args((c, n, eps): (usize, usize, f32)) -> Result<NormArgs> {
+    Ok(NormArgs {
+        c: int(c, "channels")?,
+        n: int(n, "values per channel")?,
+        eps,
+    })
+}
+
+/// BatchNorm + ReLU forward: `[y (c·n); mean (c); variance (c)]` from `z [c, n]` and `[γ; β]`.
+pub(crate) fn bn_forward(
+    z: (&CudaStorage, &Layout),
+    gb: (&CudaStorage, &Layout),
+    dims: (usize, usize, f32),
+) -> Result<CudaStorage> {
+    let (c, n, _) = dims;
+    let args = norm_args(dims)?;
+    let dev = z.0.device().clone();
+    let (z, gb) = (view(z, "batch-norm z")?, view(gb, "batch-norm γ, β")?);
+    // SAFETY: the two kernels write all c·n + 2c values before anything reads them.
+    let out = unsafe { dev.alloc::<f32>(c * n + 2 * c)? };
+    let (y, stats) = (out.slice(0..c * n), out.slice(c * n..));
+    let stats_fn = dev.get_or_load_custom_func("kd_bn_stats", MODULE, PTX)?;
+    let mut b = stats_fn.builder();
+    b.arg(&z);
+    b.arg(&stats);
+    b.arg(&args);
+    // SAFETY: (z, stats, Norm) as kd_bn_stats takes them; one block per channel.
+    unsafe { b.launch(per_channel(c)) }.w()?;
+    let fwd = dev.get_or_load_custom_func("kd_bn_relu_forward", MODULE, PTX)?;
+    let mut b = fwd.builder();
+    b.arg(&z);
+    b.arg(&gb);
+    b.arg(&stats);
+    b.arg(&y);
+    b.arg(&args);
+    // SAFETY: (z, γβ, stats, y, Norm) as kd_bn_relu_forward takes them.
+    unsafe { b.launch(grid(c * n)) }.w()?;
+    drop((y, stats));
+    Ok(CudaStorage::wrap_cuda_slice(out, dev))
+}
+
+/// BatchNorm + ReLU backward: `[dz (c·n); dγ (c); dβ (c)]` from `z`, `dy` and `[γ; β; mean;
+/// variance]`.
+pub(crate) fn bn_backward(
+    [z, dy, params]: [(&CudaStorage, &Layout); 3],
+    dims: (usize, usize, f32),
+) -> Result<CudaStorage> {
+    let (c, n, _) = dims;
+    let args = norm_args(dims)?;
+    let dev = z.0.device().clone();
+    let (z, dy) = (view(z, "batch-norm z")?, view(dy, "batch-norm dy")?);
+    let params = view(params, "batch-norm parameters")?;
+    let (gb, stats) = (params.slice(0..2 * c), params.slice(2 * c..4 * c));
+    // SAFETY: the two kernels write all c·n + 2c values before anything reads them.
+    let out = unsafe { dev.alloc::<f32>(c * n + 2 * c)? };
+    let (dz, sums) = (out.slice(0..c * n), out.slice(c * n..));
+    let sums_fn = dev.get_or_load_custom_func("kd_bn_relu_sums", MODULE, PTX)?;
+    let mut b = sums_fn.builder();
+    b.arg(&z);
+    b.arg(&dy);
+    b.arg(&gb);
+    b.arg(&stats);
+    b.arg(&sums);
+    b.arg(&args);
+    // SAFETY: (z, dy, γβ, stats, sums, Norm) as kd_bn_relu_sums takes them; a block per channel.
+    unsafe { b.launch(per_channel(c)) }.w()?;
+    let dz_fn = dev.get_or_load_custom_func("kd_bn_relu_dz", MODULE, PTX)?;
+    let mut b = dz_fn.builder();
+    b.arg(&z);
+    b.arg(&dy);
+    b.arg(&gb);
+    b.arg(&stats);
+    b.arg(&sums);
+    b.arg(&dz);
+    b.arg(&args);
+    // SAFETY: (z, dy, γβ, stats, sums, dz, Norm) as kd_bn_relu_dz takes them.
+    unsafe { b.launch(grid(c * n)) }.w()?;
+    drop((dz, sums));
+    Ok(CudaStorage::wrap_cuda_slice(out, dev))
+}

@@ -85,11 +85,11 @@ impl DeviceChoice {
                     "device cuda:{n}: this binary was built without CUDA; build with `just build-cuda` (cargo build --release --features cuda), or set device = \"cpu\""
                 )))
             }
-            Self::Cuda(n) => Device::new_cuda(n).map_err(|e| {
+            Self::Cuda(n) => kd_models::device::open_cuda(n).map_err(|e| {
                 TrainError::Other(format!("device cuda:{n}: no usable GPU ({e})"))
             })?,
-            Self::Auto if kd_models::device::CUDA_BUILT => {
-                Device::new_cuda(0).unwrap_or(Device::Cpu)
+            Self::Auto if kd_models::device::cuda_driver_present() => {
+                kd_models::device::open_cuda(0).unwrap_or(Device::Cpu)
             }
             Self::Auto => Device::Cpu,
         };

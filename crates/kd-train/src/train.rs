@@ -175,7 +175,8 @@ impl<'a> Trainer<'a> {
         let path = self.spec.resume;
         let p = state.progress;
         for (name, t) in &state.weights {
-            opt_var(self.model, name)?.set(t)?;
+            let var = opt_var(self.model, name)?;
+            var.set(&t.to_device(var.device())?)?;
         }
         self.opt
             .load_state(state.adam)
