@@ -2,7 +2,7 @@
 # The GPU check, run on the lent GPU machine in one call, from the repository root, with `.gpu`
 # (made by `just gpu-check`: the CUDA binaries and Fashion-MNIST) carried:
 #
-#     bash deploy/gpu/check.sh [quick|full]
+#     bash deploy/gpu/check.sh [quick|full|side]
 #
 #   1. parity of every op and network, CPU against CUDA (`kd-bench --parity`);
 #   2. the smoke pipeline on CUDA, every stage, and the teacher trained twice: same bytes?;
@@ -67,6 +67,15 @@ run parity 120 "$B/kd-bench" --parity --device cuda --out "$res/parity"
 grep -E "^\| (convolution|BatchNorm|max|avg|Adam|student|googlenet)" "$res/parity/parity.md" 2>/dev/null \
     | awk -F'|' '{printf "    %-70s %s %s\n", $2, $5, $7}' | tee -a "$res/summary.txt"
 
+# `side`: after the parity, only `kd-bench --pytorch` (ours and PyTorch's alternating, one
+# invocation, the side-by-side table in bench.md), then stop.
+if [ "$mode" = side ]; then
+    run side "$(( $(left) - 10 ))" "$B/kd-bench" --device cuda --data-dir "$data" --artifacts "$work/artifacts" \
+        --reps 3 --batches 10 --rounds "${KD_GPU_ROUNDS:-1}" --pytorch python3 --out "$res/side"
+    sed -n '/Side by side/,$p' "$res/side/bench.md" | head -30 | tee -a "$res/summary.txt"
+    say "done"; pack; exit 0
+fi
+
 # 2. The smoke pipeline on CUDA, then its teacher again: the same bytes?
 smoke=(--pipeline pipelines/smoke.toml --device cuda --data-dir "$data" --artifacts "$work/artifacts")
 run smoke 120 "$B/kd-experiment" pipeline "${smoke[@]}" --force
@@ -89,6 +98,15 @@ run pytorch-teacher-step-googlenet 45 "${py[@]}" --only teacher-step --teacher g
     && tail -1 "$res/pytorch-teacher-step-googlenet.log" >>"$res/pytorch.jsonl"
 grep -E "^\| (teacher|precompute|student|online|matmul)" "$res/bench/bench.md" 2>/dev/null | head -12 | tee -a "$res/summary.txt"
 python3 deploy/gpu/summary.py pytorch "$res/pytorch.jsonl" | tee -a "$res/summary.txt"
+
+# In quick mode: the default pipeline's baseline student alone, seeds 0 and 1 (about 15 s each).
+if [ "$mode" = quick ]; then
+    for seed in 0 1; do
+        run "baseline-seed-$seed" 60 "$B/kd-student" --baseline --device cuda --data-dir "$data" \
+            --artifacts "$work/artifacts" --set student.seed=$seed --tag "seed-$seed"
+        grep -E "epoch [0-9]+/[0-9]+: loss|test accuracy" "$res/baseline-seed-$seed.log" | cut -c28-150 | tee -a "$res/summary.txt"
+    done
+fi
 
 # 4. The default pipeline on CUDA, as far as the time left allows.
 if [ "$mode" = full ] && [ "$(left)" -gt 60 ]; then

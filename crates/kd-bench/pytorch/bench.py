@@ -333,7 +333,7 @@ def main():
     images = read_idx(f"{a.data}/train-images-idx3-ubyte.gz").float().div(255).sub(0.2860).div(0.3530).unsqueeze(1)
     labels = read_idx(f"{a.data}/train-labels-idx1-ubyte.gz").long()
     dev = torch.device(a.device)
-    if a.device != "cpu":
+    if a.device.startswith("cuda"):
         # fp32 as ours: PyTorch's convolutions default to TF32 on this GPU generation.
         torch.backends.cudnn.allow_tf32 = a.tf32
         torch.backends.cuda.matmul.allow_tf32 = a.tf32
@@ -396,7 +396,7 @@ def main():
 
     seconds = timed_reps(a, step)
     result = {"name": a.only, "layout": a.layout, "images_per_rep": bs * a.batches, "seconds": seconds}
-    if a.device != "cpu":
+    if a.device.startswith("cuda"):
         result["device"] = torch.cuda.get_device_name()
         result["gpu_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
     print(json.dumps(result))

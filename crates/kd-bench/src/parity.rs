@@ -7,12 +7,14 @@
 //! inputs (`sin` of the index, no random draws), and back-propagate the same loss
 //! `Σ y · sin(0.37 k + 0.1)`.
 //!
-//! Tolerances, f32 (`‖gpu − cpu‖ / ‖cpu‖` per tensor): each op alone 1e-5. A whole network
-//! chains about a hundred of them, and a pre-activation within rounding of 0 can fall on
-//! different sides of a ReLU on the two devices, after which the gradients of every layer below
-//! differ by a few percent (seen on the CPU between its two paths: 0.3–4%). So a network passes
-//! with its heads within 1e-4, at least 80% of its gradients within 1e-4 and all within 0.1;
-//! the table shows how many were within 1e-4.
+//! Tolerances, f32 (`‖gpu − cpu‖ / ‖cpu‖` per tensor), from what the H200 measured
+//! (docs/gpu.md): each op alone 1e-4 (the 7×7/s2 convolution at 224 px sums 75,264 products
+//! into each weight gradient, in another order than the CPU's: 7.2e-5; the rest ≤ 7e-6). A
+//! whole network: heads within 1e-4 and every tensor within 1e-2. A network chains about a
+//! hundred ops, and a pre-activation within rounding of 0 can fall on different sides of a ReLU
+//! on the two devices, after which the gradients of the layers below differ by more than
+//! rounding: `googlenet-224` (millions of activations) measured heads 3e-7 and gradients up to
+//! 2.6e-3; the 28-px networks ≤ 3.1e-5. The table shows how many tensors were within 1e-4.
 
 use anyhow::Context;
 use candle_core::{DType, Device, Tensor, Var};
@@ -23,6 +25,9 @@ use kd_models::norm::BatchNormRelu;
 use kd_models::{InputSpec, Pool2d, SeededVarMap, Trainable};
 use serde::Serialize;
 use std::collections::BTreeMap;
+
+/// The bound on each op's tensors (module docs).
+const OP_BOUND: f64 = 1e-4;
 
 /// One compared tensor.
 #[derive(Debug, Clone, Serialize)]
@@ -46,11 +51,13 @@ pub struct Check {
 /// Named tensors a side computed.
 type Side = BTreeMap<String, Tensor>;
 
-/// `sin(a·k + b)` for `k = 0..n`, shaped.
+/// `sin(a·k + b)` for `k = 0..n`, shaped, computed on the CPU in f64 and then moved to
+/// `device`, so both sides get the same bits (the GPU's `sin` of a large argument is not the
+/// CPU's: the first run on the H200 compared the two `sin`s more than the ops).
 fn wave(shape: &[usize], a: f64, b: f64, device: &Device) -> anyhow::Result<Tensor> {
     let n: usize = shape.iter().product();
-    let k = Tensor::arange(0u32, n as u32, device)?.to_dtype(DType::F32)?;
-    Ok(k.affine(a, b)?.sin()?.reshape(shape)?)
+    let v: Vec<f32> = (0..n).map(|k| (a * k as f64 + b).sin() as f32).collect();
+    Ok(Tensor::from_vec(v, shape, device)?)
 }
 
 /// `Σ y · sin(0.37 k + 0.1 + head)` over the outputs.
@@ -167,7 +174,7 @@ fn conv(
         with_grads(outputs, &vars)
     })?;
     let what = format!("convolution {k}x{k}/s{s} pad {p}, {cin} → {cout} channels, 6 × {h}×{h}");
-    Ok(op_check(what, tensors, 1e-5))
+    Ok(op_check(what, tensors, OP_BOUND))
 }
 
 /// BatchNorm + ReLU in training mode (output, gradients, running statistics), then in eval
@@ -191,7 +198,7 @@ fn batch_norm(gpu: &Device, c: usize, n: usize) -> anyhow::Result<Check> {
     Ok(op_check(
         format!("BatchNorm + ReLU, {c} channels × {n}"),
         tensors,
-        1e-5,
+        OP_BOUND,
     ))
 }
 
@@ -209,7 +216,7 @@ fn pool(gpu: &Device, pool: Pool2d, h: usize) -> anyhow::Result<Check> {
         s = pool.stride,
         p = pool.padding
     );
-    Ok(op_check(what, tensors, 1e-5))
+    Ok(op_check(what, tensors, OP_BOUND))
 }
 
 /// Three Adam steps with weight decay on 10,000 values.
@@ -237,7 +244,8 @@ fn adam(gpu: &Device) -> anyhow::Result<Check> {
     Ok(op_check(
         "Adam, 3 steps with weight decay, 10,000 values".into(),
         tensors,
-        1e-6,
+        // The kernels round as the CPU's loop: the H200 gave the same bits.
+        1e-7,
     ))
 }
 
@@ -268,8 +276,8 @@ fn network(gpu: &Device, arch: &str, spec: &InputSpec) -> anyhow::Result<Check> 
             "{arch}: training step, batch 6 of {}×{}",
             spec.height, spec.width
         ),
-        passed: heads_ok && within * 5 >= tensors.len() * 4 && worst < 0.1,
-        rule: "heads within 1e-4; ≥ 80% of tensors within 1e-4, all within 0.1".into(),
+        passed: heads_ok && worst < 1e-2,
+        rule: "heads within 1e-4, every tensor within 1e-2".into(),
         within_1e4: within,
         worst,
         tensors,

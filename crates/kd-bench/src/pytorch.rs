@@ -70,6 +70,14 @@ pub fn theirs(
     )
 }
 
+/// `bench.py`'s `--device`: `cuda` when ours runs on a GPU (`--device cuda[:N]`), else `cpu`.
+fn device_flag(args: &Args) -> String {
+    match args.pipeline.device {
+        Some(kd_train::device::DeviceChoice::Cuda(n)) => format!("cuda:{n}"),
+        _ => "cpu".into(),
+    }
+}
+
 /// Runs `bench.py` with `flags` (and the data, threads, repetitions) and reads the JSON line it
 /// prints last.
 pub fn run_script(
@@ -86,6 +94,7 @@ pub fn run_script(
         .arg(data)
         .args(flags)
         .args(["--threads", &kd_train::stage::threads().to_string()])
+        .args(["--device", &device_flag(args)])
         .args([
             "--reps",
             &args.reps.to_string(),

@@ -25,7 +25,24 @@ pub fn open_cuda(ordinal: usize) -> candle_core::Result<Device> {
         candle_core::bail!("no CUDA driver (libcuda.so) on this machine");
     }
     match std::panic::catch_unwind(|| Device::new_cuda(ordinal)) {
-        Ok(device) => device,
+        Ok(device) => {
+            let device = device?;
+            #[cfg(feature = "cuda")]
+            if let Device::Cuda(dev) = &device {
+                // cudarc records a CUDA event at every use of every buffer, so that buffers
+                // shared between streams are waited for: a few microseconds on each of the
+                // thousands of launches of a training step. We use one stream (candle's, one
+                // per device), on which every launch is ordered after the ones before.
+                #[allow(unsafe_code)]
+                // SAFETY: one stream only: no buffer is ever used on another stream, so the
+                // events that cudarc would record have nothing to order. Called before any
+                // tensor is made on this device.
+                unsafe {
+                    dev.disable_event_tracking()
+                };
+            }
+            Ok(device)
+        }
         Err(panic) => {
             let why = panic
                 .downcast_ref::<String>()

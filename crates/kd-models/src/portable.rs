@@ -15,9 +15,13 @@ thread_local! {
     static FORCED: Cell<bool> = const { Cell::new(false) };
 }
 
-/// Whether the layers run this path for `xs`: on a CUDA device, or inside [`forced`].
+/// Whether the layers run this path for `xs`: on a CUDA device, inside [`forced`], or on every
+/// device when the environment sets `KD_PORTABLE=1` (to compare a run of the GPU's path on the
+/// CPU with the fused ops' run).
 pub fn active(xs: &Tensor) -> bool {
-    xs.device().is_cuda() || FORCED.with(Cell::get)
+    static FROM_ENV: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let env = *FROM_ENV.get_or_init(|| std::env::var_os("KD_PORTABLE").is_some_and(|v| v == "1"));
+    xs.device().is_cuda() || env || FORCED.with(Cell::get)
 }
 
 /// Runs `f` with this path on any device, on this thread (the layers decide on the caller's
