@@ -26,4 +26,8 @@ export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR_CUDA:-$HOME/.cache/kd-distill/target-cuda}"
 # One binary with every stage (`crates/kd-all`): what travels to the GPU machine.
 cargo build --release --features cuda -p kd-all
+# Each stage's name linked to it, so that `kd-experiment` finds the stages beside itself.
+for stage in kd-teacher kd-precompute kd-student kd-report kd-export kd-experiment kd-bench kd-predict; do
+    ln -sf kd-all "$CARGO_TARGET_DIR/release/$stage"
+done
 echo "$CARGO_TARGET_DIR/release"
