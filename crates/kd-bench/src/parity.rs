@@ -219,12 +219,16 @@ fn pool(gpu: &Device, pool: Pool2d, h: usize) -> anyhow::Result<Check> {
     Ok(op_check(what, tensors, OP_BOUND))
 }
 
-/// Three Adam steps with weight decay on 10,000 values.
+/// Three Adam steps with weight decay on five variables of 1 to 10,000 values at once (one
+/// launch on the GPU, which finds each element's variable in a table).
 fn adam(gpu: &Device) -> anyhow::Result<Check> {
+    const SIZES: [usize; 5] = [10_000, 1, 3, 257, 4096];
     let tensors = both(gpu, |dev| {
-        let n = 10_000;
-        let w = wave(&[n], 0.731, 0.0, dev)?.affine(3.0, 0.0)?;
-        let mv = Tensor::zeros(2 * n, DType::F32, dev)?;
+        let mut vars = Vec::new();
+        for (i, &n) in SIZES.iter().enumerate() {
+            let w = wave(&[n], 0.731, i as f64, dev)?.affine(3.0, 0.0)?;
+            vars.push((w, Tensor::zeros(2 * n, DType::F32, dev)?));
+        }
         for t in 1..=3 {
             let step = AdamStep {
                 b1: 0.9,
@@ -234,15 +238,30 @@ fn adam(gpu: &Device) -> anyhow::Result<Check> {
                 eps: 1e-8,
                 decay: 1.0 - 0.01 * 0.05,
             };
-            step.apply(&w, &wave(&[n], 0.531, t as f64, dev)?, &mv)?;
+            let grads = SIZES
+                .iter()
+                .enumerate()
+                .map(|(i, &n)| wave(&[n], 0.531, (t as usize * 10 + i) as f64, dev))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let items: Vec<_> = vars
+                .iter()
+                .zip(&grads)
+                .map(|((w, mv), g)| (w, g, mv))
+                .collect();
+            step.apply_all(&items)?;
         }
-        Ok(Side::from([
-            ("weights".to_string(), w),
-            ("moments".to_string(), mv),
-        ]))
+        let mut side = Side::new();
+        for (i, (w, mv)) in vars.into_iter().enumerate() {
+            side.insert(format!("weights {i}"), w);
+            side.insert(format!("moments {i}"), mv);
+        }
+        Ok(side)
     })?;
     Ok(op_check(
-        "Adam, 3 steps with weight decay, 10,000 values".into(),
+        format!(
+            "Adam, 3 steps with weight decay, {} variables at once",
+            SIZES.len()
+        ),
         tensors,
         // The kernels round as the CPU's loop: the H200 gave the same bits.
         1e-7,

@@ -167,25 +167,35 @@ extern "C" __global__ void kd_pool_backward(const float *x, const float *y, cons
 
 // Adam's constants for one step (kd_train::optim::Update).
 struct Adam {
-    int n;
     float b1, b2, step_size, bc2_sqrt, eps, decay;
 };
 
-// In place on one variable's moments mv = [m (n), v (n)] from its gradient g. The operations of
-// the CPU's loop, each rounded as there (no fused multiply-add), so the same bits.
-extern "C" __global__ void kd_adam_moments(float *mv, const float *g, Adam a) {
-    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < a.n; i += gridDim.x * blockDim.x) {
-        const float gi = g[i];
-        mv[i] = __fadd_rn(__fmul_rn(a.b1, mv[i]), __fmul_rn(1.0f - a.b1, gi));
-        mv[a.n + i] = __fadd_rn(__fmul_rn(a.b2, mv[a.n + i]), __fmul_rn(__fmul_rn(1.0f - a.b2, gi), gi));
-    }
-}
-
-// In place on the variable w from its moments: w·decay − step_size·m / (√v / √(1 − β₂ᵗ) + ε).
-extern "C" __global__ void kd_adam_weights(float *w, const float *mv, Adam a) {
-    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < a.n; i += gridDim.x * blockDim.x) {
-        const float denom = __fadd_rn(__fdiv_rn(__fsqrt_rn(mv[a.n + i]), a.bc2_sqrt), a.eps);
-        w[i] = __fsub_rn(__fmul_rn(w[i], a.decay), __fdiv_rn(__fmul_rn(a.step_size, mv[i]), denom));
+// Every variable of a model in one launch (`kd_models::adam::AdamStep::apply_all`). `table` holds
+// five words per variable: the weights, the moments [m; v], the gradient (device addresses), the
+// variable's first element in the concatenation of all of them, and its length; the starts
+// ascend. Each element: m ← β₁m + (1−β₁)g, v ← β₂v + (1−β₂)g², then w ← w·decay −
+// step_size·m / (√v / √(1 − β₂ᵗ) + ε), each operation rounded as the CPU's loop (no fused
+// multiply-add): the same bits.
+extern "C" __global__ void kd_adam_all(const unsigned long long *table, int count, long long total, Adam a) {
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total;
+         i += (long long)gridDim.x * blockDim.x) {
+        int lo = 0, hi = count - 1;  // the last variable whose start is ≤ i
+        while (lo < hi) {
+            const int mid = (lo + hi + 1) / 2;
+            if ((long long)table[5 * mid + 3] <= i) lo = mid; else hi = mid - 1;
+        }
+        const unsigned long long *slot = table + 5 * lo;
+        float *w = (float *)slot[0];
+        float *mv = (float *)slot[1];
+        const float *g = (const float *)slot[2];
+        const long long n = (long long)slot[4], j = i - (long long)slot[3];
+        const float gj = g[j];
+        const float m = __fadd_rn(__fmul_rn(a.b1, mv[j]), __fmul_rn(1.0f - a.b1, gj));
+        const float v = __fadd_rn(__fmul_rn(a.b2, mv[n + j]), __fmul_rn(__fmul_rn(1.0f - a.b2, gj), gj));
+        mv[j] = m;
+        mv[n + j] = v;
+        const float denom = __fadd_rn(__fdiv_rn(__fsqrt_rn(v), a.bc2_sqrt), a.eps);
+        w[j] = __fsub_rn(__fmul_rn(w[j], a.decay), __fdiv_rn(__fmul_rn(a.step_size, m), denom));
     }
 }
 

@@ -1,8 +1,8 @@
-//! Adam's update of one variable where its values live, as two in-place ops: the moments
-//! `[m; v]` (one tensor of `2n`) moved by the gradient, then the weights moved by the moments.
-//! On a GPU that is two kernel launches per variable and no copy to the host; on the CPU the
-//! same loops, each operation rounded as in `kd_train::optim` (no fused multiply-add), so both
-//! give the CPU optimiser's bits.
+//! Adam's update of variables where their values live: the moments `[m; v]` (one tensor of `2n`
+//! per variable) moved by the gradient, then the weights moved by the moments. On a GPU, one
+//! kernel launch for every variable of a model and no copy to the host; on the CPU two
+//! in-place ops per variable. Both round each operation as `kd_train::optim`'s host loop (no
+//! fused multiply-add), so all give the CPU optimiser's bits.
 
 use candle_core::{CpuStorage, InplaceOp2, Layout, Result, Tensor};
 
@@ -22,16 +22,47 @@ impl AdamStep {
     /// Moves `moments` (`[m; v]`, `2n` f32) by `grad` (`n`), then `weights` (`n`) by them, in
     /// place on their device.
     pub fn apply(&self, weights: &Tensor, grad: &Tensor, moments: &Tensor) -> Result<()> {
-        let n = weights.elem_count();
-        if grad.elem_count() != n || moments.elem_count() != 2 * n {
-            candle_core::bail!(
-                "adam: {n} weights, {} gradients, {} moments",
-                grad.elem_count(),
-                moments.elem_count()
-            );
+        self.apply_all(&[(weights, grad, moments)])
+    }
+
+    /// The same update of many variables, `(weights, gradient, moments)` each, on one device.
+    /// On a GPU it is one launch for all of them (`kd_adam_all`; two launches per variable
+    /// took 6 ms of `googlenet-bn`'s 29 ms step on the H200); elsewhere the two in-place ops
+    /// per variable.
+    pub fn apply_all(&self, items: &[(&Tensor, &Tensor, &Tensor)]) -> Result<()> {
+        let grads = items
+            .iter()
+            .map(|(w, g, mv)| {
+                let n = w.elem_count();
+                if g.elem_count() != n || mv.elem_count() != 2 * n {
+                    candle_core::bail!(
+                        "adam: {n} weights, {} gradients, {} moments",
+                        g.elem_count(),
+                        mv.elem_count()
+                    );
+                }
+                g.contiguous()
+            })
+            .collect::<Result<Vec<_>>>()?;
+        match items.first().map(|(w, _, _)| w.device()) {
+            #[cfg(feature = "cuda")]
+            Some(candle_core::Device::Cuda(dev)) => {
+                let slots: Vec<_> = items
+                    .iter()
+                    .zip(&grads)
+                    .map(|((w, _, mv), g)| crate::gpu::AdamSlot {
+                        weights: w,
+                        grad: g,
+                        moments: mv,
+                    })
+                    .collect();
+                crate::gpu::adam_all(dev, &slots, self.args())
+            }
+            _ => items.iter().zip(&grads).try_for_each(|((w, _, mv), g)| {
+                mv.inplace_op2(g, &Moments(*self))?;
+                w.inplace_op2(mv, &Weights(*self))
+            }),
         }
-        moments.inplace_op2(&grad.contiguous()?, &Moments(*self))?;
-        weights.inplace_op2(moments, &Weights(*self))
     }
 
     /// The moments' pass on one element.
@@ -47,17 +78,15 @@ impl AdamStep {
     }
 
     #[cfg(feature = "cuda")]
-    fn args(&self, n: usize) -> Result<crate::gpu::AdamArgs> {
-        Ok(crate::gpu::AdamArgs {
-            n: i32::try_from(n)
-                .map_err(|_| candle_core::Error::Msg(format!("adam: {n} values")))?,
+    fn args(&self) -> crate::gpu::AdamArgs {
+        crate::gpu::AdamArgs {
             b1: self.b1,
             b2: self.b2,
             step_size: self.step_size,
             bc2_sqrt: self.bc2_sqrt,
             eps: self.eps,
             decay: self.decay,
-        })
+        }
     }
 }
 
@@ -94,18 +123,6 @@ impl InplaceOp2 for Moments {
         }
         Ok(())
     }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &mut candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-    ) -> Result<()> {
-        let args = self.0.args(l2.shape().elem_count())?;
-        crate::gpu::adam("kd_adam_moments", (s1, l1), (s2, l2), args)
-    }
 }
 
 impl InplaceOp2 for Weights {
@@ -129,17 +146,5 @@ impl InplaceOp2 for Weights {
             *w = self.0.weight(*w, m, v);
         }
         Ok(())
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &mut candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-    ) -> Result<()> {
-        let args = self.0.args(l1.shape().elem_count())?;
-        crate::gpu::adam("kd_adam_weights", (s1, l1), (s2, l2), args)
     }
 }

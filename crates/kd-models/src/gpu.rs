@@ -11,9 +11,11 @@
 use crate::im2col::Frame;
 use crate::pool::{Pool2d, PoolKind};
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaStream, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
+};
 use candle_core::cuda_backend::WrapErr;
-use candle_core::{CudaStorage, Layout, Result};
+use candle_core::{CudaDevice, CudaStorage, Layout, Result, Storage, Tensor};
 
 /// The PTX of `cuda/kernels.cu`, loaded once per device under [`MODULE`].
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/kd_kernels.ptx"));
@@ -172,7 +174,6 @@ fn launch<A: DeviceRepr>(
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct AdamArgs {
-    pub n: i32,
     pub b1: f32,
     pub b2: f32,
     pub step_size: f32,
@@ -184,30 +185,62 @@ pub(crate) struct AdamArgs {
 // SAFETY: plain `#[repr(C)]` numbers, the layout of `struct Adam` in kernels.cu.
 unsafe impl DeviceRepr for AdamArgs {}
 
-/// Runs `kernel(target, input, args)` in place on `target`'s `n` elements (Adam's two passes).
-pub(crate) fn adam(
-    kernel: &str,
-    (target, tl): (&mut CudaStorage, &Layout),
-    (input, il): (&CudaStorage, &Layout),
-    args: AdamArgs,
-) -> Result<()> {
-    let (Some((t0, t1)), Some((i0, i1))) = (tl.contiguous_offsets(), il.contiguous_offsets())
-    else {
-        candle_core::bail!("{kernel}: an input is not contiguous");
+/// One variable for [`adam_all`]: its weights, gradient and moments `[m; v]`, each f32 and
+/// contiguous, on one CUDA device.
+pub(crate) struct AdamSlot<'a> {
+    pub weights: &'a Tensor,
+    pub grad: &'a Tensor,
+    pub moments: &'a Tensor,
+}
+
+/// The device address of `t`'s first element.
+fn address(t: &Tensor, stream: &CudaStream) -> Result<u64> {
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cuda(storage) = &*storage else {
+        candle_core::bail!("adam: a tensor is not on a CUDA device");
     };
-    let dev = input.device().clone();
-    let func = dev.get_or_load_custom_func(kernel, MODULE, PTX)?;
-    let input = input.as_cuda_slice::<f32>()?.slice(i0..i1);
-    let mut target = target.as_cuda_slice_mut::<f32>()?.slice_mut(t0..t1);
+    if !layout.is_contiguous() {
+        candle_core::bail!("adam: a tensor is not contiguous");
+    }
+    let (base, _record) = storage.as_cuda_slice::<f32>()?.device_ptr(stream);
+    Ok(base + 4 * layout.start_offset() as u64)
+}
+
+/// Adam's update of every slot in one launch of `kd_adam_all`, in place: the moments, then the
+/// weights. The table of addresses travels to the device first (one small copy).
+pub(crate) fn adam_all(dev: &CudaDevice, slots: &[AdamSlot], args: AdamArgs) -> Result<()> {
+    let stream = dev.cuda_stream();
+    let mut table = Vec::with_capacity(5 * slots.len());
+    let mut total = 0u64;
+    for s in slots {
+        let n = s.weights.elem_count() as u64;
+        table.extend([
+            address(s.weights, &stream)?,
+            address(s.moments, &stream)?,
+            address(s.grad, &stream)?,
+            total,
+            n,
+        ]);
+        total += n;
+    }
+    if total == 0 {
+        return Ok(());
+    }
+    let table = dev.clone_htod(&table)?;
+    let count = int(slots.len(), "variables")?;
+    let total_i64 = total as i64;
+    let func = dev.get_or_load_custom_func("kd_adam_all", MODULE, PTX)?;
     let mut builder = func.builder();
-    builder.arg(&mut target);
-    builder.arg(&input);
+    builder.arg(&table);
+    builder.arg(&count);
+    builder.arg(&total_i64);
     builder.arg(&args);
-    let n = usize::try_from(args.n).unwrap_or(0);
-    // SAFETY: the arguments match the kernel's signature (the target, the input, the constants
-    // by value); the kernel touches `n` elements of the input and `n` (weights) or `2n`
-    // (moments) of the target, which the caller sized so.
-    unsafe { builder.launch(grid(n)) }.w()?;
+    // SAFETY: the arguments match `kd_adam_all`'s signature; every address in the table is
+    // the start of a live contiguous f32 buffer of the recorded length (the moments twice it),
+    // checked by the caller, and the tensors outlive the call. The launch is ordered on the
+    // device's one stream, after every launch that wrote the gradients and before any later
+    // use of the weights (event tracking is off: `kd_models::device::open_cuda`).
+    unsafe { builder.launch(grid(total as usize)) }.w()?;
     Ok(())
 }
 

@@ -169,9 +169,18 @@ impl Adam {
             .zip(self.moments.par_iter_mut())
             .try_for_each(|((_, var), mv)| match (grads.get(var.as_tensor()), mv) {
                 (Some(g), Moments::Host(m, v)) => update.apply(var, g, (m, v)),
-                (Some(g), Moments::Device(mv)) => update.on_device(var, g, mv),
-                (None, _) => Ok(()),
+                _ => Ok(()),
+            })?;
+        let on_device: Vec<(&Tensor, &Tensor, &Tensor)> = self
+            .vars
+            .iter()
+            .zip(&self.moments)
+            .filter_map(|((_, var), mv)| match (grads.get(var.as_tensor()), mv) {
+                (Some(g), Moments::Device(mv)) => Some((var.as_tensor(), g, mv)),
+                _ => None,
             })
+            .collect();
+        update.on_device(&on_device)
     }
 }
 
@@ -210,8 +219,12 @@ impl Update {
 }
 
 impl Update {
-    /// The same update on the variable's device, in place ([`kd_models::adam::AdamStep`]).
-    fn on_device(&self, var: &Var, g: &Tensor, mv: &Tensor) -> Result<()> {
+    /// The same update of `(weights, gradient, moments)` on their device, in place, all at
+    /// once ([`kd_models::adam::AdamStep::apply_all`]).
+    fn on_device(&self, items: &[(&Tensor, &Tensor, &Tensor)]) -> Result<()> {
+        if items.is_empty() {
+            return Ok(());
+        }
         let step = kd_models::adam::AdamStep {
             b1: self.b1,
             b2: self.b2,
@@ -220,7 +233,7 @@ impl Update {
             eps: self.eps,
             decay: self.decay,
         };
-        step.apply(var.as_tensor(), &g.flatten_all()?, mv)
+        step.apply_all(items)
     }
 }
 
@@ -265,7 +278,7 @@ mod tests {
             };
             let g = Tensor::new(values(t as f32).as_slice(), &Device::Cpu).unwrap();
             update.apply(&host, &g, (&mut m, &mut v)).unwrap();
-            update.on_device(&inplace, &g, &mv).unwrap();
+            update.on_device(&[(inplace.as_tensor(), &g, &mv)]).unwrap();
         }
         let bits = |t: &Tensor| {
             t.to_vec1::<f32>()
