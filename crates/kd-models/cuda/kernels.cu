@@ -165,6 +165,31 @@ extern "C" __global__ void kd_pool_backward(const float *x, const float *y, cons
     }
 }
 
+// A channels-first tensor's rows: c channels of n elements each.
+struct Rows {
+    int c, n;
+};
+
+// y = max(0, z + b[channel]) on z [c, n] (`kd_models::conv::BiasRelu`): one launch where
+// candle's broadcast add, comparison, conversion and product took four.
+extern "C" __global__ void kd_bias_relu(const float *z, const float *b, float *y, Rows r) {
+    const long long len = (long long)r.c * r.n;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < len;
+         i += (long long)gridDim.x * blockDim.x) {
+        const float v = z[i] + b[i / r.n];
+        y[i] = v > 0.0f ? v : 0.0f;
+    }
+}
+
+// ReLU's gradient from its output: dz = dy where y > 0, else 0 (PyTorch's rule).
+extern "C" __global__ void kd_relu_pass(const float *y, const float *dy, float *dz, Rows r) {
+    const long long len = (long long)r.c * r.n;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < len;
+         i += (long long)gridDim.x * blockDim.x) {
+        dz[i] = y[i] > 0.0f ? dy[i] : 0.0f;
+    }
+}
+
 // Adam's constants for one step (kd_train::optim::Update).
 struct Adam {
     float b1, b2, step_size, bc2_sqrt, eps, decay;

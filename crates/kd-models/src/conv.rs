@@ -868,6 +868,22 @@ impl CustomOp2 for BiasRelu {
         Ok((out, l1.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (c, n) = rows(l1.shape())?;
+        if l2.shape().elem_count() != c {
+            candle_core::bail!("bias-relu: bias {:?} for {c} channels", l2.shape());
+        }
+        let out = crate::gpu::rows("kd_bias_relu", (c, n), (s1, l1), (s2, l2))?;
+        Ok((out, l1.shape().clone()))
+    }
+
     fn bwd(
         &self,
         _z: &Tensor,
@@ -875,8 +891,54 @@ impl CustomOp2 for BiasRelu {
         res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (dz, db) = relu_bias_gradients(res, grad)?;
+        let (dz, db) = if res.device().is_cpu() {
+            relu_bias_gradients(res, grad)?
+        } else {
+            let dz = res.apply_op2_no_bwd(&grad.contiguous()?, &ReluPass)?;
+            let (c, n) = rows(res.shape())?;
+            let db = dz.reshape((c, n))?.sum(1)?;
+            (dz, db)
+        };
         Ok((Some(dz), Some(db)))
+    }
+}
+
+/// `(y, dy) → dy·[y > 0]`: ReLU's gradient from its output, on a device other than the CPU
+/// (whose [`relu_bias_gradients`] also sums the bias's gradient in the same pass).
+#[derive(Debug, Clone, Copy)]
+struct ReluPass;
+
+impl CustomOp2 for ReluPass {
+    fn name(&self) -> &'static str {
+        "kd-relu-pass"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        fn run<T: WithDType>(y: &[T], dy: &[T]) -> Vec<T> {
+            y.iter().zip(dy).map(|(&y, &g)| relu_pass(y, g)).collect()
+        }
+        let out = float_storage!(s1, "relu-pass", T => {
+            run(contiguous::<T>(s1, l1)?, contiguous::<T>(s2, l2)?)
+        });
+        Ok((out, l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let out = crate::gpu::rows("kd_relu_pass", rows(l1.shape())?, (s1, l1), (s2, l2))?;
+        Ok((out, l1.shape().clone()))
     }
 }
 
@@ -1216,6 +1278,33 @@ pub(crate) mod tests {
             );
             assert!(d < 1e-12, "{name} gradient differs by {d}");
         }
+    }
+
+    /// The GPU's backward of bias + ReLU (the mask op [`ReluPass`], then candle's row sum),
+    /// here with the mask's CPU body, gives the fused CPU backward's bits.
+    #[test]
+    fn the_mask_then_a_row_sum_is_the_fused_backward() {
+        let dev = Device::Cpu;
+        let (c, n) = (7, 1001);
+        let y = Tensor::from_vec(rand(&[c, n], 4), (c, n), &dev)
+            .unwrap()
+            .relu()
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
+        let dy = Tensor::from_vec(rand(&[c, n], 5), (c, n), &dev)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
+        let (dz, db) = relu_bias_gradients(&y, &dy).unwrap();
+        let dz2 = y.apply_op2_no_bwd(&dy, &ReluPass).unwrap();
+        let db2 = dz2.sum(1).unwrap();
+        let bits = |t: &Tensor| {
+            let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+            v.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+        };
+        assert_eq!(bits(&dz), bits(&dz2));
+        assert_eq!(bits(&db), bits(&db2));
     }
 
     /// The fused mask and row sum give candle's bits: `dz` as a select (a NaN gradient where

@@ -1,6 +1,8 @@
 //! The CUDA side of our ops (`--features cuda`): launches the kernels of `cuda/kernels.cu`
 //! (compiled to PTX by `build.rs`) on candle's CUDA storage, for the custom ops whose CPU side
-//! lives beside them (im2col and col2im in [`crate::im2col`], the pools in [`crate::pool`]).
+//! lives beside them (im2col and col2im in [`crate::im2col`], the pools in [`crate::pool`],
+//! bias + ReLU in [`crate::conv`], BatchNorm + ReLU in [`crate::portable`], Adam in
+//! [`crate::adam`]).
 //!
 //! The rest of a network on the GPU is candle's own CUDA ops ([`crate::portable`]): the
 //! products (cuBLAS), BatchNorm's statistics, ReLU, concatenation, the heads.
@@ -168,6 +170,32 @@ fn launch<A: DeviceRepr>(
     // output, the geometry struct by value); every index the kernel reads is inside its input.
     unsafe { builder.launch(grid(len)) }.w()?;
     Ok(CudaStorage::wrap_cuda_slice(out, dev))
+}
+
+/// A channels-first tensor's rows (`struct Rows` in kernels.cu).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct RowsArgs {
+    c: i32,
+    n: i32,
+}
+
+// SAFETY: plain `#[repr(C)]` integers, the layout of `struct Rows` in kernels.cu.
+unsafe impl DeviceRepr for RowsArgs {}
+
+/// An element-wise kernel over `[c, n]` from two inputs: `kd_bias_relu` (`z`, the bias `[c]`:
+/// `max(0, z + b)` per channel) or `kd_relu_pass` (`y`, `dy`: `dy` where `y > 0`, else 0).
+pub(crate) fn rows(
+    kernel: &str,
+    (c, n): (usize, usize),
+    a: (&CudaStorage, &Layout),
+    b: (&CudaStorage, &Layout),
+) -> Result<CudaStorage> {
+    let args = RowsArgs {
+        c: int(c, "channels")?,
+        n: int(n, "elements per channel")?,
+    };
+    launch(kernel, &[a, b], c * n, args)
 }
 
 /// Adam's constants for one step (`struct Adam` in kernels.cu).

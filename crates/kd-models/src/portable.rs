@@ -56,17 +56,21 @@ pub(crate) fn conv(xs: &Tensor, weight: &Tensor, geometry: Im2Col) -> Result<Ten
         .reshape((cout, b, oh, ow))
 }
 
-/// `max(0, z + bias)` per channel of a channels-first `z`.
+/// `max(0, z + bias)` per channel of a channels-first `z`: [`crate::conv::BiasRelu`], one
+/// kernel forward (`kd_bias_relu`) and, backward, one for the ReLU's mask (`kd_relu_pass`)
+/// and candle's row sum for the bias.
 pub(crate) fn bias_relu(z: &Tensor, bias: &Tensor) -> Result<Tensor> {
-    relu(&z.broadcast_add(&crate::conv::per_channel(bias, z.rank())?)?)
+    z.contiguous()?
+        .apply_op2(&bias.flatten_all()?, crate::conv::BiasRelu)
 }
 
 /// ReLU with PyTorch's gradient, which passes where the output is positive: candle's passes
 /// where the input is ≥ 0, so at an exact 0 (a zero-initialised bias on an all-zero patch) the
-/// two differ. `z · [z > 0]`, the mask a constant of the graph (a comparison has no gradient);
-/// a negative `z` gives −0 where candle's ReLU gives +0, which no later op tells apart.
+/// two differ. `z · [z > 0]`, the mask detached (a constant of the graph, so the backward does
+/// not compute its gradient); a negative `z` gives −0 where candle's ReLU gives +0, which no
+/// later op tells apart.
 pub(crate) fn relu(z: &Tensor) -> Result<Tensor> {
-    z * z.gt(0f64)?.to_dtype(z.dtype())?
+    z * z.gt(0f64)?.to_dtype(z.dtype())?.detach()
 }
 
 mod batch_norm;
