@@ -322,3 +322,21 @@ extern "C" __global__ void kd_bn_relu_dz(const float *z, const float *dy, const 
         dz[i] = k * (g - sums[a.c + ch] / a.n - x * sums[ch] / a.n);
     }
 }
+
+// BatchNorm's running statistics moved towards the batch's, in place, one launch for both
+// (`kd_models::norm`, where candle's ops took nine): r ← r·keep + batch·momentum, the
+// variance's batch value first made unbiased. Each operation rounded as candle's ops round
+// them.
+struct Running {
+    int c;
+    float keep, momentum, unbiased;
+};
+
+extern "C" __global__ void kd_bn_running(float *running_mean, float *running_var, const float *mean,
+                                         const float *var, Running a) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < a.c; i += gridDim.x * blockDim.x) {
+        running_mean[i] = __fadd_rn(__fmul_rn(running_mean[i], a.keep), __fmul_rn(mean[i], a.momentum));
+        const float batch_var = __fmul_rn(var[i], a.unbiased);
+        running_var[i] = __fadd_rn(__fmul_rn(running_var[i], a.keep), __fmul_rn(batch_var, a.momentum));
+    }
+}

@@ -225,10 +225,10 @@ pub(crate) struct AdamSlot<'a> {
 fn address(t: &Tensor, stream: &CudaStream) -> Result<u64> {
     let (storage, layout) = t.storage_and_layout();
     let Storage::Cuda(storage) = &*storage else {
-        candle_core::bail!("adam: a tensor is not on a CUDA device");
+        candle_core::bail!("a tensor for an in-place kernel is not on a CUDA device");
     };
     if !layout.is_contiguous() {
-        candle_core::bail!("adam: a tensor is not contiguous");
+        candle_core::bail!("a tensor for an in-place kernel is not contiguous");
     }
     let (base, _record) = storage.as_cuda_slice::<f32>()?.device_ptr(stream);
     Ok(base + 4 * layout.start_offset() as u64)
@@ -397,4 +397,55 @@ pub(crate) fn bn_backward(
     unsafe { b.launch(grid(c * n)) }.w()?;
     drop((dz, sums));
     Ok(CudaStorage::wrap_cuda_slice(out, dev))
+}
+
+/// `struct Running` in kernels.cu.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RunningArgs {
+    pub c: i32,
+    pub keep: f32,
+    pub momentum: f32,
+    pub unbiased: f32,
+}
+
+// SAFETY: plain `#[repr(C)]` numbers, the layout of `struct Running` in kernels.cu.
+unsafe impl DeviceRepr for RunningArgs {}
+
+/// BatchNorm's running mean and variance moved in place towards the batch's `(mean, biased
+/// variance)`, one launch (`kd_bn_running`); every tensor `[c]` f32 on `dev`.
+pub(crate) fn bn_running(
+    dev: &CudaDevice,
+    (running_mean, running_var): (&Tensor, &Tensor),
+    (mean, var): (&Tensor, &Tensor),
+    args: RunningArgs,
+) -> Result<()> {
+    let c = usize::try_from(args.c).unwrap_or(0);
+    for t in [running_mean, running_var, mean, var] {
+        if t.elem_count() != c {
+            candle_core::bail!(
+                "batch-norm: {} running values for {c} channels",
+                t.elem_count()
+            );
+        }
+    }
+    let stream = dev.cuda_stream();
+    let (mean, var) = (mean.contiguous()?, var.contiguous()?);
+    let addresses = [
+        address(running_mean, &stream)?,
+        address(running_var, &stream)?,
+        address(&mean, &stream)?,
+        address(&var, &stream)?,
+    ];
+    let func = dev.get_or_load_custom_func("kd_bn_running", MODULE, PTX)?;
+    let mut builder = func.builder();
+    for a in &addresses {
+        builder.arg(a);
+    }
+    builder.arg(&args);
+    // SAFETY: the arguments match `kd_bn_running`'s signature (four f32 addresses, passed as
+    // 64-bit values, then the constants); each is a live contiguous buffer of `c` values
+    // (checked above) that outlives the call, ordered on the device's one stream.
+    unsafe { builder.launch(grid(c)) }.w()?;
+    Ok(())
 }

@@ -140,12 +140,25 @@ impl BatchNormRelu {
     }
 
     /// [`Self::move_running`] from statistics on the device (the GPU's path): the batch's mean
-    /// and biased variance `[c]`, `n` values per channel.
+    /// and biased variance `[c]`, `n` values per channel. On a GPU one kernel moves both in
+    /// place; elsewhere candle's ops, the same arithmetic.
     fn move_running_to(&self, mean: &Tensor, var: &Tensor, n: usize) -> Result<()> {
         if !self.running_mean.is_variable() {
             return Ok(());
         }
         let unbiased = n as f64 / (n.max(2) - 1) as f64;
+        #[cfg(feature = "cuda")]
+        if let candle_core::Device::Cuda(dev) = mean.device() {
+            let args = crate::gpu::RunningArgs {
+                c: i32::try_from(mean.elem_count())
+                    .map_err(|_| candle_core::Error::Msg("batch-norm: too many channels".into()))?,
+                keep: (1.0 - MOMENTUM) as f32,
+                momentum: MOMENTUM as f32,
+                unbiased: unbiased as f32,
+            };
+            let running = (&self.running_mean, &self.running_var);
+            return crate::gpu::bn_running(dev, running, (mean, var), args);
+        }
         Self::move_towards(&self.running_mean, mean)?;
         Self::move_towards(&self.running_var, &(var * unbiased)?)
     }
