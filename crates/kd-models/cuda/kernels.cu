@@ -190,7 +190,7 @@ extern "C" __global__ void kd_relu_pass(const float *y, const float *dy, float *
     }
 }
 
-// Adam's constants for one step (kd_train::optim::Update).
+// Adam's constants for one step (`kd_models::adam::AdamStep`, `#[repr(C)]`).
 struct Adam {
     float b1, b2, step_size, bc2_sqrt, eps, decay;
 };

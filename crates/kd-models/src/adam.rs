@@ -8,6 +8,8 @@ use candle_core::{CpuStorage, InplaceOp2, Layout, Result, Tensor};
 
 /// One step's constants: `m ← β₁m + (1−β₁)g`, `v ← β₂v + (1−β₂)g²`,
 /// `w ← w·decay − step_size·m / (√v / bc2_sqrt + ε)`.
+/// `#[repr(C)]`: the kernels read it as `struct Adam` (kernels.cu).
+#[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AdamStep {
     pub b1: f32,
@@ -56,7 +58,7 @@ impl AdamStep {
                         moments: mv,
                     })
                     .collect();
-                crate::gpu::adam_all(dev, &slots, self.args())
+                crate::gpu::adam_all(dev, &slots, *self)
             }
             _ => items.iter().zip(&grads).try_for_each(|((w, _, mv), g)| {
                 mv.inplace_op2(g, &Moments(*self))?;
@@ -66,27 +68,15 @@ impl AdamStep {
     }
 
     /// The moments' pass on one element.
-    fn moments(&self, m: &mut f32, v: &mut f32, g: f32) {
+    pub fn moments(&self, m: &mut f32, v: &mut f32, g: f32) {
         *m = self.b1 * *m + (1.0 - self.b1) * g;
         *v = self.b2 * *v + (1.0 - self.b2) * g * g;
     }
 
     /// The weights' pass on one element.
-    fn weight(&self, w: f32, m: f32, v: f32) -> f32 {
+    pub fn weight(&self, w: f32, m: f32, v: f32) -> f32 {
         let denom = (v.sqrt() / self.bc2_sqrt) + self.eps;
         w * self.decay - self.step_size * m / denom
-    }
-
-    #[cfg(feature = "cuda")]
-    fn args(&self) -> crate::gpu::AdamArgs {
-        crate::gpu::AdamArgs {
-            b1: self.b1,
-            b2: self.b2,
-            step_size: self.step_size,
-            bc2_sqrt: self.bc2_sqrt,
-            eps: self.eps,
-            decay: self.decay,
-        }
     }
 }
 

@@ -152,10 +152,7 @@ fn launch<A: DeviceRepr>(
     let dev = first.device().clone();
     let views = inputs
         .iter()
-        .map(|(s, l)| match l.contiguous_offsets() {
-            Some((a, b)) => Ok(s.as_cuda_slice::<f32>()?.slice(a..b)),
-            None => candle_core::bail!("{kernel}: an input is not contiguous"),
-        })
+        .map(|&input| view(input, kernel))
         .collect::<Result<Vec<_>>>()?;
     let func = dev.get_or_load_custom_func(kernel, MODULE, PTX)?;
     // SAFETY: the kernel writes every one of the `len` elements before anything reads them.
@@ -198,20 +195,8 @@ pub(crate) fn rows(
     launch(kernel, &[a, b], c * n, args)
 }
 
-/// Adam's constants for one step (`struct Adam` in kernels.cu).
-#[repr(C)]
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct AdamArgs {
-    pub b1: f32,
-    pub b2: f32,
-    pub step_size: f32,
-    pub bc2_sqrt: f32,
-    pub eps: f32,
-    pub decay: f32,
-}
-
-// SAFETY: plain `#[repr(C)]` numbers, the layout of `struct Adam` in kernels.cu.
-unsafe impl DeviceRepr for AdamArgs {}
+// SAFETY: `#[repr(C)]` f32s in the order of `struct Adam` in kernels.cu.
+unsafe impl DeviceRepr for crate::adam::AdamStep {}
 
 /// One variable for [`adam_all`]: its weights, gradient and moments `[m; v]`, each f32 and
 /// contiguous, on one CUDA device.
@@ -236,7 +221,11 @@ fn address(t: &Tensor, stream: &CudaStream) -> Result<u64> {
 
 /// Adam's update of every slot in one launch of `kd_adam_all`, in place: the moments, then the
 /// weights. The table of addresses travels to the device first (one small copy).
-pub(crate) fn adam_all(dev: &CudaDevice, slots: &[AdamSlot], args: AdamArgs) -> Result<()> {
+pub(crate) fn adam_all(
+    dev: &CudaDevice,
+    slots: &[AdamSlot],
+    args: crate::adam::AdamStep,
+) -> Result<()> {
     let stream = dev.cuda_stream();
     let mut table = Vec::with_capacity(5 * slots.len());
     let mut total = 0u64;

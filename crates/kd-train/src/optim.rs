@@ -7,6 +7,7 @@
 use crate::config::Schedule;
 use candle_core::backprop::GradStore;
 use candle_core::{Result, Tensor, Var};
+use kd_models::adam::AdamStep;
 use rayon::prelude::*;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -156,7 +157,7 @@ impl Adam {
         self.step += 1;
         let p = self.params;
         let bc1 = 1.0 - p.beta1.powi(self.step as i32);
-        let update = Update {
+        let update = AdamStep {
             step_size: (p.lr / bc1) as f32,
             bc2_sqrt: (1.0 - p.beta2.powi(self.step as i32)).sqrt() as f32,
             b1: p.beta1 as f32,
@@ -168,7 +169,7 @@ impl Adam {
             .par_iter()
             .zip(self.moments.par_iter_mut())
             .try_for_each(|((_, var), mv)| match (grads.get(var.as_tensor()), mv) {
-                (Some(g), Moments::Host(m, v)) => update.apply(var, g, (m, v)),
+                (Some(g), Moments::Host(m, v)) => on_host(&update, var, g, (m, v)),
                 _ => Ok(()),
             })?;
         let on_device: Vec<(&Tensor, &Tensor, &Tensor)> = self
@@ -180,61 +181,23 @@ impl Adam {
                 _ => None,
             })
             .collect();
-        update.on_device(&on_device)
-    }
-}
-
-/// One step's constants of Adam's update.
-#[derive(Debug, Clone, Copy)]
-struct Update {
-    step_size: f32,
-    bc2_sqrt: f32,
-    b1: f32,
-    b2: f32,
-    eps: f32,
-    decay: f32,
-}
-
-impl Update {
-    /// The update of one variable from its gradient, its moments moved in place.
-    fn apply(&self, var: &Var, g: &Tensor, (m, v): (&mut [f32], &mut [f32])) -> Result<()> {
-        let Self {
-            step_size,
-            bc2_sqrt,
-            b1,
-            b2,
-            eps,
-            decay,
-        } = *self;
-        let g = g.flatten_all()?.to_vec1::<f32>()?;
-        let mut w = var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
-        for i in 0..w.len() {
-            m[i] = b1 * m[i] + (1.0 - b1) * g[i];
-            v[i] = b2 * v[i] + (1.0 - b2) * g[i] * g[i];
-            let denom = (v[i].sqrt() / bc2_sqrt) + eps;
-            w[i] = w[i] * decay - step_size * m[i] / denom;
-        }
-        var.set(&Tensor::from_vec(w, var.shape(), var.device())?)
-    }
-}
-
-impl Update {
-    /// The same update of `(weights, gradient, moments)` on their device, in place, all at
-    /// once ([`kd_models::adam::AdamStep::apply_all`]).
-    fn on_device(&self, items: &[(&Tensor, &Tensor, &Tensor)]) -> Result<()> {
-        if items.is_empty() {
+        if on_device.is_empty() {
             return Ok(());
         }
-        let step = kd_models::adam::AdamStep {
-            b1: self.b1,
-            b2: self.b2,
-            step_size: self.step_size,
-            bc2_sqrt: self.bc2_sqrt,
-            eps: self.eps,
-            decay: self.decay,
-        };
-        step.apply_all(items)
+        update.apply_all(&on_device)
     }
+}
+
+/// The update of one variable on the host from its gradient, its moments moved in place:
+/// [`AdamStep`]'s two passes on each element.
+fn on_host(step: &AdamStep, var: &Var, g: &Tensor, (m, v): (&mut [f32], &mut [f32])) -> Result<()> {
+    let g = g.flatten_all()?.to_vec1::<f32>()?;
+    let mut w = var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
+    for i in 0..w.len() {
+        step.moments(&mut m[i], &mut v[i], g[i]);
+        w[i] = step.weight(w[i], m[i], v[i]);
+    }
+    var.set(&Tensor::from_vec(w, var.shape(), var.device())?)
 }
 
 /// The learning rate at `step` of `total` steps.
@@ -253,7 +216,7 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
-    /// The in-place update the GPU runs ([`Update::on_device`], here on the CPU) gives the
+    /// The in-place update the GPU runs ([`AdamStep::apply_all`], here on the CPU) gives the
     /// host loop's bits, weight decay included.
     #[test]
     fn the_in_place_update_has_the_host_loops_bits() {
@@ -268,7 +231,7 @@ mod tests {
         let (mut m, mut v) = (vec![0.0; n], vec![0.0; n]);
         let mv = Tensor::zeros(2 * n, candle_core::DType::F32, &Device::Cpu).unwrap();
         for t in 1..=4 {
-            let update = Update {
+            let update = AdamStep {
                 step_size: 0.01 / (1.0 - 0.9f32.powi(t)),
                 bc2_sqrt: (1.0 - 0.999f32.powi(t)).sqrt(),
                 b1: 0.9,
@@ -277,8 +240,8 @@ mod tests {
                 decay: 1.0 - 0.01 * 0.05,
             };
             let g = Tensor::new(values(t as f32).as_slice(), &Device::Cpu).unwrap();
-            update.apply(&host, &g, (&mut m, &mut v)).unwrap();
-            update.on_device(&[(inplace.as_tensor(), &g, &mv)]).unwrap();
+            on_host(&update, &host, &g, (&mut m, &mut v)).unwrap();
+            update.apply_all(&[(inplace.as_tensor(), &g, &mv)]).unwrap();
         }
         let bits = |t: &Tensor| {
             t.to_vec1::<f32>()
