@@ -589,15 +589,15 @@ impl ConvBackward {
             }
         };
         let pointwise = self.geometry.is_pointwise();
-        let gathered;
+        let (copied_x, gathered);
         let cols = if pointwise && !sets_alias::<T>(n, depth) {
             View::rows(&x[images.start * px..], depth, cn, n)
         } else if pointwise {
             // A 1×1 input whose rows would thrash the cache: a copy of its columns, one `memcpy`
             // per row (im2col's zero fill and per-image copies took 2.5 ms more per batch for
             // the 1×1s at 14×14, 1 thread: 15.1–18.3 → 13.6–15.5 ms in 4 alternating rounds).
-            gathered = columns_of(x, n, at);
-            View::rows(&gathered, depth, cn, cn)
+            copied_x = columns_of(x, n, at);
+            View::rows(&copied_x, depth, cn, cn)
         } else {
             // k×k taps.
             gathered = f.gather(x, images.clone());

@@ -4,7 +4,9 @@
 use crate::cpu::{contiguous, float_storage};
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
-use std::ops::Range;
+use std::any::Any;
+use std::cell::RefCell;
+use std::ops::{Deref, DerefMut, Range};
 
 /// `[c, b, h, w]` → `[c·k·k, b·oh·ow]`: row `(ci, ky, kx)` holds, for every output pixel of every
 /// image, the input pixel that kernel tap sees (zero in the padding).
@@ -26,6 +28,64 @@ pub(crate) struct Frame {
     pub w: usize,
     oh: usize,
     ow: usize,
+}
+
+/// A chunk's columns in a buffer this thread keeps from call to call ([`Frame::gather`]). The
+/// convolutions gather a chunk's columns, multiply and drop them, chunk after chunk; a fresh
+/// `vec![0; n]` each time zero-filled every buffer before im2col wrote it again: 18 ms of the
+/// 530 ms of CPU time of a 2-thread `googlenet-bn` step (`docs/speed.md`, nineteenth round).
+/// Dropped, the buffer goes back to its thread, which keeps its largest: at most one chunk's
+/// columns per thread (2 MiB in the forward, 3.6 MB in the teacher's backward).
+pub(crate) struct Columns<T: WithDType> {
+    buf: Vec<T>,
+    len: usize,
+}
+
+thread_local! {
+    /// This thread's spare columns buffer, of whichever element type last used it.
+    static SPARE_COLUMNS: RefCell<Option<Box<dyn Any>>> = const { RefCell::new(None) };
+}
+
+impl<T: WithDType> Columns<T> {
+    /// `len` elements of this thread's spare buffer (grown with zeros if it is shorter), holding
+    /// whatever they last held; a fresh buffer if the spare one is in use or of another type.
+    fn take(len: usize) -> Self {
+        let spare = SPARE_COLUMNS.with(|s| s.borrow_mut().take());
+        let mut buf = spare
+            .and_then(|b| b.downcast::<Vec<T>>().ok())
+            .map_or_else(Vec::new, |b| *b);
+        if buf.len() < len {
+            buf.resize(len, T::zero());
+        }
+        Self { buf, len }
+    }
+}
+
+impl<T: WithDType> Drop for Columns<T> {
+    fn drop(&mut self) {
+        let buf = std::mem::take(&mut self.buf);
+        // At a thread's exit the slot may be gone already; the buffer is then simply freed.
+        let _ = SPARE_COLUMNS.try_with(|s| {
+            let mut s = s.borrow_mut();
+            let kept = s.as_ref().and_then(|b| b.downcast_ref::<Vec<T>>());
+            if kept.is_none_or(|k| k.len() < buf.len()) {
+                *s = Some(Box::new(buf));
+            }
+        });
+    }
+}
+
+impl<T: WithDType> Deref for Columns<T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        &self.buf[..self.len]
+    }
+}
+
+impl<T: WithDType> DerefMut for Columns<T> {
+    fn deref_mut(&mut self) -> &mut [T] {
+        &mut self.buf[..self.len]
+    }
 }
 
 impl Im2Col {
@@ -116,18 +176,19 @@ impl Frame {
         cols
     }
 
-    /// The columns of `images`, `[c·k·k, images·oh·ow]`, on this thread.
-    pub fn gather<T: WithDType>(&self, x: &[T], images: Range<usize>) -> Vec<T> {
+    /// The columns of `images`, `[c·k·k, images·oh·ow]`, on this thread, in its [`Columns`]
+    /// buffer: every element is written, so the buffer needs no zero fill.
+    pub(crate) fn gather<T: WithDType>(&self, x: &[T], images: Range<usize>) -> Columns<T> {
         let n = images.len() * self.pixels();
-        let mut cols = vec![T::from_f64(0.0); self.depth() * n];
+        let mut cols = Columns::take(self.depth() * n);
         for (row, dst) in cols.chunks_mut(n.max(1)).enumerate() {
             self.gather_row(x, row, images.clone(), dst);
         }
         cols
     }
 
-    /// Row `(ci, ky, kx)` of the columns for `images` into `dst` (zeros where the tap falls in
-    /// the padding are left as they are).
+    /// Row `(ci, ky, kx)` of the columns for `images` into `dst`, every element of it: zero
+    /// where the tap falls in the padding.
     fn gather_row<T: WithDType>(&self, x: &[T], row: usize, images: Range<usize>, dst: &mut [T]) {
         let k = self.op.kernel;
         let tap = (row / (k * k), (row / k) % k, row % k);
@@ -157,15 +218,19 @@ impl Frame {
         } = *self;
         let xs = op.valid(kx, w, ow);
         if xs.is_empty() {
+            dst.fill(T::zero());
             return;
         }
         for (i, bi) in images.enumerate() {
             let plane = self.plane(x, ci, bi);
             for oy in 0..oh {
+                let out = &mut dst[(i * oh + oy) * ow..(i * oh + oy + 1) * ow];
                 let Some(iy) = op.source(oy, ky, h) else {
+                    out.fill(T::zero());
                     continue;
                 };
-                let out = &mut dst[(i * oh + oy) * ow..(i * oh + oy + 1) * ow];
+                out[..xs.start].fill(T::zero());
+                out[xs.end..].fill(T::zero());
                 let src = &plane[iy * w..(iy + 1) * w];
                 if op.stride == 1 {
                     let off = xs.start + kx - op.padding;
@@ -183,7 +248,7 @@ impl Frame {
     /// the tap's valid outputs of an image are its plane shifted by `(ky − p)·w + kx − p`, so
     /// they are one contiguous copy (a copy per output row costs a call for 3 to 28 values); the
     /// values that the shift wraps into the ends of rows, where the tap falls in the padding, are
-    /// set back to zero.
+    /// set back to zero, and so are the rows above and below the valid ones.
     fn gather_row_shifted<T: WithDType>(
         &self,
         x: &[T],
@@ -194,6 +259,7 @@ impl Frame {
         let Self { op, h, w, oh, .. } = *self;
         let (xs, ys) = (op.valid(kx, w, w), op.valid(ky, h, oh));
         if xs.is_empty() || ys.is_empty() {
+            dst.fill(T::zero());
             return;
         }
         let len = (ys.len() - 1) * w + xs.len();
@@ -203,7 +269,9 @@ impl Frame {
         for (i, bi) in images.enumerate() {
             let plane = self.plane(x, ci, bi);
             let out = &mut dst[i * oh * w..(i + 1) * oh * w];
+            out[..start].fill(T::zero());
             out[start..start + len].copy_from_slice(&plane[from..from + len]);
+            out[start + len..].fill(T::zero());
             for oy in ys.start..ys.end - 1 {
                 out[oy * w + xs.end..(oy + 1) * w + xs.start].fill(T::zero());
             }
@@ -459,9 +527,9 @@ mod tests {
             let n = 2 * h * w;
             for row in 0..f.depth() {
                 let tap = (row / (k * k), (row / k) % k, row % k);
-                // Zeroed, as the columns are: where the tap falls in the padding, both must
-                // leave (or put back) a zero.
-                let (mut shifted, mut by_rows) = (vec![0f32; n], vec![0f32; n]);
+                // Both must write every element (the columns' buffer is not zeroed first): a
+                // NaN left behind would fail the comparison below or the zero check.
+                let (mut shifted, mut by_rows) = (vec![f32::NAN; n], vec![-1f32; n]);
                 f.gather_row_shifted(&x, tap, 1..3, &mut shifted);
                 f.gather_row_by_rows(&x, tap, 1..3, &mut by_rows);
                 let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
@@ -547,6 +615,9 @@ mod tests {
         let x = rand(&[c, b, h, w], 4);
         let all = frame.gather_all(&x);
         let (n, px) = (b * frame.pixels(), frame.pixels());
+        // This thread's columns buffer, left full of other values: every element must be
+        // written again, the padding's zeros included.
+        drop(frame.gather(&vec![f64::NAN; x.len()], 0..b));
         let part = frame.gather(&x, 1..4);
         for row in 0..frame.depth() {
             assert_eq!(
