@@ -458,9 +458,9 @@ impl CustomOp1 for MaxTraining {
                 if self.pool.is_same_3x3_max() {
                     same_3x3_max_with_argmax(x, g.h, g.w)
                 } else {
-                    max_3x3_s2_with_argmax(x, (g.h, g.w), (g.oh, g.ow))
+                    Ok(max_3x3_s2_with_argmax(x, (g.h, g.w), (g.oh, g.ow)))
                 }
-            });
+            })?;
             // A fresh op per forward: the codes are set once.
             let _ = self.argmax.set(argmax);
             out
@@ -514,7 +514,7 @@ impl CustomOp1 for MaxBackward<'_> {
                 } else {
                     max_3x3_s2_backward(self.argmax, grad, (g.h, g.w), (g.oh, g.ow))
                 }
-            })
+            })?
         });
         Ok((out, self.input.clone()))
     }
@@ -772,13 +772,13 @@ mod tests {
         for (h, w) in [(2, 2), (7, 7), (14, 14), (3, 5), (28, 28), (2, 9)] {
             let n = 300 * h * w;
             for (kind, x) in tricky_inputs(n, 7) {
-                let (out, argmax) = same_3x3_max_with_argmax(&x, h, w);
+                let (out, argmax) = same_3x3_max_with_argmax(&x, h, w).unwrap();
                 assert_eq!(bits(&out), bits(&same_3x3_max(&x, h, w)), "{h}x{w}, {kind}");
                 // Gradients whose sums depend on the order of the additions.
                 let grad: Vec<f32> = order_sensitive(&tricky_input(n, 8), 10);
                 let g = Geometry { h, w, oh: h, ow: w };
                 let general = p.backward_planes_general(&x, &out, &grad, g);
-                let gathered = same_3x3_max_backward(&argmax, &grad, h, w);
+                let gathered = same_3x3_max_backward(&argmax, &grad, h, w).unwrap();
                 assert_eq!(bits(&gathered), bits(&general), "{h}x{w} backward, {kind}");
             }
         }
@@ -814,7 +814,7 @@ mod tests {
                     let n = planes * g.oh * g.ow;
                     let grad: Vec<f32> = order_sensitive(&tricky_input(n, 12), 13);
                     let want = p.backward_planes_general(&x, &out, &grad, g);
-                    let got = max_3x3_s2_backward(&argmax, &grad, (h, w), (g.oh, g.ow));
+                    let got = max_3x3_s2_backward(&argmax, &grad, (h, w), (g.oh, g.ow)).unwrap();
                     assert_eq!(bits(&got), bits(&want), "{p:?} {h}x{w} backward, {kind}");
                 }
             }

@@ -9,8 +9,8 @@
 //! four.
 
 use super::max_nan;
-use crate::cpu::wide;
-use candle_core::WithDType;
+use crate::cpu::{fill_pair, par_build, par_build_pair, wide, Filled, Slots};
+use candle_core::{Result, WithDType};
 use rayon::prelude::*;
 use std::hint::select_unpredictable;
 
@@ -224,18 +224,15 @@ pub(super) fn same_3x3_max_with_argmax<T: WithDType>(
     x: &[T],
     h: usize,
     w: usize,
-) -> (Vec<T>, Vec<u8>) {
+) -> Result<(Vec<T>, Vec<u8>)> {
     let plane = h * w;
     let per_task = plane * (TASK_ELEMENTS / plane).max(1);
-    let (mut out, mut code) = (vec![T::from_f64(0.0); x.len()], vec![0u8; x.len()]);
     let edges = edges(per_task.min(x.len()), h, w);
-    out.par_chunks_mut(per_task)
-        .zip(code.par_chunks_mut(per_task))
-        .zip(x.par_chunks(per_task))
-        .for_each_init(Scratch::default, |s, ((o, c), x)| {
-            wide!(|| by_nan!(x, same_3x3_task(s, x, (o, c), w, &edges)))
-        });
-    (out, code)
+    // Outputs and codes are written whole, task by task: not zero-filled first.
+    par_build_pair(x.len(), per_task, Scratch::default, |s, i, o, c| {
+        let x = &x[i * per_task..][..o.len()];
+        wide!(|| by_nan!(x, same_3x3_task(s, x, (o, c), w, &edges)))
+    })
 }
 
 /// One task of [`same_3x3_max_with_argmax`]: whole planes `x` into their outputs and codes.
@@ -243,12 +240,12 @@ pub(super) fn same_3x3_max_with_argmax<T: WithDType>(
 fn same_3x3_task<const NAN: bool, T: WithDType>(
     s: &mut Scratch<T>,
     x: &[T],
-    (o, c): (&mut [T], &mut [u8]),
+    out: (Slots<'_, T>, Slots<'_, u8>),
     w: usize,
     edges: &[u8],
-) {
+) -> (Filled, Filled) {
     let (t, tc) = s.along_x::<NAN>(x, w, edges);
-    along_y_with_argmax::<NAN, T>(t, tc, o, c, w, edges);
+    along_y_with_argmax::<NAN, T>(t, tc, out, w, edges)
 }
 
 /// Bits of an [`edges`] byte: the element opens or closes its row, or its plane.
@@ -340,30 +337,43 @@ fn pick<V>(on: bool, a: V, b: V) -> V {
 fn along_y_with_argmax<const NAN: bool, T: WithDType>(
     t: &[T],
     tc: &[u8],
-    o: &mut [T],
-    code: &mut [u8],
+    (o, code): (Slots<'_, T>, Slots<'_, u8>),
     w: usize,
     edges: &[u8],
-) {
+) -> (Filled, Filled) {
     let n = t.len();
+    let middle = n - 2 * w;
+    let ((o_top, o), (c_top, c)) = (o.split_at(w), code.split_at(w));
+    let ((o_mid, o_bottom), (c_mid, c_bottom)) = (o.split_at(middle), c.split_at(middle));
     // The task's first and last rows open and close a plane (`h ≥ 2`).
-    for i in 0..w {
+    let top = (0..w).map(|i| {
         let codes = (3 + tc[i], 6 + tc[i + w]);
-        (o[i], code[i]) = max2_with_code::<NAN, T>(t[i], t[i + w], codes);
-    }
-    for i in n - w..n {
+        max2_with_code::<NAN, T>(t[i], t[i + w], codes)
+    });
+    let bottom = (n - w..n).map(|i| {
         let codes = (tc[i - w], 3 + tc[i]);
-        (o[i], code[i]) = max2_with_code::<NAN, T>(t[i - w], t[i], codes);
-    }
-    for i in w..n - w {
-        let (top, bottom) = (edges[i] & FIRST_ROW != 0, edges[i] & LAST_ROW != 0);
-        let (a, ka) = (pick(top, t[i], t[i - w]), pick(top, 3 + tc[i], tc[i - w]));
-        let (c, kc) = (
-            pick(bottom, t[i], t[i + w]),
-            pick(bottom, 3 + tc[i], 6 + tc[i + w]),
-        );
-        (o[i], code[i]) = max3_with_code::<NAN, T>(a, t[i], c, (ka, 3 + tc[i], kc));
-    }
+        max2_with_code::<NAN, T>(t[i - w], t[i], codes)
+    });
+    // Between them, each row with the rows above and below it: the three as slices side by side.
+    let rows = |from: usize| t[from..from + middle].iter().zip(&tc[from..from + middle]);
+    let mid = rows(0)
+        .zip(rows(w).zip(&edges[w..n - w]))
+        .zip(rows(2 * w))
+        .map(|(((&up, &k_up), ((&at, &k_at), &e)), (&down, &k_down))| {
+            let (top, bottom) = (e & FIRST_ROW != 0, e & LAST_ROW != 0);
+            let (a, ka) = (pick(top, at, up), pick(top, 3 + k_at, k_up));
+            let (c, kc) = (pick(bottom, at, down), pick(bottom, 3 + k_at, 6 + k_down));
+            max3_with_code::<NAN, T>(a, at, c, (ka, 3 + k_at, kc))
+        });
+    let (top, mid, bottom) = (
+        fill_pair(o_top, c_top, top),
+        fill_pair(o_mid, c_mid, mid),
+        fill_pair(o_bottom, c_bottom, bottom),
+    );
+    (
+        top.0.join(mid.0).join(bottom.0),
+        top.1.join(mid.1).join(bottom.1),
+    )
 }
 
 /// The input gradient of the 3×3 / stride 1 / padding 1 max-pool from the forward's arg-max
@@ -376,14 +386,16 @@ pub(super) fn same_3x3_max_backward<T: WithDType>(
     grad: &[T],
     h: usize,
     w: usize,
-) -> Vec<T> {
+) -> Result<Vec<T>> {
     let plane = h * w;
     let per_task = plane * (TASK_ELEMENTS / plane).max(1);
-    let mut gx = vec![T::from_f64(0.0); grad.len()];
-    gx.par_chunks_mut(per_task)
-        .zip(argmax.par_chunks(per_task).zip(grad.par_chunks(per_task)))
-        .for_each(|(gx, (argmax, grad))| wide!(|| gather_3x3(argmax, grad, gx, w)));
-    gx
+    // Every input's gradient is written once, task by task: not zero-filled first.
+    let (gx, _) = par_build(grad.len(), per_task, |i, gx| {
+        let at = i * per_task..i * per_task + gx.len();
+        let (argmax, grad) = (&argmax[at.clone()], &grad[at]);
+        (wide!(|| gather_3x3(argmax, grad, gx, w)), ())
+    })?;
+    Ok(gx)
 }
 
 /// One task of [`same_3x3_max_backward`], whole planes: each input's nine terms summed in a
@@ -391,7 +403,7 @@ pub(super) fn same_3x3_max_backward<T: WithDType>(
 /// kx`) points back at input `i` from output `i + w + 1 − (ky·w + kx)`: tap 8 (bottom right) from
 /// the output up and left of it, the first in row-major order, so the taps go from 8 down.
 #[inline(always)]
-fn gather_3x3<T: WithDType>(argmax: &[u8], grad: &[T], gx: &mut [T], w: usize) {
+fn gather_3x3<T: WithDType>(argmax: &[u8], grad: &[T], gx: Slots<'_, T>, w: usize) -> Filled {
     let n = gx.len();
     // How far an output lies from the inputs it points at, either way.
     let reach = w + 1;
@@ -411,24 +423,26 @@ fn gather_3x3<T: WithDType>(argmax: &[u8], grad: &[T], gx: &mut [T], w: usize) {
             .fold(zero, |sum, (o, k)| sum + term(o, k))
     };
     if n <= 2 * reach {
-        for (i, g) in gx.iter_mut().enumerate() {
-            *g = at_edge(i);
-        }
-        return;
-    }
-    for i in (0..reach).chain(n - reach..n) {
-        gx[i] = at_edge(i);
+        return gx.fill((0..n).map(at_edge));
     }
     let len = n - 2 * reach;
+    let (head, rest) = gx.split_at(reach);
+    let (middle, tail) = rest.split_at(len);
     let codes: [&[u8]; 9] = std::array::from_fn(|k| &argmax[from(k)..from(k) + len]);
     let grads: [&[T]; 9] = std::array::from_fn(|k| &grad[from(k)..from(k) + len]);
-    for (j, g) in gx[reach..n - reach].iter_mut().enumerate() {
-        let mut sum = zero;
-        for k in 0..9 {
-            sum += select_unpredictable(codes[k][j] == (8 - k) as u8, grads[k][j], zero);
-        }
-        *g = sum;
-    }
+    let head = head.fill((0..reach).map(at_edge));
+    let middle = middle.fill_each(
+        #[inline(always)]
+        |j| {
+            let mut sum = zero;
+            for k in 0..9 {
+                sum += select_unpredictable(codes[k][j] == (8 - k) as u8, grads[k][j], zero);
+            }
+            sum
+        },
+    );
+    head.join(middle)
+        .join(tail.fill((n - reach..n).map(at_edge)))
 }
 
 /// The 3×3 / stride 2 / no-padding max-pool of `[planes, h, w]` (floor or ceil mode, `oh × ow`
@@ -535,30 +549,32 @@ pub(super) fn max_3x3_s2_backward<T: WithDType>(
     grad: &[T],
     (h, w): (usize, usize),
     (oh, ow): (usize, usize),
-) -> Vec<T> {
+) -> Result<Vec<T>> {
     let (plane, out_plane, planes_per_task) = task_planes((h, w), (oh, ow));
-    let mut gx = vec![T::from_f64(0.0); grad.len() / out_plane * plane];
-    gx.par_chunks_mut(planes_per_task * plane)
-        .zip(argmax.par_chunks(planes_per_task * out_plane))
-        .zip(grad.par_chunks(planes_per_task * out_plane))
-        .for_each(|((gx, argmax), grad)| {
-            wide!(|| {
-                for (gx, (argmax, grad)) in gx.chunks_exact_mut(plane).zip(
-                    argmax
-                        .chunks_exact(out_plane)
-                        .zip(grad.chunks_exact(out_plane)),
-                ) {
-                    let rows = argmax.chunks_exact(ow).zip(grad.chunks_exact(ow));
-                    for (oy, (argmax, grad)) in rows.enumerate() {
-                        for (ox, (&c, &g)) in argmax.iter().zip(grad).enumerate() {
-                            let (ky, kx) = ((c / 3) as usize, (c % 3) as usize);
-                            gx[(2 * oy + ky) * w + 2 * ox + kx] += g;
-                        }
+    // Each task zeroes its planes of `gx` just before adding into them, while they are in cache.
+    let len = grad.len() / out_plane * plane;
+    let (gx, _) = par_build(len, planes_per_task * plane, |i, gx| {
+        let (filled, gx) = gx.zeroed();
+        let at = i * planes_per_task * out_plane..;
+        let outputs = gx.len() / plane * out_plane;
+        let (argmax, grad) = (&argmax[at.clone()][..outputs], &grad[at][..outputs]);
+        wide!(|| {
+            let planes = argmax
+                .chunks_exact(out_plane)
+                .zip(grad.chunks_exact(out_plane));
+            for (gx, (argmax, grad)) in gx.chunks_exact_mut(plane).zip(planes) {
+                let rows = argmax.chunks_exact(ow).zip(grad.chunks_exact(ow));
+                for (oy, (argmax, grad)) in rows.enumerate() {
+                    for (ox, (&c, &g)) in argmax.iter().zip(grad).enumerate() {
+                        let (ky, kx) = ((c / 3) as usize, (c % 3) as usize);
+                        gx[(2 * oy + ky) * w + 2 * ox + kx] += g;
                     }
                 }
-            })
+            }
         });
-    gx
+        (filled, ())
+    })?;
+    Ok(gx)
 }
 
 /// The 3×3 / stride 2 average pool without padding in floor mode (the auxiliary heads'), of
