@@ -68,6 +68,13 @@ const LEAF_KINDS: [(&str, &[&str]); 2] = [
     ),
 ];
 
+/// Frames of one half of a batch waiting for the other at a BatchNorm exchange
+/// (`kd_models::meeting`): waiting wherever they lie in the stack, unless a kind of work lies
+/// nearer the leaf (a waiting half runs the other half's pending pieces meanwhile). Their leaves
+/// are the kernel's scheduler, a clock read or the loop itself, none a leaf kind: these samples
+/// counted as BatchNorm.
+const WAITING_FRAMES: [&str; 1] = ["spin_until"];
+
 /// Samples outside the measured work: loading and preparing the data, starting up.
 const LEFT_OUT: [&str; 3] = ["kd_data::", "load_data", "kd_train::stage::Pipeline::open"];
 
@@ -91,6 +98,9 @@ fn kind(frames: &[&str]) -> String {
         }
     }
     for f in frames {
+        if WAITING_FRAMES.iter().any(|p| f.contains(p)) {
+            return LEAF_KINDS[0].0.to_string();
+        }
         for (name, pats) in KINDS.iter().take(KINDS.len() - 1) {
             if pats.iter().any(|p| matches(f, p)) {
                 return name.to_string();
@@ -207,5 +217,18 @@ mod tests {
             md.contains("| im2col (gather the taps of k×k convolutions) | 33.3% |"),
             "{md}"
         );
+    }
+
+    /// A half waiting at a BatchNorm exchange is waiting, though its stack runs through the
+    /// BatchNorm's op; work it runs for the other half while it waits is that work.
+    #[test]
+    fn a_half_waiting_at_an_exchange_is_waiting_unless_it_helps() {
+        let waiting = "1 \n\t  1 __schedule\n\t  2 __sched_yield\n\t  3 kd_models::meeting::spin_until\n\t  4 kd_models::meeting::Meeting::exchange\n\t  5 kd_models::norm::met_forward_rows\n";
+        let helping = "1 \n\t  1 gemm_f32::microkernel::fma::f32::x2x6\n\t  2 rayon_core::thread_pool::yield_now\n\t  3 kd_models::meeting::spin_until\n\t  4 kd_models::norm::met_backward_rows\n";
+        let p = Profile::parse(&format!("{waiting}\n{helping}"));
+        assert_eq!(p.total, 2);
+        assert_eq!(p.counts.get(LEAF_KINDS[0].0), Some(&1));
+        assert_eq!(p.counts.get(KINDS[6].0), Some(&1));
+        assert_eq!(p.counts.get(KINDS[3].0), None);
     }
 }
