@@ -35,7 +35,8 @@ pub(crate) struct Frame {
 /// `vec![0; n]` each time zero-filled every buffer before im2col wrote it again: 18 ms of the
 /// 530 ms of CPU time of a 2-thread `googlenet-bn` step (`docs/speed.md`, nineteenth round).
 /// Dropped, the buffer goes back to its thread, which keeps its largest: at most one chunk's
-/// columns per thread (2 MiB in the forward, 3.6 MB in the teacher's backward).
+/// columns per thread, held until the thread ends (2 MiB in the forward; in the backward's
+/// chunks of 8 images, 3.6 MB for the 28-px teacher and 59 MB for `googlenet-224`'s 7×7 stem).
 pub(crate) struct Columns<T: WithDType> {
     buf: Vec<T>,
     len: usize,
