@@ -171,13 +171,18 @@ impl<'a, T: WithDType> Slots<'a, T> {
     /// chunk while it is in cache rather than all at once before).
     #[inline(always)]
     pub fn zeroed(self) -> (Filled, &'a mut [T]) {
-        for slot in self.slots.iter_mut() {
-            slot.write(T::zero());
-        }
-        let filled = Self::proof(self.slots);
-        // SAFETY: every element was just written, and `MaybeUninit<T>` has `T`'s layout.
+        self.fill_and_lend(std::iter::empty())
+    }
+
+    /// [`Slots::fill`], then the chunk just written lent out as values.
+    #[inline(always)]
+    fn fill_and_lend(self, values: impl Iterator<Item = T>) -> (Filled, &'a mut [T]) {
+        let Slots { slots } = self;
+        let filled = Slots { slots: &mut *slots }.fill(values);
+        // SAFETY: `fill` wrote every element of `slots` (the values, then zeros for any it did
+        // not reach), and `MaybeUninit<T>` has `T`'s layout.
         #[allow(unsafe_code)]
-        let written = unsafe { &mut *(self.slots as *mut [MaybeUninit<T>] as *mut [T]) };
+        let written = unsafe { &mut *(slots as *mut [MaybeUninit<T>] as *mut [T]) };
         (filled, written)
     }
 
@@ -197,12 +202,7 @@ impl<'a, T: WithDType> Slots<'a, T> {
         values: impl Iterator<Item = T>,
         read: impl FnOnce(&[T]) -> R,
     ) -> (Filled, R) {
-        let Slots { slots } = self;
-        let filled = Slots { slots: &mut *slots }.fill(values);
-        // SAFETY: `fill` wrote every element of `slots` (the values, then zeros for any it did not
-        // reach), and `MaybeUninit<T>` has `T`'s layout.
-        #[allow(unsafe_code)]
-        let written = unsafe { &*(&*slots as *const [MaybeUninit<T>] as *const [T]) };
+        let (filled, written) = self.fill_and_lend(values);
         (filled, read(written))
     }
 }
