@@ -7,12 +7,14 @@
 //! `y = W·cols` forward; `dW = Σ dy·colsᵀ` over the chunks, `dcols = Wᵀ·dy` and
 //! `dx = col2im(dcols)` backward. In this layout a 1×1 convolution needs no im2col at all
 //! (`cols` is `x` itself) and the output comes out in the layout the next layer reads, so no
-//! transposes sit between layers.
+//! transposes sit between layers. For f32 on CPUs with AVX2 and FMA, the k×k convolutions'
+//! forward and `dx` skip the columns (`crate::implicit`), with the same bits.
 
 use crate::cpu::{contiguous, float_storage, par_build};
 use crate::gemm::{fresh_product, product, Block, Filling, View, Written};
 use crate::im2col::Frame;
 pub use crate::im2col::Im2Col;
+use crate::implicit::{Direct, Implicit, Planes};
 use crate::timing::{time, time_in_detail};
 use candle_core::{
     CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Storage, Tensor, WithDType,
@@ -231,7 +233,7 @@ impl ConvOp {
     /// batch's are tens of megabytes) and `W · cols` on one thread, written straight into the
     /// chunk's columns of the output (a [`Block`]), the bias and ReLU applied there while it is
     /// in cache.
-    fn run<T: WithDType>(
+    fn run<T: Implicit>(
         &self,
         (x, weight, bias): (&[T], &[T], Option<&[T]>),
         f: Frame,
@@ -239,6 +241,7 @@ impl ConvOp {
     ) -> Result<Vec<T>> {
         let (n, depth, px) = (f.b * f.pixels(), f.depth(), f.pixels());
         let chunks = forward_chunks(&f);
+        let direct = T::implicit(&f, weight, cout);
         let mut out = Filling::new(cout, n, columns(&chunks, px), 0)?;
         let blocks = out.blocks()?;
         let detail = || Some((self.0.detail("forward", f, cout), (cout * depth * n) as u64));
@@ -250,13 +253,21 @@ impl ConvOp {
                 .map(|(images, mut y)| {
                     let cn = images.len() * px;
                     let gathered;
-                    let cols = if self.0.is_pointwise() {
-                        View::rows(&x[images.start * px..], depth, cn, n)
+                    if let Some(direct) = &direct {
+                        let planes = Planes {
+                            data: &x[images.start * px..],
+                            channel: n,
+                        };
+                        T::implicit_chunk(direct, planes, images.len(), &mut y)?;
                     } else {
-                        gathered = f.gather(x, images.clone());
-                        View::rows(&gathered, depth, cn, cn)
-                    };
-                    y.product(View::rows(weight, cout, depth, depth), cols)?;
+                        let cols = if self.0.is_pointwise() {
+                            View::rows(&x[images.start * px..], depth, cn, n)
+                        } else {
+                            gathered = f.gather(x, images.clone());
+                            View::rows(&gathered, depth, cn, cn)
+                        };
+                        y.product(View::rows(weight, cout, depth, depth), cols)?;
+                    }
                     if let Some(bias) = bias {
                         for (co, &b) in bias.iter().enumerate() {
                             bias_relu_row(y.row(co), b);
@@ -448,7 +459,8 @@ const IMAGES_PER_CHUNK: usize = 8;
 /// one vector (`[dW]` alone without `input_gradient`). Each chunk of [`IMAGES_PER_CHUNK`] images
 /// is one task on one thread: its columns (gathered again rather than kept from the forward),
 /// `dW_chunk = dy_chunk · colsᵀ` (mostly computed transposed, see [`DwLayout`]),
-/// `dcols = Wᵀ · dy_chunk` and `dx_chunk = col2im(dcols)`, all in buffers the size of a chunk.
+/// `dcols = Wᵀ · dy_chunk` and `dx_chunk = col2im(dcols)`, all in buffers the size of a chunk
+/// (`dx` without `dcols` and col2im where [`Implicit::implicit_gradient`] has a kernel).
 ///
 /// With `relu_output` (`y = relu(conv(x) + bias)`, [`ConvBiasRelu`]) `dy` is `y`'s gradient:
 /// each chunk first masks its columns, `dz = dy·[y > 0]` (PyTorch's ReLU rule), into a buffer of
@@ -501,13 +513,18 @@ impl ConvBackward {
     /// Chunk by chunk of images, each one task: its share of `dW` and `dbias` (added in chunk
     /// order afterwards) and, with `input_gradient`, its images' `dx` written straight into their
     /// columns of the result (a [`Block`]). The result is `[dx; dW; dbias]`, flat.
-    fn run<T: WithDType>(
+    fn run<T: Implicit>(
         &self,
         inputs: BackwardInputs<'_, T>,
         f: Frame,
         cout: usize,
     ) -> Result<Vec<T>> {
         let chunks = image_chunks(f.b);
+        let direct = if self.input_gradient {
+            T::implicit_gradient(&f, inputs.weight, cout)
+        } else {
+            None
+        };
         let plane = f.h * f.w;
         let dw_len = cout * f.depth();
         let dw_layout = DwLayout {
@@ -533,7 +550,10 @@ impl ConvBackward {
         let parts = chunks
             .par_iter()
             .zip(dx_blocks)
-            .map(|(images, dx)| self.chunk(inputs, f, dw_layout, images.clone(), dx))
+            .map(|(images, dx)| {
+                let dx = dx.map(|block| (block, direct.as_ref()));
+                self.chunk(inputs, f, dw_layout, images.clone(), dx)
+            })
             .collect::<Result<Vec<_>>>()?;
         let mut dw = vec![T::zero(); dw_len];
         let mut db = vec![T::zero(); db_len];
@@ -559,13 +579,13 @@ impl ConvBackward {
 
     /// One chunk: its `dW` share (in `dw`'s layout) and `dbias` share, and its `dx` written into
     /// `dx` (with the block's proof).
-    fn chunk<T: WithDType>(
+    fn chunk<T: Implicit>(
         &self,
         BackwardInputs { x, weight, dy, y }: BackwardInputs<'_, T>,
         f: Frame,
         DwLayout { cout, transposed }: DwLayout,
         images: Range<usize>,
-        dx: Option<Block<'_, T>>,
+        dx: Option<(Block<'_, T>, Option<&Direct>)>,
     ) -> Result<ChunkParts<T>> {
         let (n, depth, px) = (f.b * f.pixels(), f.depth(), f.pixels());
         let cn = images.len() * px;
@@ -609,12 +629,18 @@ impl ConvBackward {
         } else {
             product(&mut dw, depth, dy, cols.t())?;
         }
-        let Some(mut dx) = dx else {
+        let Some((mut dx, direct)) = dx else {
             return Ok((dw, db, None));
         };
         let w = View::rows(weight, cout, depth, depth);
         if pointwise {
             dx.product(w.t(), dy)?;
+        } else if let Some(direct) = direct {
+            let planes = Planes {
+                data: dy.data,
+                channel: dy.row,
+            };
+            T::implicit_chunk(direct, planes, images.len(), &mut dx)?;
         } else {
             let mut dcols = fresh_product(w.t(), dy)?;
             dx.zero();

@@ -126,6 +126,32 @@ pub(crate) struct Block<'a, T> {
 #[allow(unsafe_code)]
 unsafe impl<T: Send> Send for Block<'_, T> {}
 
+/// Runs of a [`Block`]'s rows lent one by one to code that writes them through raw pointers
+/// (the k×k convolutions' kernels, [`crate::implicit`]), each checked to lie inside the block.
+pub(crate) struct Runs<'b, T> {
+    ptr: *mut T,
+    rows: usize,
+    cols: usize,
+    stride: usize,
+    lent: usize,
+    /// Borrowed from its block (mutably) for as long as it lives.
+    _block: PhantomData<&'b mut T>,
+}
+
+impl<T> Runs<'_, T> {
+    /// Where `len` elements of row `row` from column `col` on start, if they lie inside the
+    /// block: the caller must write each of them before the block is read (and writes nothing
+    /// outside them).
+    pub fn run(&mut self, row: usize, col: usize, len: usize) -> Option<*mut T> {
+        if row >= self.rows || col + len > self.cols {
+            return None;
+        }
+        self.lent += len;
+        // `row·stride + col` lies inside the matrix (see `Filling::blocks`).
+        Some(self.ptr.wrapping_add(row * self.stride + col))
+    }
+}
+
 /// A block's proof that it wrote all of its elements ([`Block::written`]).
 pub(crate) struct Written {
     of: usize,
@@ -251,6 +277,31 @@ impl<T: WithDType> Block<'_, T> {
             unsafe {
                 gemm_into(self.ptr, self.stride, (m, n, k), a, b);
             }
+        }
+        self.written = true;
+        Ok(())
+    }
+
+    /// Lets `fill` write the block run by run through a [`Runs`], and counts it written if
+    /// the runs lent cover as many elements as the block holds (each run is checked to lie
+    /// inside the block; `fill` writes a run once, every element of it).
+    pub fn fill_runs(&mut self, fill: impl FnOnce(&mut Runs<'_, T>) -> Result<()>) -> Result<()> {
+        let mut runs = Runs {
+            ptr: self.ptr,
+            rows: self.rows,
+            cols: self.cols,
+            stride: self.stride,
+            lent: 0,
+            _block: PhantomData,
+        };
+        fill(&mut runs)?;
+        let lent = runs.lent;
+        if lent != self.rows * self.cols {
+            candle_core::bail!(
+                "{lent} elements written into a {}x{} block",
+                self.rows,
+                self.cols
+            );
         }
         self.written = true;
         Ok(())
@@ -385,6 +436,45 @@ mod tests {
         let built = filling.finish(proofs).unwrap();
         assert_eq!(built, whole);
         assert!(built.capacity() >= m * n + 3);
+    }
+
+    /// A block written run by run counts as written only when the runs cover it, and a run
+    /// outside the block is not lent.
+    #[test]
+    fn runs_cover_a_block_or_fail() {
+        let mut filling = Filling::<f32>::new(2, 5, vec![0..3, 3..5], 0).unwrap();
+        let mut blocks = filling.blocks().unwrap();
+        let (mut right, mut left) = (blocks.pop().unwrap(), blocks.pop().unwrap());
+        let short = right.fill_runs(|runs| {
+            assert!(
+                runs.run(0, 1, 2).is_none(),
+                "a run past the block's columns"
+            );
+            assert!(runs.run(2, 0, 1).is_none(), "a row past the block's rows");
+            let at = runs.run(0, 0, 2).unwrap();
+            // SAFETY: `run` lent two elements at `at`.
+            #[allow(unsafe_code)]
+            unsafe {
+                at.copy_from_nonoverlapping([7.0, 8.0].as_ptr(), 2)
+            };
+            Ok(())
+        });
+        assert!(short.is_err(), "one row of two written");
+        left.fill_runs(|runs| {
+            for row in 0..2 {
+                let at = runs.run(row, 0, 3).unwrap();
+                // SAFETY: `run` lent three elements at `at`.
+                #[allow(unsafe_code)]
+                unsafe {
+                    at.copy_from_nonoverlapping([1.0, 2.0, 3.0].as_ptr(), 3)
+                };
+            }
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(left.row(1), &[1.0, 2.0, 3.0]);
+        assert!(left.written().is_ok());
+        assert!(right.written().is_err());
     }
 
     #[test]

@@ -19,6 +19,7 @@ pub mod googlenet;
 mod gpu;
 pub mod graph;
 mod im2col;
+mod implicit;
 pub mod init;
 pub mod layers;
 pub mod macs;
