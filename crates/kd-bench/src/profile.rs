@@ -13,10 +13,18 @@ use std::process::Command;
 /// Kinds of work, matched against a sample's frames from the leaf up; the first match wins. A
 /// pattern matches a frame that contains each of its `+`-separated parts.
 /// Page faults and waiting are matched on the leaf only (the work around them is someone else's).
-const KINDS: [(&str, &[&str]); 12] = [
+const KINDS: [(&str, &[&str]); 14] = [
     (
         "im2col (gather the taps of k×k convolutions)",
         &["Frame::gather", "kd_models::im2col+gather"],
+    ),
+    (
+        "panels (the implicit convolutions' masked gather)",
+        &["implicit+gather_panel"],
+    ),
+    (
+        "matrix products (the implicit convolutions' kernels)",
+        &["kd_models::implicit"],
     ),
     (
         "col2im (scatter the input gradient back)",
