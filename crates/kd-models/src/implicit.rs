@@ -1,13 +1,18 @@
-//! The forward of a k×k convolution (stride 1, the padding that keeps the size: GoogLeNet's 3×3
-//! and 5×5) without im2col, for f32 on x86-64 CPUs with AVX2 and FMA.
+//! The forward and the input gradient of a k×k convolution (stride 1, the padding that keeps
+//! the size: GoogLeNet's 3×3 and 5×5) without im2col or col2im, for f32 on x86-64 CPUs with AVX2
+//! and FMA.
 //!
 //! Through im2col, a task gathers its chunk's columns (`[c·k·k, images·h·w]`, up to 2 MiB) and
-//! `gemm` reads them back from beyond L2 to multiply them by the weights. Here a task builds the
-//! columns of 16 output pixels at a time, a panel of `c·k·k × 16` values that stays in L1, straight
-//! from the input with masked loads (a tap that falls in the padding reads a zero), and multiplies
-//! it by each tile of 6 output channels of the weights, packed once per call. Every output is the
-//! same chain of fused multiply-adds over `(ci, ky, kx)` in order that `gemm` runs over the
-//! gathered columns, so the bits are the same (test `implicit_forward_has_the_gathered_bits`).
+//! `gemm` reads them back from beyond L2 to multiply them by the weights; the backward's `dcols`
+//! goes out to memory for col2im to add up. Here a task builds the columns of 16 output pixels
+//! at a time, a panel of at most 256 × 16 values that stays in L1, straight from the input with
+//! masked loads (a tap that falls in the padding reads a zero), and multiplies it by each tile of
+//! 6 output channels of the weights, packed once per call. Each output is summed in the order the
+//! columns' path sums it ([`Order`]), so the bits are the same (test
+//! `implicit_convolution_has_the_bits_of_the_columns`) wherever `gemm` sums a reduction in one
+//! chain: up to its block of the reduction (at least 512 steps; all of the 28-px teachers' depths,
+//! at most 432, but not `googlenet-224`'s deepest 3×3s and 5×5s, where the bits differ and are
+//! still the same from run to run and thread count to thread count).
 //!
 //! Not used where the CPU has AVX-512: there `gemm` runs 16-lane kernels, and this 8-lane one has
 //! not been measured against them.
