@@ -252,7 +252,6 @@ impl ConvOp {
                 .zip(blocks)
                 .map(|(images, mut y)| {
                     let cn = images.len() * px;
-                    let gathered;
                     if let Some(direct) = &direct {
                         let planes = Planes {
                             data: &x[images.start * px..],
@@ -260,6 +259,7 @@ impl ConvOp {
                         };
                         T::implicit_chunk(direct, planes, images.len(), &mut y)?;
                     } else {
+                        let gathered;
                         let cols = if self.0.is_pointwise() {
                             View::rows(&x[images.start * px..], depth, cn, n)
                         } else {

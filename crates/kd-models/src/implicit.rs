@@ -221,13 +221,12 @@ impl Direct {
             words.extend_from_slice(&self.words);
         }
         words.resize(n.next_multiple_of(NR), 0);
-        let mut panel = vec![0.0f32; self.block_steps() * NR];
         let chunk = Chunk {
             x,
             n,
             words: &words,
         };
-        y.fill_runs(|runs| self.tiles(chunk, &mut panel, runs))
+        y.fill_runs(|runs| self.tiles(chunk, runs))
     }
 
     /// Steps per panel: at most [`PANEL_STEPS`], whole taps' chains with [`Order::ChainPerTap`].
@@ -242,15 +241,17 @@ impl Direct {
     /// Every tile of 16 pixels of `c`: its panel of columns a block of steps at a time, each
     /// block through each tile of output channels, their sums kept between blocks.
     #[cfg(target_arch = "x86_64")]
-    fn tiles(&self, c: Chunk<'_>, panel: &mut [f32], runs: &mut Runs<'_, f32>) -> Result<()> {
+    fn tiles(&self, c: Chunk<'_>, runs: &mut Runs<'_, f32>) -> Result<()> {
         let f = &self.frame;
         let (depth, block) = (f.depth(), self.block_steps());
-        if panel.len() < block.min(depth) * NR
-            || !c.words.len().is_multiple_of(NR)
-            || c.n > c.words.len()
-        {
-            candle_core::bail!("implicit convolution: a panel or masks of the wrong size");
+        if !c.words.len().is_multiple_of(NR) || c.n > c.words.len() {
+            candle_core::bail!("implicit convolution: masks of the wrong size");
         }
+        let chain = match self.order {
+            Order::OneChain => None,
+            Order::ChainPerTap => Some(f.c),
+        };
+        let mut panel = vec![0.0f32; block * NR];
         let mut sums = vec![[0.0f32; MR * NR]; self.cout.div_ceil(MR)];
         for (i, words) in c.words.chunks_exact(NR).enumerate() {
             let q0 = i * NR;
@@ -258,7 +259,7 @@ impl Direct {
             for first in (0..depth).step_by(block) {
                 let steps = first..(first + block).min(depth);
                 // SAFETY: `with_weights` checked that this CPU has AVX2 and FMA. `panel` holds
-                // `steps.len()` rows of 16 (checked above). A lane reads only where its word has
+                // `block ≥ steps.len()` rows of 16. A lane reads only where its word has
                 // the tap's bit: a pixel of the chunk (the words past its end are zero) whose
                 // tap reads inside the same image's plane (`Direct::words`), so at `ci·channel +
                 // q0 + lane + offset`, inside channel `ci`'s planes of the chunk, inside `x`
@@ -271,12 +272,8 @@ impl Direct {
                         (&self.offsets, self.order == Order::ChainPerTap),
                         steps.clone(),
                         words,
-                        panel,
+                        &mut panel,
                     )
-                };
-                let chain = match self.order {
-                    Order::OneChain => None,
-                    Order::ChainPerTap => Some(f.c),
                 };
                 for (tile, s) in sums.iter_mut().enumerate() {
                     let weights = &self.packed[(tile * depth + steps.start) * MR..];
@@ -306,7 +303,7 @@ impl Direct {
     }
 
     #[cfg(not(target_arch = "x86_64"))]
-    fn tiles(&self, _: Chunk<'_>, _: &mut [f32], _: &mut Runs<'_, f32>) -> Result<()> {
+    fn tiles(&self, _: Chunk<'_>, _: &mut Runs<'_, f32>) -> Result<()> {
         candle_core::bail!("implicit convolution: no kernel for this CPU")
     }
 }
