@@ -263,7 +263,7 @@ impl ConvOp {
                         let cols = if self.0.is_pointwise() {
                             View::rows(&x[images.start * px..], depth, cn, n)
                         } else {
-                            gathered = f.gather(x, images.clone());
+                            gathered = T::columns(&f, x, images.clone())?;
                             View::rows(&gathered, depth, cn, cn)
                         };
                         y.product(View::rows(weight, cout, depth, depth), cols)?;
@@ -620,7 +620,7 @@ impl ConvBackward {
             View::rows(&copied_x, depth, cn, cn)
         } else {
             // k×k taps.
-            gathered = f.gather(x, images.clone());
+            gathered = T::columns(&f, x, images.clone())?;
             View::rows(&gathered, depth, cn, cn)
         };
         let mut dw = vec![T::zero(); cout * depth];

@@ -50,7 +50,7 @@ thread_local! {
 impl<T: WithDType> Columns<T> {
     /// `len` elements of this thread's spare buffer (grown with zeros if it is shorter), holding
     /// whatever they last held; a fresh buffer if the spare one is in use or of another type.
-    fn take(len: usize) -> Self {
+    pub(crate) fn take(len: usize) -> Self {
         let spare = SPARE_COLUMNS.with(|s| s.borrow_mut().take());
         let mut buf = spare
             .and_then(|b| b.downcast::<Vec<T>>().ok())

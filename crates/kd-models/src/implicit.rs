@@ -18,8 +18,9 @@
 //! not been measured against them.
 
 use crate::gemm::{Block, Runs};
-use crate::im2col::Frame;
+use crate::im2col::{Columns, Frame};
 use candle_core::{Result, WithDType};
+use std::ops::Range;
 
 /// Output channels per tile of the kernel (6 × 2 accumulators of 8 lanes).
 const MR: usize = 6;
@@ -42,6 +43,12 @@ pub(crate) trait Implicit: WithDType {
         None
     }
 
+    /// im2col's columns of `images` images of `x` for `f`'s convolution, if this type and this
+    /// CPU have a kernel for its geometry ([`gather_columns`]); else [`Frame::gather`]'s.
+    fn columns(f: &Frame, x: &[Self], images: Range<usize>) -> Result<Columns<Self>> {
+        Ok(f.gather(x, images))
+    }
+
     /// `d`'s convolution of `images` images of `x` into `y` ([`Direct::run`]).
     fn implicit_chunk(
         _d: &Direct,
@@ -62,6 +69,10 @@ impl Implicit for f32 {
 
     fn implicit_gradient(f: &Frame, weight: &[f32], cout: usize) -> Option<Direct> {
         Direct::input_gradient(f, weight, cout)
+    }
+
+    fn columns(f: &Frame, x: &[f32], images: Range<usize>) -> Result<Columns<f32>> {
+        gather_columns(f, x, images.clone()).unwrap_or_else(|| Ok(f.gather(x, images)))
     }
 
     fn implicit_chunk(
@@ -164,10 +175,8 @@ impl Direct {
         shift: impl Fn((isize, isize)) -> (isize, isize),
         w: impl Fn(usize, usize) -> f32,
     ) -> Option<Self> {
-        let k = f.op.kernel;
-        let same = k % 2 == 1 && k > 1 && f.op.stride == 1 && f.op.padding == k / 2;
         let depth = f.depth();
-        if !same || k * k > MAX_TAPS || depth < MIN_DEPTH || !cpu_has_kernel() {
+        if !has_kernel(&f) || depth < MIN_DEPTH {
             return None;
         }
         let mut packed = vec![0.0; cout.div_ceil(MR) * depth * MR];
@@ -177,19 +186,7 @@ impl Direct {
                 tile[p * MR + co % MR] = w(co, p);
             }
         }
-        let pad = (k / 2) as isize;
-        let taps = || (0..k * k).map(|t| shift(((t / k) as isize - pad, (t % k) as isize - pad)));
-        let offsets = taps().map(|(dy, dx)| dy * f.w as isize + dx).collect();
-        let inside = |v: isize, len: usize| (0..len as isize).contains(&v);
-        let words = (0..f.h * f.w)
-            .map(|px| {
-                let (y, x) = ((px / f.w) as isize, (px % f.w) as isize);
-                taps().enumerate().fold(0i32, |word, (t, (dy, dx))| {
-                    let reads_inside = inside(y + dy, f.h) && inside(x + dx, f.w);
-                    word | (i32::from(reads_inside) << t)
-                })
-            })
-            .collect();
+        let (offsets, words) = taps(&f, shift);
         Some(Self {
             frame: f,
             cout,
@@ -308,6 +305,81 @@ impl Direct {
     }
 }
 
+/// Whether this CPU has the kernels and `f` is a geometry they compute: a "same" k×k
+/// convolution (stride 1, odd `k` from 3 to 5).
+fn has_kernel(f: &Frame) -> bool {
+    let k = f.op.kernel;
+    let same = k % 2 == 1 && k > 1 && f.op.stride == 1 && f.op.padding == k / 2;
+    same && k * k <= MAX_TAPS && cpu_has_kernel()
+}
+
+/// Where each tap of `f`'s kernel reads relative to the output pixel in the flattened plane
+/// (shifted by `shift`), and for each pixel of a plane, bit `t` set where tap `t` reads inside
+/// the plane.
+fn taps(f: &Frame, shift: impl Fn((isize, isize)) -> (isize, isize)) -> (Vec<isize>, Vec<i32>) {
+    let k = f.op.kernel;
+    let pad = (k / 2) as isize;
+    let taps = || (0..k * k).map(|t| shift(((t / k) as isize - pad, (t % k) as isize - pad)));
+    let offsets = taps().map(|(dy, dx)| dy * f.w as isize + dx).collect();
+    let inside = |v: isize, len: usize| (0..len as isize).contains(&v);
+    let words = (0..f.h * f.w)
+        .map(|px| {
+            let (y, x) = ((px / f.w) as isize, (px % f.w) as isize);
+            taps().enumerate().fold(0i32, |word, (t, (dy, dx))| {
+                let reads_inside = inside(y + dy, f.h) && inside(x + dx, f.w);
+                word | (i32::from(reads_inside) << t)
+            })
+        })
+        .collect();
+    (offsets, words)
+}
+
+/// im2col's columns of `images` images of `x` (`[c, b, h, w]`) for `f`'s convolution, the same
+/// values as [`Frame::gather`], if this CPU has the kernels and `f` is a geometry they compute:
+/// each row `(ci, t)` in one pass of masked loads over all the images (a zero where the tap reads
+/// the padding), where `Frame::gather` copies each image's shifted plane and then zeroes its
+/// edges: at 7×7 and 3×3, calls for 2 to 49 values.
+pub(crate) fn gather_columns(
+    f: &Frame,
+    x: &[f32],
+    images: Range<usize>,
+) -> Option<Result<Columns<f32>>> {
+    if !has_kernel(f) {
+        return None;
+    }
+    let (plane, k2) = (f.h * f.w, f.op.kernel * f.op.kernel);
+    let (channel, n) = (f.b * plane, images.len() * plane);
+    if images.end > f.b || x.len() < f.c * channel {
+        return Some(Err(candle_core::Error::Msg(format!(
+            "im2col: images {images:?} of {}x{}x{}x{} in {} values",
+            f.c,
+            f.b,
+            f.h,
+            f.w,
+            x.len()
+        ))));
+    }
+    let (offsets, plane_words) = taps(f, |offset| offset);
+    let mut words = Vec::with_capacity(n);
+    for _ in images.clone() {
+        words.extend_from_slice(&plane_words);
+    }
+    let mut cols = Columns::take(f.depth() * n);
+    for (row, dst) in cols.chunks_mut(n.max(1)).enumerate() {
+        let (ci, t) = (row / k2, row % k2);
+        let from = ci * channel + images.start * plane;
+        // SAFETY: `has_kernel` checked that this CPU has AVX2. `dst` and `words` hold `n`
+        // values. A lane reads only where its word has tap `t`'s bit: pixel `i` of the chunk
+        // whose tap reads inside the same image's plane (`taps`), so at `from + i + offsets[t]`,
+        // inside channel `ci`'s planes of the batch, inside `x` (checked above).
+        #[allow(unsafe_code)]
+        unsafe {
+            x86::gather_row(x, (from, offsets[t]), t, &words, dst)
+        };
+    }
+    Some(Ok(cols))
+}
+
 /// One task's share of the input: its planes, its `n` pixels in each, and the masks of each
 /// pixel (zero past `n`, to whole tiles).
 #[derive(Clone, Copy)]
@@ -398,6 +470,41 @@ mod x86 {
                 if inner == inner_len {
                     (inner, outer) = (0, outer + 1);
                 }
+            }
+        }
+    }
+
+    /// Row `dst` of the columns: `dst[i] = x[from + i + offset]` where `words[i]` has bit
+    /// `t`, else zero (those lanes read nothing).
+    ///
+    /// # Safety
+    /// The CPU has AVX2; `words` holds `dst.len()` words; `t < 32`; for each `i` whose word
+    /// has bit `t`, `from + i + offset` lies inside `x`.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn gather_row(
+        x: &[f32],
+        (from, offset): (usize, isize),
+        t: usize,
+        words: &[i32],
+        dst: &mut [f32],
+    ) {
+        let src = x.as_ptr().wrapping_add(from).wrapping_offset(offset);
+        let whole = dst.len() / 8 * 8;
+        // SAFETY: the caller's contract, lane by lane.
+        unsafe {
+            let bit = _mm256_set1_epi32(1 << t);
+            for i in (0..whole).step_by(8) {
+                let w = _mm256_loadu_si256(words.as_ptr().add(i).cast());
+                let mask = _mm256_cmpeq_epi32(_mm256_and_si256(w, bit), bit);
+                let v = _mm256_maskload_ps(src.wrapping_add(i), mask);
+                _mm256_storeu_ps(dst.as_mut_ptr().add(i), v);
+            }
+            for i in whole..dst.len() {
+                dst[i] = if words[i] & (1 << t) != 0 {
+                    *src.wrapping_add(i)
+                } else {
+                    0.0
+                };
             }
         }
     }
@@ -587,6 +694,46 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The columns gathered with masked loads are `Frame::gather`'s, bit for bit, for every
+    /// geometry (one input channel and planes smaller than the kernel among them), for the
+    /// whole batch and a chunk from its middle, with NaN in the other images' planes (a lane
+    /// that read them would carry it).
+    #[test]
+    fn gathered_columns_are_im2cols() {
+        // And the stem's first 3×3: one input channel at 28×28.
+        let geometries = GEOMETRIES.into_iter().chain([(3, 1, 16, 28, 2)]);
+        for (seed, (k, c, _, hw, b)) in geometries.enumerate() {
+            let f = same(k).on((c, b + 2, hw, hw)).unwrap();
+            let plane = hw * hw;
+            let mut x = values(c * (b + 2) * plane, 300 + seed as u64);
+            for ci in 0..c {
+                let planes = &mut x[ci * (b + 2) * plane..][..(b + 2) * plane];
+                planes[..plane].fill(f32::NAN);
+                planes[(b + 1) * plane..].fill(f32::NAN);
+            }
+            for images in [1..b + 1, 1..2, 0..b + 2] {
+                let Some(got) = gather_columns(&f, &x, images.clone()) else {
+                    eprintln!(
+                        "this CPU has no implicit convolution kernel (AVX2 + FMA, no AVX-512)"
+                    );
+                    return;
+                };
+                let want = f.gather(&x, images.clone());
+                let shape = format!("{k}x{k}, {c} channels at {hw}px, images {images:?}");
+                assert_eq!(bits(&got.unwrap()), bits(&want), "{shape}");
+            }
+            assert!(gather_columns(&f, &x, 0..b + 3).unwrap().is_err());
+            assert!(gather_columns(&f, &x[1..], 0..1).unwrap().is_err());
+        }
+        let pointwise = Im2Col {
+            kernel: 1,
+            stride: 1,
+            padding: 0,
+        };
+        let f = pointwise.on((2, 1, 4, 4)).unwrap();
+        assert!(gather_columns(&f, &[0.0; 32], 0..1).is_none());
     }
 
     /// Only the geometries it computes: "same" padding, stride 1, odd kernels up to 5×5, at
