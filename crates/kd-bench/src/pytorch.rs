@@ -209,12 +209,25 @@ pub fn limit_shares(ours: &[Measurement], theirs: &[Theirs]) -> Option<String> {
         of_theirs(MATMUL, "nchw"),
     );
     Some(format!(
-        "\nThe teacher step's share of the matrix-product limit, round by round (each round's step, {:.0} MFLOP per training image, over the same round's 2048² product, measured right after it), median (range) over {} rounds: ours {}, PyTorch channels-last {}.\n",
+        "\nThe teacher step's share of the matrix-product limit, round by round (each round's step, {:.0} MFLOP per training image, over the same round's 2048² product, measured right after it), median (range) over {} rounds: ours {}, PyTorch channels-last {}. Each round: ours {}; PyTorch channels-last {}. Ours at or above half of the limit in {} of {} rounds.\n",
         flop / 1e6,
         mine.len(),
         crate::median_range_in(&mine, 0, "%"),
         crate::median_range_in(&cl, 0, "%"),
+        each_round(&mine),
+        each_round(&cl),
+        mine.iter().filter(|&&s| s >= 50.0).count(),
+        mine.len(),
     ))
+}
+
+/// Shares in round order, one decimal each (`51.3%, 49.8%`), or `—` without any.
+fn each_round(shares: &[f64]) -> String {
+    if shares.is_empty() {
+        return "—".to_string();
+    }
+    let each: Vec<String> = shares.iter().map(|s| format!("{s:.1}%")).collect();
+    each.join(", ")
 }
 
 #[cfg(test)]
@@ -274,6 +287,11 @@ mod tests {
         assert!(line.contains("6 MFLOP per training image"), "{line}");
         assert!(line.contains("over 2 rounds"), "{line}");
         assert!(line.contains("ours 50% (50–50%)"), "{line}");
+        assert!(line.contains("Each round: ours 50.0%, 50.0%;"), "{line}");
+        assert!(
+            line.contains("at or above half of the limit in 2 of 2"),
+            "{line}"
+        );
         assert!(
             line.contains("PyTorch channels-last 35% (30–40%)"),
             "{line}"
@@ -290,5 +308,7 @@ mod tests {
         ];
         let line = limit_shares(&mine, &[]).unwrap();
         assert!(line.contains("PyTorch channels-last —."), "{line}");
+        assert!(line.contains("PyTorch channels-last —. Ours"), "{line}");
+        assert!(line.contains("in 1 of 1 rounds"), "{line}");
     }
 }
