@@ -568,8 +568,12 @@ impl ConvBackward {
             None => Vec::with_capacity(dw_len + db_len),
         };
         if dw_layout.transposed {
-            let depth = f.depth();
-            out.extend((0..dw_len).map(|i| dw[(i % depth) * cout + i / depth]));
+            // `dW` row by row from its `depth × cout` transpose: a column of it each (two
+            // divisions per element cost 0.8% of a `googlenet-bn` step's CPU time).
+            out.reserve(dw_len);
+            for co in 0..cout {
+                out.extend(dw.iter().skip(co).step_by(cout));
+            }
         } else {
             out.extend_from_slice(&dw);
         }
