@@ -14,6 +14,11 @@
 //! at most 432, but not `googlenet-224`'s deepest 3×3s and 5×5s, where the bits differ and are
 //! still the same from run to run and thread count to thread count).
 //!
+//! The weight gradient still multiplies gathered columns with `gemm` (an outer product per panel
+//! did not pay: `docs/speed.md`, twentieth round), but [`gather_columns`] gathers them with the
+//! same masks, a row over all of a chunk's images at a time: `Frame::gather`'s values (test
+//! `gathered_columns_are_im2cols`) without its calls per image and plane edge.
+//!
 //! Not used where the CPU has AVX-512: there `gemm` runs 16-lane kernels, and this 8-lane one has
 //! not been measured against them.
 
