@@ -154,7 +154,9 @@ impl Direct {
     /// over `co` is summed alone and the taps added in order from zero, so the bits are those.
     pub fn input_gradient(f: &Frame, weight: &[f32], cout: usize) -> Option<Self> {
         let (k2, depth) = (f.op.kernel * f.op.kernel, f.depth());
-        if weight.len() != cout * depth || cout == 0 {
+        // The checks `with_weights` makes, before the weights are reordered for it: every
+        // backward asks, the 1×1s and the stem's first 3×3 included.
+        if weight.len() != cout * depth || cout == 0 || !has_kernel(f) || cout * k2 < MIN_DEPTH {
             return None;
         }
         let dy = f.op.on((cout, f.b, f.h, f.w)).ok()?;
@@ -221,11 +223,7 @@ impl Direct {
             );
         }
         // The masks of each pixel of the chunk, and none past its end (a last, partial tile).
-        let mut words = Vec::with_capacity(n.next_multiple_of(NR));
-        for _ in 0..images {
-            words.extend_from_slice(&self.words);
-        }
-        words.resize(n.next_multiple_of(NR), 0);
+        let words = chunk_words(&self.words, images, n.next_multiple_of(NR));
         let chunk = Chunk {
             x,
             n,
@@ -356,6 +354,16 @@ fn taps(f: &Frame, shift: impl Fn((isize, isize)) -> (isize, isize)) -> (Vec<isi
     (offsets, words)
 }
 
+/// A plane's words repeated for `images` images, then zeros up to `len`.
+fn chunk_words(plane: &[i32], images: usize, len: usize) -> Vec<i32> {
+    let mut words = Vec::with_capacity(len.max(plane.len() * images));
+    for _ in 0..images {
+        words.extend_from_slice(plane);
+    }
+    words.resize(len, 0);
+    words
+}
+
 /// im2col's columns of `images` images of `x` (`[c, b, h, w]`) for `f`'s convolution, the same
 /// values as [`Frame::gather`], if this CPU has the kernels and `f` is a geometry they compute:
 /// each row `(ci, t)` in one pass of masked loads over all the images (a zero where the tap reads
@@ -382,10 +390,7 @@ pub(crate) fn gather_columns(
         ))));
     }
     let (offsets, plane_words) = taps(f, |offset| offset);
-    let mut words = Vec::with_capacity(n);
-    for _ in images.clone() {
-        words.extend_from_slice(&plane_words);
-    }
+    let words = chunk_words(&plane_words, images.len(), n);
     let mut cols = Columns::take(f.depth() * n);
     for (row, dst) in cols.chunks_mut(n.max(1)).enumerate() {
         let (ci, t) = (row / k2, row % k2);
