@@ -20,7 +20,8 @@
 //! `gathered_columns_are_im2cols`) without its calls per image and plane edge.
 //!
 //! Not used where the CPU has AVX-512: there `gemm` runs 16-lane kernels, and this 8-lane one has
-//! not been measured against them.
+//! not been measured against them. `KD_IMPLICIT=on` uses it there too, to measure it, and
+//! `KD_IMPLICIT=off` nowhere ([`ImplicitUse`]).
 
 use crate::gemm::{Block, Runs};
 use crate::im2col::{Columns, Frame};
@@ -416,13 +417,61 @@ struct Chunk<'a> {
     words: &'a [i32],
 }
 
-/// Whether this CPU runs the kernel (AVX2 and FMA) and `gemm` has nothing wider (no AVX-512).
+/// Where the kernels run, set by the environment's `KD_IMPLICIT` for measuring them: the kernels
+/// give the bits of the columns' path, so each setting trains the same bytes where `gemm` sums
+/// in one chain (the module's doc).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImplicitUse {
+    /// Where the CPU has AVX2 and FMA and no AVX-512 (unset, or `auto`).
+    Auto,
+    /// Also where the CPU has AVX-512, whose 16-lane `gemm` kernels these 8-lane ones have not
+    /// been measured against (`on`).
+    On,
+    /// Nowhere: every convolution through columns and `gemm` (`off`), to compare one binary's
+    /// two paths.
+    Off,
+}
+
+impl ImplicitUse {
+    /// The setting in `KD_IMPLICIT`; an error names the variable and its value.
+    pub fn from_env() -> std::result::Result<Self, String> {
+        match std::env::var_os("KD_IMPLICIT") {
+            None => Ok(Self::Auto),
+            Some(v) => Self::parse(&v.to_string_lossy()),
+        }
+    }
+
+    fn parse(value: &str) -> std::result::Result<Self, String> {
+        match value {
+            "" | "auto" => Ok(Self::Auto),
+            "on" => Ok(Self::On),
+            "off" => Ok(Self::Off),
+            other => Err(format!(
+                "KD_IMPLICIT={other:?}: expected auto, on or off (where the implicit convolutions run)"
+            )),
+        }
+    }
+
+    /// The process's setting, read once (a value [`Self::from_env`] refuses reads as `Auto`;
+    /// the binaries refuse it at start, `kd_train::cli::main_with`).
+    fn current() -> Self {
+        static SETTING: std::sync::OnceLock<ImplicitUse> = std::sync::OnceLock::new();
+        *SETTING.get_or_init(|| Self::from_env().unwrap_or(Self::Auto))
+    }
+}
+
+/// Whether this CPU runs the kernel (AVX2 and FMA) and, unless `KD_IMPLICIT` says otherwise,
+/// `gemm` has nothing wider (no AVX-512).
 fn cpu_has_kernel() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        std::arch::is_x86_feature_detected!("avx2")
-            && std::arch::is_x86_feature_detected!("fma")
-            && !std::arch::is_x86_feature_detected!("avx512f")
+        let avx2 = std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma");
+        match ImplicitUse::current() {
+            ImplicitUse::Auto => avx2 && !std::arch::is_x86_feature_detected!("avx512f"),
+            ImplicitUse::On => avx2,
+            ImplicitUse::Off => false,
+        }
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -611,6 +660,24 @@ mod tests {
     use crate::conv::tests::rand;
     use crate::gemm::{fresh_product, product, Filling, View};
     use crate::im2col::Im2Col;
+
+    /// `KD_IMPLICIT` takes auto (or nothing), on and off, and names itself and the value it
+    /// refuses.
+    #[test]
+    fn the_setting_reads_auto_on_and_off_and_refuses_the_rest() {
+        for (v, want) in [
+            ("", ImplicitUse::Auto),
+            ("auto", ImplicitUse::Auto),
+            ("on", ImplicitUse::On),
+            ("off", ImplicitUse::Off),
+        ] {
+            assert_eq!(ImplicitUse::parse(v), Ok(want), "{v:?}");
+        }
+        for v in ["ON", "1", "yes", " off"] {
+            let e = ImplicitUse::parse(v).unwrap_err();
+            assert!(e.contains("KD_IMPLICIT") && e.contains(v), "{e}");
+        }
+    }
 
     fn values(len: usize, seed: u64) -> Vec<f32> {
         rand(&[len], seed).into_iter().map(|v| v as f32).collect()

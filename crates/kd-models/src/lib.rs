@@ -30,6 +30,7 @@ pub mod portable;
 pub mod student;
 pub mod timing;
 
+pub use implicit::ImplicitUse;
 pub use init::{Dropout, DropoutRng, SeededVarMap};
 pub use pool::Pool2d;
 

@@ -82,6 +82,10 @@ pub fn main_with(run: impl FnOnce() -> anyhow::Result<()> + Send) -> ExitCode {
     tune_allocator();
     single_threaded_elementwise();
     init_logging();
+    if let Err(e) = kd_models::ImplicitUse::from_env() {
+        eprintln!("error: {e}");
+        return ExitCode::FAILURE;
+    }
     crate::interrupt::install_handler();
     match on_compute_pool(run) {
         Ok(()) => ExitCode::SUCCESS,
