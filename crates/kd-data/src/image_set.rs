@@ -131,7 +131,7 @@ impl Normalization {
 mod tests {
     use super::*;
 
-    /// Three RGB images of 5×3 with every byte value's neighbours, and their channels.
+    /// Three RGB images of 5×3, their bytes spread over 0–255 (each channel's differ).
     fn rgb() -> ImageSet {
         let images: Vec<u8> = (0..3 * 3 * 5 * 3).map(|i| (i * 37 % 256) as u8).collect();
         ImageSet {

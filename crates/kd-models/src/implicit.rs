@@ -434,21 +434,23 @@ pub enum ImplicitUse {
 
 impl ImplicitUse {
     /// The setting in `KD_IMPLICIT`; an error names the variable and its value.
-    pub fn from_env() -> std::result::Result<Self, String> {
+    pub fn from_env() -> crate::Result<Self> {
         match std::env::var_os("KD_IMPLICIT") {
             None => Ok(Self::Auto),
             Some(v) => Self::parse(&v.to_string_lossy()),
         }
     }
 
-    fn parse(value: &str) -> std::result::Result<Self, String> {
+    fn parse(value: &str) -> crate::Result<Self> {
         match value {
             "" | "auto" => Ok(Self::Auto),
             "on" => Ok(Self::On),
             "off" => Ok(Self::Off),
-            other => Err(format!(
-                "KD_IMPLICIT={other:?}: expected auto, on or off (where the implicit convolutions run)"
-            )),
+            other => Err(crate::ModelError::Environment {
+                name: "KD_IMPLICIT",
+                value: other.to_string(),
+                expected: "auto, on or off (where the implicit convolutions run)",
+            }),
         }
     }
 
@@ -671,10 +673,10 @@ mod tests {
             ("on", ImplicitUse::On),
             ("off", ImplicitUse::Off),
         ] {
-            assert_eq!(ImplicitUse::parse(v), Ok(want), "{v:?}");
+            assert_eq!(ImplicitUse::parse(v).ok(), Some(want), "{v:?}");
         }
         for v in ["ON", "1", "yes", " off"] {
-            let e = ImplicitUse::parse(v).unwrap_err();
+            let e = ImplicitUse::parse(v).unwrap_err().to_string();
             assert!(e.contains("KD_IMPLICIT") && e.contains(v), "{e}");
         }
     }

@@ -82,6 +82,12 @@ pub enum ModelError {
     UnknownArchitecture(String),
     #[error("{0}")]
     Input(String),
+    #[error("{name}={value:?}: expected {expected}")]
+    Environment {
+        name: &'static str,
+        value: String,
+        expected: &'static str,
+    },
     #[error("checkpoint {path}: {message}")]
     Checkpoint { path: PathBuf, message: String },
     #[error(transparent)]
