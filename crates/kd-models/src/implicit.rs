@@ -19,8 +19,9 @@
 //! same masks, a row over all of a chunk's images at a time: `Frame::gather`'s values (test
 //! `gathered_columns_are_im2cols`) without its calls per image and plane edge.
 //!
-//! Not used where the CPU has AVX-512: there `gemm` runs 16-lane kernels, and this 8-lane one has
-//! not been measured against them. `KD_IMPLICIT=on` uses it there too, to measure it, and
+//! Where the CPU has AVX-512, `gemm` runs 16-lane kernels, and through them im2col's path is as
+//! fast as this one on the 28×28 and 14×14 planes; this one is used there only on planes of at
+//! most 7×7 pixels ([`SMALL_PLANE`]). `KD_IMPLICIT=on` uses it on every plane there too, and
 //! `KD_IMPLICIT=off` nowhere ([`ImplicitUse`]).
 
 use crate::gemm::{Block, Runs};
@@ -317,8 +318,16 @@ impl Direct {
 fn has_kernel(f: &Frame) -> bool {
     let k = f.op.kernel;
     let same = k % 2 == 1 && k > 1 && f.op.stride == 1 && f.op.padding == k / 2;
-    same && k * k <= MAX_TAPS && cpu_has_kernel()
+    same && k * k <= MAX_TAPS && cpu_has_kernel(f.h * f.w)
 }
+
+/// The largest plane (in pixels) on which the kernels run by default on a CPU with AVX-512. There
+/// `gemm`'s 16-lane kernels make im2col's path as fast as this 8-lane one on 28×28 and 14×14
+/// planes, and slower on 7×7 and 3×3 ones, where the columns are short rows of many calls: the
+/// k×k layers at 7×7 and 3×3 took 63.5 ms of CPU per batch this way against 67.2 through
+/// columns, those at 28×28 and 14×14 115.5 against 107.3 (`googlenet-bn`, medians of 10
+/// alternating rounds, `docs/speed.md`, twenty-third round).
+const SMALL_PLANE: usize = 7 * 7;
 
 /// Where each tap of `f`'s kernel reads relative to the output pixel in the flattened plane
 /// (shifted by `shift`), and for each pixel of a plane, bit `t` set where tap `t` reads inside
@@ -422,10 +431,10 @@ struct Chunk<'a> {
 /// in one chain (the module's doc).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ImplicitUse {
-    /// Where the CPU has AVX2 and FMA and no AVX-512 (unset, or `auto`).
+    /// Where the CPU has AVX2 and FMA; with AVX-512 too, only on planes of at most
+    /// [`SMALL_PLANE`] pixels (unset, or `auto`).
     Auto,
-    /// Also where the CPU has AVX-512, whose 16-lane `gemm` kernels these 8-lane ones have not
-    /// been measured against (`on`).
+    /// On every plane wherever the CPU has AVX2 and FMA, AVX-512 or not (`on`).
     On,
     /// Nowhere: every convolution through columns and `gemm` (`off`), to compare one binary's
     /// two paths.
@@ -462,21 +471,24 @@ impl ImplicitUse {
     }
 }
 
-/// Whether this CPU runs the kernel (AVX2 and FMA) and, unless `KD_IMPLICIT` says otherwise,
-/// `gemm` has nothing wider (no AVX-512).
-fn cpu_has_kernel() -> bool {
+/// Whether this CPU runs the kernel (AVX2 and FMA) on a plane of `pixels` and, unless
+/// `KD_IMPLICIT` says otherwise, `gemm` has nothing wider (no AVX-512) or the plane is small.
+fn cpu_has_kernel(pixels: usize) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         let avx2 = std::arch::is_x86_feature_detected!("avx2")
             && std::arch::is_x86_feature_detected!("fma");
         match ImplicitUse::current() {
-            ImplicitUse::Auto => avx2 && !std::arch::is_x86_feature_detected!("avx512f"),
+            ImplicitUse::Auto => {
+                avx2 && (pixels <= SMALL_PLANE || !std::arch::is_x86_feature_detected!("avx512f"))
+            }
             ImplicitUse::On => avx2,
             ImplicitUse::Off => false,
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
+        _ = pixels;
         false
     }
 }
@@ -737,8 +749,8 @@ mod tests {
             );
             let dy = values(cout * n, 200 + seed as u64);
             let Some(forward) = Direct::forward(&f, &w, cout) else {
-                eprintln!("this CPU has no implicit convolution kernel (AVX2 + FMA, no AVX-512)");
-                return;
+                eprintln!("no implicit kernel on this CPU for {k}x{k} at {hw}px (cpu_has_kernel)");
+                continue;
             };
             let cols = f.gather(&x, 0..b);
             let mut expected = vec![0.0f32; cout * n];
@@ -809,13 +821,12 @@ mod tests {
                 planes[..plane].fill(f32::NAN);
                 planes[(b + 1) * plane..].fill(f32::NAN);
             }
+            if gather_columns(&f, &x, 0..1).is_none() {
+                eprintln!("no implicit kernel on this CPU for {k}x{k} at {hw}px");
+                continue;
+            }
             for images in [1..b + 1, 1..2, 0..b + 2] {
-                let Some(got) = gather_columns(&f, &x, images.clone()) else {
-                    eprintln!(
-                        "this CPU has no implicit convolution kernel (AVX2 + FMA, no AVX-512)"
-                    );
-                    return;
-                };
+                let got = gather_columns(&f, &x, images.clone()).expect("a kernel, as above");
                 let want = f.gather(&x, images.clone());
                 let shape = format!("{k}x{k}, {c} channels at {hw}px, images {images:?}");
                 assert_eq!(bits(&got.unwrap()), bits(&want), "{shape}");
@@ -858,6 +869,26 @@ mod tests {
         let f = same(3).on((1, 1, 9, 9)).unwrap();
         assert!(Direct::forward(&f, &w[..36], 4).is_none());
         assert!(Direct::input_gradient(&f, &w[..9], 1).is_none());
+    }
+
+    /// By default the kernels take every plane where the CPU has AVX2 and FMA but no AVX-512,
+    /// and where it has AVX-512 only planes of at most 7×7 pixels.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn by_default_avx512_cpus_take_only_small_planes() {
+        let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+        if ImplicitUse::current() != ImplicitUse::Auto || !avx2 {
+            eprintln!("KD_IMPLICIT is set, or this CPU has no implicit kernel");
+            return;
+        }
+        let large = !is_x86_feature_detected!("avx512f");
+        let w = values(4 * 16 * 9, 7);
+        for (hw, taken) in [(3, true), (7, true), (8, large), (14, large), (28, large)] {
+            let f = same(3).on((16, 2, hw, hw)).unwrap();
+            let forward = Direct::forward(&f, &w, 4).is_some();
+            let gradient = Direct::input_gradient(&f, &w, 4).is_some();
+            assert_eq!((forward, gradient), (taken, taken), "{hw}x{hw}");
+        }
     }
 
     /// Planes that do not hold the images asked for are refused, not read past.
