@@ -316,14 +316,26 @@ impl Direct {
 /// Whether this CPU has the kernels and `f` is a geometry they compute: a "same" k×k
 /// convolution (stride 1, odd `k` from 3 to 5).
 fn has_kernel(f: &Frame) -> bool {
+    same_geometry(f) && cpu_has_kernel(f.h * f.w)
+}
+
+/// Whether [`gather_columns`] gathers `f`'s columns: a geometry of the kernels', on a CPU that
+/// runs them on some plane (the masked gather has no 16-lane rival: on AVX-512 too it gathers
+/// every plane).
+fn has_gather(f: &Frame) -> bool {
+    same_geometry(f) && cpu_has_kernel(0)
+}
+
+/// A "same" k×k convolution (stride 1, odd `k` from 3 to 5).
+fn same_geometry(f: &Frame) -> bool {
     let k = f.op.kernel;
     let same = k % 2 == 1 && k > 1 && f.op.stride == 1 && f.op.padding == k / 2;
-    same && k * k <= MAX_TAPS && cpu_has_kernel(f.h * f.w)
+    same && k * k <= MAX_TAPS
 }
 
 /// The largest plane (in pixels) on which the kernels run by default on a CPU with AVX-512. There
 /// `gemm`'s 16-lane kernels make im2col's path as fast as this 8-lane one on 28×28 and 14×14
-/// planes, and slower on 7×7 and 3×3 ones, where the columns are short rows of many calls: the
+/// planes, and slower on 7×7 and 3×3 ones (through `Frame::gather`'s columns, short rows): the
 /// k×k layers at 7×7 and 3×3 took 63.5 ms of CPU per batch this way against 67.2 through
 /// columns, those at 28×28 and 14×14 115.5 against 107.3 (`googlenet-bn`, medians of 10
 /// alternating rounds, `docs/speed.md`, twenty-third round).
@@ -384,7 +396,7 @@ pub(crate) fn gather_columns(
     x: &[f32],
     images: Range<usize>,
 ) -> Option<Result<Columns<f32>>> {
-    if !has_kernel(f) {
+    if !has_gather(f) {
         return None;
     }
     let (plane, k2) = (f.h * f.w, f.op.kernel * f.op.kernel);
