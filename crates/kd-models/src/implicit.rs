@@ -313,17 +313,15 @@ impl Direct {
     }
 }
 
-/// Whether this CPU has the kernels and `f` is a geometry they compute: a "same" k×k
-/// convolution (stride 1, odd `k` from 3 to 5).
+/// Whether the kernels run `f`: a geometry they compute, on a plane this CPU runs them on.
 fn has_kernel(f: &Frame) -> bool {
-    same_geometry(f) && cpu_has_kernel(f.h * f.w)
+    same_geometry(f) && cpu_runs_kernels() && plane_taken(f.h * f.w)
 }
 
 /// Whether [`gather_columns`] gathers `f`'s columns: a geometry of the kernels', on a CPU that
-/// runs them on some plane (the masked gather has no 16-lane rival: on AVX-512 too it gathers
-/// every plane).
+/// runs them (the masked gather has no 16-lane rival: on AVX-512 too it gathers every plane).
 fn has_gather(f: &Frame) -> bool {
-    same_geometry(f) && cpu_has_kernel(0)
+    same_geometry(f) && cpu_runs_kernels()
 }
 
 /// A "same" k×k convolution (stride 1, odd `k` from 3 to 5).
@@ -483,26 +481,28 @@ impl ImplicitUse {
     }
 }
 
-/// Whether this CPU runs the kernel (AVX2 and FMA) on a plane of `pixels` and, unless
-/// `KD_IMPLICIT` says otherwise, `gemm` has nothing wider (no AVX-512) or the plane is small.
-fn cpu_has_kernel(pixels: usize) -> bool {
+/// Whether this CPU runs the kernels at all: it has AVX2 and FMA, and `KD_IMPLICIT` is not `off`.
+fn cpu_runs_kernels() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        let avx2 = std::arch::is_x86_feature_detected!("avx2")
-            && std::arch::is_x86_feature_detected!("fma");
-        match ImplicitUse::current() {
-            ImplicitUse::Auto => {
-                avx2 && (pixels <= SMALL_PLANE || !std::arch::is_x86_feature_detected!("avx512f"))
-            }
-            ImplicitUse::On => avx2,
-            ImplicitUse::Off => false,
-        }
+        ImplicitUse::current() != ImplicitUse::Off
+            && std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        _ = pixels;
         false
     }
+}
+
+/// Whether the kernels take a plane of `pixels` on a CPU that runs them: every plane, unless
+/// `gemm` has something wider (AVX-512) and `KD_IMPLICIT` is not `on`; then small ones only.
+fn plane_taken(pixels: usize) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    let wider = std::arch::is_x86_feature_detected!("avx512f");
+    #[cfg(not(target_arch = "x86_64"))]
+    let wider = false;
+    pixels <= SMALL_PLANE || !wider || ImplicitUse::current() == ImplicitUse::On
 }
 
 /// The kernel's three parts, with AVX2 and FMA.
@@ -761,7 +761,7 @@ mod tests {
             );
             let dy = values(cout * n, 200 + seed as u64);
             let Some(forward) = Direct::forward(&f, &w, cout) else {
-                eprintln!("no implicit kernel on this CPU for {k}x{k} at {hw}px (cpu_has_kernel)");
+                eprintln!("no implicit kernel on this CPU for {k}x{k} at {hw}px (has_kernel)");
                 continue;
             };
             let cols = f.gather(&x, 0..b);
